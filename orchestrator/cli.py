@@ -1,0 +1,136 @@
+"""The ``fairsweep`` command. Heavy libraries (Ray, MLflow, torch, timm) are imported only by the
+subcommands that need them, so ``--help`` and ``validate`` answer at once.
+
+Exit codes: 0 success, 1 a sweep that ran but had failed trials, 2 bad input (spec, names, paths).
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from typing import Sequence
+
+__all__ = ["main"]
+
+EXIT_OK, EXIT_TRIALS_FAILED, EXIT_USAGE = 0, 1, 2
+
+
+def _add_target_flags(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--tracking-uri", help="MLflow tracking URI (default: $MLFLOW_TRACKING_URI, else sqlite:///mlflow.db here)")
+    p.add_argument("--address", help="Ray cluster address (default: $RAY_ADDRESS, else a local Ray instance)")
+    p.add_argument("--storage", help="Tune storage path, shared storage on a cluster (default: ./fairsweep_results)")
+    p.add_argument("--cache-dir", help="pretraining cache (default: STORAGE/_pretrain_cache)")
+
+
+def _parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(prog="fairsweep", description="Sweeps of pretraining x interventions x freezing on "
+                                 "Ray Tune, tracked in MLflow with a Pareto front of performance vs fairness.")
+    sub = ap.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("launch", help="run a sweep file end to end")
+    p.add_argument("spec", help="path to a sweep YAML file, e.g. sweeps/quickstart.yaml")
+    p.add_argument("--dry-run", action="store_true", help="print the plan and start nothing")
+    p.add_argument("--max-concurrent", type=int, help="at most this many trials at once")
+    p.add_argument("--quiet", action="store_true", help="no Tune progress table")
+    _add_target_flags(p)
+
+    p = sub.add_parser("validate", help="check a sweep file and print its plan")
+    p.add_argument("spec")
+
+    p = sub.add_parser("cache", help="list or clear the pretraining cache")
+    p.add_argument("action", choices=("list", "clear"))
+    p.add_argument("--storage")
+    p.add_argument("--cache-dir")
+    p.add_argument("--key", action="append", help="only this key (repeatable; clear only)")
+    return ap
+
+
+def _fail(message: str) -> int:
+    print(f"fairsweep: error: {message}", file=sys.stderr)
+    return EXIT_USAGE
+
+
+def _plan(path: str):
+    from orchestrator.plan import build_plan
+    from orchestrator.spec import load_spec
+
+    return build_plan(load_spec(path))
+
+
+def _cmd_launch(args: argparse.Namespace) -> int:
+    from orchestrator.spec import SpecError
+
+    try:
+        plan = _plan(args.spec)
+    except SpecError as exc:
+        return _fail(f"{args.spec}: {exc}")
+    if args.dry_run:
+        print(plan.summary())
+        return EXIT_OK
+    from orchestrator.launch import LaunchError, LaunchOptions, launch
+
+    opts = LaunchOptions(tracking_uri=args.tracking_uri, address=args.address, storage=args.storage,
+                         cache_dir=args.cache_dir, max_concurrent_trials=args.max_concurrent, verbose=0 if args.quiet else 1)
+    try:
+        result = launch(plan, opts)
+    except LaunchError as exc:
+        return _fail(str(exc))
+    _print_summary(plan, result)
+    return EXIT_TRIALS_FAILED if result.failed else EXIT_OK
+
+
+def _print_summary(plan, result) -> None:
+    perf, fair = plan.spec.objectives.performance, plan.spec.objectives.fairness
+    front = result.front[result.front["on_front"]] if not result.front.empty else result.front
+    cols = ["backbone", "paradigm", "intervention.kind", "intervention.magnitude", "freeze_depth", "n_seeds", perf, fair]
+    print(f"\nsweep {plan.spec.name!r}: {result.finished} trials finished, {len(result.failed)} failed; "
+          f"{len(front)} configurations on the Pareto front ({perf} max, {fair} min):")
+    if not front.empty:
+        print(front[[c for c in cols if c in front]].to_string(index=False, float_format=lambda v: f"{v:.4f}"))
+    if result.failed:
+        print(f"failed trial runs: {', '.join(result.failed)} (see the fairsweep.error tag of each)")
+    print(f"\nMLflow: parent run {result.parent_run_id} in experiment {plan.spec.experiment!r}")
+    print(f"open it with: mlflow ui --backend-store-uri {result.tracking_uri}")
+
+
+def _cmd_validate(args: argparse.Namespace) -> int:
+    from orchestrator.spec import SpecError
+
+    try:
+        plan = _plan(args.spec)
+    except SpecError as exc:
+        return _fail(f"{args.spec}: {exc}")
+    print(plan.summary())
+    return EXIT_OK
+
+
+def _cmd_cache(args: argparse.Namespace) -> int:
+    from orchestrator.launch import CACHE_DIRNAME, resolve_storage
+    from trainables.pretrain import PretrainCache
+
+    root = args.cache_dir or os.path.join(resolve_storage(args.storage), CACHE_DIRNAME)
+    cache = PretrainCache(root)
+    if args.action == "list":
+        entries = cache.entries()
+        print(f"{len(entries)} entries in {root}")
+        for e in entries:
+            print(f"  {e['key']}  {e['status']:<8} {e.get('backbone') or '?':<24} {e.get('paradigm') or '?':<12} "
+                  f"{e['bytes'] / 1e6:.1f} MB  {e.get('created') or ''}")
+        return EXIT_OK
+    removed = cache.clear(args.key)
+    print(f"removed {len(removed)} entries from {root}")
+    return EXIT_OK
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    handler = {"launch": _cmd_launch, "validate": _cmd_validate, "cache": _cmd_cache}[args.command]
+    try:
+        return handler(args)
+    except KeyboardInterrupt:
+        print("fairsweep: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,246 @@
+"""SweepSpec -> Plan: the pretraining jobs (one per unique key) and the finetuning trials.
+
+Everything that can be known before a GPU is touched is checked here: registry names, intervention
+feasibility on the pool's metadata, freeze depths against each backbone's layer groups, metric names.
+A trial's identity is the hash of its canonical config (DESIGN decision 1); the pretraining key hashes
+everything that determines the pretrained weights (decision 3).
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any, Mapping
+
+from orchestrator.spec import FreezeSpec, SpecError, SweepSpec, freeze_label
+
+__all__ = ["PretrainJob", "TrialPoint", "PlannedTrial", "Plan", "build_plan", "canonical_hash"]
+
+
+def canonical_hash(obj: Any, length: int = 16) -> str:
+    """sha256 of canonical JSON (sorted keys, no whitespace): equal configs, equal keys, any process."""
+    text = json.dumps(obj, sort_keys=True, separators=(",", ":"), default=str)
+    return hashlib.sha256(text.encode()).hexdigest()[:length]
+
+
+@dataclass(frozen=True)
+class PretrainJob:
+    """One pretrained model to build; shared by every trial with the same (backbone, paradigm)."""
+
+    key: str
+    backbone: str
+    paradigm: str
+    dataset: str
+    dataset_options: Mapping[str, Any]
+    hparams: Mapping[str, Any]  # epochs, batch_size, lr, weight_decay, momentum, seed, options
+
+    def identity(self) -> dict:
+        return {"backbone": self.backbone, "paradigm": self.paradigm, "dataset": self.dataset,
+                "dataset_options": dict(self.dataset_options), "hparams": dict(self.hparams)}
+
+
+@dataclass(frozen=True)
+class TrialPoint:
+    """One cell of the grid: the axis values a trial receives from Tune."""
+
+    backbone: str
+    paradigm: str
+    intervention: str
+    magnitude: float
+    freeze_depth: FreezeSpec
+    seed: int
+
+    def as_config(self) -> dict:
+        d = asdict(self)
+        if isinstance(self.freeze_depth, tuple):
+            d["freeze_depth"] = list(self.freeze_depth)
+        return d
+
+    @classmethod
+    def from_config(cls, cfg: Mapping[str, Any]) -> "TrialPoint":
+        fd = cfg["freeze_depth"]
+        fd = tuple(fd) if isinstance(fd, (list, tuple)) else fd
+        return cls(str(cfg["backbone"]), str(cfg["paradigm"]), str(cfg["intervention"]),
+                   float(cfg["magnitude"]), fd, int(cfg["seed"]))
+
+    def params(self) -> dict[str, str]:
+        """The MLflow params of a trial run (names fixed by the launch issue)."""
+        return {"backbone": self.backbone, "paradigm": self.paradigm,
+                "intervention.kind": self.intervention, "intervention.magnitude": repr(self.magnitude),
+                "freeze_depth": freeze_label(self.freeze_depth), "seed": str(self.seed)}
+
+
+@dataclass(frozen=True)
+class PlannedTrial:
+    point: TrialPoint
+    key: str  # hash of the whole config; what resume and MLflow recognise
+    config_key: str  # the same without the seed: repeats of one configuration share it
+    pretrain_key: str | None
+    frozen_groups: tuple[int, ...]
+    n_groups: int
+
+
+@dataclass(frozen=True)
+class Plan:
+    spec: SweepSpec
+    pretrain_jobs: tuple[PretrainJob, ...]
+    trials: tuple[PlannedTrial, ...]
+    layer_groups: Mapping[str, int]  # backbone -> number of non-head layer groups
+    file_weights: Mapping[str, str]  # "file:..." paradigm -> absolute checkpoint path
+
+    def trial_for(self, config: Mapping[str, Any]) -> PlannedTrial:
+        """The planned trial behind a Tune config (used by the driver-side tracker)."""
+        point = TrialPoint.from_config(config)
+        for t in self.trials:
+            if t.point == point:
+                return t
+        raise KeyError(f"no planned trial for {point}")
+
+    def pretrain_key_for(self, backbone: str, paradigm: str) -> str | None:
+        for job in self.pretrain_jobs:
+            if job.backbone == backbone and job.paradigm == paradigm:
+                return job.key
+        return self.file_weights.get(paradigm) and _file_key(self.file_weights[paradigm])
+
+    def summary(self, n_examples: int = 3) -> str:
+        s = self.spec
+        lines = [f"sweep {s.name!r} (MLflow experiment {s.experiment!r}), search: {s.search.type}",
+                 f"dataset: {s.dataset.name} {dict(s.dataset.options) or ''}".rstrip(),
+                 f"layer groups: " + ", ".join(f"{b}={n}" for b, n in self.layer_groups.items()),
+                 f"pretraining jobs: {len(self.pretrain_jobs)}"]
+        for job in self.pretrain_jobs:
+            lines.append(f"  {job.key}  {job.backbone:<24} {job.paradigm}  epochs={job.hparams['epochs']}")
+        lines.append(f"trials: {len(self.trials)}")
+        for t in self.trials[:n_examples]:
+            lines.append(f"  {t.key}  {json.dumps(t.point.as_config())}  frozen groups={list(t.frozen_groups)}/{t.n_groups}")
+        if len(self.trials) > n_examples:
+            lines.append(f"  ... and {len(self.trials) - n_examples} more")
+        return "\n".join(lines)
+
+
+def _file_key(path: str) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return "file-" + h.hexdigest()[:16]
+
+
+def _as_spec_error(path: str, value: Any, exc: Exception) -> SpecError:
+    return SpecError(path, value, str(exc))
+
+
+def build_plan(spec: SweepSpec) -> Plan:
+    """Resolve names through the registries and check feasibility; raises ``SpecError`` with a field path."""
+    from trainables import backbones, interventions, metrics, pretrain
+    from trainables.data import build_dataset
+    from trainables.registry import UnknownNameError
+
+    try:
+        dataset = build_dataset(spec.dataset.name, spec.dataset.options)
+    except UnknownNameError as exc:
+        raise _as_spec_error("dataset.name", spec.dataset.name, exc) from None
+    except ValueError as exc:
+        raise _as_spec_error("dataset.options", dict(spec.dataset.options), exc) from None
+
+    for field_name in ("performance", "fairness"):
+        name = getattr(spec.objectives, field_name)
+        try:
+            metrics.direction(name)
+        except ValueError as exc:
+            raise _as_spec_error(f"objectives.{field_name}", name, exc) from None
+
+    # Interventions: feasible on this pool at this size (metadata only, no pixels).
+    pool = dataset.meta("finetune")
+    for i, axis in enumerate(spec.axes.intervention):
+        try:
+            interventions.INTERVENTIONS.get(axis.kind)
+            interventions.check_feasible(axis.kind, pool.labels, pool.groups, axis.magnitudes, spec.finetune.size)
+        except UnknownNameError as exc:
+            raise _as_spec_error(f"axes.intervention[{i}].kind", axis.kind, exc) from None
+        except ValueError as exc:
+            raise _as_spec_error(f"axes.intervention[{i}].magnitudes", list(axis.magnitudes), exc) from None
+
+    # Paradigms: registered, suitable for the modality, checkpoint files readable.
+    file_weights: dict[str, str] = {}
+    for i, name in enumerate(spec.axes.paradigm):
+        path = f"axes.paradigm[{i}]"
+        if name.startswith("file:"):
+            ckpt = Path(name[5:]).expanduser().resolve()
+            try:
+                backbones.load_weights_file(ckpt)
+            except ValueError as exc:
+                raise _as_spec_error(path, name, exc) from None
+            file_weights[name] = str(ckpt)
+            continue
+        try:
+            paradigm = pretrain.PARADIGMS.get(name)
+        except UnknownNameError as exc:
+            raise _as_spec_error(path, name, f"{exc} (or 'file:PATH' for a local checkpoint)") from None
+        try:
+            paradigm.check(dataset, spec.pretraining.paradigms.get(name, {}))
+        except ValueError as exc:
+            raise _as_spec_error(path, name, exc) from None
+    for name in spec.pretraining.paradigms:
+        if name not in spec.axes.paradigm:
+            raise SpecError(f"pretraining.paradigms.{name}", dict(spec.pretraining.paradigms[name]),
+                            f"options for a paradigm not on axes.paradigm ({', '.join(spec.axes.paradigm)})")
+
+    # Backbones: known, and every freeze depth fits their layer groups.
+    n_groups: dict[str, int] = {}
+    frozen: dict[tuple[str, Any], tuple[int, ...]] = {}
+    for i, name in enumerate(spec.axes.backbone):
+        try:
+            n_groups[name] = backbones.count_layer_groups(name, dataset.input_shape)
+        except ValueError as exc:
+            raise _as_spec_error(f"axes.backbone[{i}]", name, exc) from None
+        for j, fd in enumerate(spec.axes.freeze_depth):
+            try:
+                frozen[(name, fd)] = backbones.resolve_freeze(fd, n_groups[name], backbone=name)
+            except ValueError as exc:
+                raise _as_spec_error(f"axes.freeze_depth[{j}]", fd if not isinstance(fd, tuple) else list(fd), exc) from None
+        for j, p in enumerate(spec.axes.paradigm):
+            if p in pretrain.PARADIGMS:
+                try:
+                    pretrain.PARADIGMS.get(p).check_backbone(name, dataset)
+                except ValueError as exc:
+                    raise _as_spec_error(f"axes.paradigm[{j}]", p, f"{exc} (backbone {name!r})") from None
+
+    # Pretraining jobs: one per (backbone, paradigm) that needs training.
+    pt = spec.pretraining
+    jobs: list[PretrainJob] = []
+    pretrain_keys: dict[tuple[str, str], str | None] = {}
+    for b in spec.axes.backbone:
+        for p in spec.axes.paradigm:
+            if p in file_weights:
+                pretrain_keys[(b, p)] = _file_key(file_weights[p])
+                continue
+            if not pretrain.PARADIGMS.get(p).pretrains:
+                pretrain_keys[(b, p)] = None
+                continue
+            hparams = {"epochs": pt.epochs, "batch_size": pt.batch_size, "lr": pt.lr,
+                       "weight_decay": pt.weight_decay, "momentum": pt.momentum, "seed": pt.seed,
+                       "options": dict(pt.paradigms.get(p, {}))}
+            job = PretrainJob("", b, p, spec.dataset.name, dict(spec.dataset.options), hparams)
+            job = PretrainJob(canonical_hash({"fingerprint": dataset.fingerprint(), **job.identity()}),
+                              b, p, spec.dataset.name, dict(spec.dataset.options), hparams)
+            jobs.append(job)
+            pretrain_keys[(b, p)] = job.key
+
+    ft = asdict(spec.finetune)
+    trials: list[PlannedTrial] = []
+    for b in spec.axes.backbone:
+        for p in spec.axes.paradigm:
+            for axis in spec.axes.intervention:
+                for m in axis.magnitudes:
+                    for fd in spec.axes.freeze_depth:
+                        for seed in spec.axes.seed:
+                            point = TrialPoint(b, p, axis.kind, m, fd, seed)
+                            ident = {"dataset": dataset.fingerprint(), "backbone": b, "pretrain": pretrain_keys[(b, p)],
+                                     "paradigm": p, "intervention": axis.kind, "magnitude": m,
+                                     "freeze_depth": freeze_label(fd), "finetune": ft}
+                            trials.append(PlannedTrial(point, canonical_hash({**ident, "seed": seed}),
+                                                       canonical_hash(ident), pretrain_keys[(b, p)],
+                                                       frozen[(b, fd)], n_groups[b]))
+    return Plan(spec, tuple(jobs), tuple(trials), n_groups, file_weights)

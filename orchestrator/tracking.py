@@ -1,0 +1,270 @@
+"""Driver-side MLflow writer: a parent run per sweep, a child run per trial, a run per pretraining job.
+
+Only the driver writes MLflow (DESIGN decision 2). Runs are found again by their tags (sweep name,
+trial key, pretraining key), never remembered only in memory, so a restarted driver continues the
+same runs instead of opening duplicates — the failure of Ray's stock MLflowLoggerCallback.
+"""
+from __future__ import annotations
+
+import json
+import math
+import tempfile
+import traceback
+from pathlib import Path
+from typing import Any, Mapping
+
+import pandas as pd
+from ray import tune
+
+from orchestrator.plan import Plan, PlannedTrial, TrialPoint
+from orchestrator.query import front_table, load_trials
+
+__all__ = ["SweepTracker", "TAGS"]
+
+
+class TAGS:
+    SWEEP, KIND, TRIAL_KEY, CONFIG_KEY = "fairsweep.sweep", "fairsweep.kind", "fairsweep.trial_key", "fairsweep.config_key"
+    PRETRAIN_KEY, PRETRAIN_RUN, FRONT, ERROR = ("fairsweep.pretrain_key", "fairsweep.pretrain_run_id",
+                                                "fairsweep.pareto_front", "fairsweep.error")
+    PARENT = "mlflow.parentRunId"
+
+
+# Result keys that are bookkeeping, not metrics.
+_NON_METRIC = {"frozen_groups", "pretrain_ref", "device", "done_training", "trial_id", "date", "hostname", "node_ip",
+               "pid", "experiment_id", "experiment_tag", "timestamp", "time_this_iter_s", "time_total_s",
+               "time_since_restore", "iterations_since_restore", "training_iteration", "checkpoint_dir_name",
+               "should_checkpoint", "done", "config"}
+
+
+class SweepTracker(tune.Callback):
+    """Writes one sweep into one MLflow experiment and keeps its Pareto front current."""
+
+    def __init__(self, plan: Plan, tracking_uri: str, *, artifact_location: str | None = None):
+        self.plan = plan
+        self.tracking_uri = tracking_uri
+        self.artifact_location = artifact_location
+        self.spec = plan.spec
+        self._client = None
+        self.experiment_id: str | None = None
+        self.parent_run_id: str | None = None
+        self._runs: dict[str, str] = {}  # Tune trial id -> MLflow run id
+        self._pretrain_runs: dict[str, str] = {}  # pretraining key -> MLflow run id
+        self._front_state: dict[str, str] = {}  # run id -> last written pareto tag
+
+    # -- plumbing -------------------------------------------------------------------------------
+    @property
+    def client(self) -> Any:
+        if self._client is None:
+            from mlflow.tracking import MlflowClient
+
+            self._client = MlflowClient(tracking_uri=self.tracking_uri)
+        return self._client
+
+    def __getstate__(self) -> dict:  # Tune pickles callbacks into its experiment state
+        state = dict(self.__dict__)
+        state["_client"] = None
+        return state
+
+    def _find_runs(self, filter_string: str) -> list:
+        return self.client.search_runs([self.experiment_id], filter_string=filter_string, max_results=1000)
+
+    # -- sweep ----------------------------------------------------------------------------------
+    def open(self) -> str:
+        """Create or continue the sweep's parent run; returns its run id."""
+        exp = self.client.get_experiment_by_name(self.spec.experiment)
+        if exp is None:
+            self.experiment_id = self.client.create_experiment(self.spec.experiment, artifact_location=self.artifact_location)
+        else:
+            self.experiment_id = exp.experiment_id
+        existing = self._find_runs(f"tags.`{TAGS.SWEEP}` = '{self.spec.name}' AND tags.`{TAGS.KIND}` = 'sweep'")
+        if existing:
+            self.parent_run_id = existing[0].info.run_id
+            self.client.update_run(self.parent_run_id, status="RUNNING")
+        else:
+            run = self.client.create_run(self.experiment_id, run_name=self.spec.name,
+                                         tags={TAGS.SWEEP: self.spec.name, TAGS.KIND: "sweep"})
+            self.parent_run_id = run.info.run_id
+            self._log_sweep_description()
+        return self.parent_run_id
+
+    def _log_sweep_description(self) -> None:
+        import yaml
+        from mlflow.entities import Param
+
+        s = self.spec
+        params = {"dataset": s.dataset.name, "search.type": s.search.type, "n_trials": len(self.plan.trials),
+                  "n_pretrain_jobs": len(self.plan.pretrain_jobs), "objectives.performance": s.objectives.performance,
+                  "objectives.fairness": s.objectives.fairness, "finetune.size": s.finetune.size,
+                  "finetune.epochs": s.finetune.epochs, "finetune.lr": s.finetune.lr}
+        self.client.log_batch(self.parent_run_id, params=[Param(k, str(v)) for k, v in params.items()])
+        with tempfile.TemporaryDirectory() as d:
+            (Path(d) / "spec.yaml").write_text(yaml.safe_dump(dict(s.source), sort_keys=False))
+            (Path(d) / "plan.txt").write_text(self.plan.summary(n_examples=len(self.plan.trials)))
+            self.client.log_artifacts(self.parent_run_id, d)
+
+    def close(self, status: str = "FINISHED") -> None:
+        if self.parent_run_id:
+            self.client.set_terminated(self.parent_run_id, status=status)
+
+    # -- pretraining ----------------------------------------------------------------------------
+    def log_pretrain(self, job: Any, outcome: Any) -> str:
+        """One run per pretraining key (reused if this experiment already has one)."""
+        from mlflow.entities import Metric, Param
+
+        found = self._find_runs(f"tags.`{TAGS.PRETRAIN_KEY}` = '{job.key}' AND tags.`{TAGS.KIND}` = 'pretrain' "
+                                f"AND attributes.status = 'FINISHED'")
+        if found:
+            run_id = found[0].info.run_id
+        else:
+            run = self.client.create_run(self.experiment_id, run_name=f"pretrain-{job.backbone}-{job.paradigm}",
+                                         tags={TAGS.KIND: "pretrain", TAGS.PRETRAIN_KEY: job.key, TAGS.SWEEP: self.spec.name,
+                                               TAGS.PARENT: self.parent_run_id, "fairsweep.reused_cache": str(outcome.reused).lower(),
+                                               "fairsweep.cache_path": outcome.path})
+            run_id = run.info.run_id
+            params = {"backbone": job.backbone, "paradigm": job.paradigm, "dataset": job.dataset,
+                      **{f"pretraining.{k}": v for k, v in job.hparams.items()}}
+            metrics = [Metric("loss", float(v), 0, i + 1) for i, v in enumerate(outcome.losses)]
+            metrics.append(Metric("seconds", float(outcome.meta.get("seconds", outcome.seconds)), 0, 0))
+            self.client.log_batch(run_id, params=[Param(k, json.dumps(v) if isinstance(v, dict) else str(v))
+                                                  for k, v in params.items()], metrics=metrics)
+            self.client.set_terminated(run_id, "FINISHED")
+        self._pretrain_runs[job.key] = run_id
+        return run_id
+
+    # -- trials ---------------------------------------------------------------------------------
+    def finished_trial_keys(self) -> set[str]:
+        """Trial keys with a FINISHED run: the ground truth resume uses to skip work."""
+        runs = load_trials(self.client, self.spec.experiment, self.spec.name)
+        return set(runs["trial_key"]) if not runs.empty else set()
+
+    def _trial_run(self, trial: Any) -> str:
+        if trial.trial_id in self._runs:
+            return self._runs[trial.trial_id]
+        planned = self.plan.trial_for(trial.config["point"])
+        found = self._find_runs(f"tags.`{TAGS.SWEEP}` = '{self.spec.name}' AND tags.`{TAGS.TRIAL_KEY}` = '{planned.key}'")
+        if found:  # a resumed trial continues its own run
+            run_id = found[0].info.run_id
+            self.client.update_run(run_id, status="RUNNING")
+        else:
+            run_id = self._create_trial_run(planned, trial.trial_id)
+        self._runs[trial.trial_id] = run_id
+        return run_id
+
+    def _create_trial_run(self, planned: PlannedTrial, tune_id: str) -> str:
+        from mlflow.entities import Param
+
+        p = planned.point
+        tags = {TAGS.SWEEP: self.spec.name, TAGS.KIND: "trial", TAGS.TRIAL_KEY: planned.key,
+                TAGS.CONFIG_KEY: planned.config_key, TAGS.PARENT: self.parent_run_id, "fairsweep.tune_trial_id": tune_id}
+        if planned.pretrain_key:
+            tags[TAGS.PRETRAIN_KEY] = planned.pretrain_key
+            if planned.pretrain_key in self._pretrain_runs:
+                tags[TAGS.PRETRAIN_RUN] = self._pretrain_runs[planned.pretrain_key]
+        run = self.client.create_run(self.experiment_id, run_name=_run_name(p), tags=tags)
+        ft = self.spec.finetune
+        params = {**p.params(), "dataset": self.spec.dataset.name, "finetune.size": ft.size, "finetune.epochs": ft.epochs,
+                  "finetune.lr": ft.lr, "finetune.batch_size": ft.batch_size, "finetune.weight_decay": ft.weight_decay,
+                  "frozen_groups": json.dumps(list(planned.frozen_groups)), "n_layer_groups": planned.n_groups}
+        self.client.log_batch(run.info.run_id, params=[Param(k, str(v)) for k, v in params.items()])
+        return run.info.run_id
+
+    def on_trial_start(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
+        self._trial_run(trial)
+
+    def on_trial_result(self, iteration: int, trials: list, trial: Any, result: Mapping[str, Any], **info: Any) -> None:
+        from mlflow.entities import Metric
+
+        run_id = self._trial_run(trial)
+        step = int(result.get("epoch", result.get("training_iteration", 0)))
+        final = bool(result.get("done_training"))
+        metrics = []
+        for k, v in _flatten(result).items():
+            if k in _NON_METRIC or not isinstance(v, (int, float)) or isinstance(v, bool) or not math.isfinite(v):
+                continue
+            if final or k in ("train_loss", "epoch"):
+                metrics.append(Metric(k, float(v), int(result.get("timestamp", 0)) * 1000, step))
+        for i in range(0, len(metrics), 1000):
+            self.client.log_batch(run_id, metrics=metrics[i:i + 1000])
+        if final:
+            self.client.set_tag(run_id, "fairsweep.frozen_groups", str(result.get("frozen_groups", "")))
+
+    def on_trial_complete(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
+        run_id = self._trial_run(trial)
+        ckpt = trial.checkpoint
+        if ckpt is not None:
+            from trainables.finetune import PER_GROUP_FILE, PREDICTIONS_FILE
+
+            with ckpt.as_directory() as d:
+                for name in (PREDICTIONS_FILE, PER_GROUP_FILE):
+                    if (Path(d) / name).exists():
+                        self.client.log_artifact(run_id, str(Path(d) / name))
+        self.client.delete_tag(run_id, TAGS.ERROR) if self._has_tag(run_id, TAGS.ERROR) else None
+        self.client.set_terminated(run_id, "FINISHED")
+        self.refresh_front()
+
+    def on_trial_error(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
+        run_id = self._trial_run(trial)
+        error = _error_text(trial)
+        self.client.set_tag(run_id, TAGS.ERROR, error[-4000:])
+        self.client.set_terminated(run_id, "FAILED")
+
+    def on_experiment_end(self, trials: list, **info: Any) -> None:
+        self.refresh_front()
+
+    def _has_tag(self, run_id: str, tag: str) -> bool:
+        return tag in self.client.get_run(run_id).data.tags
+
+    # -- Pareto front ---------------------------------------------------------------------------
+    def refresh_front(self) -> pd.DataFrame:
+        """Recompute the front over finished trials (seed means); tag children, log artifacts on the parent."""
+        perf, fair = self.spec.objectives.performance, self.spec.objectives.fairness
+        table = front_table(load_trials(self.client, self.spec.experiment, self.spec.name), perf, fair)
+        for _, row in table.iterrows():
+            value = "true" if row["on_front"] else "false"
+            for run_id in row["run_ids"]:
+                if self._front_state.get(run_id) != value:
+                    self.client.set_tag(run_id, TAGS.FRONT, value)
+                    self._front_state[run_id] = value
+        if not table.empty:
+            self._log_front_artifacts(table, perf, fair)
+        return table
+
+    def _log_front_artifacts(self, table: pd.DataFrame, perf: str, fair: str) -> None:
+        import matplotlib.pyplot as plt
+
+        from orchestrator.figures import pareto_figure
+
+        with tempfile.TemporaryDirectory() as d:
+            front = table[table["on_front"]].drop(columns=["run_ids"])
+            front.to_csv(Path(d) / "front.csv", index=False)
+            table.drop(columns=["run_ids"]).to_csv(Path(d) / "all_configs.csv", index=False)
+            fig = pareto_figure(table, perf, fair, title=f"{self.spec.name}: {len(front)} of {len(table)} on the front")
+            fig.savefig(Path(d) / "front.png")
+            plt.close(fig)
+            self.client.log_artifacts(self.parent_run_id, d, artifact_path="pareto")
+        self.client.set_tag(self.parent_run_id, "fairsweep.front_size", str(len(front)))
+
+
+def _run_name(p: TrialPoint) -> str:
+    from orchestrator.spec import freeze_label
+
+    return f"{p.backbone}-{p.paradigm}-{p.intervention}{p.magnitude:g}-f{freeze_label(p.freeze_depth)}-s{p.seed}"
+
+
+def _flatten(d: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for k, v in d.items():
+        key = f"{prefix}{k}"
+        if isinstance(v, Mapping):
+            out.update(_flatten(v, key + "/"))
+        else:
+            out[key] = v
+    return out
+
+
+def _error_text(trial: Any) -> str:
+    try:
+        text = trial.get_error()
+    except Exception:  # noqa: BLE001 - the error file may be unreadable; the run must still end FAILED
+        text = traceback.format_exc()
+    return str(text or "trial failed without an error message")

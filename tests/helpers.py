@@ -1,0 +1,71 @@
+"""Tiny specs and temporary stores shared by the tests."""
+from __future__ import annotations
+
+import copy
+import os
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+REPO = Path(__file__).resolve().parent.parent
+
+TINY_DATA = {"n_source": 400, "n_finetune": 600, "n_val": 200, "n_test": 400, "image_size": 16, "seed": 0}
+
+TINY_SPEC: dict[str, Any] = {
+    "name": "tiny",
+    "dataset": {"name": "synthetic_images", "options": TINY_DATA},
+    "pretraining": {"epochs": 1, "batch_size": 64, "lr": 0.05},
+    "axes": {
+        "backbone": ["test_resnet"],
+        "paradigm": ["scratch", "supervised"],
+        "intervention": {"kind": "correlation", "magnitudes": [0.5, 0.9]},
+        "freeze_depth": [0, "linear"],
+        "seed": [0],
+    },
+    "finetune": {"size": 200, "epochs": 2, "batch_size": 50, "lr": 0.02},
+    "objectives": {"performance": "accuracy", "fairness": "equalized_odds_difference"},
+    "resources": {"cpus_per_trial": 1, "gpus_per_trial": 0},
+    "search": {"type": "grid"},
+}
+
+
+def tiny_spec(**overrides: Any) -> dict[str, Any]:
+    """A deep copy of TINY_SPEC with dotted-path overrides, e.g. ``tiny_spec(**{"axes.seed": [0, 1]})``."""
+    spec = copy.deepcopy(TINY_SPEC)
+    for path, value in overrides.items():
+        node = spec
+        *parents, last = path.split(".")
+        for p in parents:
+            node = node[p]
+        node[last] = value
+    return spec
+
+
+def write_spec(tmp: Path, spec: dict[str, Any], name: str = "sweep.yaml") -> Path:
+    path = tmp / name
+    path.write_text(yaml.safe_dump(spec, sort_keys=False))
+    return path
+
+
+def sqlite_uri(tmp: Path) -> str:
+    return f"sqlite:///{(tmp / 'mlflow.db').resolve()}"
+
+
+def cli_env(**extra: str) -> dict[str, str]:
+    """Environment for running the real CLI in a subprocess: loopback-only Ray, no usage stats."""
+    env = dict(os.environ)
+    env.update({"RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0", "RAY_USAGE_STATS_ENABLED": "0",
+                "PYTHONUNBUFFERED": "1", "TUNE_DISABLE_AUTO_CALLBACK_LOGGERS": "1"})
+    env.pop("RAY_ADDRESS", None)
+    env.pop("MLFLOW_TRACKING_URI", None)
+    env.update(extra)
+    return env
+
+
+def run_cli(*args: str, cwd: Path, timeout: float = 600, env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
+    """Run ``fairsweep ARGS`` as a subprocess of this interpreter, in its own session."""
+    return subprocess.run([sys.executable, "-m", "orchestrator.cli", *args], cwd=cwd, env=env or cli_env(),
+                          capture_output=True, text=True, timeout=timeout, start_new_session=True)

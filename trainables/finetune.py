@@ -1,0 +1,127 @@
+"""The Tune trainable: one finetuning trial from axis values to metrics.
+
+data -> intervention -> backbone (+ pretrained weights) -> freezing -> train -> evaluate -> report.
+It checkpoints every epoch (model, optimiser, RNG) so a trial interrupted by a node failure or a
+killed driver continues where it stopped. The last checkpoint also carries the test predictions and
+the per-group table, which the driver-side tracker turns into MLflow artifacts: workers never write
+MLflow (DESIGN decision 2).
+"""
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Mapping
+
+import numpy as np
+
+__all__ = ["TrialContext", "finetune_trial", "PREDICTIONS_FILE", "PER_GROUP_FILE", "STATE_FILE"]
+
+PREDICTIONS_FILE, PER_GROUP_FILE, STATE_FILE = "predictions.csv.gz", "per_group.csv", "state.pt"
+
+
+@dataclass(frozen=True)
+class TrialContext:
+    """What every trial of a sweep shares; built by the driver, with absolute paths only."""
+
+    dataset: str
+    dataset_options: Mapping[str, Any]
+    finetune: Mapping[str, Any]  # size, epochs, batch_size, lr, weight_decay, momentum, threshold
+    cache_root: str
+    pretrained: Mapping[str, str] = field(default_factory=dict)  # "backbone|paradigm" -> cache key
+    weight_files: Mapping[str, str] = field(default_factory=dict)  # "file:..." paradigm -> checkpoint path
+    cpus_per_trial: float = 1.0
+
+
+def _load_initial_weights(model: Any, point: Mapping[str, Any], ctx: TrialContext) -> str | None:
+    from trainables import backbones
+    from trainables.pretrain import PretrainCache
+
+    paradigm = point["paradigm"]
+    if paradigm in ctx.weight_files:
+        backbones.load_backbone_state(model, backbones.load_weights_file(ctx.weight_files[paradigm]))
+        return paradigm
+    key = ctx.pretrained.get(f"{point['backbone']}|{paradigm}")
+    if key:
+        backbones.load_backbone_state(model, PretrainCache(ctx.cache_root).load(key))
+    return key
+
+
+def finetune_trial(config: Mapping[str, Any], context: TrialContext) -> None:
+    """Function trainable for ``tune.with_parameters(finetune_trial, context=...)``."""
+    import torch
+    from ray import tune
+
+    from trainables import backbones, interventions, loop, metrics
+    from trainables.data import build_dataset
+
+    loop.set_threads(context.cpus_per_trial)
+    device = loop.select_device()
+    ft = context.finetune
+    seed = int(config["seed"])
+
+    dataset = build_dataset(context.dataset, context.dataset_options)
+    pool = dataset.meta("finetune")
+    chosen = interventions.apply_intervention(config["intervention"], pool.labels, pool.groups,
+                                              float(config["magnitude"]), int(ft["size"]), seed)
+    x = dataset.inputs("finetune", chosen.indices).to(device)
+    y = torch.as_tensor(pool.labels[chosen.indices], dtype=torch.long, device=device)
+
+    torch.manual_seed(seed)
+    model = backbones.create_backbone(config["backbone"], num_classes=2, input_shape=dataset.input_shape)
+    pretrain_ref = _load_initial_weights(model, config, context)
+    groups = backbones.layer_groups(model)
+    fd = config["freeze_depth"]
+    frozen = backbones.resolve_freeze(tuple(fd) if isinstance(fd, list) else fd, groups.n, backbone=config["backbone"])
+    info = backbones.apply_freeze(model, groups, frozen)
+    model.to(device)
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.SGD(params, lr=ft["lr"], momentum=ft["momentum"], weight_decay=ft["weight_decay"])
+    gen = torch.Generator().manual_seed(seed)
+
+    start_epoch = 0
+    ckpt = tune.get_checkpoint()
+    if ckpt is not None:  # resumed after a failure or a driver restart
+        with ckpt.as_directory() as d:
+            state = torch.load(Path(d) / STATE_FILE, map_location=device, weights_only=True)
+        model.load_state_dict(state["model"])
+        opt.load_state_dict(state["optimizer"])
+        gen.set_state(state["generator"])
+        start_epoch = int(state["epoch"])
+
+    static = {"requested_magnitude": chosen.requested, "achieved_magnitude": chosen.achieved,
+              "n_finetune": int(len(chosen.indices)), "n_groups": info.n_groups,
+              "frozen_groups": json.dumps(list(info.frozen_groups)), "frozen_fraction": info.frozen_fraction,
+              "pretrain_ref": pretrain_ref or "", "device": str(device)}
+    train_mode = lambda: backbones.set_train_mode(model, info)  # noqa: E731 - frozen layers stay in eval
+    epochs = int(ft["epochs"])
+    for epoch in range(start_epoch, epochs):
+        loss = loop.train_epoch(model, x, y, opt, batch_size=int(ft["batch_size"]), generator=gen,
+                                device=device, train_mode=train_mode)
+        result: dict[str, Any] = {**static, "epoch": epoch + 1, "train_loss": loss}
+        with tempfile.TemporaryDirectory() as d:
+            torch.save({"model": model.state_dict(), "optimizer": opt.state_dict(),
+                        "generator": gen.get_state(), "epoch": epoch + 1}, Path(d) / STATE_FILE)
+            if epoch + 1 == epochs:
+                result.update(_evaluate(model, dataset, ft, device, Path(d), metrics, loop))
+            tune.report(result, checkpoint=tune.Checkpoint.from_directory(d))
+
+
+def _evaluate(model: Any, dataset: Any, ft: Mapping[str, Any], device: Any, out: Path, metrics: Any, loop: Any) -> dict:
+    """Test-split metrics; predictions and the per-group table are written into ``out``."""
+    import pandas as pd
+
+    test = dataset.meta("test")
+    x_test = dataset.inputs("test").to(device)
+    scores = loop.predict_scores(model, x_test, batch_size=max(256, int(ft["batch_size"])), device=device)
+    threshold = float(ft.get("threshold", 0.5))
+    ev = metrics.evaluate(test.labels, scores, test.attributes, primary=dataset.primary, threshold=threshold)
+    frame = pd.DataFrame({"y_true": test.labels, "y_score": scores, "y_pred": (scores >= threshold).astype(int)})
+    for attr, codes in test.attributes.items():
+        names = dataset.group_names.get(attr)
+        frame["group" if attr == dataset.primary else f"group.{attr}"] = [names[c] for c in codes] if names else codes
+    frame.to_csv(out / PREDICTIONS_FILE, index=False, compression="gzip")
+    ev.per_group.to_csv(out / PER_GROUP_FILE, index=False)
+    return {**{k: float(v) for k, v in ev.metrics.items()}, "done_training": True}

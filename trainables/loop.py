@@ -1,0 +1,80 @@
+"""The one supervised training loop, shared by pretraining and finetuning.
+
+Model and data live on the device Ray assigned to the trial: CUDA when the trial was given a GPU
+(Ray sets CUDA_VISIBLE_DEVICES), bf16 autocast where the GPU supports it, the CPU otherwise.
+Whole small datasets are moved to the device once and batched there, which is what keeps tiny
+models from being bound by host-to-device copies.
+"""
+from __future__ import annotations
+
+import contextlib
+import math
+from typing import Callable, Iterator
+
+import numpy as np
+import torch
+from torch import nn
+
+__all__ = ["select_device", "autocast", "batches", "train_epoch", "predict_scores", "set_threads", "NonFiniteLossError"]
+
+
+class NonFiniteLossError(FloatingPointError):
+    """Training diverged; the trial fails with this message instead of logging NaN metrics."""
+
+
+def select_device() -> torch.device:
+    """CUDA when this process may see a GPU (Ray hides GPUs from trials that did not ask for one)."""
+    return torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
+
+
+def autocast(device: torch.device) -> contextlib.AbstractContextManager:
+    if device.type == "cuda" and torch.cuda.is_bf16_supported():
+        return torch.autocast("cuda", dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+
+def set_threads(cpus: float) -> None:
+    """Use as many intra-op threads as CPUs Ray granted, so concurrent trials do not oversubscribe."""
+    torch.set_num_threads(max(1, int(math.floor(cpus))))
+
+
+def batches(n: int, batch_size: int, generator: torch.Generator | None, *, drop_last: bool = False) -> Iterator[torch.Tensor]:
+    order = torch.randperm(n, generator=generator) if generator is not None else torch.arange(n)
+    stop = n - (n % batch_size) if drop_last and n >= batch_size else n
+    for start in range(0, stop, batch_size):
+        yield order[start:start + batch_size]
+
+
+def train_epoch(model: nn.Module, x: torch.Tensor, y: torch.Tensor, optimizer: torch.optim.Optimizer, *,
+                batch_size: int, generator: torch.Generator, device: torch.device,
+                loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None,
+                train_mode: Callable[[], None] | None = None) -> float:
+    """One pass over (x, y) in shuffled mini-batches; returns the example-weighted mean loss."""
+    loss_fn = loss_fn or nn.functional.cross_entropy
+    (train_mode or model.train)()
+    total, count = 0.0, 0
+    for idx in batches(len(x), batch_size, generator, drop_last=len(x) > batch_size):
+        idx = idx.to(x.device)
+        xb, yb = x[idx], y[idx]
+        with autocast(device):
+            loss = loss_fn(model(xb).float(), yb)
+        if not torch.isfinite(loss):
+            raise NonFiniteLossError(f"training loss became {loss.item()} after {count} examples; lower the learning rate")
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        total += loss.item() * len(idx)
+        count += len(idx)
+    return total / max(count, 1)
+
+
+@torch.no_grad()
+def predict_scores(model: nn.Module, x: torch.Tensor, *, batch_size: int, device: torch.device) -> np.ndarray:
+    """P(y = 1) for every row of x, in order (the model's two logits through a softmax)."""
+    model.eval()
+    out = []
+    for start in range(0, len(x), batch_size):
+        with autocast(device):
+            logits = model(x[start:start + batch_size]).float()
+        out.append(torch.softmax(logits, dim=1)[:, 1].cpu())
+    return torch.cat(out).numpy().astype(np.float64) if out else np.zeros(0)
