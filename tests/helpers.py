@@ -12,7 +12,7 @@ import yaml
 
 REPO = Path(__file__).resolve().parent.parent
 
-TINY_DATA = {"n_source": 400, "n_finetune": 600, "n_val": 200, "n_test": 400, "image_size": 16, "seed": 0}
+TINY_DATA = {"n_source": 400, "n_finetune": 600, "n_val": 200, "n_test": 400, "image_size": 32, "seed": 0}
 
 TINY_SPEC: dict[str, Any] = {
     "name": "tiny",

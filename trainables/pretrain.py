@@ -220,7 +220,7 @@ def run_pretrain_job(job: Mapping[str, Any], cache_root: str, cpus: float = 1.0)
         n_classes = int(y_np.max()) + 1
         model = backbones.create_backbone(job["backbone"], num_classes=max(2, n_classes), input_shape=dataset.input_shape).to(device)
         x = dataset.inputs("source").to(device)
-        y = torch.as_tensor(y_np, dtype=torch.long, device=device)
+        y = torch.tensor(y_np, dtype=torch.long, device=device)
         opt = torch.optim.SGD(model.parameters(), lr=hp["lr"], momentum=hp["momentum"], weight_decay=hp["weight_decay"])
         sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=hp["epochs"])
         gen = torch.Generator().manual_seed(hp["seed"])
