@@ -57,8 +57,7 @@ def sqlite_uri(tmp: Path) -> str:
 def cli_env(**extra: str) -> dict[str, str]:
     """Environment for running the real CLI in a subprocess: loopback-only Ray, no usage stats."""
     env = dict(os.environ)
-    env.update({"RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0", "RAY_USAGE_STATS_ENABLED": "0",
-                "PYTHONUNBUFFERED": "1", "TUNE_DISABLE_AUTO_CALLBACK_LOGGERS": "1"})
+    env.update({"RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0", "RAY_USAGE_STATS_ENABLED": "0", "PYTHONUNBUFFERED": "1"})
     env.pop("RAY_ADDRESS", None)
     env.pop("MLFLOW_TRACKING_URI", None)
     env.update(extra)

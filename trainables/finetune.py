@@ -50,13 +50,15 @@ def _load_initial_weights(model: Any, point: Mapping[str, Any], ctx: TrialContex
 
 
 def finetune_trial(config: Mapping[str, Any], context: TrialContext) -> None:
-    """Function trainable for ``tune.with_parameters(finetune_trial, context=...)``."""
+    """Function trainable for ``tune.with_parameters(finetune_trial, context=...)``; the axis values
+    arrive under ``config["point"]`` (one grid cell)."""
     import torch
     from ray import tune
 
     from trainables import backbones, interventions, loop, metrics
     from trainables.data import build_dataset
 
+    config = config["point"]
     loop.set_threads(context.cpus_per_trial)
     device = loop.select_device()
     ft = context.finetune
@@ -117,11 +119,16 @@ def _evaluate(model: Any, dataset: Any, ft: Mapping[str, Any], device: Any, out:
     x_test = dataset.inputs("test").to(device)
     scores = loop.predict_scores(model, x_test, batch_size=max(256, int(ft["batch_size"])), device=device)
     threshold = float(ft.get("threshold", 0.5))
-    ev = metrics.evaluate(test.labels, scores, test.attributes, primary=dataset.primary, threshold=threshold)
+    named = {attr: _group_labels(codes, dataset.group_names.get(attr)) for attr, codes in test.attributes.items()}
+    ev = metrics.evaluate(test.labels, scores, named, primary=dataset.primary, threshold=threshold)
     frame = pd.DataFrame({"y_true": test.labels, "y_score": scores, "y_pred": (scores >= threshold).astype(int)})
-    for attr, codes in test.attributes.items():
-        names = dataset.group_names.get(attr)
-        frame["group" if attr == dataset.primary else f"group.{attr}"] = [names[c] for c in codes] if names else codes
+    for attr, labels in named.items():
+        frame["group" if attr == dataset.primary else f"group.{attr}"] = labels
     frame.to_csv(out / PREDICTIONS_FILE, index=False, compression="gzip")
     ev.per_group.to_csv(out / PER_GROUP_FILE, index=False)
     return {**{k: float(v) for k, v in ev.metrics.items()}, "done_training": True}
+
+
+def _group_labels(codes: np.ndarray, names: Any) -> np.ndarray:
+    """Group names where the dataset provides them, so tables read 'red'/'green' rather than 0/1."""
+    return np.asarray(names, dtype=object)[codes] if names else codes

@@ -40,6 +40,7 @@ class Paradigm:
     doc: str
     pretrains: bool
     labels: Callable[[Any], np.ndarray] | None = None  # SplitMeta -> int labels (supervised-style paradigms)
+    ssl_method: str | None = None  # a trainables.ssl method name (self-supervised paradigms)
     option_names: tuple[str, ...] = ()
     modalities: tuple[str, ...] = ("image", "timeseries")
 
@@ -55,7 +56,15 @@ class Paradigm:
             self.labels(dataset.meta("source"))  # raises if the dataset lacks what the paradigm needs
 
     def check_backbone(self, backbone: str, dataset: Any) -> None:
-        """Backbone-specific constraints (none for the supervised-style paradigms)."""
+        """SSL needs a pooled representation before the classifier (timm's ``forward_head(pre_logits=True)``)."""
+        if self.ssl_method is None:
+            return
+        from trainables import backbones
+
+        model = backbones.create_backbone(backbone, num_classes=2, input_shape=dataset.input_shape)
+        if not hasattr(model, "forward_head") or not hasattr(model, "forward_features"):
+            raise ValueError(f"paradigm {self.name!r} needs a backbone with forward_features/forward_head "
+                             f"(pooled features before the classifier); {backbone!r} has none")
 
 
 PARADIGMS: Registry[Paradigm] = Registry("paradigm")
@@ -80,6 +89,12 @@ _register(Paradigm("supervised", "Trained on the source split's target label.", 
 _register(Paradigm("biased", "Trained to predict the sensitive attribute, so the representation encodes the "
                              "group as a shortcut (paper A's gendered base).", pretrains=True,
                    labels=lambda m: m.groups))
+_register(Paradigm("simclr", "Contrastive self-supervised pretraining (NT-Xent on two augmented views; lightly). "
+                            "Options: temperature (0.1), projection_dim (64).", pretrains=True, ssl_method="simclr",
+                   option_names=("temperature", "projection_dim")))
+_register(Paradigm("vicreg", "Non-contrastive self-supervised pretraining (variance-invariance-covariance; lightly). "
+                            "Options: projection_dim (256), invariance, variance (25), covariance (1).",
+                   pretrains=True, ssl_method="vicreg", option_names=("projection_dim", "invariance", "variance", "covariance")))
 _register(Paradigm("control", "Trained on an unrelated attribute of the source split (paper A's control bases; "
                               "needs the dataset's 'stripes' label).", pretrains=True,
                    labels=_extra_label("stripes")))
@@ -215,22 +230,38 @@ def run_pretrain_job(job: Mapping[str, Any], cache_root: str, cpus: float = 1.0)
         dataset = build_dataset(job["dataset"], job["dataset_options"])
         paradigm = PARADIGMS.get(job["paradigm"])
         torch.manual_seed(hp["seed"])
-        meta_src = dataset.meta("source")
-        y_np = paradigm.labels(meta_src)
-        n_classes = int(y_np.max()) + 1
-        model = backbones.create_backbone(job["backbone"], num_classes=max(2, n_classes), input_shape=dataset.input_shape).to(device)
         x = dataset.inputs("source").to(device)
-        y = torch.tensor(y_np, dtype=torch.long, device=device)
-        opt = torch.optim.SGD(model.parameters(), lr=hp["lr"], momentum=hp["momentum"], weight_decay=hp["weight_decay"])
-        sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=hp["epochs"])
         gen = torch.Generator().manual_seed(hp["seed"])
-        losses = []
-        for _ in range(hp["epochs"]):
-            losses.append(loop.train_epoch(model, x, y, opt, batch_size=hp["batch_size"], generator=gen, device=device))
-            sched.step()
+        if paradigm.ssl_method is not None:
+            from trainables.ssl import train_ssl
+
+            model = backbones.create_backbone(job["backbone"], num_classes=2, input_shape=dataset.input_shape).to(device)
+            losses = train_ssl(model, x, method=paradigm.ssl_method, options=hp.get("options", {}),
+                               modality=dataset.modality, hparams=hp, device=device, generator=gen)
+        else:
+            model, losses = _train_supervised(job["backbone"], paradigm.labels(dataset.meta("source")), x, dataset, hp, device, gen)
         meta = {"backbone": job["backbone"], "paradigm": job["paradigm"], "dataset": job["dataset"],
                 "dataset_options": job["dataset_options"], "hparams": hp, "losses": losses,
                 "device": str(device), "seconds": time.time() - started,
                 "created": time.strftime("%Y-%m-%dT%H:%M:%S")}
         path = cache.write(key, backbones.backbone_state_dict(model), meta)
         return PretrainOutcome(key, str(path), False, status == "damaged", tuple(losses), meta["seconds"], str(device), meta)
+
+
+def _train_supervised(backbone: str, labels: np.ndarray, x: Any, dataset: Any, hp: Mapping[str, Any],
+                      device: Any, gen: Any) -> tuple[Any, list[float]]:
+    """Cross-entropy on ``labels``; returns the trained model and its per-epoch losses."""
+    import torch
+
+    from trainables import backbones, loop
+
+    model = backbones.create_backbone(backbone, num_classes=max(2, int(labels.max()) + 1),
+                                      input_shape=dataset.input_shape).to(device)
+    y = torch.tensor(labels, dtype=torch.long, device=device)
+    opt = torch.optim.SGD(model.parameters(), lr=hp["lr"], momentum=hp["momentum"], weight_decay=hp["weight_decay"])
+    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=hp["epochs"])
+    losses = []
+    for _ in range(hp["epochs"]):
+        losses.append(loop.train_epoch(model, x, y, opt, batch_size=hp["batch_size"], generator=gen, device=device))
+        sched.step()
+    return model, losses

@@ -1,0 +1,100 @@
+"""The real thing: `fairsweep launch` as a subprocess, local Ray, a temporary SQLite MLflow store."""
+from __future__ import annotations
+
+import gzip
+import io
+import math
+
+import mlflow
+import numpy as np
+import pandas as pd
+import pytest
+from mlflow.tracking import MlflowClient
+
+from orchestrator import pareto
+from tests.helpers import run_cli, sqlite_uri, tiny_spec, write_spec
+
+pytestmark = pytest.mark.slow
+
+METRICS = ["accuracy", "balanced_accuracy", "auroc", "worst_group_accuracy", "accuracy_gap",
+           "demographic_parity_difference", "equalized_odds_difference", "equal_opportunity_difference"]
+
+
+@pytest.fixture(scope="module")
+def launched(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("launch")
+    spec = write_spec(tmp, tiny_spec())
+    uri = sqlite_uri(tmp)
+    out = run_cli("launch", str(spec), "--tracking-uri", uri, "--storage", str(tmp / "results"), "--quiet", cwd=tmp)
+    return tmp, uri, out
+
+
+def test_launch_exits_cleanly_and_prints_the_front(launched):
+    tmp, uri, out = launched
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+    assert "8 trials finished, 0 failed" in out.stdout
+    assert "Pareto front" in out.stdout and f"mlflow ui --backend-store-uri {uri}" in out.stdout
+
+
+def test_mlflow_holds_parent_children_params_metrics_tags(launched):
+    tmp, uri, _ = launched
+    mlflow.set_tracking_uri(uri)
+    runs = mlflow.search_runs(experiment_names=["tiny"])
+    parent = runs[runs["tags.fairsweep.kind"] == "sweep"]
+    trials = runs[runs["tags.fairsweep.kind"] == "trial"]
+    pretrain = runs[runs["tags.fairsweep.kind"] == "pretrain"]
+    assert len(parent) == 1 and len(trials) == 8 and len(pretrain) == 1
+    parent_id = parent["run_id"].iloc[0]
+    assert (trials["tags.mlflow.parentRunId"] == parent_id).all()
+    assert (trials["status"] == "FINISHED").all() and (parent["status"] == "FINISHED").all()
+    assert trials["tags.fairsweep.trial_key"].nunique() == 8
+    assert (trials["tags.fairsweep.sweep"] == "tiny").all()
+    assert set(trials["params.paradigm"]) == {"scratch", "supervised"}
+    assert set(trials["params.intervention.kind"]) == {"correlation"}
+    assert set(trials["params.intervention.magnitude"].astype(float)) == {0.5, 0.9}
+    assert set(trials["params.freeze_depth"]) == {"0", "linear"}
+    assert set(trials["params.seed"]) == {"0"} and set(trials["params.backbone"]) == {"test_resnet"}
+    for m in METRICS:
+        values = trials[f"metrics.{m}"]
+        assert values.notna().all(), m
+        assert ((values >= 0) & (values <= 1)).all(), m
+    # every supervised trial names the pretraining run it used
+    sup = trials[trials["params.paradigm"] == "supervised"]
+    assert (sup["tags.fairsweep.pretrain_run_id"] == pretrain["run_id"].iloc[0]).all()
+    assert (sup["tags.fairsweep.pretrain_key"] == pretrain["tags.fairsweep.pretrain_key"].iloc[0]).all()
+    # achieved intervention values sit beside the requested ones
+    assert np.allclose(trials["metrics.achieved_magnitude"], trials["params.intervention.magnitude"].astype(float), atol=0.01)
+
+
+def test_predictions_artifact_recomputes_the_logged_metrics(launched):
+    tmp, uri, _ = launched
+    client = MlflowClient(uri)
+    mlflow.set_tracking_uri(uri)
+    trials = mlflow.search_runs(experiment_names=["tiny"], filter_string="tags.`fairsweep.kind` = 'trial'")
+    row = trials.iloc[0]
+    path = client.download_artifacts(row["run_id"], "predictions.csv.gz", str(tmp))
+    preds = pd.read_csv(path)
+    assert list(preds.columns[:4]) == ["y_true", "y_score", "y_pred", "group"]
+    assert len(preds) == 400
+    acc = float((preds["y_true"] == preds["y_pred"]).mean())
+    assert math.isclose(acc, row["metrics.accuracy"], abs_tol=1e-9)
+    per_group = pd.read_csv(client.download_artifacts(row["run_id"], "per_group.csv", str(tmp)))
+    assert per_group["n"].sum() == 400
+
+
+def test_pareto_front_tags_and_artifacts(launched):
+    tmp, uri, _ = launched
+    client = MlflowClient(uri)
+    mlflow.set_tracking_uri(uri)
+    runs = mlflow.search_runs(experiment_names=["tiny"])
+    trials = runs[runs["tags.fairsweep.kind"] == "trial"]
+    pts = trials[["metrics.accuracy", "metrics.equalized_odds_difference"]].to_numpy()
+    # brute force: a trial is on the front iff no other trial is at least as good on both and better on one
+    expected = [not any((q[0] >= p[0] and q[1] <= p[1]) and (q[0] > p[0] or q[1] < p[1]) for q in pts) for p in pts]
+    assert list(trials["tags.fairsweep.pareto_front"] == "true") == expected
+    parent_id = runs[runs["tags.fairsweep.kind"] == "sweep"]["run_id"].iloc[0]
+    names = {a.path for a in client.list_artifacts(parent_id, "pareto")}
+    assert {"pareto/front.csv", "pareto/front.png"} <= names
+    front = pd.read_csv(client.download_artifacts(parent_id, "pareto/front.csv", str(tmp)))
+    assert len(front) == sum(expected)
+    assert {"spec.yaml"} <= {a.path for a in client.list_artifacts(parent_id)}

@@ -1,0 +1,69 @@
+"""Plan-time checks (names, feasibility, freeze depths) and the CLI's dry run / exit codes."""
+from __future__ import annotations
+
+import pytest
+
+from orchestrator.plan import build_plan
+from orchestrator.spec import SpecError, parse_spec
+from tests.helpers import run_cli, tiny_spec, write_spec
+
+
+def test_plan_counts_keys_and_dedups_pretraining():
+    plan = build_plan(parse_spec(tiny_spec(**{"axes.backbone": ["test_resnet", "test_convnext"], "axes.seed": [0, 1]})))
+    assert len(plan.trials) == 2 * 2 * 2 * 2 * 2
+    # scratch needs no job; supervised needs one per backbone, shared by all its trials
+    assert sorted((j.backbone, j.paradigm) for j in plan.pretrain_jobs) == [("test_convnext", "supervised"), ("test_resnet", "supervised")]
+    assert len({t.key for t in plan.trials}) == len(plan.trials)
+    # repeats over seeds share a config key, nothing else does
+    assert len({t.config_key for t in plan.trials}) == len(plan.trials) // 2
+    supervised = [t for t in plan.trials if t.point.paradigm == "supervised" and t.point.backbone == "test_resnet"]
+    assert {t.pretrain_key for t in supervised} == {j.key for j in plan.pretrain_jobs if j.backbone == "test_resnet"}
+    linear = next(t for t in plan.trials if t.point.freeze_depth == "linear" and t.point.backbone == "test_resnet")
+    assert linear.frozen_groups == tuple(range(plan.layer_groups["test_resnet"]))
+
+
+def test_keys_are_stable_and_change_with_the_config():
+    a = build_plan(parse_spec(tiny_spec()))
+    b = build_plan(parse_spec(tiny_spec()))
+    assert [t.key for t in a.trials] == [t.key for t in b.trials]
+    c = build_plan(parse_spec(tiny_spec(**{"finetune.lr": 0.03})))
+    assert not {t.key for t in a.trials} & {t.key for t in c.trials}
+    assert [j.key for j in a.pretrain_jobs] == [j.key for j in c.pretrain_jobs]  # finetuning lr does not touch pretraining
+    d = build_plan(parse_spec(tiny_spec(**{"pretraining.epochs": 2})))
+    assert [j.key for j in a.pretrain_jobs] != [j.key for j in d.pretrain_jobs]
+
+
+@pytest.mark.parametrize("overrides, path, fragment", [
+    ({"axes.freeze_depth": [9]}, "axes.freeze_depth[0]", "exceeds"),
+    ({"axes.freeze_depth": [[0, 7]]}, "axes.freeze_depth[0]", "test_resnet"),
+    ({"axes.backbone": ["test_resnt"]}, "axes.backbone[0]", "test_resnet"),
+    ({"axes.paradigm": ["supervized"]}, "axes.paradigm[0]", "supervised"),
+    ({"axes.intervention": {"kind": "corelation", "magnitudes": [0.5]}}, "axes.intervention[0].kind", "correlation"),
+    ({"axes.intervention": {"kind": "correlation", "magnitudes": [1.0]}, "finetune.size": 600}, "axes.intervention[0].magnitudes", "max"),
+    ({"objectives.fairness": "equalised_odds"}, "objectives.fairness", "equalized_odds_difference"),
+    ({"dataset.name": "synthetic_imgs"}, "dataset.name", "synthetic_images"),
+    ({"dataset.options": {"n_tset": 5}}, "dataset.options", "n_tset"),
+    ({"axes.paradigm": ["file:/nonexistent/weights.pt"]}, "axes.paradigm[0]", "/nonexistent/weights.pt"),
+])
+def test_plan_time_errors_name_field_and_fix(overrides, path, fragment):
+    with pytest.raises(SpecError) as info:
+        build_plan(parse_spec(tiny_spec(**overrides)))
+    assert info.value.path == path
+    assert fragment in str(info.value)
+
+
+def test_cli_dry_run_prints_plan_and_starts_nothing(tmp_path):
+    spec = write_spec(tmp_path, tiny_spec())
+    out = run_cli("launch", str(spec), "--dry-run", cwd=tmp_path, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert "trials: 8" in out.stdout and "pretraining jobs: 1" in out.stdout
+    assert '"backbone": "test_resnet"' in out.stdout
+    assert not (tmp_path / "mlflow.db").exists() and not (tmp_path / "fairsweep_results").exists()
+
+
+def test_cli_bad_spec_exits_2_and_writes_nothing(tmp_path):
+    spec = write_spec(tmp_path, tiny_spec(**{"axes.freeze_depth": [0, 42]}))
+    out = run_cli("launch", str(spec), cwd=tmp_path, timeout=120)
+    assert out.returncode == 2
+    assert "axes.freeze_depth[1]" in out.stderr and "42" in out.stderr
+    assert not (tmp_path / "mlflow.db").exists() and not (tmp_path / "fairsweep_results").exists()
