@@ -28,16 +28,33 @@ def _parser() -> argparse.ArgumentParser:
     sub = ap.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("launch", help="run a sweep file end to end")
+    p.set_defaults(handler=_cmd_launch)
     p.add_argument("spec", help="path to a sweep YAML file, e.g. sweeps/quickstart.yaml")
     p.add_argument("--dry-run", action="store_true", help="print the plan and start nothing")
     p.add_argument("--max-concurrent", type=int, help="at most this many trials at once")
     p.add_argument("--quiet", action="store_true", help="no Tune progress table")
     _add_target_flags(p)
 
+    p = sub.add_parser("resume", help="continue an interrupted sweep from its storage path")
+    p.set_defaults(handler=_cmd_resume)
+    p.add_argument("name", help="the sweep's name (its folder under --storage)")
+    p.add_argument("--retry-errored", action="store_true", help="also run errored trials again (from their last checkpoint)")
+    p.add_argument("--max-concurrent", type=int, help="at most this many trials at once")
+    p.add_argument("--quiet", action="store_true", help="no Tune progress table")
+    _add_target_flags(p)
+
+    p = sub.add_parser("status", help="finished / running / pending / errored trials and the front size")
+    p.set_defaults(handler=_cmd_status)
+    p.add_argument("name")
+    p.add_argument("--storage")
+    p.add_argument("--tracking-uri")
+
     p = sub.add_parser("validate", help="check a sweep file and print its plan")
+    p.set_defaults(handler=_cmd_validate)
     p.add_argument("spec")
 
     p = sub.add_parser("cache", help="list or clear the pretraining cache")
+    p.set_defaults(handler=_cmd_cache)
     p.add_argument("action", choices=("list", "clear"))
     p.add_argument("--storage")
     p.add_argument("--cache-dir")
@@ -75,11 +92,36 @@ def _cmd_launch(args: argparse.Namespace) -> int:
         result = launch(plan, opts)
     except LaunchError as exc:
         return _fail(str(exc))
-    _print_summary(plan, result)
-    return EXIT_TRIALS_FAILED if result.failed else EXIT_OK
+    return _print_summary(result, args)
 
 
-def _print_summary(plan, result) -> None:
+def _cmd_resume(args: argparse.Namespace) -> int:
+    from orchestrator.launch import LaunchError, LaunchOptions, resume
+    from orchestrator.spec import SpecError
+
+    opts = LaunchOptions(tracking_uri=args.tracking_uri, address=args.address, storage=args.storage,
+                         cache_dir=args.cache_dir, max_concurrent_trials=args.max_concurrent, verbose=0 if args.quiet else 1)
+    try:
+        result = resume(args.name, opts, retry_errored=args.retry_errored)
+    except (LaunchError, SpecError) as exc:
+        return _fail(str(exc))
+    return _print_summary(result, args)
+
+
+def _cmd_status(args: argparse.Namespace) -> int:
+    from orchestrator.launch import LaunchError
+    from orchestrator.status import sweep_status
+
+    try:
+        print(sweep_status(args.name, args.storage, args.tracking_uri).render())
+    except LaunchError as exc:
+        return _fail(str(exc))
+    return EXIT_OK
+
+
+def _print_summary(result, args: argparse.Namespace) -> int:
+    """Print the front and what to do next; returns the exit code."""
+    plan = result.plan
     perf, fair = plan.spec.objectives.performance, plan.spec.objectives.fairness
     front = result.front[result.front["on_front"]] if not result.front.empty else result.front
     cols = ["backbone", "paradigm", "intervention.kind", "intervention.magnitude", "freeze_depth", "n_seeds", perf, fair]
@@ -87,10 +129,16 @@ def _print_summary(plan, result) -> None:
           f"{len(front)} configurations on the Pareto front ({perf} max, {fair} min):")
     if not front.empty:
         print(front[[c for c in cols if c in front]].to_string(index=False, float_format=lambda v: f"{v:.4f}"))
+    where = f" --storage {args.storage}" if args.storage else ""
     if result.failed:
         print(f"failed trial runs: {', '.join(result.failed)} (see the fairsweep.error tag of each)")
+        print(f"retry them with: fairsweep resume {plan.spec.name}{where} --retry-errored")
     print(f"\nMLflow: parent run {result.parent_run_id} in experiment {plan.spec.experiment!r}")
     print(f"open it with: mlflow ui --backend-store-uri {result.tracking_uri}")
+    if result.interrupted:
+        print(f"\ninterrupted before every trial ended; continue with: fairsweep resume {plan.spec.name}{where}", file=sys.stderr)
+        return 130
+    return EXIT_TRIALS_FAILED if result.failed else EXIT_OK
 
 
 def _cmd_validate(args: argparse.Namespace) -> int:
@@ -124,9 +172,8 @@ def _cmd_cache(args: argparse.Namespace) -> int:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
-    handler = {"launch": _cmd_launch, "validate": _cmd_validate, "cache": _cmd_cache}[args.command]
     try:
-        return handler(args)
+        return args.handler(args)
     except KeyboardInterrupt:
         print("fairsweep: interrupted", file=sys.stderr)
         return 130

@@ -9,13 +9,14 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import pandas as pd
 
 from orchestrator.plan import Plan
 
-__all__ = ["LaunchOptions", "LaunchResult", "LaunchError", "resolve_tracking_uri", "resolve_storage", "launch"]
+__all__ = ["LaunchOptions", "LaunchResult", "LaunchError", "resolve_tracking_uri", "resolve_storage", "launch", "resume",
+           "experiment_path", "read_sweep_record"]
 
 DEFAULT_STORAGE = "fairsweep_results"
 CACHE_DIRNAME = "_pretrain_cache"
@@ -37,12 +38,14 @@ class LaunchOptions:
 
 @dataclass(frozen=True)
 class LaunchResult:
+    plan: Plan
     experiment_path: str
     tracking_uri: str
     parent_run_id: str
     front: pd.DataFrame
     finished: int
     failed: list[str] = field(default_factory=list)  # MLflow run ids of FAILED trials
+    interrupted: bool = False  # stopped before every trial ended (SIGINT); `fairsweep resume` continues it
 
 
 def resolve_tracking_uri(flag: str | None) -> str:
@@ -70,6 +73,14 @@ def _artifact_location(tracking_uri: str) -> str | None:
     return None
 
 
+def quiet_tune_restore_logs() -> None:
+    """Tune warns once per trial that never wrote result.json (trials interrupted before their first
+    report); on restore that is expected and drowns the useful output."""
+    import logging
+
+    logging.getLogger("ray.tune.analysis.experiment_analysis").setLevel(logging.ERROR)
+
+
 def init_ray(address: str | None) -> bool:
     """Connect to ``address`` (or RAY_ADDRESS), else start a private local Ray on loopback.
     Returns True when this call started Ray (and so should shut it down)."""
@@ -86,7 +97,7 @@ def init_ray(address: str | None) -> bool:
     return True
 
 
-def _trial_context(plan: Plan, cache_root: str) -> Any:
+def _trial_context(plan: Plan, cache_root: str, skip: list | None = None) -> Any:
     from dataclasses import asdict
 
     from trainables.finetune import TrialContext
@@ -95,7 +106,7 @@ def _trial_context(plan: Plan, cache_root: str) -> Any:
     pretrained = {f"{j.backbone}|{j.paradigm}": j.key for j in plan.pretrain_jobs}
     return TrialContext(dataset=s.dataset.name, dataset_options=dict(s.dataset.options), finetune=asdict(s.finetune),
                         cache_root=cache_root, pretrained=pretrained, weight_files=dict(plan.file_weights),
-                        cpus_per_trial=s.resources.cpus_per_trial)
+                        cpus_per_trial=s.resources.cpus_per_trial, skip_points=tuple(skip or ()))
 
 
 def run_pretraining(plan: Plan, cache_root: str, tracker: Any) -> list:
@@ -118,32 +129,61 @@ def run_pretraining(plan: Plan, cache_root: str, tracker: Any) -> list:
     return outcomes
 
 
-def launch(plan: Plan, options: LaunchOptions = LaunchOptions()) -> LaunchResult:
-    """Run the sweep to the end; returns the front. Raises ``LaunchError`` if the sweep already exists."""
-    from ray import tune
+SWEEP_RECORD = "fairsweep_sweep.json"  # beside Tune's state: the spec and where it was tracked, for resume/status
 
-    from orchestrator.tracking import SweepTracker
-    from trainables.finetune import finetune_trial
+
+def experiment_path(storage: str, name: str) -> str:
+    return f"{storage.rstrip('/')}/{name}"
+
+
+def _fs(path: str) -> tuple[Any, str]:
+    import pyarrow.fs
+
+    if "://" in path:
+        return pyarrow.fs.FileSystem.from_uri(path)
+    return pyarrow.fs.LocalFileSystem(), path
+
+
+def write_sweep_record(path: str, record: dict) -> None:
+    import json
+
+    fs, p = _fs(path)
+    fs.create_dir(p, recursive=True)
+    with fs.open_output_stream(f"{p}/{SWEEP_RECORD}") as f:
+        f.write(json.dumps(record, indent=1).encode())
+
+
+def read_sweep_record(path: str) -> dict:
+    """The spec and settings a sweep was launched with; ``LaunchError`` when there is no sweep at ``path``."""
+    import json
+
+    import pyarrow
+
+    fs, p = _fs(path)
+    try:
+        with fs.open_input_stream(f"{p}/{SWEEP_RECORD}") as f:
+            return json.loads(f.readall().decode())
+    except (FileNotFoundError, OSError, pyarrow.ArrowException):
+        raise LaunchError(f"no fairsweep sweep at {path} (no {SWEEP_RECORD}); check the sweep name and --storage") from None
+
+
+def launch(plan: Plan, options: LaunchOptions = LaunchOptions()) -> LaunchResult:
+    """Run a new sweep to the end. Raises ``LaunchError`` if the sweep already exists (use ``resume``)."""
+    from ray import tune
 
     spec = plan.spec
     storage = resolve_storage(options.storage)
-    experiment_path = f"{storage.rstrip('/')}/{spec.name}"
-    if tune.Tuner.can_restore(experiment_path):
-        raise LaunchError(f"sweep {spec.name!r} already exists at {experiment_path}; continue it with "
+    path = experiment_path(storage, spec.name)
+    if tune.Tuner.can_restore(path):
+        raise LaunchError(f"sweep {spec.name!r} already exists at {path}; continue it with "
                           f"`fairsweep resume {spec.name} --storage {storage}`, or give the sweep another name or storage")
     tracking_uri = resolve_tracking_uri(options.tracking_uri)
     cache_root = options.cache_dir or f"{storage.rstrip('/')}/{CACHE_DIRNAME}"
+    write_sweep_record(path, {"spec": dict(spec.source), "tracking_uri": tracking_uri, "cache_root": cache_root})
 
-    started_ray = init_ray(options.address)
-    tracker = SweepTracker(plan, tracking_uri, artifact_location=_artifact_location(tracking_uri))
-    status = "FAILED"
-    try:
-        tracker.open()
-        run_pretraining(plan, cache_root, tracker)
+    def make_tuner(trainable: Any, tracker: Any) -> Any:
         res = spec.resources
-        trainable = tune.with_resources(tune.with_parameters(finetune_trial, context=_trial_context(plan, cache_root)),
-                                        {"cpu": res.cpus_per_trial, "gpu": res.gpus_per_trial})
-        tuner = tune.Tuner(
+        return tune.Tuner(
             trainable,
             param_space={"point": tune.grid_search([t.point.as_config() for t in plan.trials])},
             tune_config=tune.TuneConfig(max_concurrent_trials=options.max_concurrent_trials or res.max_concurrent_trials),
@@ -153,13 +193,74 @@ def launch(plan: Plan, options: LaunchOptions = LaunchOptions()) -> LaunchResult
                 checkpoint_config=tune.CheckpointConfig(num_to_keep=2),
             ),
         )
-        tuner.fit()
+
+    return _run(plan, path, tracking_uri, cache_root, options, make_tuner)
+
+
+def resume(name: str, options: LaunchOptions = LaunchOptions(), *, retry_errored: bool = False) -> LaunchResult:
+    """Continue an interrupted sweep with Tune's restore: finished trials stay finished, trials in flight
+    continue from their last checkpoint, errored ones run again only with ``retry_errored``.
+
+    MLflow is the ground truth for finished work: a trial that finished after Tune's last state save
+    is not trained again.
+    """
+    from ray import tune
+
+    from orchestrator.plan import build_plan
+    from orchestrator.spec import parse_spec
+
+    storage = resolve_storage(options.storage)
+    path = experiment_path(storage, name)
+    record = read_sweep_record(path)
+    if not tune.Tuner.can_restore(path):
+        raise LaunchError(f"sweep {name!r} at {path} has no Tune state to restore (it never reached the trials); "
+                          f"start it again with `fairsweep launch`")
+    plan = build_plan(parse_spec(record["spec"]))
+    tracking_uri = resolve_tracking_uri(options.tracking_uri or record["tracking_uri"])
+    cache_root = options.cache_dir or record["cache_root"]
+
+    def make_tuner(trainable: Any, tracker: Any) -> Any:
+        tuner = tune.Tuner.restore(path, trainable, resume_unfinished=True, resume_errored=retry_errored)
+        # Tune restores the callbacks it pickled; swap in this driver's tracker (fresh client, this URI).
+        tuner._local_tuner.get_run_config().callbacks = [tracker]
+        return tuner
+
+    return _run(plan, path, tracking_uri, cache_root, options, make_tuner)
+
+
+def _run(plan: Plan, path: str, tracking_uri: str, cache_root: str, options: LaunchOptions,
+         make_tuner: Callable[[Any, Any], Any]) -> LaunchResult:
+    """Shared by launch and resume: Ray up, parent run, pretraining, Tune, then the summary."""
+    from ray import tune
+
+    from orchestrator.tracking import SweepTracker
+    from trainables.finetune import finetune_trial
+
+    spec = plan.spec
+    quiet_tune_restore_logs()
+    # num_to_keep forces a state snapshot after checkpoints; that is what keeps resume exact here
+    os.environ.setdefault("TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S", "0")
+    started_ray = init_ray(options.address)
+    tracker = SweepTracker(plan, tracking_uri, artifact_location=_artifact_location(tracking_uri))
+    status = "FAILED"
+    try:
+        tracker.open()
+        done_before = tracker.finished_trial_keys()
+        run_pretraining(plan, cache_root, tracker)
+        context = _trial_context(plan, cache_root, skip=[t.point.as_config() for t in plan.trials if t.key in done_before])
+        res = spec.resources
+        trainable = tune.with_resources(tune.with_parameters(finetune_trial, context=context),
+                                        {"cpu": res.cpus_per_trial, "gpu": res.gpus_per_trial})
+        make_tuner(trainable, tracker).fit()
         front = tracker.refresh_front()
-        failed = [r.info.run_id for r in tracker._find_runs(
-            f"tags.`fairsweep.sweep` = '{spec.name}' AND tags.`fairsweep.kind` = 'trial' AND attributes.status = 'FAILED'")]
-        finished = int(front["n_seeds"].sum()) if not front.empty else 0
-        status = "FINISHED"
-        return LaunchResult(experiment_path, tracking_uri, tracker.parent_run_id, front, finished, failed)
+        counts = tracker.trial_status_counts()
+        failed = tracker.trial_run_ids("FAILED")
+        finished = counts.get("FINISHED", 0)
+        interrupted = finished + len(failed) < len(plan.trials)
+        if interrupted:
+            tracker.mark_in_flight_killed()
+        status = "KILLED" if interrupted else "FINISHED"
+        return LaunchResult(plan, path, tracking_uri, tracker.parent_run_id, front, finished, failed, interrupted)
     finally:
         tracker.close(status)
         if started_ray:

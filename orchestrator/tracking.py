@@ -50,6 +50,7 @@ class SweepTracker(tune.Callback):
         self._runs: dict[str, str] = {}  # Tune trial id -> MLflow run id
         self._pretrain_runs: dict[str, str] = {}  # pretraining key -> MLflow run id
         self._front_state: dict[str, str] = {}  # run id -> last written pareto tag
+        self._done_before: set[str] = set()  # run ids already FINISHED when their Tune trial (re)started
 
     # -- plumbing -------------------------------------------------------------------------------
     @property
@@ -144,7 +145,10 @@ class SweepTracker(tune.Callback):
         found = self._find_runs(f"tags.`{TAGS.SWEEP}` = '{self.spec.name}' AND tags.`{TAGS.TRIAL_KEY}` = '{planned.key}'")
         if found:  # a resumed trial continues its own run
             run_id = found[0].info.run_id
-            self.client.update_run(run_id, status="RUNNING")
+            if found[0].info.status == "FINISHED":
+                self._done_before.add(run_id)  # finished after Tune's last state save: leave it as it is
+            else:
+                self.client.update_run(run_id, status="RUNNING")
         else:
             run_id = self._create_trial_run(planned, trial.trial_id)
         self._runs[trial.trial_id] = run_id
@@ -175,6 +179,8 @@ class SweepTracker(tune.Callback):
         from mlflow.entities import Metric
 
         run_id = self._trial_run(trial)
+        if run_id in self._done_before:
+            return
         step = int(result.get("epoch", result.get("training_iteration", 0)))
         final = bool(result.get("done_training"))
         metrics = []
@@ -190,6 +196,8 @@ class SweepTracker(tune.Callback):
 
     def on_trial_complete(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
         run_id = self._trial_run(trial)
+        if run_id in self._done_before:
+            return
         ckpt = trial.checkpoint
         if ckpt is not None:
             from trainables.finetune import PER_GROUP_FILE, PREDICTIONS_FILE
@@ -210,6 +218,33 @@ class SweepTracker(tune.Callback):
 
     def on_experiment_end(self, trials: list, **info: Any) -> None:
         self.refresh_front()
+
+    # -- bookkeeping for the summary and interruptions --------------------------------------------
+    def _trial_runs(self, status: str | None = None) -> list:
+        flt = f"tags.`{TAGS.SWEEP}` = '{self.spec.name}' AND tags.`{TAGS.KIND}` = 'trial'"
+        if status:
+            flt += f" AND attributes.status = '{status}'"
+        out, page = [], None
+        while True:
+            runs = self.client.search_runs([self.experiment_id], filter_string=flt, max_results=1000, page_token=page)
+            out.extend(runs)
+            page = runs.token
+            if not page:
+                return out
+
+    def trial_status_counts(self) -> dict[str, int]:
+        counts: dict[str, int] = {}
+        for r in self._trial_runs():
+            counts[r.info.status] = counts.get(r.info.status, 0) + 1
+        return counts
+
+    def trial_run_ids(self, status: str) -> list[str]:
+        return [r.info.run_id for r in self._trial_runs(status)]
+
+    def mark_in_flight_killed(self) -> None:
+        """After an interruption no run stays RUNNING; resume sets them running again."""
+        for run_id in self.trial_run_ids("RUNNING"):
+            self.client.set_terminated(run_id, "KILLED")
 
     def _has_tag(self, run_id: str, tag: str) -> bool:
         return tag in self.client.get_run(run_id).data.tags

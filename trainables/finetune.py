@@ -33,6 +33,9 @@ class TrialContext:
     pretrained: Mapping[str, str] = field(default_factory=dict)  # "backbone|paradigm" -> cache key
     weight_files: Mapping[str, str] = field(default_factory=dict)  # "file:..." paradigm -> checkpoint path
     cpus_per_trial: float = 1.0
+    # Points whose trial already has a FINISHED MLflow run (finished after Tune's last state save):
+    # on resume they report at once instead of training again.
+    skip_points: tuple = ()
 
 
 def _load_initial_weights(model: Any, point: Mapping[str, Any], ctx: TrialContext) -> str | None:
@@ -59,6 +62,9 @@ def finetune_trial(config: Mapping[str, Any], context: TrialContext) -> None:
     from trainables.data import build_dataset
 
     config = config["point"]
+    if config in context.skip_points:
+        tune.report({"already_finished": True})
+        return
     loop.set_threads(context.cpus_per_trial)
     device = loop.select_device()
     ft = context.finetune

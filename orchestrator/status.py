@@ -1,0 +1,93 @@
+"""`fairsweep status`: where a sweep stands, read from its storage path and MLflow, no driver needed.
+
+MLflow is the ground truth for finished and failed trials (Tune saves its state only every ~10 s);
+Tune's saved state tells which trials were in flight when it was last written.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Mapping
+
+__all__ = ["SweepStatus", "sweep_status"]
+
+
+@dataclass(frozen=True)
+class SweepStatus:
+    name: str
+    path: str
+    tracking_uri: str
+    total: int
+    finished: int
+    running: int
+    pending: int
+    errored: int
+    front_size: int | None
+    parent_status: str | None
+    tune_states: Mapping[str, int] = field(default_factory=dict)
+
+    def render(self) -> str:
+        front = "unknown" if self.front_size is None else str(self.front_size)
+        lines = [f"sweep {self.name!r} at {self.path}",
+                 f"  trials: {self.total} planned | finished {self.finished} | running {self.running} | "
+                 f"pending {self.pending} | errored {self.errored}",
+                 f"  Pareto front: {front} configurations | parent run: {self.parent_status or 'none'}",
+                 f"  Tune's last saved state: " + (", ".join(f"{k} {v}" for k, v in sorted(self.tune_states.items())) or "none"),
+                 f"  MLflow: {self.tracking_uri}"]
+        if self.finished + self.errored < self.total and self.running == 0:
+            lines.append(f"  continue it with: fairsweep resume {self.name}")
+        if self.errored:
+            lines.append(f"  retry errored trials with: fairsweep resume {self.name} --retry-errored")
+        return "\n".join(lines)
+
+
+def _tune_states(path: str) -> dict[str, int]:
+    from ray.tune import ExperimentAnalysis
+
+    from orchestrator.launch import quiet_tune_restore_logs
+
+    quiet_tune_restore_logs()
+    try:
+        analysis = ExperimentAnalysis(path)
+    except Exception:  # noqa: BLE001 - no Tune state yet (stopped during pretraining): report none
+        return {}
+    states: dict[str, int] = {}
+    for trial in analysis.trials:
+        states[trial.status] = states.get(trial.status, 0) + 1
+    return states
+
+
+def sweep_status(name: str, storage: str | None = None, tracking_uri: str | None = None) -> SweepStatus:
+    from mlflow.tracking import MlflowClient
+
+    from orchestrator.launch import experiment_path, read_sweep_record, resolve_storage, resolve_tracking_uri
+    from orchestrator.spec import parse_spec
+
+    path = experiment_path(resolve_storage(storage), name)
+    record = read_sweep_record(path)
+    spec = parse_spec(record["spec"])
+    uri = resolve_tracking_uri(tracking_uri or record["tracking_uri"])
+    client = MlflowClient(uri)
+    counts: dict[str, int] = {}
+    parent_status, front_size = None, None
+    exp = client.get_experiment_by_name(spec.experiment)
+    if exp is not None:
+        base = f"tags.`fairsweep.sweep` = '{name}'"
+        page = None
+        while True:
+            runs = client.search_runs([exp.experiment_id], f"{base} AND tags.`fairsweep.kind` = 'trial'",
+                                      max_results=5000, page_token=page)
+            for r in runs:
+                counts[r.info.status] = counts.get(r.info.status, 0) + 1
+            page = runs.token
+            if not page:
+                break
+        parents = client.search_runs([exp.experiment_id], f"{base} AND tags.`fairsweep.kind` = 'sweep'", max_results=1)
+        if parents:
+            parent_status = parents[0].info.status
+            tag: Any = parents[0].data.tags.get("fairsweep.front_size")
+            front_size = int(tag) if tag is not None else 0
+    tune_states = _tune_states(path)
+    finished, errored = counts.get("FINISHED", 0), counts.get("FAILED", 0)
+    running = counts.get("RUNNING", 0) if parent_status == "RUNNING" else 0
+    pending = max(0, spec.n_trials - finished - errored - running)
+    return SweepStatus(name, path, uri, spec.n_trials, finished, running, pending, errored, front_size, parent_status, tune_states)

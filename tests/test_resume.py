@@ -1,0 +1,139 @@
+"""Interrupted sweeps: SIGKILL and SIGINT of a real driver, then `fairsweep resume`.
+
+After any number of interruptions each trial key has exactly one FINISHED run, nothing stays
+RUNNING, finished trials are not trained again and the front is recomputed.
+"""
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import mlflow
+import pytest
+from mlflow.tracking import MlflowClient
+
+from tests.helpers import cli_env, run_cli, sqlite_uri, tiny_spec, write_spec
+
+pytestmark = pytest.mark.slow
+
+EPOCHS = 3
+
+
+def _spec(name: str) -> dict:
+    return tiny_spec(**{"name": name, "finetune.epochs": EPOCHS, "axes.seed": [0, 1]})  # 16 trials
+
+
+def _start(tmp: Path, spec: Path, uri: str) -> subprocess.Popen:
+    log = open(tmp / "driver.log", "w")
+    return subprocess.Popen([sys.executable, "-m", "orchestrator.cli", "launch", str(spec), "--tracking-uri", uri,
+                             "--storage", str(tmp / "results"), "--quiet"], cwd=tmp, env=cli_env(),
+                            stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+
+
+def _trial_counts(uri: str, name: str) -> dict[str, int]:
+    try:
+        runs = mlflow.search_runs(experiment_names=[name], filter_string="tags.`fairsweep.kind` = 'trial'")
+    except Exception:  # noqa: BLE001 - the store may not exist yet or be momentarily locked
+        return {}
+    return runs["status"].value_counts().to_dict() if len(runs) else {}
+
+
+def _wait_for(uri: str, name: str, proc: subprocess.Popen, finished: int, running: int, timeout: float = 300) -> None:
+    mlflow.set_tracking_uri(uri)
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        counts = _trial_counts(uri, name)
+        if counts.get("FINISHED", 0) >= finished and counts.get("RUNNING", 0) >= running:
+            return
+        assert proc.poll() is None, "the driver ended before it could be interrupted"
+        time.sleep(0.5)
+    raise AssertionError(f"sweep did not reach {finished} finished / {running} running trials: {counts}")
+
+
+def _stop_group(proc: subprocess.Popen) -> None:
+    """Kill whatever the driver left (its local Ray) by the process group it was started in."""
+    try:
+        os.killpg(proc.pid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
+    proc.wait(timeout=30)
+
+
+def _check_complete(tmp: Path, uri: str, name: str, finished_before: dict[str, int]) -> None:
+    mlflow.set_tracking_uri(uri)
+    client = MlflowClient(uri)
+    runs = mlflow.search_runs(experiment_names=[name])
+    trials = runs[runs["tags.fairsweep.kind"] == "trial"]
+    parents = runs[runs["tags.fairsweep.kind"] == "sweep"]
+    assert len(parents) == 1 and parents["status"].iloc[0] == "FINISHED"
+    assert len(trials) == 16 and trials["tags.fairsweep.trial_key"].nunique() == 16
+    assert (trials["status"] == "FINISHED").all(), trials["status"].value_counts()
+    assert (runs["status"] != "RUNNING").all()
+    assert len(runs[runs["tags.fairsweep.kind"] == "pretrain"]) == 1  # reused from the cache, one run
+    # trials finished before the interruption were not trained again: their history is unchanged
+    for run_id, n_before in finished_before.items():
+        assert len(client.get_metric_history(run_id, "train_loss")) == n_before == EPOCHS
+    # the front was recomputed over all 16 trials
+    assert set(trials["tags.fairsweep.pareto_front"]) <= {"true", "false"}
+    assert trials["tags.fairsweep.pareto_front"].notna().all()
+    status = run_cli("status", name, "--storage", str(tmp / "results"), cwd=tmp, timeout=120)
+    assert status.returncode == 0, status.stderr
+    assert "finished 16" in status.stdout and "pending 0" in status.stdout and "errored 0" in status.stdout
+
+
+def _finished_histories(uri: str, name: str) -> dict[str, int]:
+    client = MlflowClient(uri)
+    runs = mlflow.search_runs(experiment_names=[name], filter_string="tags.`fairsweep.kind` = 'trial' AND attributes.status = 'FINISHED'")
+    return {r: len(client.get_metric_history(r, "train_loss")) for r in runs["run_id"]}
+
+
+def test_sigkill_driver_then_resume(tmp_path):
+    uri = sqlite_uri(tmp_path)
+    proc = _start(tmp_path, write_spec(tmp_path, _spec("killed")), uri)
+    try:
+        _wait_for(uri, "killed", proc, finished=3, running=1)
+        os.killpg(proc.pid, signal.SIGKILL)  # the driver and its local Ray die at once
+    finally:
+        _stop_group(proc)
+    before = _finished_histories(uri, "killed")
+    assert _trial_counts(uri, "killed").get("RUNNING", 0) >= 1  # left behind by the kill
+
+    again = run_cli("launch", str(tmp_path / "sweep.yaml"), "--tracking-uri", uri, "--storage", str(tmp_path / "results"),
+                    cwd=tmp_path, timeout=120)
+    assert again.returncode == 2 and "fairsweep resume killed" in again.stderr  # no silent restart
+
+    out = run_cli("resume", "killed", "--tracking-uri", uri, "--storage", str(tmp_path / "results"), "--quiet", cwd=tmp_path)
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+    _check_complete(tmp_path, uri, "killed", before)
+
+
+def test_sigint_stops_cleanly_then_resume(tmp_path):
+    uri = sqlite_uri(tmp_path)
+    proc = _start(tmp_path, write_spec(tmp_path, _spec("stopped")), uri)
+    try:
+        _wait_for(uri, "stopped", proc, finished=2, running=1)
+        os.kill(proc.pid, signal.SIGINT)
+        assert proc.wait(timeout=120) == 130
+    finally:
+        _stop_group(proc)
+    log = (tmp_path / "driver.log").read_text()
+    assert "fairsweep resume stopped" in log
+    counts = _trial_counts(uri, "stopped")
+    assert counts.get("RUNNING", 0) == 0 and counts.get("KILLED", 0) >= 1
+    before = _finished_histories(uri, "stopped")
+    status = run_cli("status", "stopped", "--storage", str(tmp_path / "results"), cwd=tmp_path, timeout=120)
+    assert "continue it with: fairsweep resume stopped" in status.stdout
+
+    out = run_cli("resume", "stopped", "--storage", str(tmp_path / "results"), "--quiet", cwd=tmp_path)  # URI from the record
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+    _check_complete(tmp_path, uri, "stopped", before)
+
+
+def test_resume_of_unknown_sweep_is_a_clear_error(tmp_path):
+    out = run_cli("resume", "nosuch", "--storage", str(tmp_path / "results"), cwd=tmp_path, timeout=120)
+    assert out.returncode == 2
+    assert "no fairsweep sweep at" in out.stderr and "nosuch" in out.stderr
