@@ -298,7 +298,12 @@ def _flatten(d: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
 
 
 def _error_text(trial: Any) -> str:
+    """The trial's error: Tune writes it to the trial's local error file before calling back, and syncs
+    it to storage only later, so the local file comes first."""
     try:
+        local = trial.error_file
+        if local and Path(local).exists():
+            return Path(local).read_text()
         text = trial.get_error()
     except Exception:  # noqa: BLE001 - the error file may be unreadable; the run must still end FAILED
         text = traceback.format_exc()

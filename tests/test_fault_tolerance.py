@@ -1,0 +1,152 @@
+"""Failures: a trial that diverges, a worker node that dies, and a sweep on a real `ray start` cluster."""
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import mlflow
+import pytest
+import torch
+
+from tests.helpers import cli_env, run_cli, sqlite_uri, tiny_spec, write_spec
+
+pytestmark = pytest.mark.slow
+
+
+def _nan_checkpoint(path: Path) -> Path:
+    """A readable checkpoint whose weights are NaN: loads fine, diverges at the first batch."""
+    from trainables import backbones
+
+    model = backbones.create_backbone("test_resnet", num_classes=2, input_shape=(3, 32, 32))
+    state = {k: torch.full_like(v, float("nan")) if v.is_floating_point() else v
+             for k, v in backbones.backbone_state_dict(model).items()}
+    torch.save(state, path)
+    return path
+
+
+def test_diverging_trial_is_a_failed_run_and_the_sweep_goes_on(tmp_path):
+    ckpt = _nan_checkpoint(tmp_path / "nan.pt")
+    spec = tiny_spec(**{"name": "diverge", "axes.paradigm": ["scratch", f"file:{ckpt}"], "axes.freeze_depth": [0],
+                        "axes.intervention": {"kind": "correlation", "magnitudes": [0.5]}})
+    uri = sqlite_uri(tmp_path)
+    storage = str(tmp_path / "results")
+    out = run_cli("launch", str(write_spec(tmp_path, spec)), "--tracking-uri", uri, "--storage", storage, "--quiet", cwd=tmp_path)
+    assert out.returncode == 1, out.stdout[-2000:] + out.stderr[-2000:]
+    assert "1 trials finished, 1 failed" in out.stdout
+    assert f"fairsweep resume diverge --storage {storage} --retry-errored" in out.stdout
+    mlflow.set_tracking_uri(uri)
+    trials = mlflow.search_runs(experiment_names=["diverge"], filter_string="tags.`fairsweep.kind` = 'trial'")
+    failed = trials[trials["status"] == "FAILED"]
+    assert len(failed) == 1 and failed["params.paradigm"].iloc[0].startswith("file:")
+    assert "loss became nan" in failed["tags.fairsweep.error"].iloc[0]
+    assert failed["run_id"].iloc[0] in out.stdout
+    assert (trials[trials["params.paradigm"] == "scratch"]["status"] == "FINISHED").all()
+    assert trials["tags.fairsweep.pareto_front"].dropna().tolist() == ["true"]  # the front holds finished trials only
+
+    # retrying runs the errored trial again into the same run: still one run per key
+    again = run_cli("resume", "diverge", "--storage", storage, "--retry-errored", "--quiet", cwd=tmp_path)
+    assert again.returncode == 1, again.stdout[-2000:] + again.stderr[-2000:]
+    trials = mlflow.search_runs(experiment_names=["diverge"], filter_string="tags.`fairsweep.kind` = 'trial'")
+    assert len(trials) == 2 and trials["tags.fairsweep.trial_key"].nunique() == 2
+    assert sorted(trials["status"]) == ["FAILED", "FINISHED"]
+
+
+def test_worker_node_failure_retries_trials(tmp_path, monkeypatch):
+    import ray
+    from ray.cluster_utils import Cluster
+
+    from orchestrator.launch import LaunchOptions, launch
+    from orchestrator.plan import build_plan
+    from orchestrator.spec import parse_spec
+
+    for key, value in {"RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0", "RAY_AUTH_MODE": "disabled", "RAY_USAGE_STATS_ENABLED": "0"}.items():
+        monkeypatch.setenv(key, value)
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    spec = tiny_spec(**{"name": "preempted", "finetune.epochs": 6, "axes.freeze_depth": [0],
+                        "resources.max_failures": 3})  # 4 trials
+    plan = build_plan(parse_spec(spec))
+    uri = sqlite_uri(tmp_path)
+    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 0})  # trials can only run on workers
+    doomed = cluster.add_node(num_cpus=1)
+    cluster.add_node(num_cpus=1)  # the survivor
+    killed = threading.Event()
+
+    def preempt() -> None:
+        client = mlflow.tracking.MlflowClient(uri)
+        deadline = time.monotonic() + 300
+        while time.monotonic() < deadline and not killed.is_set():
+            try:
+                exp = client.get_experiment_by_name("preempted")
+                runs = client.search_runs([exp.experiment_id], "attributes.status = 'RUNNING' AND tags.`fairsweep.kind` = 'trial'") if exp else []
+            except Exception:  # noqa: BLE001 - store not created yet / locked
+                runs = []
+            # both workers busy (one trial each, past their first epoch): the doomed one has a trial in flight
+            if sum(bool(client.get_metric_history(r.info.run_id, "train_loss")) for r in runs) >= 2:
+                cluster.remove_node(doomed)
+                killed.set()
+                return
+            time.sleep(0.3)
+
+    thread = threading.Thread(target=preempt, daemon=True)
+    thread.start()
+    try:
+        result = launch(plan, LaunchOptions(address=cluster.address, tracking_uri=uri, storage=str(tmp_path / "results"), verbose=0))
+        was_killed = killed.is_set()
+    finally:
+        killed.set()
+        thread.join(timeout=30)
+        ray.shutdown()
+        cluster.shutdown()
+    assert was_killed, "the worker node was never removed"
+    assert result.failed == [] and result.finished == 4 and not result.interrupted
+    from ray.tune import ExperimentAnalysis
+
+    retried = [t for t in ExperimentAnalysis(result.experiment_path).trials if t.num_failures > 0]
+    assert retried, "no trial was interrupted by the node failure"
+    mlflow.set_tracking_uri(uri)
+    trials = mlflow.search_runs(experiment_names=["preempted"], filter_string="tags.`fairsweep.kind` = 'trial'")
+    assert len(trials) == 4 and (trials["status"] == "FINISHED").all()
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_sweep_on_a_ray_start_head_cluster_through_address(tmp_path):
+    port = _free_port()
+    env = cli_env(RAY_AUTH_MODE="disabled")
+    ray_bin = str(Path(sys.executable).parent / "ray")
+    head = subprocess.Popen([ray_bin, "start", "--head", "--port", str(port), "--num-cpus", "2", "--include-dashboard=false",
+                             "--disable-usage-stats", "--node-ip-address", "127.0.0.1", "--block"],
+                            env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    try:
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline:
+            with socket.socket() as s:
+                if s.connect_ex(("127.0.0.1", port)) == 0:
+                    break
+            time.sleep(0.5)
+        spec = write_spec(tmp_path, tiny_spec(**{"name": "oncluster", "axes.freeze_depth": [0]}))
+        uri = sqlite_uri(tmp_path)
+        out = run_cli("launch", str(spec), "--address", f"127.0.0.1:{port}", "--tracking-uri", uri,
+                      "--storage", str(tmp_path / "shared"), "--quiet", cwd=tmp_path, env=env)
+        assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-2000:]
+        mlflow.set_tracking_uri(uri)
+        trials = mlflow.search_runs(experiment_names=["oncluster"], filter_string="tags.`fairsweep.kind` = 'trial'")
+        assert len(trials) == 4 and (trials["status"] == "FINISHED").all()
+        assert (tmp_path / "shared" / "_pretrain_cache").is_dir()
+    finally:
+        os.killpg(head.pid, signal.SIGTERM)
+        try:
+            head.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            os.killpg(head.pid, signal.SIGKILL)
+            head.wait(timeout=30)
