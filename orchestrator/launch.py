@@ -93,7 +93,9 @@ def init_ray(address: str | None) -> bool:
         ray.init(address=address, log_to_driver=False)
         return True
     os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")  # bind the local node to 127.0.0.1 only
-    ray.init(include_dashboard=False, log_to_driver=False, configure_logging=False)
+    # "local" always starts a private instance: a bare ray.init() would join whatever cluster
+    # /tmp/ray/ray_current_cluster names, even a dead one, and hang there.
+    ray.init(address="local", include_dashboard=False, log_to_driver=False, configure_logging=False)
     return True
 
 
@@ -104,7 +106,7 @@ def _trial_context(plan: Plan, cache_root: str, skip: list | None = None) -> Any
 
     s = plan.spec
     pretrained = {f"{j.backbone}|{j.paradigm}": j.key for j in plan.pretrain_jobs}
-    return TrialContext(dataset=s.dataset.name, dataset_options=dict(s.dataset.options), finetune=asdict(s.finetune),
+    return TrialContext(dataset=s.dataset.name, dataset_options=dict(s.dataset.options), finetune=s.finetune.fixed(),
                         cache_root=cache_root, pretrained=pretrained, weight_files=dict(plan.file_weights),
                         cpus_per_trial=s.resources.cpus_per_trial, skip_points=tuple(skip or ()))
 
@@ -183,10 +185,23 @@ def launch(plan: Plan, options: LaunchOptions = LaunchOptions()) -> LaunchResult
 
     def make_tuner(trainable: Any, tracker: Any) -> Any:
         res = spec.resources
+        concurrency = options.max_concurrent_trials or res.max_concurrent_trials
+        if spec.search.type == "optuna":
+            from orchestrator.search import STUDY_FILE, StudySearcher
+
+            if "://" in path:
+                raise LaunchError(f"the optuna search keeps its study in a journal file beside the sweep; {path} is not a "
+                                  f"local or shared-filesystem path (mount the shared storage and pass its path)")
+            param_space: dict = {}
+            tune_config = tune.TuneConfig(search_alg=StudySearcher(plan, f"{path}/{STUDY_FILE}", study_name=spec.name),
+                                          num_samples=-1, max_concurrent_trials=concurrency)
+        else:
+            param_space = {"point": tune.grid_search([t.point.as_config() for t in plan.trials])}
+            tune_config = tune.TuneConfig(max_concurrent_trials=concurrency)
         return tune.Tuner(
             trainable,
-            param_space={"point": tune.grid_search([t.point.as_config() for t in plan.trials])},
-            tune_config=tune.TuneConfig(max_concurrent_trials=options.max_concurrent_trials or res.max_concurrent_trials),
+            param_space=param_space,
+            tune_config=tune_config,
             run_config=tune.RunConfig(
                 name=spec.name, storage_path=storage, callbacks=[tracker], verbose=options.verbose,
                 failure_config=tune.FailureConfig(max_failures=res.max_failures),
@@ -245,9 +260,8 @@ def _run(plan: Plan, path: str, tracking_uri: str, cache_root: str, options: Lau
     status = "FAILED"
     try:
         tracker.open()
-        done_before = tracker.finished_trial_keys()
         run_pretraining(plan, cache_root, tracker)
-        context = _trial_context(plan, cache_root, skip=[t.point.as_config() for t in plan.trials if t.key in done_before])
+        context = _trial_context(plan, cache_root, skip=tracker.finished_points())
         res = spec.resources
         trainable = tune.with_resources(tune.with_parameters(finetune_trial, context=context),
                                         {"cpu": res.cpus_per_trial, "gpu": res.gpus_per_trial})
@@ -256,7 +270,10 @@ def _run(plan: Plan, path: str, tracking_uri: str, cache_root: str, options: Lau
         counts = tracker.trial_status_counts()
         failed = tracker.trial_run_ids("FAILED")
         finished = counts.get("FINISHED", 0)
-        interrupted = finished + len(failed) < len(plan.trials)
+        if spec.search.type == "optuna":  # failed trials are replaced until the budget has finished
+            interrupted = finished < spec.search.budget and len(failed) < max(spec.search.budget, 10)
+        else:
+            interrupted = finished + len(failed) < len(plan.trials)
         if interrupted:
             tracker.mark_in_flight_killed()
         status = "KILLED" if interrupted else "FINISHED"

@@ -9,13 +9,13 @@ from __future__ import annotations
 
 import hashlib
 import json
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any, Mapping
 
 from orchestrator.spec import FreezeSpec, SpecError, SweepSpec, freeze_label
 
-__all__ = ["PretrainJob", "TrialPoint", "PlannedTrial", "Plan", "build_plan", "canonical_hash"]
+__all__ = ["PretrainJob", "TrialPoint", "PlannedTrial", "Plan", "build_plan", "grid_points", "canonical_hash"]
 
 
 def canonical_hash(obj: Any, length: int = 16) -> str:
@@ -50,25 +50,40 @@ class TrialPoint:
     magnitude: float
     freeze_depth: FreezeSpec
     seed: int
+    finetune: tuple[tuple[str, float], ...] = ()  # searched finetuning hyper-parameters (optuna), sorted
 
     def as_config(self) -> dict:
         d = asdict(self)
         if isinstance(self.freeze_depth, tuple):
             d["freeze_depth"] = list(self.freeze_depth)
+        d["finetune"] = dict(self.finetune)
         return d
 
     @classmethod
     def from_config(cls, cfg: Mapping[str, Any]) -> "TrialPoint":
+        """From a Tune config: a grid cell (``{"point": {...}}``) or the optuna searcher's flat dict."""
+        cfg = cfg.get("point", cfg)
         fd = cfg["freeze_depth"]
-        fd = tuple(fd) if isinstance(fd, (list, tuple)) else fd
+        fd = tuple(fd) if isinstance(fd, (list, tuple)) else _parse_freeze_label(fd)
+        ft = tuple(sorted((str(k), float(v)) for k, v in (cfg.get("finetune") or {}).items()))
         return cls(str(cfg["backbone"]), str(cfg["paradigm"]), str(cfg["intervention"]),
-                   float(cfg["magnitude"]), fd, int(cfg["seed"]))
+                   float(cfg["magnitude"]), fd, int(cfg["seed"]), ft)
 
     def params(self) -> dict[str, str]:
         """The MLflow params of a trial run (names fixed by the launch issue)."""
         return {"backbone": self.backbone, "paradigm": self.paradigm,
                 "intervention.kind": self.intervention, "intervention.magnitude": repr(self.magnitude),
-                "freeze_depth": freeze_label(self.freeze_depth), "seed": str(self.seed)}
+                "freeze_depth": freeze_label(self.freeze_depth), "seed": str(self.seed),
+                **{f"finetune.{k}": repr(v) for k, v in self.finetune}}
+
+
+def _parse_freeze_label(value: Any) -> FreezeSpec:
+    """Inverse of ``freeze_label`` for the optuna searcher, whose categorical choices are scalars."""
+    if isinstance(value, str) and value.startswith("["):
+        return tuple(int(v) for v in value[1:-1].split(",") if v)
+    if isinstance(value, str) and value.lstrip("-").isdigit():
+        return int(value)
+    return value
 
 
 @dataclass(frozen=True)
@@ -88,30 +103,37 @@ class Plan:
     trials: tuple[PlannedTrial, ...]
     layer_groups: Mapping[str, int]  # backbone -> number of non-head layer groups
     file_weights: Mapping[str, str]  # "file:..." paradigm -> absolute checkpoint path
+    dataset_fingerprint: str = ""
+    pretrain_keys: Mapping[tuple[str, str], str | None] = None  # (backbone, paradigm) -> key
+
+    def resolve(self, point: TrialPoint) -> PlannedTrial:
+        """Key and freezing of any point of the space (grid cells and optuna proposals alike)."""
+        from trainables.backbones import resolve_freeze
+
+        ft = {**self.spec.finetune.fixed(), **dict(point.finetune)}
+        pretrain_key = self.pretrain_keys[(point.backbone, point.paradigm)]
+        ident = {"dataset": self.dataset_fingerprint, "backbone": point.backbone, "pretrain": pretrain_key,
+                 "paradigm": point.paradigm, "intervention": point.intervention, "magnitude": point.magnitude,
+                 "freeze_depth": freeze_label(point.freeze_depth), "finetune": ft}
+        n = self.layer_groups[point.backbone]
+        frozen = resolve_freeze(point.freeze_depth, n, backbone=point.backbone)
+        return PlannedTrial(point, canonical_hash({**ident, "seed": point.seed}), canonical_hash(ident),
+                            pretrain_key, frozen, n)
 
     def trial_for(self, config: Mapping[str, Any]) -> PlannedTrial:
         """The planned trial behind a Tune config (used by the driver-side tracker)."""
-        point = TrialPoint.from_config(config)
-        for t in self.trials:
-            if t.point == point:
-                return t
-        raise KeyError(f"no planned trial for {point}")
-
-    def pretrain_key_for(self, backbone: str, paradigm: str) -> str | None:
-        for job in self.pretrain_jobs:
-            if job.backbone == backbone and job.paradigm == paradigm:
-                return job.key
-        return self.file_weights.get(paradigm) and _file_key(self.file_weights[paradigm])
+        return self.resolve(TrialPoint.from_config(config))
 
     def summary(self, n_examples: int = 3) -> str:
         s = self.spec
-        lines = [f"sweep {s.name!r} (MLflow experiment {s.experiment!r}), search: {s.search.type}",
+        search = s.search.type if s.search.type == "grid" else f"optuna ({s.search.sampler}, budget {s.search.budget}, seed {s.search.seed}) over {s.grid_size} grid cells"
+        lines = [f"sweep {s.name!r} (MLflow experiment {s.experiment!r}), search: {search}",
                  f"dataset: {s.dataset.name} {dict(s.dataset.options) or ''}".rstrip(),
                  f"layer groups: " + ", ".join(f"{b}={n}" for b, n in self.layer_groups.items()),
                  f"pretraining jobs: {len(self.pretrain_jobs)}"]
         for job in self.pretrain_jobs:
             lines.append(f"  {job.key}  {job.backbone:<24} {job.paradigm}  epochs={job.hparams['epochs']}")
-        lines.append(f"trials: {len(self.trials)}")
+        lines.append(f"trials: {s.n_trials}")
         for t in self.trials[:n_examples]:
             lines.append(f"  {t.key}  {json.dumps(t.point.as_config())}  frozen groups={list(t.frozen_groups)}/{t.n_groups}")
         if len(self.trials) > n_examples:
@@ -156,7 +178,7 @@ def build_plan(spec: SweepSpec) -> Plan:
     for i, axis in enumerate(spec.axes.intervention):
         try:
             interventions.INTERVENTIONS.get(axis.kind)
-            interventions.check_feasible(axis.kind, pool.labels, pool.groups, axis.magnitudes, spec.finetune.size)
+            interventions.check_feasible(axis.kind, pool.labels, pool.groups, axis.endpoints(), spec.finetune.size)
         except UnknownNameError as exc:
             raise _as_spec_error(f"axes.intervention[{i}].kind", axis.kind, exc) from None
         except ValueError as exc:
@@ -172,14 +194,22 @@ def build_plan(spec: SweepSpec) -> Plan:
                 backbones.load_weights_file(ckpt)
             except ValueError as exc:
                 raise _as_spec_error(path, name, exc) from None
+            if spec.pretraining.paradigms.get(name):
+                raise SpecError(f"pretraining.paradigms.{name}", dict(spec.pretraining.paradigms[name]),
+                                "a file: checkpoint is loaded as is and takes no options; remove them")
             file_weights[name] = str(ckpt)
             continue
         try:
             paradigm = pretrain.PARADIGMS.get(name)
         except UnknownNameError as exc:
             raise _as_spec_error(path, name, f"{exc} (or 'file:PATH' for a local checkpoint)") from None
+        options = spec.pretraining.paradigms.get(name, {})
         try:
-            paradigm.check(dataset, spec.pretraining.paradigms.get(name, {}))
+            paradigm.resolve_options(options)
+        except ValueError as exc:
+            raise _as_spec_error(f"pretraining.paradigms.{name}", dict(options), exc) from None
+        try:
+            paradigm.check(dataset, options)
         except ValueError as exc:
             raise _as_spec_error(path, name, exc) from None
     for name in spec.pretraining.paradigms:
@@ -189,7 +219,6 @@ def build_plan(spec: SweepSpec) -> Plan:
 
     # Backbones: known, and every freeze depth fits their layer groups.
     n_groups: dict[str, int] = {}
-    frozen: dict[tuple[str, Any], tuple[int, ...]] = {}
     for i, name in enumerate(spec.axes.backbone):
         try:
             n_groups[name] = backbones.count_layer_groups(name, dataset.input_shape)
@@ -197,15 +226,17 @@ def build_plan(spec: SweepSpec) -> Plan:
             raise _as_spec_error(f"axes.backbone[{i}]", name, exc) from None
         for j, fd in enumerate(spec.axes.freeze_depth):
             try:
-                frozen[(name, fd)] = backbones.resolve_freeze(fd, n_groups[name], backbone=name)
+                backbones.resolve_freeze(fd, n_groups[name], backbone=name)
             except ValueError as exc:
                 raise _as_spec_error(f"axes.freeze_depth[{j}]", fd if not isinstance(fd, tuple) else list(fd), exc) from None
         for j, p in enumerate(spec.axes.paradigm):
-            if p in pretrain.PARADIGMS:
-                try:
+            try:
+                if p in file_weights:
+                    pretrain.check_weights_fit(file_weights[p], name, dataset.input_shape)
+                elif p in pretrain.PARADIGMS:
                     pretrain.PARADIGMS.get(p).check_backbone(name, dataset)
-                except ValueError as exc:
-                    raise _as_spec_error(f"axes.paradigm[{j}]", p, f"{exc} (backbone {name!r})") from None
+            except ValueError as exc:
+                raise _as_spec_error(f"axes.paradigm[{j}]", p, f"{exc} (backbone {name!r})") from None
 
     # Pretraining jobs: one per (backbone, paradigm) that needs training.
     pt = spec.pretraining
@@ -216,31 +247,28 @@ def build_plan(spec: SweepSpec) -> Plan:
             if p in file_weights:
                 pretrain_keys[(b, p)] = _file_key(file_weights[p])
                 continue
-            if not pretrain.PARADIGMS.get(p).pretrains:
+            paradigm = pretrain.PARADIGMS.get(p)
+            if not paradigm.pretrains:
                 pretrain_keys[(b, p)] = None
                 continue
             hparams = {"epochs": pt.epochs, "batch_size": pt.batch_size, "lr": pt.lr,
                        "weight_decay": pt.weight_decay, "momentum": pt.momentum, "seed": pt.seed,
-                       "options": dict(pt.paradigms.get(p, {}))}
+                       "options": paradigm.resolve_options(pt.paradigms.get(p, {}))}  # defaults filled: part of the key
             job = PretrainJob("", b, p, spec.dataset.name, dict(spec.dataset.options), hparams)
-            job = PretrainJob(canonical_hash({"fingerprint": dataset.fingerprint(), **job.identity()}),
-                              b, p, spec.dataset.name, dict(spec.dataset.options), hparams)
+            identity = {"fingerprint": dataset.fingerprint(), **job.identity(), **paradigm.key_parts(b)}
+            job = PretrainJob(canonical_hash(identity), b, p, spec.dataset.name, dict(spec.dataset.options), hparams)
             jobs.append(job)
             pretrain_keys[(b, p)] = job.key
 
-    ft = asdict(spec.finetune)
-    trials: list[PlannedTrial] = []
-    for b in spec.axes.backbone:
-        for p in spec.axes.paradigm:
-            for axis in spec.axes.intervention:
-                for m in axis.magnitudes:
-                    for fd in spec.axes.freeze_depth:
-                        for seed in spec.axes.seed:
-                            point = TrialPoint(b, p, axis.kind, m, fd, seed)
-                            ident = {"dataset": dataset.fingerprint(), "backbone": b, "pretrain": pretrain_keys[(b, p)],
-                                     "paradigm": p, "intervention": axis.kind, "magnitude": m,
-                                     "freeze_depth": freeze_label(fd), "finetune": ft}
-                            trials.append(PlannedTrial(point, canonical_hash({**ident, "seed": seed}),
-                                                       canonical_hash(ident), pretrain_keys[(b, p)],
-                                                       frozen[(b, fd)], n_groups[b]))
-    return Plan(spec, tuple(jobs), tuple(trials), n_groups, file_weights)
+    plan = Plan(spec, tuple(jobs), (), n_groups, file_weights, dataset.fingerprint(), pretrain_keys)
+    if spec.search.type == "optuna":
+        return plan  # the sampler proposes points; plan.resolve keys them as they come
+    return replace(plan, trials=tuple(plan.resolve(pt) for pt in grid_points(spec)))
+
+
+def grid_points(spec: SweepSpec) -> list[TrialPoint]:
+    """Every cell of the axes (lists only), in a fixed order."""
+    return [TrialPoint(b, p, axis.kind, m, fd, seed)
+            for b in spec.axes.backbone for p in spec.axes.paradigm for axis in spec.axes.intervention
+            for m in axis.magnitudes for fd in spec.axes.freeze_depth for seed in spec.axes.seed]
+

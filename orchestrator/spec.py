@@ -25,6 +25,7 @@ __all__ = [
     "Objectives",
     "Resources",
     "SearchSpec",
+    "Range",
     "SweepSpec",
     "FreezeSpec",
     "load_spec",
@@ -64,9 +65,27 @@ class PretrainingSpec:
 
 
 @dataclass(frozen=True)
+class Range:
+    """A continuous axis for the optuna search: ``{low: 0.5, high: 0.95}`` (``log: true`` for rates)."""
+
+    low: float
+    high: float
+    log: bool = False
+
+    def endpoints(self) -> tuple[float, float]:
+        return (self.low, self.high)
+
+
+@dataclass(frozen=True)
 class InterventionAxis:
     kind: str
-    magnitudes: tuple[float, ...]
+    magnitudes: "tuple[float, ...] | Range"
+
+    def count(self) -> int:
+        return 1 if isinstance(self.magnitudes, Range) else len(self.magnitudes)
+
+    def endpoints(self) -> tuple[float, ...]:
+        return self.magnitudes.endpoints() if isinstance(self.magnitudes, Range) else self.magnitudes
 
 
 @dataclass(frozen=True)
@@ -83,10 +102,20 @@ class FinetuneSpec:
     size: int = 2000
     epochs: int = 3
     batch_size: int = 64
-    lr: float = 0.01
-    weight_decay: float = 0.0
+    lr: "float | Range" = 0.01  # a Range only under the optuna search
+    weight_decay: "float | Range" = 0.0
     momentum: float = 0.9
     threshold: float = 0.5
+
+    def ranges(self) -> dict[str, Range]:
+        """The searched hyper-parameters (optuna search only)."""
+        return {k: v for k, v in (("lr", self.lr), ("weight_decay", self.weight_decay)) if isinstance(v, Range)}
+
+    def fixed(self) -> dict[str, Any]:
+        """Every hyper-parameter with a single value."""
+        from dataclasses import asdict
+
+        return {k: v for k, v in asdict(self).items() if k not in self.ranges()}
 
 
 @dataclass(frozen=True)
@@ -103,9 +132,15 @@ class Resources:
     max_failures: int = 0
 
 
+SAMPLERS = ("tpe", "nsga2", "random")
+
+
 @dataclass(frozen=True)
 class SearchSpec:
-    type: str = "grid"
+    type: str = "grid"  # grid | optuna
+    sampler: str = "tpe"  # optuna only: tpe | nsga2 | random
+    budget: int | None = None  # optuna only: trials that must finish
+    seed: int = 0  # optuna only: the sampler's seed
 
 
 @dataclass(frozen=True)
@@ -122,10 +157,15 @@ class SweepSpec:
     source: Mapping[str, Any] = field(default_factory=dict, compare=False, repr=False)  # raw YAML
 
     @property
-    def n_trials(self) -> int:
+    def grid_size(self) -> int:
+        """Distinct configurations of the axes (ranges count once)."""
         a = self.axes
-        n_mag = sum(len(i.magnitudes) for i in a.intervention)
+        n_mag = sum(i.count() for i in a.intervention)
         return len(a.backbone) * len(a.paradigm) * n_mag * len(a.freeze_depth) * len(a.seed)
+
+    @property
+    def n_trials(self) -> int:
+        return self.search.budget if self.search.type == "optuna" else self.grid_size
 
 
 def freeze_label(spec: FreezeSpec) -> str:
@@ -229,6 +269,9 @@ def _interventions(raw: Any, path: str) -> tuple[InterventionAxis, ...]:
         item = _mapping(item, p)
         _check_keys(item, p, ("kind", "magnitudes"), required=("kind", "magnitudes"))
         kind = _name(item["kind"], f"{p}.kind")
+        if isinstance(item["magnitudes"], Mapping):
+            out.append(InterventionAxis(kind, _range(item["magnitudes"], f"{p}.magnitudes", low=0.0, high=1.0)))
+            continue
         mags = _list(item["magnitudes"], f"{p}.magnitudes")
         mags = [_float(m, f"{p}.magnitudes[{j}]", low=0.0, high=1.0) for j, m in enumerate(mags)]
         out.append(InterventionAxis(kind, _unique(mags, f"{p}.magnitudes")))
@@ -237,6 +280,31 @@ def _interventions(raw: Any, path: str) -> tuple[InterventionAxis, ...]:
         if kinds.index(k) != i:
             raise SpecError(f"{path}[{i}].kind", k, "each intervention kind may appear once; merge the magnitudes")
     return tuple(out)
+
+
+def _range(raw: Mapping[str, Any], path: str, *, low: float | None = None, high: float | None = None) -> Range:
+    _check_keys(raw, path, ("low", "high", "log"), required=("low", "high"))
+    lo = _float(raw["low"], f"{path}.low", low=low, high=high)
+    hi = _float(raw["high"], f"{path}.high", low=low, high=high)
+    if hi <= lo:
+        raise SpecError(f"{path}.high", hi, f"must be greater than low ({lo})")
+    log = raw.get("log", False)
+    if not isinstance(log, bool):
+        raise SpecError(f"{path}.log", log, "expected true or false")
+    if log and lo <= 0:
+        raise SpecError(f"{path}.low", lo, "a log range needs low > 0")
+    return Range(lo, hi, log)
+
+
+def _rate(minimum: float, open_low: bool) -> Any:
+    """A finetuning rate: a number, or a range {low, high, log} for the optuna search."""
+
+    def parse(v: Any, p: str) -> "float | Range":
+        if isinstance(v, Mapping):
+            return _range(v, p, low=minimum)
+        return _float(v, p, low=minimum, low_open=open_low)
+
+    return parse
 
 
 def _section(raw: Mapping[str, Any], key: str, cls: type, parse: Mapping[str, Any]) -> Any:
@@ -293,8 +361,8 @@ def parse_spec(raw: Any) -> SweepSpec:
         "size": lambda v, p: _int(v, p, minimum=4),
         "epochs": lambda v, p: _int(v, p, minimum=1),
         "batch_size": lambda v, p: _int(v, p, minimum=2),
-        "lr": lambda v, p: _float(v, p, low=0.0, low_open=True),
-        "weight_decay": lambda v, p: _float(v, p, low=0.0),
+        "lr": _rate(0.0, True),
+        "weight_decay": _rate(0.0, False),
         "momentum": lambda v, p: _float(v, p, low=0.0, high=1.0),
         "threshold": lambda v, p: _float(v, p, low=0.0, high=1.0),
     })
@@ -305,8 +373,44 @@ def parse_spec(raw: Any) -> SweepSpec:
         "max_concurrent_trials": lambda v, p: None if v is None else _int(v, p, minimum=1),
         "max_failures": lambda v, p: _int(v, p, minimum=0),
     })
-    search = _section(raw, "search", SearchSpec, {"type": _search_type})
+    search = _section(raw, "search", SearchSpec, {
+        "type": _search_type,
+        "sampler": lambda v, p: _choice(v, p, SAMPLERS),
+        "budget": lambda v, p: _int(v, p, minimum=1),
+        "seed": lambda v, p: _int(v, p, minimum=0),
+    })
+    _check_search(search, axes, finetune, raw.get("search") or {})
     return SweepSpec(name, dataset, pretraining, axes, finetune, objectives, resources, search, experiment, dict(raw))
+
+
+def _choice(value: Any, path: str, allowed: Sequence[str]) -> str:
+    if value not in allowed:
+        raise SpecError(path, value, f"expected one of: {', '.join(allowed)}")
+    return value
+
+
+def _check_search(search: SearchSpec, axes: Axes, finetune: FinetuneSpec, raw: Mapping[str, Any]) -> None:
+    """Ranges need a sampler; a grid needs lists. Optuna needs a budget."""
+    if search.type == "grid":
+        for key in ("sampler", "budget", "seed"):
+            if key in raw:
+                raise SpecError(f"search.{key}", raw[key], "only used with type: optuna")
+        for i, axis in enumerate(axes.intervention):
+            if isinstance(axis.magnitudes, Range):
+                raise SpecError(f"axes.intervention[{i}].magnitudes", {"low": axis.magnitudes.low, "high": axis.magnitudes.high},
+                                "a range needs search type optuna; under a grid list the values, e.g. [0.5, 0.7, 0.9]")
+        for key, rng in finetune.ranges().items():
+            raise SpecError(f"finetune.{key}", {"low": rng.low, "high": rng.high},
+                            "a range needs search type optuna; under a grid give one value")
+        return
+    if search.budget is None:
+        raise SpecError("search.budget", None, "the optuna search needs a budget: the number of trials that must finish")
+    continuous = any(isinstance(a.magnitudes, Range) for a in axes.intervention) or finetune.ranges()
+    cells = (len(axes.backbone) * len(axes.paradigm) * sum(a.count() for a in axes.intervention)
+             * len(axes.freeze_depth) * len(axes.seed))
+    if not continuous and search.budget > cells:
+        raise SpecError("search.budget", search.budget, f"the axes hold only {cells} distinct configurations and none runs "
+                        f"twice; lower the budget or use search type grid")
 
 
 def _paradigm_name(value: Any, path: str) -> str:
@@ -322,9 +426,7 @@ def _metric_name(value: Any, path: str) -> str:
 
 
 def _search_type(value: Any, path: str) -> str:
-    if value != "grid":
-        raise SpecError(path, value, "supported search types: grid")
-    return value
+    return _choice(value, path, ("grid", "optuna"))
 
 
 def load_spec(path: str | Path) -> SweepSpec:

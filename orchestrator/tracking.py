@@ -26,6 +26,7 @@ class TAGS:
     SWEEP, KIND, TRIAL_KEY, CONFIG_KEY = "fairsweep.sweep", "fairsweep.kind", "fairsweep.trial_key", "fairsweep.config_key"
     PRETRAIN_KEY, PRETRAIN_RUN, FRONT, ERROR = ("fairsweep.pretrain_key", "fairsweep.pretrain_run_id",
                                                 "fairsweep.pareto_front", "fairsweep.error")
+    POINT = "fairsweep.point"  # the trial's axis values as JSON: what resume skips once finished
     PARENT = "mlflow.parentRunId"
 
 
@@ -93,10 +94,13 @@ class SweepTracker(tune.Callback):
         from mlflow.entities import Param
 
         s = self.spec
-        params = {"dataset": s.dataset.name, "search.type": s.search.type, "n_trials": len(self.plan.trials),
+        params = {"dataset": s.dataset.name, "search.type": s.search.type, "n_trials": s.n_trials, "grid_size": s.grid_size,
                   "n_pretrain_jobs": len(self.plan.pretrain_jobs), "objectives.performance": s.objectives.performance,
                   "objectives.fairness": s.objectives.fairness, "finetune.size": s.finetune.size,
-                  "finetune.epochs": s.finetune.epochs, "finetune.lr": s.finetune.lr}
+                  "finetune.epochs": s.finetune.epochs}
+        if s.search.type == "optuna":
+            params.update({"search.sampler": s.search.sampler, "search.budget": s.search.budget, "search.seed": s.search.seed})
+            self.client.set_tag(self.parent_run_id, "fairsweep.study_name", s.name)
         self.client.log_batch(self.parent_run_id, params=[Param(k, str(v)) for k, v in params.items()])
         with tempfile.TemporaryDirectory() as d:
             (Path(d) / "spec.yaml").write_text(yaml.safe_dump(dict(s.source), sort_keys=False))
@@ -133,10 +137,9 @@ class SweepTracker(tune.Callback):
         return run_id
 
     # -- trials ---------------------------------------------------------------------------------
-    def finished_trial_keys(self) -> set[str]:
-        """Trial keys with a FINISHED run: the ground truth resume uses to skip work."""
-        runs = load_trials(self.client, self.spec.experiment, self.spec.name)
-        return set(runs["trial_key"]) if not runs.empty else set()
+    def finished_points(self) -> list[dict]:
+        """Axis values of every trial with a FINISHED run: the ground truth resume uses to skip work."""
+        return [json.loads(r.data.tags[TAGS.POINT]) for r in self._trial_runs("FINISHED") if TAGS.POINT in r.data.tags]
 
     def _trial_run(self, trial: Any) -> str:
         if trial.trial_id in self._runs:
@@ -159,15 +162,15 @@ class SweepTracker(tune.Callback):
 
         p = planned.point
         tags = {TAGS.SWEEP: self.spec.name, TAGS.KIND: "trial", TAGS.TRIAL_KEY: planned.key,
-                TAGS.CONFIG_KEY: planned.config_key, TAGS.PARENT: self.parent_run_id, "fairsweep.tune_trial_id": tune_id}
+                TAGS.CONFIG_KEY: planned.config_key, TAGS.PARENT: self.parent_run_id, "fairsweep.tune_trial_id": tune_id,
+                TAGS.POINT: json.dumps(p.as_config(), sort_keys=True)}
         if planned.pretrain_key:
             tags[TAGS.PRETRAIN_KEY] = planned.pretrain_key
             if planned.pretrain_key in self._pretrain_runs:
                 tags[TAGS.PRETRAIN_RUN] = self._pretrain_runs[planned.pretrain_key]
         run = self.client.create_run(self.experiment_id, run_name=_run_name(p), tags=tags)
         ft = self.spec.finetune
-        params = {**p.params(), "dataset": self.spec.dataset.name, "finetune.size": ft.size, "finetune.epochs": ft.epochs,
-                  "finetune.lr": ft.lr, "finetune.batch_size": ft.batch_size, "finetune.weight_decay": ft.weight_decay,
+        params = {"dataset": self.spec.dataset.name, **{f"finetune.{k}": v for k, v in ft.fixed().items()}, **p.params(),
                   "frozen_groups": json.dumps(list(planned.frozen_groups)), "n_layer_groups": planned.n_groups}
         self.client.log_batch(run.info.run_id, params=[Param(k, str(v)) for k, v in params.items()])
         return run.info.run_id

@@ -1,0 +1,130 @@
+"""The optuna search: spec section, reproducible proposals, exact budget, no configuration twice."""
+from __future__ import annotations
+
+import pytest
+
+from orchestrator.plan import build_plan
+from orchestrator.search import StudySearcher
+from orchestrator.spec import Range, SpecError, parse_spec
+from tests.helpers import tiny_spec
+
+OPTUNA = {"type": "optuna", "sampler": "tpe", "budget": 6, "seed": 0}
+RANGES = {"axes.intervention": {"kind": "correlation", "magnitudes": {"low": 0.5, "high": 0.95}},
+          "finetune.lr": {"low": 1.0e-3, "high": 1.0e-1, "log": True}}
+
+
+def _plan(**overrides):
+    return build_plan(parse_spec(tiny_spec(**{"search": dict(OPTUNA), **RANGES, **overrides})))
+
+
+def test_spec_accepts_ranges_and_sampler():
+    spec = parse_spec(tiny_spec(**{"search": dict(OPTUNA), **RANGES}))
+    assert spec.search.sampler == "tpe" and spec.search.budget == 6 and spec.n_trials == 6
+    assert spec.axes.intervention[0].magnitudes == Range(0.5, 0.95)
+    assert spec.finetune.lr == Range(1e-3, 1e-1, log=True)
+    assert "lr" not in spec.finetune.fixed() and spec.finetune.fixed()["size"] == 200
+
+
+@pytest.mark.parametrize("overrides, path, fragment", [
+    ({"axes.intervention": {"kind": "correlation", "magnitudes": {"low": 0.5, "high": 0.9}}},
+     "axes.intervention[0].magnitudes", "search type optuna"),
+    ({"finetune.lr": {"low": 0.001, "high": 0.1}}, "finetune.lr", "search type optuna"),
+    ({"search": {"type": "optuna"}}, "search.budget", "needs a budget"),
+    ({"search": {"type": "optuna", "budget": 4, "sampler": "cmaes"}}, "search.sampler", "tpe, nsga2, random"),
+    ({"search": {"type": "grid", "budget": 4}}, "search.budget", "only used with type: optuna"),
+    ({"search": {"type": "optuna", "budget": 9}}, "search.budget", "only 8 distinct configurations"),
+    ({"search": dict(OPTUNA), "axes.intervention": {"kind": "correlation", "magnitudes": {"low": 0.9, "high": 0.5}}},
+     "axes.intervention.magnitudes.high", "greater than low"),
+    ({"search": dict(OPTUNA), "finetune.lr": {"low": 0, "high": 0.1, "log": True}}, "finetune.lr.low", "log range"),
+])
+def test_search_errors_name_the_field(overrides, path, fragment):
+    with pytest.raises(SpecError) as info:
+        parse_spec(tiny_spec(**overrides))
+    assert info.value.path.startswith(path)
+    assert fragment in str(info.value)
+
+
+def test_range_under_grid_says_what_to_do():
+    with pytest.raises(SpecError, match="a range needs search type optuna; under a grid list the values"):
+        parse_spec(tiny_spec(**{"axes.intervention": {"kind": "correlation", "magnitudes": {"low": 0.5, "high": 0.9}}}))
+
+
+def _propose(plan, journal, n):
+    searcher = StudySearcher(plan, str(journal), study_name="s")
+    return [searcher.suggest(f"t{i}")["point"] for i in range(n)], searcher
+
+
+def test_same_spec_and_seed_propose_the_same_first_configurations(tmp_path):
+    plan = _plan()
+    first, _ = _propose(plan, tmp_path / "a.journal", 4)
+    again, _ = _propose(plan, tmp_path / "b.journal", 4)
+    assert first == again
+    other, _ = _propose(_plan(**{"search": {**OPTUNA, "seed": 1}}), tmp_path / "c.journal", 4)
+    assert other != first
+    assert all(0.5 <= p["magnitude"] <= 0.95 and 1e-3 <= p["finetune"]["lr"] <= 1e-1 for p in first)
+
+
+@pytest.mark.parametrize("sampler", ["tpe", "nsga2", "random"])
+def test_budget_counts_finished_trials_and_failures_are_replaced(tmp_path, sampler):
+    from ray.tune.search import Searcher
+
+    plan = _plan(**{"search": {**OPTUNA, "sampler": sampler}, "resources.max_concurrent_trials": 2})
+    searcher = StudySearcher(plan, str(tmp_path / "s.journal"), study_name="s")
+    finished, failed, i = 0, 0, 0
+    while True:
+        config = searcher.suggest(f"t{i}")
+        if config == Searcher.FINISHED:
+            break
+        assert config is not None  # one at a time here: never "wait"
+        if i % 3 == 1:  # every third trial fails
+            searcher.on_trial_complete(f"t{i}", None, error=True)
+            failed += 1
+        else:
+            searcher.on_trial_complete(f"t{i}", {"accuracy": 0.5 + 0.01 * i, "equalized_odds_difference": 0.3 - 0.01 * i})
+            finished += 1
+        i += 1
+    assert finished == searcher.finished() == 6
+    assert failed == searcher.failed() >= 2
+
+
+def test_in_flight_trials_hold_the_budget_until_they_fail(tmp_path):
+    plan = _plan(**{"search": {**OPTUNA, "budget": 2}})
+    searcher = StudySearcher(plan, str(tmp_path / "s.journal"), study_name="s")
+    assert searcher.suggest("a") and searcher.suggest("b")
+    assert searcher.suggest("c") is None  # budget covered by trials in flight
+    searcher.on_trial_complete("a", None, error=True)
+    assert searcher.suggest("c") is not None  # the failure is replaced
+
+
+def test_no_configuration_runs_twice_in_a_categorical_space(tmp_path):
+    from ray.tune.search import Searcher
+
+    spec = tiny_spec(**{"search": {"type": "optuna", "sampler": "tpe", "budget": 8, "seed": 0}})  # 8 cells, budget 8
+    plan = build_plan(parse_spec(spec))
+    searcher = StudySearcher(plan, str(tmp_path / "s.journal"), study_name="s")
+    keys, i = [], 0
+    while (config := searcher.suggest(f"t{i}")) != Searcher.FINISHED:
+        keys.append(plan.trial_for(config).key)
+        searcher.on_trial_complete(f"t{i}", {"accuracy": 0.6, "equalized_odds_difference": 0.1})
+        i += 1
+    assert len(keys) == len(set(keys)) == 8
+
+
+def test_a_restored_searcher_continues_the_same_study(tmp_path):
+    import pickle
+
+    plan = _plan()
+    journal = tmp_path / "s.journal"
+    searcher = StudySearcher(plan, str(journal), study_name="s")
+    for i in range(3):
+        searcher.suggest(f"t{i}")
+    searcher.on_trial_complete("t0", {"accuracy": 0.7, "equalized_odds_difference": 0.2})
+    searcher.save(str(tmp_path / "state.json"))  # Tune's last save: t1, t2 in flight
+    searcher.suggest("t3")  # asked after the last save, then the driver dies
+    restored = pickle.loads(pickle.dumps(searcher))
+    restored.restore(str(tmp_path / "state.json"))
+    assert restored.finished() == 1
+    states = sorted(t.state.name for t in restored.study.trials)
+    assert states == ["COMPLETE", "FAIL", "RUNNING", "RUNNING"]  # t3 was orphaned: failed, never counted
+    restored.on_trial_complete("t1", {"accuracy": 0.6, "equalized_odds_difference": 0.1})
+    assert restored.finished() == 2
