@@ -49,6 +49,9 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--storage")
     p.add_argument("--tracking-uri")
 
+    p = sub.add_parser("paradigms", help="list the pretraining paradigms and their options")
+    p.set_defaults(handler=lambda args: _print_paradigms())
+
     p = sub.add_parser("validate", help="check a sweep file and print its plan")
     p.set_defaults(handler=_cmd_validate)
     p.add_argument("spec")
@@ -139,6 +142,13 @@ def _print_summary(result, args: argparse.Namespace) -> int:
         print(f"\ninterrupted before every trial ended; continue with: fairsweep resume {plan.spec.name}{where}", file=sys.stderr)
         return 130
     return EXIT_TRIALS_FAILED if result.failed else EXIT_OK
+
+
+def _print_paradigms() -> int:
+    from trainables.pretrain import describe_paradigms
+
+    print(describe_paradigms())
+    return EXIT_OK
 
 
 def _cmd_validate(args: argparse.Namespace) -> int:

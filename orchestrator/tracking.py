@@ -124,6 +124,7 @@ class SweepTracker(tune.Callback):
             run = self.client.create_run(self.experiment_id, run_name=f"pretrain-{job.backbone}-{job.paradigm}",
                                          tags={TAGS.KIND: "pretrain", TAGS.PRETRAIN_KEY: job.key, TAGS.SWEEP: self.spec.name,
                                                TAGS.PARENT: self.parent_run_id, "fairsweep.reused_cache": str(outcome.reused).lower(),
+                                               "fairsweep.rebuilt_damaged": str(outcome.rebuilt_damaged).lower(),
                                                "fairsweep.cache_path": outcome.path})
             run_id = run.info.run_id
             params = {"backbone": job.backbone, "paradigm": job.paradigm, "dataset": job.dataset,

@@ -137,3 +137,41 @@ def test_resume_of_unknown_sweep_is_a_clear_error(tmp_path):
     out = run_cli("resume", "nosuch", "--storage", str(tmp_path / "results"), cwd=tmp_path, timeout=120)
     assert out.returncode == 2
     assert "no fairsweep sweep at" in out.stderr and "nosuch" in out.stderr
+
+
+def test_optuna_search_survives_sigkill_with_exactly_budget_trials(tmp_path):
+    import optuna
+    from optuna.storages import JournalStorage
+    from optuna.storages.journal import JournalFileBackend
+
+    spec = tiny_spec(**{"name": "study", "finetune.epochs": EPOCHS, "resources.max_concurrent_trials": 2,
+                        "axes.intervention": {"kind": "correlation", "magnitudes": {"low": 0.5, "high": 0.95}},
+                        "search": {"type": "optuna", "sampler": "tpe", "budget": 6, "seed": 0}})
+    uri = sqlite_uri(tmp_path)
+    proc = _start(tmp_path, write_spec(tmp_path, spec), uri)
+    try:
+        _wait_for(uri, "study", proc, finished=2, running=1)
+        os.killpg(proc.pid, signal.SIGKILL)
+    finally:
+        _stop_group(proc)
+    before = _finished_histories(uri, "study")
+    out = run_cli("resume", "study", "--storage", str(tmp_path / "results"), "--quiet", cwd=tmp_path)
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+    assert "6 trials finished, 0 failed" in out.stdout
+
+    mlflow.set_tracking_uri(uri)
+    runs = mlflow.search_runs(experiment_names=["study"])
+    trials = runs[runs["tags.fairsweep.kind"] == "trial"]
+    finished = trials[trials["status"] == "FINISHED"]
+    assert len(finished) == 6 and finished["tags.fairsweep.trial_key"].nunique() == 6
+    assert (runs["status"] != "RUNNING").all()
+    parent = runs[runs["tags.fairsweep.kind"] == "sweep"].iloc[0]
+    assert parent["params.search.sampler"] == "tpe" and parent["tags.fairsweep.study_name"] == "study"
+    client = MlflowClient(uri)
+    for run_id, n in before.items():
+        assert len(client.get_metric_history(run_id, "train_loss")) == n == EPOCHS
+    # the same study continued: its completed trials are exactly the six finished runs
+    storage = JournalStorage(JournalFileBackend(str(tmp_path / "results" / "study" / "optuna_study.journal")))
+    study = optuna.load_study(study_name="study", storage=storage)
+    complete = [t for t in study.trials if t.state.name == "COMPLETE" and "duplicate_of" not in t.user_attrs]
+    assert sorted(t.user_attrs["trial_key"] for t in complete) == sorted(finished["tags.fairsweep.trial_key"])

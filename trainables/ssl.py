@@ -1,12 +1,19 @@
-"""Self-supervised pretraining: two augmented views, a projection head and a loss from lightly.
+"""Self-supervised pretraining objectives: SimCLR, VICReg, BYOL (two augmented views) and MAE (masked
+reconstruction on ViT patch tokens).
 
-lightly supplies the well-tested parts (NT-Xent, VICReg loss and heads); what is ours is the
-augmentation per modality and the loop. Augmentations run batched on the trial's device.
-Image augmentations never flip vertically: for the synthetic images the target *is* the square's
-vertical position, and a vertical flip would invert the label the finetuning stage learns.
+lightly supplies the well-tested parts (NT-Xent, VICReg and negative-cosine losses, projection and
+prediction heads, the masked ViT encoder and decoder, token masking); what is ours is the augmentation
+per modality and the loop. Augmentations run batched on the trial's device. Image augmentations never
+flip vertically: for the synthetic images the target *is* the square's vertical position, and a
+vertical flip would invert the label the finetuning stage learns.
+
+Each method builds an ``Objective``: the trainable modules it adds beside the backbone and the loss of
+one batch. Option values arrive resolved and validated by the paradigm that names the method
+(``trainables.pretrain``), so this module holds no defaults of its own.
 """
 from __future__ import annotations
 
+import copy
 import math
 from dataclasses import dataclass
 from typing import Any, Callable, Mapping
@@ -16,7 +23,7 @@ from torch import nn
 
 from trainables.registry import Registry
 
-__all__ = ["SSLMethod", "SSL_METHODS", "embed", "augment", "train_ssl"]
+__all__ = ["Objective", "SSLMethod", "SSL_METHODS", "embed", "augment", "train_ssl", "is_timm_vit"]
 
 
 def embed(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
@@ -63,72 +70,224 @@ def augment(x: torch.Tensor, modality: str) -> torch.Tensor:
     return _AUGMENT[modality](x)
 
 
-@dataclass(frozen=True)
-class SSLMethod:
-    """A self-supervised objective: ``build(dim, options)`` -> (trainable head, loss(z1, z2))."""
-
-    name: str
-    defaults: Mapping[str, Any]
-    build: Callable[[int, Mapping[str, Any]], tuple[nn.Module, Callable[[torch.Tensor, torch.Tensor], torch.Tensor]]]
+# ------------------------------------------------------------------------------------ objectives
 
 
-SSL_METHODS: Registry[SSLMethod] = Registry("self-supervised method")
+class Objective(nn.Module):
+    """The modules a method trains beside the backbone, and the loss of one batch of raw inputs."""
+
+    def __init__(self, modality: str):
+        super().__init__()
+        self.modality = modality
+
+    def loss(self, model: nn.Module, x: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    @torch.no_grad()
+    def after_step(self, model: nn.Module) -> None:
+        """Called after every optimiser step (momentum targets update here)."""
 
 
-def _simclr(dim: int, opts: Mapping[str, Any]):
+class _TwoViews(Objective):
+    """SimCLR / VICReg: one projection head, a symmetric loss between two augmented views."""
+
+    def __init__(self, modality: str, head: nn.Module, loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]):
+        super().__init__(modality)
+        self.head, self.loss_fn = head, loss_fn
+
+    def loss(self, model: nn.Module, x: torch.Tensor) -> torch.Tensor:
+        z1 = self.head(embed(model, augment(x, self.modality)))
+        z2 = self.head(embed(model, augment(x, self.modality)))
+        return self.loss_fn(z1.float(), z2.float())
+
+
+def _simclr(model: nn.Module, dim: int, opts: Mapping[str, Any], modality: str) -> Objective:
     from lightly.loss import NTXentLoss
     from lightly.models.modules.heads import SimCLRProjectionHead
 
     head = SimCLRProjectionHead(dim, max(dim, 64), int(opts["projection_dim"]))
-    return head, NTXentLoss(temperature=float(opts["temperature"]))
+    return _TwoViews(modality, head, NTXentLoss(temperature=float(opts["temperature"])))
 
 
-def _vicreg(dim: int, opts: Mapping[str, Any]):
+def _vicreg(model: nn.Module, dim: int, opts: Mapping[str, Any], modality: str) -> Objective:
     from lightly.loss import VICRegLoss
     from lightly.models.modules.heads import VICRegProjectionHead
 
     width = int(opts["projection_dim"])
     head = VICRegProjectionHead(dim, width, width, num_layers=3)
-    return head, VICRegLoss(lambda_param=float(opts["invariance"]), mu_param=float(opts["variance"]),
-                            nu_param=float(opts["covariance"]))
+    return _TwoViews(modality, head, VICRegLoss(lambda_param=float(opts["invariance"]), mu_param=float(opts["variance"]),
+                                                nu_param=float(opts["covariance"])))
 
 
-SSL_METHODS.register("simclr")(SSLMethod("simclr", {"temperature": 0.1, "projection_dim": 64}, _simclr))
-SSL_METHODS.register("vicreg")(SSLMethod("vicreg", {"projection_dim": 256, "invariance": 25.0, "variance": 25.0,
-                                                     "covariance": 1.0}, _vicreg))
+class _BYOL(Objective):
+    """Online backbone + projection + predictor chase a momentum (EMA) copy of backbone + projection."""
+
+    def __init__(self, model: nn.Module, dim: int, opts: Mapping[str, Any], modality: str):
+        from lightly.loss import NegativeCosineSimilarity
+        from lightly.models.modules.heads import BYOLPredictionHead, BYOLProjectionHead
+        from lightly.models.utils import deactivate_requires_grad
+
+        super().__init__(modality)
+        hidden, out = int(opts["hidden_dim"]), int(opts["projection_dim"])
+        self.projection = BYOLProjectionHead(dim, hidden, out)
+        self.prediction = BYOLPredictionHead(out, hidden, out)
+        self.target_backbone = copy.deepcopy(model)
+        self.target_projection = copy.deepcopy(self.projection)
+        deactivate_requires_grad(self.target_backbone)
+        deactivate_requires_grad(self.target_projection)
+        self.ema = float(opts["ema"])
+        self.criterion = NegativeCosineSimilarity()
+
+    def loss(self, model: nn.Module, x: torch.Tensor) -> torch.Tensor:
+        v1, v2 = augment(x, self.modality), augment(x, self.modality)
+        p1 = self.prediction(self.projection(embed(model, v1)))
+        p2 = self.prediction(self.projection(embed(model, v2)))
+        with torch.no_grad():
+            t1 = self.target_projection(embed(self.target_backbone, v1))
+            t2 = self.target_projection(embed(self.target_backbone, v2))
+        return 0.5 * (self.criterion(p1.float(), t2.float()) + self.criterion(p2.float(), t1.float()))
+
+    @torch.no_grad()
+    def after_step(self, model: nn.Module) -> None:
+        from lightly.models.utils import update_momentum
+
+        update_momentum(model, self.target_backbone, self.ema)
+        update_momentum(self.projection, self.target_projection, self.ema)
+
+
+def _byol(model: nn.Module, dim: int, opts: Mapping[str, Any], modality: str) -> Objective:
+    return _BYOL(model, dim, opts, modality)
+
+
+def is_timm_vit(model: nn.Module) -> bool:
+    from timm.models.vision_transformer import VisionTransformer
+
+    return isinstance(model, VisionTransformer)
+
+
+def _mae_serves(model: nn.Module, input_shape: tuple[int, ...]) -> str | None:
+    if not is_timm_vit(model):
+        return (f"masked reconstruction works on ViT patch tokens; {type(model).__name__} is not a timm "
+                "VisionTransformer (use a ViT backbone such as test_vit or vit_small_patch16_224, or an SSL "
+                "paradigm that serves any backbone: simclr, vicreg, byol)")
+    ph, pw = model.patch_embed.patch_size
+    if len(input_shape) != 3 or input_shape[1] != input_shape[2] or ph != pw or input_shape[1] % ph:
+        return (f"masked reconstruction needs square images tiled by square patches; got input {tuple(input_shape)} "
+                f"and patches {ph}x{pw}")
+    if (input_shape[1] // ph) ** 2 < 2:
+        return f"masked reconstruction needs at least 2 patches; {tuple(input_shape)} images make 1 of {ph}x{pw}"
+    return None
+
+
+class _MAE(Objective):
+    """Mask most patch tokens, encode the rest with the backbone's own blocks, predict the masked pixels."""
+
+    def __init__(self, model: nn.Module, opts: Mapping[str, Any], modality: str):
+        from lightly.models.modules import MaskedVisionTransformerDecoderTIMM, MaskedVisionTransformerTIMM
+
+        super().__init__(modality)
+        # The wrapper re-initialises the ViT MAE-style (xavier, sin-cos pos_embed) and reuses its modules,
+        # so training the encoder trains ``model`` itself.
+        self.encoder = MaskedVisionTransformerTIMM(vit=model)
+        width, n_patches = int(opts["decoder_dim"]), model.patch_embed.num_patches
+        self.patch = int(model.patch_embed.patch_size[0])
+        self.prefix = int(model.num_prefix_tokens)
+        self.mask_ratio = float(opts["mask_ratio"])
+        self.norm_pix = bool(opts["norm_pix_loss"])
+        self.to_decoder = nn.Linear(model.embed_dim, width)
+        self.decoder = MaskedVisionTransformerDecoderTIMM(num_patches=n_patches, embed_dim=width,
+                                                          depth=int(opts["decoder_depth"]),
+                                                          num_heads=int(opts["decoder_heads"]),
+                                                          num_prefix_tokens=self.prefix)
+        in_chans = model.patch_embed.proj.in_channels
+        self.predict = nn.Linear(width, self.patch ** 2 * in_chans)
+
+    def _mask(self, n: int, patches: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+        """Token indices to keep (every prefix token plus a random share of patches) and to reconstruct."""
+        keep = min(patches - 1, max(1, int(round(patches * (1.0 - self.mask_ratio)))))
+        order = torch.rand(n, patches, device=device).argsort(dim=1) + self.prefix
+        prefix = torch.arange(self.prefix, device=device).expand(n, -1)
+        return torch.cat([prefix, order[:, :keep]], dim=1), order[:, keep:]
+
+    def loss(self, model: nn.Module, x: torch.Tensor) -> torch.Tensor:
+        from lightly.models import utils
+
+        encoder = self.encoder
+        x = augment(x, self.modality)
+        n = x.shape[0]
+        idx_keep, idx_mask = self._mask(n, encoder.sequence_length - self.prefix, x.device)
+        tokens = self.to_decoder(encoder.encode(x, idx_keep=idx_keep))
+        full = torch.zeros(n, encoder.sequence_length, tokens.shape[-1], device=x.device, dtype=tokens.dtype)
+        full = utils.set_at_index(full, idx_keep, tokens)
+        decoded = self.decoder(full, idx_mask=idx_mask)
+        pred = self.predict(utils.get_at_index(decoded, idx_mask)).float()
+        target = utils.get_at_index(utils.patchify(x, self.patch), idx_mask - self.prefix).float()
+        if self.norm_pix:
+            target = (target - target.mean(-1, keepdim=True)) / (target.var(-1, keepdim=True) + 1e-6).sqrt()
+        return nn.functional.mse_loss(pred, target)
+
+
+def _mae(model: nn.Module, dim: int, opts: Mapping[str, Any], modality: str) -> Objective:
+    return _MAE(model, opts, modality)
+
+
+def _any_backbone(model: nn.Module, input_shape: tuple[int, ...]) -> str | None:
+    if not hasattr(model, "forward_head") or not hasattr(model, "forward_features"):
+        return ("it needs a backbone with forward_features/forward_head (pooled features before the "
+                f"classifier); {type(model).__name__} has none")
+    return None
+
+
+@dataclass(frozen=True)
+class SSLMethod:
+    """A self-supervised objective. ``build(model, dim, options, modality)`` makes its ``Objective``;
+    ``serves(model, input_shape)`` says why the method cannot train that backbone (None when it can)."""
+
+    name: str
+    build: Callable[[nn.Module, int, Mapping[str, Any], str], Objective]
+    serves: Callable[[nn.Module, tuple[int, ...]], str | None] = _any_backbone
+    modalities: tuple[str, ...] = ("image", "timeseries")
+
+
+SSL_METHODS: Registry[SSLMethod] = Registry("self-supervised method")
+for _m in (SSLMethod("simclr", _simclr), SSLMethod("vicreg", _vicreg), SSLMethod("byol", _byol),
+           SSLMethod("mae", _mae, serves=_mae_serves, modalities=("image",))):
+    SSL_METHODS.register(_m.name)(_m)
 
 
 def train_ssl(model: nn.Module, x: torch.Tensor, *, method: str, options: Mapping[str, Any], modality: str,
               hparams: Mapping[str, Any], device: torch.device, generator: torch.Generator) -> list[float]:
-    """Pretrain ``model``'s representation on unlabeled ``x``; returns the mean loss of each epoch."""
+    """Pretrain ``model``'s representation on unlabeled ``x`` (already on ``device``); returns the mean
+    loss of each epoch."""
     from trainables import loop
 
     spec = SSL_METHODS.get(method)
-    opts = {**spec.defaults, **options}
+    reason = spec.serves(model, tuple(x.shape[1:]))
+    if reason:
+        raise ValueError(f"{method} cannot train {type(model).__name__}: {reason}")
+    model.to(device)
     with torch.no_grad():
         model.eval()
         dim = embed(model, x[:2]).shape[1]
-    head, loss_fn = spec.build(dim, opts)
-    head.to(device)
-    params = list(model.parameters()) + list(head.parameters())
+    objective = spec.build(model, dim, options, modality).to(device)
+    params = list({id(p): p for p in [*model.parameters(), *objective.parameters()] if p.requires_grad}.values())
     opt = torch.optim.SGD(params, lr=hparams["lr"], momentum=hparams["momentum"], weight_decay=hparams["weight_decay"])
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=hparams["epochs"])
     losses = []
     for _ in range(hparams["epochs"]):
         model.train()
-        head.train()
+        objective.train()
         total, count = 0.0, 0
         for idx in loop.batches(len(x), hparams["batch_size"], generator, drop_last=True):
             xb = x[idx.to(x.device)]
             with loop.autocast(device):
-                z1 = head(embed(model, augment(xb, modality)))
-                z2 = head(embed(model, augment(xb, modality)))
-                loss = loss_fn(z1.float(), z2.float())
+                loss = objective.loss(model, xb)
             if not math.isfinite(loss.item()):
                 raise loop.NonFiniteLossError(f"{method} loss became {loss.item()}; lower pretraining.lr")
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
+            objective.after_step(model)
             total += loss.item() * len(idx)
             count += len(idx)
         sched.step()
