@@ -163,10 +163,13 @@ def _cmd_validate(args: argparse.Namespace) -> int:
 
 
 def _cmd_cache(args: argparse.Namespace) -> int:
-    from orchestrator.launch import CACHE_DIRNAME, resolve_storage
+    from orchestrator.launch import CACHE_DIRNAME, LaunchError, resolve_storage
     from trainables.pretrain import PretrainCache
 
-    root = args.cache_dir or os.path.join(resolve_storage(args.storage), CACHE_DIRNAME)
+    try:
+        root = args.cache_dir or os.path.join(resolve_storage(args.storage), CACHE_DIRNAME)
+    except LaunchError as exc:
+        return _fail(str(exc))
     cache = PretrainCache(root)
     if args.action == "list":
         entries = cache.entries()

@@ -59,10 +59,13 @@ def resolve_tracking_uri(flag: str | None) -> str:
 
 
 def resolve_storage(flag: str | None) -> str:
-    """Absolute, because Tune runs each trial in its own working directory."""
+    """Absolute, because Tune runs each trial in its own working directory. A filesystem path (on a
+    cluster: shared storage mounted at the same path on every node), since the pretraining cache
+    locks its entries with flock and the optuna study is a journal file."""
     storage = flag or DEFAULT_STORAGE
     if "://" in storage:
-        return storage
+        raise LaunchError(f"--storage {storage!r}: use a filesystem path; on a cluster, shared storage (NFS, Lustre, "
+                          f"EFS, ...) mounted at the same path on every node")
     return str(Path(storage).expanduser().resolve())
 
 
@@ -138,34 +141,20 @@ def experiment_path(storage: str, name: str) -> str:
     return f"{storage.rstrip('/')}/{name}"
 
 
-def _fs(path: str) -> tuple[Any, str]:
-    import pyarrow.fs
-
-    if "://" in path:
-        return pyarrow.fs.FileSystem.from_uri(path)
-    return pyarrow.fs.LocalFileSystem(), path
-
-
 def write_sweep_record(path: str, record: dict) -> None:
     import json
 
-    fs, p = _fs(path)
-    fs.create_dir(p, recursive=True)
-    with fs.open_output_stream(f"{p}/{SWEEP_RECORD}") as f:
-        f.write(json.dumps(record, indent=1).encode())
+    Path(path).mkdir(parents=True, exist_ok=True)
+    (Path(path) / SWEEP_RECORD).write_text(json.dumps(record, indent=1))
 
 
 def read_sweep_record(path: str) -> dict:
     """The spec and settings a sweep was launched with; ``LaunchError`` when there is no sweep at ``path``."""
     import json
 
-    import pyarrow
-
-    fs, p = _fs(path)
     try:
-        with fs.open_input_stream(f"{p}/{SWEEP_RECORD}") as f:
-            return json.loads(f.readall().decode())
-    except (FileNotFoundError, OSError, pyarrow.ArrowException):
+        return json.loads((Path(path) / SWEEP_RECORD).read_text())
+    except (OSError, ValueError):
         raise LaunchError(f"no fairsweep sweep at {path} (no {SWEEP_RECORD}); check the sweep name and --storage") from None
 
 
@@ -189,9 +178,6 @@ def launch(plan: Plan, options: LaunchOptions = LaunchOptions()) -> LaunchResult
         if spec.search.type == "optuna":
             from orchestrator.search import STUDY_FILE, StudySearcher
 
-            if "://" in path:
-                raise LaunchError(f"the optuna search keeps its study in a journal file beside the sweep; {path} is not a "
-                                  f"local or shared-filesystem path (mount the shared storage and pass its path)")
             param_space: dict = {}
             tune_config = tune.TuneConfig(search_alg=StudySearcher(plan, f"{path}/{STUDY_FILE}", study_name=spec.name),
                                           num_samples=-1, max_concurrent_trials=concurrency)
