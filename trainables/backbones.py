@@ -53,7 +53,8 @@ BackboneFactory = Callable[[int, int, tuple[int, ...]], "nn.Module"]
 """``factory(num_classes, in_chans, input_shape) -> nn.Module`` for ``BACKBONES`` entries."""
 
 BACKBONES: Registry[BackboneFactory] = Registry("backbone")
-"""Custom (non-timm) backbones; consulted before timm, so a registered name shadows a timm one."""
+"""Custom (non-timm) backbones; consulted before timm, so a registered name shadows a timm one.
+The built-in 1-D backbones (``trainables.timeseries_backbones``) register on first lookup."""
 
 _WEIGHT_SUFFIXES = (".safetensors", ".pt", ".pth", ".bin", ".ckpt")
 _MAX_LISTED = 5
@@ -66,9 +67,15 @@ class BackboneError(ValueError):
 # --------------------------------------------------------------------------------------- creation
 
 
+def _register_builtin() -> None:
+    """Import the modules whose entries fill BACKBONES; deferred because they import torch."""
+    import trainables.timeseries_backbones  # noqa: F401  (cnn1d_paperb, cnn1d_tiny, transformer1d_tiny)
+
+
 def _close_timm_names(name: str) -> list[str]:
     import timm
 
+    _register_builtin()
     return difflib.get_close_matches(name, BACKBONES.names() + timm.list_models(), n=_MAX_LISTED, cutoff=0.6)
 
 
@@ -85,6 +92,7 @@ def create_backbone(name: str, *, num_classes: int, input_shape: tuple[int, ...]
     shape = tuple(input_shape)
     if not shape or not all(isinstance(d, int) and not isinstance(d, bool) and d > 0 for d in shape):
         raise BackboneError(f"input_shape {input_shape!r} must be positive ints (C, H, W) or (C, L)")
+    _register_builtin()
     if name in BACKBONES:
         return BACKBONES.get(name)(num_classes, shape[0], shape)
     if not isinstance(name, str) or not _is_timm_model(name):
@@ -94,7 +102,8 @@ def create_backbone(name: str, *, num_classes: int, input_shape: tuple[int, ...]
             f"backbone {name!r} is neither a registered backbone ({', '.join(BACKBONES.names()) or 'none'}) "
             f"nor a timm model{hint} (see timm.list_models())")
     if len(shape) != 3:
-        raise BackboneError(f"input_shape {input_shape!r} for timm backbone {name!r} must be (C, H, W)")
+        raise BackboneError(f"input_shape {input_shape!r} for timm backbone {name!r} must be (C, H, W); for time "
+                            f"series (C, L) use a 1-D backbone: {', '.join(BACKBONES.names())}")
     import timm
     from timm.models import get_pretrained_cfg
 

@@ -3,19 +3,24 @@
 Model and data live on the device Ray assigned to the trial: CUDA when the trial was given a GPU
 (Ray sets CUDA_VISIBLE_DEVICES), bf16 autocast where the GPU supports it, the CPU otherwise.
 Whole small datasets are moved to the device once and batched there, which is what keeps tiny
-models from being bound by host-to-device copies.
+models from being bound by host-to-device copies. Folder datasets are too big for that: their batches
+``(x, pos)`` stream from DataLoader workers (``Dataset.loader``) and are copied to the device one at a
+time (``train_epoch_batches``, ``predict_scores_batches``); targets stay on the device, indexed by ``pos``.
 """
 from __future__ import annotations
 
 import contextlib
 import math
-from typing import Callable, Iterator
+from typing import Callable, Iterable, Iterator
 
 import numpy as np
 import torch
 from torch import nn
 
-__all__ = ["select_device", "autocast", "batches", "train_epoch", "predict_scores", "set_threads", "NonFiniteLossError"]
+__all__ = ["select_device", "autocast", "batches", "train_epoch", "train_epoch_batches", "predict_scores",
+           "predict_scores_batches", "set_threads", "NonFiniteLossError"]
+
+Loss = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
 
 class NonFiniteLossError(FloatingPointError):
@@ -45,26 +50,49 @@ def batches(n: int, batch_size: int, generator: torch.Generator | None, *, drop_
         yield order[start:start + batch_size]
 
 
+def _step(model: nn.Module, xb: torch.Tensor, yb: torch.Tensor, optimizer: torch.optim.Optimizer,
+          device: torch.device, loss_fn: Loss, seen: int) -> float:
+    """One optimiser step on a batch already on the device; returns its mean loss."""
+    with autocast(device):
+        loss = loss_fn(model(xb).float(), yb)
+    if not torch.isfinite(loss):
+        raise NonFiniteLossError(f"training loss became {loss.item()} after {seen} examples; lower the learning rate")
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    optimizer.step()
+    return loss.item()
+
+
 def train_epoch(model: nn.Module, x: torch.Tensor, y: torch.Tensor, optimizer: torch.optim.Optimizer, *,
                 batch_size: int, generator: torch.Generator, device: torch.device,
-                loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None,
-                train_mode: Callable[[], None] | None = None) -> float:
+                loss_fn: Loss | None = None, train_mode: Callable[[], None] | None = None) -> float:
     """One pass over (x, y) in shuffled mini-batches; returns the example-weighted mean loss."""
     loss_fn = loss_fn or nn.functional.cross_entropy
     (train_mode or model.train)()
     total, count = 0.0, 0
     for idx in batches(len(x), batch_size, generator, drop_last=len(x) > batch_size):
         idx = idx.to(x.device)
-        xb, yb = x[idx], y[idx]
-        with autocast(device):
-            loss = loss_fn(model(xb).float(), yb)
-        if not torch.isfinite(loss):
-            raise NonFiniteLossError(f"training loss became {loss.item()} after {count} examples; lower the learning rate")
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
-        total += loss.item() * len(idx)
+        total += _step(model, x[idx], y[idx], optimizer, device, loss_fn, count) * len(idx)
         count += len(idx)
+    return total / max(count, 1)
+
+
+def train_epoch_batches(model: nn.Module, stream: Iterable[tuple[torch.Tensor, torch.Tensor]], targets: torch.Tensor,
+                        optimizer: torch.optim.Optimizer, *, device: torch.device, loss_fn: Loss | None = None,
+                        train_mode: Callable[[], None] | None = None) -> float:
+    """One pass over streamed batches ``(x, pos)`` (``Dataset.loader``); ``targets[pos]`` are their labels.
+
+    The stream decides order and batch size (shuffle and drop the last partial batch there, as
+    ``train_epoch`` does); returns the example-weighted mean loss.
+    """
+    loss_fn = loss_fn or nn.functional.cross_entropy
+    (train_mode or model.train)()
+    total, count = 0.0, 0
+    for xb, pos in stream:
+        xb = xb.to(device, non_blocking=True)
+        yb = targets[pos.to(targets.device)]
+        total += _step(model, xb, yb, optimizer, device, loss_fn, count) * len(pos)
+        count += len(pos)
     return total / max(count, 1)
 
 
@@ -78,3 +106,20 @@ def predict_scores(model: nn.Module, x: torch.Tensor, *, batch_size: int, device
             logits = model(x[start:start + batch_size]).float()
         out.append(torch.softmax(logits, dim=1)[:, 1].cpu())
     return torch.cat(out).numpy().astype(np.float64) if out else np.zeros(0)
+
+
+@torch.no_grad()
+def predict_scores_batches(model: nn.Module, stream: Iterable[tuple[torch.Tensor, torch.Tensor]], n: int, *,
+                           device: torch.device) -> np.ndarray:
+    """P(y = 1) for ``n`` rows arriving as batches ``(x, pos)`` in any order; every row must arrive."""
+    model.eval()
+    out = np.full(n, np.nan)
+    for xb, pos in stream:
+        with autocast(device):
+            logits = model(xb.to(device, non_blocking=True)).float()
+        out[pos.numpy()] = torch.softmax(logits, dim=1)[:, 1].cpu().numpy()
+    missing = np.flatnonzero(np.isnan(out))
+    if len(missing):
+        raise RuntimeError(f"{len(missing)} of {n} rows never arrived from the data loader (e.g. {missing[:5].tolist()}); "
+                           "it must yield every requested row")
+    return out

@@ -2,15 +2,22 @@
 
 Metadata (labels, sensitive attributes) is separate from inputs because interventions and the
 planner need only the former: choosing 2,000 of 6,000 pool examples must not render 6,000 images.
+
+Small datasets are held in memory (``in_memory``): a trial moves a split to the device once and
+batches there. Folder datasets are too big for that; they override ``loader`` to stream batches
+decoded by worker processes, and trials use ``loader`` for them (``trainables.finetune``).
 """
 from __future__ import annotations
 
 import abc
 import difflib
+import json
 import math
+import os
 from dataclasses import dataclass, field
+from pathlib import Path
 from types import MappingProxyType
-from typing import Any, Callable, Mapping
+from typing import Any, Callable, Iterable, Mapping
 
 import numpy as np
 import torch
@@ -21,12 +28,20 @@ __all__ = [
     "SPLITS",
     "SplitMeta",
     "Dataset",
+    "DatasetError",
     "DatasetOptionError",
     "Option",
+    "REQUIRED",
+    "PATH",
+    "NAMES",
     "parse_options",
+    "canonical_options",
     "check_split",
     "check_indices",
+    "batch_order",
     "DATASETS",
+    "DatasetEntry",
+    "register_dataset",
     "build_dataset",
 ]
 
@@ -48,7 +63,11 @@ def _frozen_codes(name: str, values: Any) -> np.ndarray:
 
 @dataclass(frozen=True)
 class SplitMeta:
-    """Per-example metadata of one split; arrays are int64, read-only and of equal length."""
+    """Per-example metadata of one split; arrays are int64, read-only and of equal length.
+
+    ``groups`` is the primary sensitive attribute (the one interventions act on); ``attributes`` holds
+    every sensitive attribute, the primary included, and is what fairness metrics are computed for.
+    """
 
     labels: np.ndarray
     groups: np.ndarray
@@ -79,6 +98,12 @@ class SplitMeta:
         return (SplitMeta, (self.labels, self.groups, dict(self.attributes), dict(self.extra_labels)))
 
 
+class DatasetError(ValueError):
+    """Data on disk that cannot be used as configured (missing root, file, column or value, unreadable
+    image, a group absent from an evaluation split). A ValueError, so the planner reports it as a spec
+    error on ``dataset.options``."""
+
+
 def check_split(split: str) -> str:
     """Return ``split`` if it is one of SPLITS; otherwise a ValueError listing them."""
     if split not in SPLITS:
@@ -101,14 +126,30 @@ def check_indices(indices: Any, n: int, split: str) -> np.ndarray:
     return arr
 
 
+def batch_order(n: int, batch_size: int, *, shuffle: bool, seed: int = 0, epoch: int = 0,
+                drop_last: bool = False) -> list[np.ndarray]:
+    """Positions ``0..n-1`` cut into batches; shuffled from ``(seed, epoch)`` alone, so a resumed trial
+    sees the same order in the same epoch without carrying RNG state."""
+    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+        raise ValueError(f"batch_size must be a positive integer, got {batch_size!r}")
+    order = np.random.default_rng([int(seed), int(epoch)]).permutation(n) if shuffle else np.arange(n)
+    stop = n - (n % batch_size) if drop_last and n >= batch_size else n
+    return [order[s:s + batch_size].astype(np.int64) for s in range(0, stop, batch_size)]
+
+
+Batches = Iterable[tuple[torch.Tensor, torch.Tensor]]
+"""Batches ``(x, pos)``: float32 inputs and int64 positions into the requested rows."""
+
+
 class Dataset(abc.ABC):
     """A dataset with the four SPLITS. Subclasses set the attributes below in ``__init__``."""
 
     name: str
     modality: str  # "image" | "timeseries"
-    input_shape: tuple[int, ...]  # (C, H, W) for images
+    input_shape: tuple[int, ...]  # (C, H, W) for images, (C, T) for time series
     primary: str  # the sensitive attribute that drives interventions (SplitMeta.groups)
     group_names: Mapping[str, tuple[str, ...]]  # attribute -> names of its codes
+    in_memory: bool = True  # False: splits are too big to materialise; use ``loader``
 
     @abc.abstractmethod
     def meta(self, split: str) -> SplitMeta:
@@ -121,6 +162,18 @@ class Dataset(abc.ABC):
     @abc.abstractmethod
     def fingerprint(self) -> str:
         """Stable string naming the data (name, generator version, canonical options) for cache keys."""
+
+    def loader(self, split: str, indices: np.ndarray | None = None, *, batch_size: int, shuffle: bool = False,
+               seed: int = 0, epoch: int = 0, drop_last: bool = False, num_workers: int | None = None) -> Batches:
+        """Batches ``(x, pos)`` over ``indices`` (None = the whole split); ``pos`` indexes into ``indices``.
+
+        This default materialises the rows once and slices them (in-memory datasets); folder datasets
+        override it to decode in ``num_workers`` worker processes.
+        """
+        n = len(check_indices(indices, len(self.meta(split)), split))
+        order = batch_order(n, batch_size, shuffle=shuffle, seed=seed, epoch=epoch, drop_last=drop_last)
+        x = self.inputs(split, indices)
+        return ((x[torch.from_numpy(b)], torch.from_numpy(b)) for b in order)
 
     def __repr__(self) -> str:
         return f"<{type(self).__name__} {self.fingerprint()}>"
@@ -138,19 +191,40 @@ class DatasetOptionError(ValueError):
         super().__init__(f"{path}: {message} (got {value!r})")
 
 
+class _Required:
+    def __repr__(self) -> str:
+        return "REQUIRED"
+
+
+REQUIRED: Any = _Required()
+"""Default of an option the user must give (e.g. ``root``)."""
+PATH = "path"
+"""Option kind: a filesystem path (a non-empty string; ``~`` expanded)."""
+NAMES = "names"
+"""Option kind: one name or a list of distinct names (columns, attributes); parsed to a tuple."""
+
+
 @dataclass(frozen=True)
 class Option:
-    """One dataset option: its default, its type (int or float) and inclusive bounds."""
+    """One dataset option: default, kind (int, float, bool, str, PATH or NAMES) and inclusive bounds.
 
-    default: int | float
-    kind: type = float
+    A default of None makes the option optional (None = not set); REQUIRED makes it mandatory.
+    ``identity=False`` marks options that do not change the data (e.g. loader workers): they are left
+    out of fingerprints, so changing them reuses cached pretrained bases.
+    """
+
+    default: Any
+    kind: type | str = float
     low: float | None = None
     high: float | None = None
-    why: str = ""  # appended to range errors, e.g. why a minimum exists
+    why: str = ""  # appended to errors, e.g. why a minimum exists or an example value
+    identity: bool = True
 
 
 def _describe(opt: Option) -> str:
-    word = "an integer" if opt.kind is int else "a number"
+    words = {int: "an integer", float: "a number", bool: "true or false", str: "a non-empty string",
+             PATH: "a path (absolute, or relative as documented)", NAMES: "a name or a list of distinct names"}
+    word = words.get(opt.kind, str(opt.kind))
     bounds = []
     if opt.low is not None:
         bounds.append(f">= {opt.low}")
@@ -159,7 +233,7 @@ def _describe(opt: Option) -> str:
     return f"{word} {' and '.join(bounds)}".rstrip() + (f" ({opt.why})" if opt.why else "")
 
 
-def _coerce(key: str, value: Any, opt: Option) -> int | float:
+def _coerce_number(key: str, value: Any, opt: Option) -> int | float:
     if isinstance(value, (bool, np.bool_)):
         raise DatasetOptionError(key, value, f"must be {_describe(opt)}, not a boolean")
     if opt.kind is int:
@@ -178,7 +252,46 @@ def _coerce(key: str, value: Any, opt: Option) -> int | float:
     return out
 
 
-def parse_options(options: Mapping[str, Any] | None, schema: Mapping[str, Option]) -> dict[str, int | float]:
+def _coerce_names(key: str, value: Any, opt: Option) -> tuple[str, ...]:
+    items = [value] if isinstance(value, str) else value
+    if not isinstance(items, (list, tuple)) or not items:
+        raise DatasetOptionError(key, value, f"must be {_describe(opt)}")
+    bad = [v for v in items if not isinstance(v, str) or not v.strip()]
+    if bad:
+        raise DatasetOptionError(key, value, f"entries {bad!r} are not names; must be {_describe(opt)}")
+    dupes = sorted({v for v in items if items.count(v) > 1})
+    if dupes:
+        raise DatasetOptionError(key, value, f"names {dupes} appear more than once; list each once")
+    return tuple(items)
+
+
+def _coerce(key: str, value: Any, opt: Option) -> Any:
+    if value is None and opt.default is None:
+        return None
+    if value is REQUIRED:
+        raise DatasetOptionError(key, None, f"is required: {_describe(opt)}")
+    if opt.kind in (int, float):
+        return _coerce_number(key, value, opt)
+    if opt.kind is bool:
+        if not isinstance(value, (bool, np.bool_)):
+            raise DatasetOptionError(key, value, f"must be {_describe(opt)}")
+        return bool(value)
+    if opt.kind is str:
+        if not isinstance(value, str) or not value.strip():
+            raise DatasetOptionError(key, value, f"must be {_describe(opt)}")
+        return value
+    if opt.kind == PATH:
+        if isinstance(value, os.PathLike):
+            value = os.fspath(value)
+        if not isinstance(value, str) or not value.strip():
+            raise DatasetOptionError(key, value, f"must be {_describe(opt)}")
+        return str(Path(value).expanduser())
+    if opt.kind == NAMES:
+        return _coerce_names(key, value, opt)
+    raise TypeError(f"Option kind {opt.kind!r} of {key!r} is not supported")  # a bug in a schema, not user input
+
+
+def parse_options(options: Mapping[str, Any] | None, schema: Mapping[str, Option]) -> dict[str, Any]:
     """Validate ``options`` against ``schema``; return every option (defaults filled), typed, key-sorted."""
     if options is None:
         options = {}
@@ -194,12 +307,43 @@ def parse_options(options: Mapping[str, Any] | None, schema: Mapping[str, Option
     return {key: _coerce(key, options.get(key, schema[key].default), schema[key]) for key in allowed}
 
 
+def canonical_options(parsed: Mapping[str, Any], schema: Mapping[str, Option], *, leave_out: Iterable[str] = ()) -> str:
+    """Canonical JSON of the options that determine the data (``identity``), for fingerprints."""
+    skip = set(leave_out)
+    body = {k: v for k, v in sorted(parsed.items()) if schema[k].identity and k not in skip}
+    return json.dumps(body, sort_keys=True, separators=(",", ":"))
+
+
 # ----------------------------------------------------------------------------- registry
 
-DATASETS: Registry[Callable[[Mapping[str, Any]], Dataset]] = Registry("dataset")
+
+@dataclass(frozen=True)
+class DatasetEntry:
+    """A registered dataset: its factory, its option schema and a one-line description."""
+
+    name: str
+    factory: Callable[[Mapping[str, Any]], Dataset]
+    options: Mapping[str, Option]
+    doc: str = ""
+
+    def __call__(self, options: Mapping[str, Any]) -> Dataset:
+        return self.factory(options)
+
+
+DATASETS: Registry[DatasetEntry] = Registry("dataset")
+
+
+def register_dataset(name: str, options: Mapping[str, Option], doc: str = "") -> Callable[[Callable], Callable]:
+    """Decorator registering ``factory(options) -> Dataset`` under ``name`` with its option schema."""
+
+    def deco(factory: Callable[[Mapping[str, Any]], Dataset]) -> Callable[[Mapping[str, Any]], Dataset]:
+        DATASETS.register(name)(DatasetEntry(name, factory, MappingProxyType(dict(options)), doc))
+        return factory
+
+    return deco
 
 
 def build_dataset(name: str, options: Mapping[str, Any] | None = None) -> Dataset:
     """Resolve ``name`` (UnknownNameError lists valid names) and build it from ``options``."""
-    factory = DATASETS.get(name)
-    return factory({} if options is None else options)
+    entry = DATASETS.get(name)
+    return entry({} if options is None else options)

@@ -22,7 +22,7 @@ from typing import Any, Mapping
 import numpy as np
 import torch
 
-from trainables.data.base import DATASETS, SPLITS, Dataset, Option, SplitMeta, check_indices, check_split, parse_options
+from trainables.data.base import SPLITS, Dataset, Option, SplitMeta, check_indices, check_split, parse_options, register_dataset
 
 __all__ = ["SyntheticImages", "OPTIONS", "BORDER_ROWS", "GENERATOR_VERSION"]
 
@@ -88,7 +88,7 @@ class SyntheticImages(Dataset):
 
     def __init__(self, options: Mapping[str, Any] | None = None, name: str = "synthetic_images"):
         self.name = name
-        self.options: Mapping[str, int | float] = parse_options(options, OPTIONS)
+        self.options: Mapping[str, Any] = parse_options(options, OPTIONS)
         size = int(self.options["image_size"])
         self.input_shape = (3, size, size)
         self._meta = {split: self._make_meta(split) for split in SPLITS}
@@ -151,6 +151,7 @@ class SyntheticImages(Dataset):
         return f"{self.name}/v{GENERATOR_VERSION}:{canonical}"
 
 
-@DATASETS.register("synthetic_images")
+@register_dataset("synthetic_images", OPTIONS, "Coloured-border images whose group cue out-shouts the target "
+                  "(paper A's effects on generated data).")
 def _synthetic_images(options: Mapping[str, Any]) -> Dataset:
     return SyntheticImages(options)

@@ -1,0 +1,197 @@
+"""Image files on disk behind the ``Dataset`` interface, streamed by DataLoader worker processes.
+
+The layouts (CelebA, Waterbirds, a CSV) only differ in how they list files and metadata; this module
+does the rest once: it checks at construction that every listed file exists (a missing file fails the
+plan, naming it), decodes with PIL (JPEG draft mode, so large photos decode at reduced scale), resizes
+the shorter side to ``image_size`` and centre-crops a square, and normalises with ImageNet's mean and
+standard deviation (what timm's pretrained weights expect). A file that cannot be decoded raises
+``ImageReadError`` naming it; nothing is skipped.
+"""
+from __future__ import annotations
+
+import hashlib
+import os
+from pathlib import Path
+from typing import Any, Iterable, Iterator, Mapping, Sequence
+
+import numpy as np
+import torch
+
+from trainables.data.base import (PATH, Batches, Dataset, DatasetError, Option, SplitMeta, batch_order,
+                                  canonical_options, check_indices, check_split)
+from trainables.data.tables import Table
+
+__all__ = ["FolderImages", "ImageReadError", "decode_image", "image_options", "check_files", "resolve_root",
+           "file_digest", "IMAGENET_MEAN", "IMAGENET_STD"]
+
+IMAGENET_MEAN = np.array([0.485, 0.456, 0.406], dtype=np.float32)
+IMAGENET_STD = np.array([0.229, 0.224, 0.225], dtype=np.float32)
+_SHOWN = 5
+
+
+class ImageReadError(DatasetError):
+    """An image file that PIL cannot decode; the message names the file."""
+
+
+def image_options(image_size: int = 64) -> dict[str, Option]:
+    """Options every image-folder adapter shares (besides the table options)."""
+    return {
+        "root": Option(None, PATH, why="the dataset's folder; relative paths resolve against the working "
+                                       "directory, so prefer an absolute path"),
+        "image_size": Option(image_size, int, 8, 1024, why="images are resized and centre-cropped to this square"),
+        "num_workers": Option(2, int, 0, 64, why="DataLoader worker processes decoding images; 0 decodes in "
+                                                 "the trial's process", identity=False),
+        "verify_images": Option(False, bool, why="decode every image once at construction, so an unreadable "
+                                                 "file fails the plan rather than a trial (slow for large "
+                                                 "datasets)", identity=False),
+    }
+
+
+def resolve_root(value: str | None, layout: str) -> Path:
+    """The absolute dataset folder; a clear error when it is not given or does not exist."""
+    if value is None:
+        raise DatasetError(f"dataset.options.root is required: the folder holding the {layout} layout")
+    root = Path(value).expanduser().absolute()
+    if not root.is_dir():
+        what = "is a file, not a folder" if root.exists() else "does not exist"
+        shown = repr(value) if str(root) == value else f"{value!r} ({root})"
+        raise DatasetError(f"dataset.options.root {shown} {what}; point it at the folder holding the {layout} "
+                           f"layout (relative roots resolve against the working directory {os.getcwd()})")
+    return root
+
+
+def file_digest(paths: Iterable[Path]) -> str:
+    """sha256 over the bytes of metadata files: part of a fingerprint, so edited labels change cache keys."""
+    h = hashlib.sha256()
+    for path in paths:
+        with open(path, "rb") as f:
+            for chunk in iter(lambda: f.read(1 << 20), b""):
+                h.update(chunk)
+    return h.hexdigest()[:16]
+
+
+def check_files(paths: Sequence[str], where: str) -> None:
+    """Raise naming the missing files; lists each folder once instead of one stat per file."""
+    listing: dict[str, set[str]] = {}
+    missing = []
+    for p in paths:
+        folder, name = os.path.split(p)
+        if folder not in listing:
+            try:
+                with os.scandir(folder) as it:
+                    listing[folder] = {e.name for e in it}
+            except OSError:
+                listing[folder] = set()
+        if name not in listing[folder]:
+            missing.append(p)
+    if missing:
+        shown = ", ".join(missing[:_SHOWN]) + (f" and {len(missing) - _SHOWN} more" if len(missing) > _SHOWN else "")
+        raise DatasetError(f"{where} lists {len(missing)} image files that do not exist: {shown}; restore them or "
+                           "remove their rows (nothing is skipped silently)")
+
+
+def decode_image(path: str, size: int) -> np.ndarray:
+    """float32 (3, size, size): shorter side resized to ``size``, centre square, ImageNet-normalised."""
+    from PIL import Image
+
+    try:
+        with Image.open(path) as im:
+            im.draft("RGB", (size, size))  # JPEG decodes at the smallest scale still >= size
+            rgb = im.convert("RGB")
+        w, h = rgb.size
+        scale = size / min(w, h)
+        nw, nh = max(size, round(w * scale)), max(size, round(h * scale))
+        rgb = rgb.resize((nw, nh), Image.Resampling.BILINEAR)
+        left, top = (nw - size) // 2, (nh - size) // 2
+        arr = np.asarray(rgb.crop((left, top, left + size, top + size)), dtype=np.float32)
+    except Exception as exc:  # PIL raises OSError, ValueError, SyntaxError, DecompressionBombError, ...
+        raise ImageReadError(f"cannot read image {path} ({type(exc).__name__}: {exc}); replace the file or remove "
+                             "its row from the metadata") from None
+    arr = (arr / 255.0 - IMAGENET_MEAN) / IMAGENET_STD
+    return np.ascontiguousarray(arr.transpose(2, 0, 1))
+
+
+class _Decoder(torch.utils.data.Dataset):
+    """Decodes a whole batch of positions per call, so each worker returns one stacked tensor."""
+
+    def __init__(self, paths: np.ndarray, size: int):
+        self.paths, self.size = paths, size
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def __getitem__(self, pos: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
+        pos = np.atleast_1d(np.asarray(pos, dtype=np.int64))
+        x = np.stack([decode_image(self.paths[i], self.size) for i in pos.tolist()]) if len(pos) else \
+            np.zeros((0, 3, self.size, self.size), dtype=np.float32)
+        return torch.from_numpy(x), torch.from_numpy(pos)
+
+
+class _Stream:
+    """A DataLoader whose workers stop as soon as iteration ends or fails: left to the garbage collector,
+    a failed multi-process iterator holds its workers for seconds."""
+
+    def __init__(self, loader: torch.utils.data.DataLoader):
+        self.loader = loader
+
+    def __len__(self) -> int:
+        return len(self.loader)
+
+    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        it = iter(self.loader)
+        try:
+            yield from it
+        finally:
+            shutdown = getattr(it, "_shutdown_workers", None)  # what the iterator's __del__ calls
+            if shutdown is not None:
+                shutdown()
+
+
+class FolderImages(Dataset):
+    """Image files plus an encoded metadata table; built by the layout adapters (celeba, waterbirds, ...)."""
+
+    modality = "image"
+    in_memory = False
+
+    def __init__(self, *, name: str, version: int, options: Mapping[str, Any], schema: Mapping[str, Option],
+                 table: Table, paths: np.ndarray, digest: str, where: str):
+        self.name = name
+        self.options = dict(options)
+        size = int(options["image_size"])
+        self.input_shape = (3, size, size)
+        self.primary = table.primary
+        self.group_names = dict(table.group_names)
+        self._table = table
+        self._paths = {split: paths[table.rows[split]] for split in table.rows}
+        self._num_workers = int(options["num_workers"])
+        # root is left out: the same files moved elsewhere are the same data; the digest covers the metadata
+        self._fingerprint = f"{name}/v{version}:{canonical_options(options, schema, leave_out=('root',))}:{digest}"
+        check_files(paths.tolist(), where)
+        if options.get("verify_images"):
+            for p in paths.tolist():
+                decode_image(p, size)
+
+    def meta(self, split: str) -> SplitMeta:
+        return self._table.metas[check_split(split)]
+
+    def paths(self, split: str) -> np.ndarray:
+        """The image files of ``split`` in row order (read-only view for reports and tests)."""
+        out = self._paths[check_split(split)].view()
+        out.setflags(write=False)
+        return out
+
+    def inputs(self, split: str, indices: np.ndarray | None = None) -> torch.Tensor:
+        idx = check_indices(indices, len(self.meta(split)), split)
+        return _Decoder(self._paths[split][idx], self.input_shape[-1])[np.arange(len(idx))][0]
+
+    def loader(self, split: str, indices: np.ndarray | None = None, *, batch_size: int, shuffle: bool = False,
+               seed: int = 0, epoch: int = 0, drop_last: bool = False, num_workers: int | None = None) -> Batches:
+        idx = check_indices(indices, len(self.meta(split)), split)
+        order = batch_order(len(idx), batch_size, shuffle=shuffle, seed=seed, epoch=epoch, drop_last=drop_last)
+        workers = self._num_workers if num_workers is None else int(num_workers)
+        return _Stream(torch.utils.data.DataLoader(_Decoder(self._paths[split][idx], self.input_shape[-1]),
+                                                   batch_size=None, sampler=order, num_workers=min(workers, len(order)),
+                                                   pin_memory=torch.cuda.is_available()))
+
+    def fingerprint(self) -> str:
+        return self._fingerprint
