@@ -149,6 +149,23 @@ def _file_key(path: str) -> str:
     return "file-" + h.hexdigest()[:16]
 
 
+def _with_absolute_paths(spec: SweepSpec) -> SweepSpec:
+    """Dataset path options relative to the working directory become absolute, in the spec and its
+    recorded source: Tune runs each trial in its own directory, and resume may run from elsewhere."""
+    from trainables.data import DATASETS
+    from trainables.data.base import PATH
+
+    schema = DATASETS.get(spec.dataset.name).options
+    options = dict(spec.dataset.options)
+    for key, value in options.items():
+        if key in schema and schema[key].kind == PATH and isinstance(value, str) and value:
+            options[key] = str(Path(value).expanduser().resolve())
+    if options == dict(spec.dataset.options):
+        return spec
+    source = {**spec.source, "dataset": {**dict(spec.source.get("dataset", {})), "options": options}}
+    return replace(spec, dataset=replace(spec.dataset, options=options), source=source)
+
+
 def _as_spec_error(path: str, value: Any, exc: Exception) -> SpecError:
     return SpecError(path, value, str(exc))
 
@@ -172,6 +189,11 @@ def build_plan(spec: SweepSpec) -> Plan:
             metrics.direction(name)
         except ValueError as exc:
             raise _as_spec_error(f"objectives.{field_name}", name, exc) from None
+        attr = name.split("/", 1)[1] if "/" in name else None
+        if attr is not None and attr not in dataset.group_names:
+            raise SpecError(f"objectives.{field_name}", name, f"the dataset has no sensitive attribute {attr!r}; "
+                            f"it has: {', '.join(dataset.group_names)}")
+    spec = _with_absolute_paths(spec)
 
     # Interventions: feasible on this pool at this size (metadata only, no pixels).
     pool = dataset.meta("finetune")

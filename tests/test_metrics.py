@@ -96,3 +96,9 @@ def test_bootstrap_interval_contains_point_estimate_and_narrows_with_data():
     y2, s2, g2 = sample(2000)
     ci2 = bootstrap_ci(y2, s2, {"g": g2}, primary="g", metrics=["accuracy"], n_resamples=100, seed=0)
     assert ci2["accuracy"][1] - ci2["accuracy"][0] < ci["accuracy"][1] - ci["accuracy"][0]
+
+
+def test_worst_keys_exist_for_a_single_attribute():
+    m = evaluate(Y, S, {"sex": G}, primary="sex").metrics
+    assert m["worst:equalized_odds_difference"] == m["equalized_odds_difference"]
+    assert m["worst:worst_group_accuracy"] == m["worst_group_accuracy"]

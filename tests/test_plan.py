@@ -67,3 +67,23 @@ def test_cli_bad_spec_exits_2_and_writes_nothing(tmp_path):
     assert out.returncode == 2
     assert "axes.freeze_depth[1]" in out.stderr and "42" in out.stderr
     assert not (tmp_path / "mlflow.db").exists() and not (tmp_path / "fairsweep_results").exists()
+
+
+def test_relative_dataset_root_becomes_absolute_in_plan_and_record(tmp_path, monkeypatch):
+    from trainables.data.fixtures import write_image_csv
+
+    options = {**write_image_csv(tmp_path / "lesions"), "root": "lesions", "image_size": 32}
+    monkeypatch.chdir(tmp_path)
+    spec = tiny_spec(**{"dataset": {"name": "image_csv", "options": options},
+                        "axes.paradigm": ["scratch"], "axes.intervention": {"kind": "none", "magnitudes": [0.5]},
+                        "finetune.size": 8})
+    plan = build_plan(parse_spec(spec))
+    assert plan.spec.dataset.options["root"] == str(tmp_path / "lesions")
+    assert plan.spec.source["dataset"]["options"]["root"] == str(tmp_path / "lesions")  # what resume reads
+
+
+def test_objective_attribute_must_exist():
+    with pytest.raises(SpecError, match="no sensitive attribute 'sex'; it has: group"):
+        build_plan(parse_spec(tiny_spec(**{"objectives.fairness": "equalized_odds_difference/sex"})))
+    plan = build_plan(parse_spec(tiny_spec(**{"objectives.fairness": "worst:equalized_odds_difference"})))
+    assert plan.spec.objectives.fairness == "worst:equalized_odds_difference"

@@ -97,7 +97,8 @@ def _gaps(table: pd.DataFrame, y: np.ndarray, p: np.ndarray, g: np.ndarray) -> d
 
 def evaluate(y_true: Sequence[int], y_score: Sequence[float], sensitive: Mapping[str, Sequence], *, primary: str,
              threshold: float = 0.5) -> Evaluation:
-    """All metrics at ``y_score >= threshold``; keys ``NAME`` (primary), ``NAME/attr`` and ``worst:NAME``."""
+    """All metrics at ``y_score >= threshold``; keys ``NAME`` (primary), ``NAME/attr`` and ``worst:NAME``
+    (the worst over attributes; equal to the attribute's own value when there is one)."""
     from sklearn.metrics import average_precision_score, balanced_accuracy_score, f1_score, roc_auc_score
 
     y = np.asarray(y_true).astype(int)
@@ -115,10 +116,9 @@ def evaluate(y_true: Sequence[int], y_score: Sequence[float], sensitive: Mapping
         per_attr[attr] = _gaps(table, y, p, g)
         metrics.update({f"{k}/{attr}": v for k, v in per_attr[attr].items()})
     metrics.update(per_attr[primary])
-    if len(groups) > 1:
-        for k in GROUP_METRICS:
-            values = [per_attr[a][k] for a in groups]
-            metrics[f"worst:{k}"] = float(min(values) if METRIC_DIRECTIONS[k] == "max" else max(values))
+    for k in GROUP_METRICS:  # also with one attribute, so a `worst:` objective works on any dataset
+        values = [per_attr[a][k] for a in groups]
+        metrics[f"worst:{k}"] = float(min(values) if METRIC_DIRECTIONS[k] == "max" else max(values))
     return Evaluation(metrics, pd.concat(tables, ignore_index=True))
 
 
