@@ -15,6 +15,13 @@ __all__ = ["main"]
 EXIT_OK, EXIT_TRIALS_FAILED, EXIT_USAGE = 0, 1, 2
 
 
+def _add_run_flags(p: argparse.ArgumentParser) -> None:
+    """Flags of the commands that run trials (launch, resume)."""
+    p.add_argument("--max-concurrent", type=int, help="at most this many trials at once")
+    p.add_argument("--quiet", action="store_true", help="no Tune progress table")
+    _add_target_flags(p)
+
+
 def _add_target_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--tracking-uri", help="MLflow tracking URI (default: $MLFLOW_TRACKING_URI, else sqlite:///mlflow.db here)")
     p.add_argument("--address", help="Ray cluster address (default: $RAY_ADDRESS, else a local Ray instance)")
@@ -31,17 +38,13 @@ def _parser() -> argparse.ArgumentParser:
     p.set_defaults(handler=_cmd_launch)
     p.add_argument("spec", help="path to a sweep YAML file, e.g. sweeps/quickstart.yaml")
     p.add_argument("--dry-run", action="store_true", help="print the plan and start nothing")
-    p.add_argument("--max-concurrent", type=int, help="at most this many trials at once")
-    p.add_argument("--quiet", action="store_true", help="no Tune progress table")
-    _add_target_flags(p)
+    _add_run_flags(p)
 
     p = sub.add_parser("resume", help="continue an interrupted sweep from its storage path")
     p.set_defaults(handler=_cmd_resume)
     p.add_argument("name", help="the sweep's name (its folder under --storage)")
     p.add_argument("--retry-errored", action="store_true", help="also run errored trials again (from their last checkpoint)")
-    p.add_argument("--max-concurrent", type=int, help="at most this many trials at once")
-    p.add_argument("--quiet", action="store_true", help="no Tune progress table")
-    _add_target_flags(p)
+    _add_run_flags(p)
 
     p = sub.add_parser("status", help="finished / running / pending / errored trials and the front size")
     p.set_defaults(handler=_cmd_status)
@@ -77,6 +80,13 @@ def _plan(path: str):
     return build_plan(load_spec(path))
 
 
+def _launch_options(args: argparse.Namespace):
+    from orchestrator.launch import LaunchOptions
+
+    return LaunchOptions(tracking_uri=args.tracking_uri, address=args.address, storage=args.storage,
+                         cache_dir=args.cache_dir, max_concurrent_trials=args.max_concurrent, verbose=0 if args.quiet else 1)
+
+
 def _cmd_launch(args: argparse.Namespace) -> int:
     from orchestrator.spec import SpecError
 
@@ -87,25 +97,21 @@ def _cmd_launch(args: argparse.Namespace) -> int:
     if args.dry_run:
         print(plan.summary())
         return EXIT_OK
-    from orchestrator.launch import LaunchError, LaunchOptions, launch
+    from orchestrator.launch import LaunchError, launch
 
-    opts = LaunchOptions(tracking_uri=args.tracking_uri, address=args.address, storage=args.storage,
-                         cache_dir=args.cache_dir, max_concurrent_trials=args.max_concurrent, verbose=0 if args.quiet else 1)
     try:
-        result = launch(plan, opts)
+        result = launch(plan, _launch_options(args))
     except LaunchError as exc:
         return _fail(str(exc))
     return _print_summary(result, args)
 
 
 def _cmd_resume(args: argparse.Namespace) -> int:
-    from orchestrator.launch import LaunchError, LaunchOptions, resume
+    from orchestrator.launch import LaunchError, resume
     from orchestrator.spec import SpecError
 
-    opts = LaunchOptions(tracking_uri=args.tracking_uri, address=args.address, storage=args.storage,
-                         cache_dir=args.cache_dir, max_concurrent_trials=args.max_concurrent, verbose=0 if args.quiet else 1)
     try:
-        result = resume(args.name, opts, retry_errored=args.retry_errored)
+        result = resume(args.name, _launch_options(args), retry_errored=args.retry_errored)
     except (LaunchError, SpecError) as exc:
         return _fail(str(exc))
     return _print_summary(result, args)
