@@ -52,6 +52,16 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--storage")
     p.add_argument("--tracking-uri")
 
+    p = sub.add_parser("report", help="figures and a Markdown summary of a sweep, also logged to its parent run")
+    p.set_defaults(handler=_cmd_report)
+    p.add_argument("sweep", help="the sweep's name")
+    p.add_argument("--out", required=True, help="folder for the PNGs and summary.md")
+    p.add_argument("--experiment", help="MLflow experiment, where it differs from the sweep's name")
+    p.add_argument("--tracking-uri", help="MLflow tracking URI (default: $MLFLOW_TRACKING_URI, else sqlite:///mlflow.db here)")
+    p.add_argument("--perf", help="performance metric (default: the sweep's objective)")
+    p.add_argument("--fairness", help="unfairness metric (default: the sweep's objective)")
+    p.add_argument("--max-drop", type=float, default=0.01, help="budget for the summary's 'fairest within' line")
+
     p = sub.add_parser("paradigms", help="list the pretraining paradigms and their options")
     p.set_defaults(handler=lambda args: _print_paradigms())
 
@@ -148,6 +158,28 @@ def _print_summary(result, args: argparse.Namespace) -> int:
         print(f"\ninterrupted before every trial ended; continue with: fairsweep resume {plan.spec.name}{where}", file=sys.stderr)
         return 130
     return EXIT_TRIALS_FAILED if result.failed else EXIT_OK
+
+
+def _cmd_report(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from mlflow.tracking import MlflowClient
+
+    from orchestrator.launch import LaunchError, resolve_tracking_uri
+    from orchestrator.query import SweepNotFoundError
+    from orchestrator.report import write_report
+
+    try:
+        client = MlflowClient(resolve_tracking_uri(args.tracking_uri))
+        report = write_report(client, args.sweep, Path(args.out), experiment=args.experiment, performance=args.perf,
+                              fairness=args.fairness, max_drop=args.max_drop)
+    except (LaunchError, SweepNotFoundError, ValueError) as exc:
+        return _fail(str(exc))
+    print(f"sweep {args.sweep!r}: {report.n_trials} trials, {report.front_size} configurations on the front")
+    for f in report.files:
+        print(f"  {f}")
+    print(f"logged under report/ of parent run {report.parent_run_id}")
+    return EXIT_OK
 
 
 def _print_paradigms() -> int:

@@ -28,3 +28,50 @@ def pareto_figure(table: pd.DataFrame, performance: str, fairness: str, *, title
     ax.legend(fontsize=8)
     fig.tight_layout()
     return fig
+
+
+def axis_figure(trials: pd.DataFrame, axis: str, performance: str, fairness: str, *, title: str = "") -> Any:
+    """Unfairness and performance against one axis (e.g. intervention magnitude), a line per paradigm;
+    points are means over the other axes and seeds."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 2, figsize=(10, 4), dpi=100)
+    for paradigm, part in trials.groupby("paradigm", sort=True):
+        means = part.groupby(axis, sort=True)[[fairness, performance]].mean()
+        labels = [str(v) for v in means.index]
+        xs = means.index if pd.api.types.is_numeric_dtype(means.index) else range(len(labels))
+        for ax, metric in zip(axes, (fairness, performance)):
+            ax.plot(xs, means[metric], marker="o", label=str(paradigm))
+            if not pd.api.types.is_numeric_dtype(means.index):
+                ax.set_xticks(list(xs), labels)
+    for ax, metric in zip(axes, (fairness, performance)):
+        ax.set_xlabel(axis)
+        ax.set_ylabel(metric)
+        ax.grid(alpha=0.3)
+    axes[0].legend(fontsize=8)
+    fig.suptitle(title or f"{fairness} and {performance} vs {axis}")
+    fig.tight_layout()
+    return fig
+
+
+def group_bars_figure(per_group: pd.DataFrame, *, title: str = "") -> Any:
+    """Per-group accuracy of each front member: one bar cluster per member, a bar per (attribute, group)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    table = per_group.assign(group_label=per_group["attribute"].astype(str) + "=" + per_group["group"].astype(str))
+    pivot = table.pivot_table(index="member", columns="group_label", values="accuracy", aggfunc="mean")
+    fig, ax = plt.subplots(figsize=(max(6.4, 1.2 * len(pivot)), 4.8), dpi=100)
+    pivot.plot.bar(ax=ax, rot=30)
+    ax.set_ylabel("accuracy")
+    ax.set_ylim(0, 1)
+    ax.set_title(title or "per-group accuracy of the front's members")
+    ax.grid(alpha=0.3, axis="y")
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    return fig

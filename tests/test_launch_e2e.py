@@ -1,8 +1,6 @@
 """The real thing: `fairsweep launch` as a subprocess, local Ray, a temporary SQLite MLflow store."""
 from __future__ import annotations
 
-import gzip
-import io
 import math
 
 import mlflow
@@ -11,7 +9,6 @@ import pandas as pd
 import pytest
 from mlflow.tracking import MlflowClient
 
-from orchestrator import pareto
 from tests.helpers import run_cli, sqlite_uri, tiny_spec, write_spec
 
 pytestmark = pytest.mark.slow
@@ -98,3 +95,26 @@ def test_pareto_front_tags_and_artifacts(launched):
     front = pd.read_csv(client.download_artifacts(parent_id, "pareto/front.csv", str(tmp)))
     assert len(front) == sum(expected)
     assert {"spec.yaml"} <= {a.path for a in client.list_artifacts(parent_id)}
+
+
+def test_report_writes_figures_and_summary_and_logs_them(launched):
+    tmp, uri, _ = launched
+    out = run_cli("report", "tiny", "--out", str(tmp / "report"), "--tracking-uri", uri, cwd=tmp, timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
+    names = {"pareto.png", "vs_intervention_magnitude.png", "vs_freeze_depth.png", "front_group_accuracy.png", "summary.md"}
+    assert names <= {p.name for p in (tmp / "report").iterdir()}
+    assert all((tmp / "report" / n).stat().st_size > 1000 for n in names if n.endswith(".png"))
+    summary = (tmp / "report" / "summary.md").read_text()
+    front = pd.read_csv(MlflowClient(uri).download_artifacts(
+        mlflow.search_runs(experiment_names=["tiny"], filter_string="tags.`fairsweep.kind` = 'sweep'")["run_id"].iloc[0],
+        "pareto/front.csv", str(tmp)))
+    assert f"## Pareto front ({len(front)} configurations)" in summary
+    client = MlflowClient(uri)
+    parent_id = mlflow.search_runs(experiment_names=["tiny"], filter_string="tags.`fairsweep.kind` = 'sweep'")["run_id"].iloc[0]
+    assert {f"report/{n}" for n in names} <= {a.path for a in client.list_artifacts(parent_id, "report")}
+
+
+def test_report_of_unknown_sweep_lists_what_exists(launched):
+    tmp, uri, _ = launched
+    out = run_cli("report", "nosuch", "--experiment", "tiny", "--out", str(tmp / "r2"), "--tracking-uri", uri, cwd=tmp, timeout=120)
+    assert out.returncode == 2 and "no sweep 'nosuch'" in out.stderr and "tiny" in out.stderr

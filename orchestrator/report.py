@@ -1,0 +1,146 @@
+"""`fairsweep report`: the figures and a Markdown summary of one sweep, written to a folder and
+logged to the sweep's parent run under ``report/``.
+
+Everything is read back from MLflow (metrics, params, per-group artifacts), so a report can be made
+at any time after, or during, a sweep, from any machine that reaches the tracking server.
+"""
+from __future__ import annotations
+
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+
+from orchestrator import pareto
+from orchestrator.query import SweepNotFoundError, front_table, load_trials
+
+__all__ = ["Report", "write_report", "sweep_objectives"]
+
+
+@dataclass(frozen=True)
+class Report:
+    files: tuple[Path, ...]
+    parent_run_id: str
+    n_trials: int
+    front_size: int
+
+
+def _parent(client: Any, experiment: str, sweep: str) -> Any:
+    exp = client.get_experiment_by_name(experiment)
+    if exp is None:
+        names = sorted(e.name for e in client.search_experiments())
+        raise SweepNotFoundError(f"no MLflow experiment {experiment!r}; experiments: {', '.join(names) or 'none'}")
+    runs = client.search_runs([exp.experiment_id], f"tags.`fairsweep.sweep` = '{sweep}' AND tags.`fairsweep.kind` = 'sweep'",
+                              max_results=1)
+    if not runs:
+        sweeps = client.search_runs([exp.experiment_id], "tags.`fairsweep.kind` = 'sweep'", max_results=1000)
+        names = sorted({r.data.tags.get("fairsweep.sweep", "?") for r in sweeps})
+        raise SweepNotFoundError(f"no sweep {sweep!r} in experiment {experiment!r}; sweeps there: {', '.join(names) or 'none'}")
+    return runs[0]
+
+
+def sweep_objectives(parent: Any) -> tuple[str, str]:
+    """The performance and fairness metrics the sweep was run with (recorded on its parent run)."""
+    p = parent.data.params
+    return p.get("objectives.performance", "accuracy"), p.get("objectives.fairness", "equalized_odds_difference")
+
+
+def _freeze_order(value: str) -> tuple:
+    """0, 1, 2, ... then explicit sets, then linear/full, so the depth axis reads left to right."""
+    if value.isdigit():
+        return (0, int(value), value)
+    return (1 if value.startswith("[") else 2, 0, value)
+
+
+def _per_group_tables(client: Any, front: pd.DataFrame, folder: Path) -> pd.DataFrame:
+    """Per-group tables of every run of each front member (the bars average its seeds, like the front)."""
+    frames = []
+    for i, row in front.reset_index(drop=True).iterrows():
+        member = f"{i + 1}: {row['backbone']}/{row['paradigm']}/{row['intervention.magnitude']:g}/f{row['freeze_depth']}"
+        for run_id in row["run_ids"]:
+            try:
+                path = client.download_artifacts(run_id, "per_group.csv", str(folder / run_id))
+            except Exception:  # noqa: BLE001 - a run without the artifact (e.g. logged by hand) is left out of the bars
+                continue
+            frames.append(pd.read_csv(path).assign(member=member))
+    return pd.concat(frames, ignore_index=True) if frames else pd.DataFrame()
+
+
+def write_report(client: Any, sweep: str, out: Path, *, experiment: str | None = None, performance: str | None = None,
+                 fairness: str | None = None, max_drop: float = 0.01, log_to_mlflow: bool = True) -> Report:
+    """Write the report's PNGs and ``summary.md`` into ``out`` (and log them to the parent run)."""
+    import matplotlib.pyplot as plt
+
+    from orchestrator import figures
+    from trainables.metrics import direction
+
+    experiment = experiment or sweep
+    parent = _parent(client, experiment, sweep)
+    perf_default, fair_default = sweep_objectives(parent)
+    perf, fair = performance or perf_default, fairness or fair_default
+    directions = [direction(perf), direction(fair)]
+    trials = load_trials(client, experiment, sweep)
+    if trials.empty:
+        raise SweepNotFoundError(f"sweep {sweep!r} has no finished trials yet")
+    for metric in (perf, fair):
+        if metric not in trials:
+            raise ValueError(f"no trial of sweep {sweep!r} has the metric {metric!r}")
+    table = front_table(trials, perf, fair)
+    front = table[table["on_front"]]
+    out.mkdir(parents=True, exist_ok=True)
+    files: list[Path] = []
+
+    def save(fig: Any, name: str) -> None:
+        fig.savefig(out / name)
+        plt.close(fig)
+        files.append(out / name)
+
+    save(figures.pareto_figure(table, perf, fair, title=f"{sweep}: {len(front)} of {len(table)} configurations on the front"),
+         "pareto.png")
+    save(figures.axis_figure(trials, "intervention.magnitude", perf, fair), "vs_intervention_magnitude.png")
+    by_depth = trials.assign(freeze_depth=pd.Categorical(trials["freeze_depth"], sorted(trials["freeze_depth"].unique(), key=_freeze_order),
+                                                         ordered=True))
+    save(figures.axis_figure(by_depth, "freeze_depth", perf, fair), "vs_freeze_depth.png")
+    with tempfile.TemporaryDirectory() as tmp:
+        groups = _per_group_tables(client, front, Path(tmp))
+    if not groups.empty:
+        save(figures.group_bars_figure(groups), "front_group_accuracy.png")
+
+    best = pareto.constrained_best(table[[perf, fair]].to_numpy(float), directions, max_drop=max_drop)
+    files.append(_write_summary(out / "summary.md", sweep, experiment, trials, table, perf, fair, best, max_drop))
+    if log_to_mlflow:
+        for f in files:
+            client.log_artifact(parent.info.run_id, str(f), artifact_path="report")
+    return Report(tuple(files), parent.info.run_id, len(trials), len(front))
+
+
+def _markdown_table(frame: pd.DataFrame) -> str:
+    def cell(v: Any) -> str:
+        return f"{v:.4f}" if isinstance(v, float) else str(v)
+
+    rows = [" | ".join(map(str, frame.columns)), " | ".join("---" for _ in frame.columns)]
+    rows += [" | ".join(cell(v) for v in record) for record in frame.itertuples(index=False)]
+    return "\n".join(f"| {r} |" for r in rows)
+
+
+def _write_summary(path: Path, sweep: str, experiment: str, trials: pd.DataFrame, table: pd.DataFrame, perf: str,
+                   fair: str, best: int | None, max_drop: float) -> Path:
+    cols = ["backbone", "paradigm", "intervention.kind", "intervention.magnitude", "freeze_depth", "n_seeds", perf, fair]
+    front = table[table["on_front"]][cols]
+    lines = [f"# Sweep `{sweep}`", "",
+             f"- MLflow experiment: `{experiment}`; finished trials: {len(trials)}; configurations: {len(table)}",
+             f"- objectives: `{perf}` and `{fair}`, means over seeds", "",
+             f"## Pareto front ({len(front)} configurations)", "", _markdown_table(front), ""]
+    if best is not None:
+        row = table.iloc[best]
+        top = table[perf].max()
+        lines += [f"## Fairest within {max_drop:g} of the best {perf}", "",
+                  f"`{row['backbone']}` / `{row['paradigm']}` / {row['intervention.kind']} {row['intervention.magnitude']:g} / "
+                  f"freeze `{row['freeze_depth']}`: {perf} {row[perf]:.4f} (best {top:.4f}), {fair} {row[fair]:.4f}.", ""]
+    lines += ["## Figures", "", "- `pareto.png`: every configuration, coloured by paradigm, the front as a line",
+              "- `vs_intervention_magnitude.png`, `vs_freeze_depth.png`: means per paradigm",
+              "- `front_group_accuracy.png`: per-group accuracy of the front's members", ""]
+    path.write_text("\n".join(lines))
+    return path
