@@ -65,6 +65,10 @@ def _parser() -> argparse.ArgumentParser:
     p = sub.add_parser("paradigms", help="list the pretraining paradigms and their options")
     p.set_defaults(handler=lambda args: _print_paradigms())
 
+    from orchestrator import query_cli
+
+    query_cli.add_commands(sub)
+
     p = sub.add_parser("validate", help="check a sweep file and print its plan")
     p.set_defaults(handler=_cmd_validate)
     p.add_argument("spec")

@@ -5,14 +5,15 @@ holds and what a query answers cannot drift apart.
 """
 from __future__ import annotations
 
-from typing import Any, Sequence
+from typing import Any, Mapping, Sequence
 
 import numpy as np
 import pandas as pd
 
-from orchestrator import pareto
+from orchestrator import pareto as pareto_mod
 
-__all__ = ["AXIS_PARAMS", "SweepNotFoundError", "load_trials", "aggregate_seeds", "front_table"]
+__all__ = ["AXIS_PARAMS", "SweepNotFoundError", "load_trials", "aggregate_seeds", "front_table", "list_sweeps",
+           "sweep_objectives", "sweep_trials", "pareto", "best", "compare"]
 
 AXIS_PARAMS = ("backbone", "paradigm", "intervention.kind", "intervention.magnitude", "freeze_depth")
 TAG = "fairsweep."
@@ -82,5 +83,299 @@ def front_table(trials: pd.DataFrame, performance: str, fairness: str) -> pd.Dat
         agg["on_front"] = pd.Series(dtype=bool)
         return agg
     directions = [_direction(performance), _direction(fairness)]
-    agg["on_front"] = pareto.pareto_mask(agg[[performance, fairness]].to_numpy(float), directions)
+    agg["on_front"] = pareto_mod.pareto_mask(agg[[performance, fairness]].to_numpy(float), directions)
     return agg.sort_values(["on_front", performance], ascending=[False, directions[0] == "min"]).reset_index(drop=True)
+
+
+# -- query API ------------------------------------------------------------------------------------
+# Everything below answers the questions users ask after a sweep: which trials/configurations are
+# Pareto-optimal for any two metrics, the least unfair one within a performance budget, and how the
+# groups of one axis compare at that budget. Metric directions come from trainables.metrics.direction.
+
+_BASE_COLUMNS = ("run_id", "status", "trial_key", "config_key", "seed", *AXIS_PARAMS)
+
+
+def _experiment(client: Any, experiment: str) -> Any:
+    exp = client.get_experiment_by_name(experiment)
+    if exp is None:
+        names = sorted(e.name for e in client.search_experiments())
+        raise SweepNotFoundError(f"no MLflow experiment {experiment!r}; experiments: {', '.join(names) or 'none'}")
+    return exp
+
+
+def _sweep_tag_filter(sweep: str, kind: str) -> str:
+    if "'" in sweep:
+        raise ValueError(f"sweep name {sweep!r} contains a quote; sweep names are plain identifiers")
+    return f"tags.`{TAG}sweep` = '{sweep}' AND tags.`{TAG}kind` = '{kind}'"
+
+
+def list_sweeps(client: Any, experiment: str) -> list[str]:
+    """Names of the sweeps with a parent run (or, failing that, trial runs) in ``experiment``, sorted."""
+    exp = _experiment(client, experiment)
+    names: set[str] = set()
+    for kind in ("sweep", "trial"):
+        page = None
+        while True:
+            runs = client.search_runs([exp.experiment_id], filter_string=f"tags.`{TAG}kind` = '{kind}'",
+                                      max_results=1000, page_token=page)
+            names.update(r.data.tags.get(TAG + "sweep") for r in runs if r.data.tags.get(TAG + "sweep"))
+            page = runs.token
+            if not page or kind == "trial":  # trial runs only as a fallback for sweeps without a parent run
+                break
+        if names:
+            break
+    return sorted(names)
+
+
+def _not_found(client: Any, experiment: str, sweep: str) -> SweepNotFoundError:
+    sweeps = list_sweeps(client, experiment)
+    return SweepNotFoundError(f"no sweep {sweep!r} in MLflow experiment {experiment!r}; sweeps there: "
+                              f"{', '.join(sweeps) or 'none'}")
+
+
+def _parent_run(client: Any, experiment_id: str, sweep: str) -> Any | None:
+    runs = client.search_runs([experiment_id], filter_string=_sweep_tag_filter(sweep, "sweep"), max_results=1)
+    return runs[0] if runs else None
+
+
+def sweep_objectives(client: Any, sweep: str, experiment: str | None = None) -> tuple[str, str]:
+    """(performance, fairness) metric names the sweep optimised, from its parent run's params."""
+    experiment = experiment or sweep
+    exp = _experiment(client, experiment)
+    parent = _parent_run(client, exp.experiment_id, sweep)
+    if parent is None:
+        raise _not_found(client, experiment, sweep)
+    params = parent.data.params
+    perf, fair = params.get("objectives.performance"), params.get("objectives.fairness")
+    if not perf or not fair:
+        raise SweepNotFoundError(f"the parent run {parent.info.run_id} of sweep {sweep!r} has no objectives.performance/"
+                                 f"objectives.fairness params; name the metrics explicitly (--perf/--fairness)")
+    return perf, fair
+
+
+def _matches(column: pd.Series, value: Any) -> pd.Series:
+    values = list(value) if isinstance(value, (list, tuple, set, frozenset)) else [value]
+    if pd.api.types.is_numeric_dtype(column):
+        try:
+            nums = [float(v) for v in values]
+        except (TypeError, ValueError):
+            raise ValueError(f"filter on numeric column {column.name!r} needs numbers; got {value!r}") from None
+        return column.astype(float).isin(nums)
+    return column.astype(str).isin([str(v) for v in values])
+
+
+def sweep_trials(client: Any, sweep: str, experiment: str | None = None, *,
+                 filters: Mapping[str, Any] | None = None, finished_only: bool = True) -> pd.DataFrame:
+    """One row per trial run of ``sweep`` (run_id, status, trial_key, config_key, seed, axis params, metrics).
+
+    ``experiment`` defaults to the sweep's name. ``filters`` maps a column (an axis param, seed,
+    config_key, status, ...) to a value or a list of accepted values; params compare as strings,
+    numeric columns (intervention.magnitude, metrics) as numbers. Raises SweepNotFoundError, listing
+    what exists, for an unknown experiment or sweep; an existing sweep without finished trials
+    gives an empty frame.
+    """
+    experiment = experiment or sweep
+    df = load_trials(client, experiment, sweep, finished_only=finished_only)
+    if df.empty:
+        exp = _experiment(client, experiment)
+        if _parent_run(client, exp.experiment_id, sweep) is None and not client.search_runs(
+                [exp.experiment_id], filter_string=f"tags.`{TAG}sweep` = '{sweep}'", max_results=1):
+            raise _not_found(client, experiment, sweep)
+    for col in _BASE_COLUMNS:
+        if col not in df:
+            df[col] = pd.Series(dtype=float if col == "intervention.magnitude" else object)
+    for key, value in (filters or {}).items():
+        if key not in df:
+            raise ValueError(f"cannot filter on {key!r}: not a column of the trials; columns: {', '.join(df.columns)}")
+        df = df[_matches(df[key], value)]
+    return df.reset_index(drop=True)
+
+
+def _check_metrics(trials: pd.DataFrame, *metrics: str) -> list[str]:
+    """Directions of ``metrics``; ValueError for an unknown name or one no trial logged."""
+    dirs = [_direction(m) for m in metrics]  # raises ValueError listing valid names
+    if not trials.empty:
+        missing = [m for m in metrics if m not in trials]
+        if missing:
+            logged = sorted(c for c in trials.columns if c not in _BASE_COLUMNS and pd.api.types.is_numeric_dtype(trials[c])
+                            and c != "intervention.magnitude")
+            raise ValueError(f"metric(s) {', '.join(map(repr, missing))} not logged by any of these trials; "
+                             f"logged metrics: {', '.join(logged) or 'none'}")
+    return dirs
+
+
+def _config_rows(trials: pd.DataFrame, perf: str, fair: str) -> pd.DataFrame:
+    """Seed means per config_key (aggregate_seeds) plus per-metric counts of non-missing values and trial keys."""
+    agg = aggregate_seeds(trials, [perf, fair])
+    if agg.empty:
+        for col in (f"{perf}_std", f"{fair}_std", f"{perf}_count", f"{fair}_count", "run_ids", "trial_keys"):
+            agg[col] = pd.Series(dtype=object)
+        return agg
+    grouped = trials.groupby("config_key", sort=False)
+    for m in dict.fromkeys((perf, fair)):
+        counts = grouped[m].count() if m in trials else pd.Series(0, index=grouped.size().index)
+        agg[f"{m}_count"] = agg["config_key"].map(counts).astype(int)
+    agg["trial_keys"] = agg["config_key"].map(grouped["trial_key"].agg(list))
+    return agg
+
+
+def _rows(trials: pd.DataFrame, perf: str, fair: str, by_config: bool) -> pd.DataFrame:
+    if by_config:
+        return _config_rows(trials, perf, fair)
+    rows = trials.copy()
+    for m in (perf, fair):
+        if m not in rows:
+            rows[m] = np.nan
+    return rows.reset_index(drop=True)
+
+
+def pareto(trials: pd.DataFrame, perf: str, fair: str, *, by_config: bool = True,
+           front_only: bool = True) -> pd.DataFrame:
+    """The Pareto front of ``perf`` (its direction) against ``fair`` (its direction).
+
+    ``by_config``: one row per configuration (config_key) with seed means, ``*_std``, ``*_count``
+    (non-missing values), ``n_seeds``, ``run_ids`` and ``trial_keys``; otherwise one row per trial.
+    Rows missing either metric are never on the front. ``front_only=False`` returns every row with
+    an ``on_front`` column. Sorted by performance, best first.
+    """
+    directions = _check_metrics(trials, perf, fair)
+    rows = _rows(trials, perf, fair, by_config)
+    rows["on_front"] = (pareto_mod.pareto_mask(rows[[perf, fair]].to_numpy(float), directions)
+                        if len(rows) else pd.Series(dtype=bool))
+    if front_only:
+        rows = rows[rows["on_front"]]
+    return rows.sort_values([perf, fair], ascending=[directions[0] == "min", directions[1] == "min"],
+                            na_position="last", kind="stable").reset_index(drop=True)
+
+
+def _perf_limit(ref_perf: float, direction: str, max_drop: float | None, max_rel_drop: float | None) -> float:
+    budget = max_drop if max_drop is not None else abs(ref_perf) * max_rel_drop
+    return ref_perf - budget if direction == "max" else ref_perf + budget
+
+
+def _fairest_within(rows: pd.DataFrame, perf: str, fair: str, directions: list[str], limit: float) -> int | None:
+    """Position in ``rows`` of the least unfair row whose performance reaches ``limit`` (inclusive, with
+    constrained_best's tolerance); ties to better performance, then the earlier row. None if none."""
+    values = rows[[perf, fair]].to_numpy(float)
+    perf_min = values[:, 0] * (-1.0 if directions[0] == "max" else 1.0)  # minimisation form
+    lim_min = -limit if directions[0] == "max" else limit
+    ok = ~np.isnan(values).any(axis=1) & (perf_min <= lim_min + 1e-12 * max(1.0, abs(lim_min)))
+    idx = np.flatnonzero(ok)
+    if idx.size == 0:
+        return None
+    span = float(np.ptp(perf_min[idx]))  # every eligible row lies within this drop of the eligible best
+    pick = pareto_mod.constrained_best(values[idx], directions, max_drop=span)
+    return None if pick is None else int(idx[pick])
+
+
+def _check_budget(max_drop: float | None, max_rel_drop: float | None) -> None:
+    if (max_drop is None) == (max_rel_drop is None):
+        raise ValueError(f"give exactly one of max_drop (absolute) or max_rel_drop (relative); got "
+                         f"max_drop={max_drop!r}, max_rel_drop={max_rel_drop!r}")
+    name, value = ("max_drop", max_drop) if max_drop is not None else ("max_rel_drop", max_rel_drop)
+    if not np.isfinite(value) or value < 0:
+        raise ValueError(f"{name} = {value!r}; use a finite number >= 0")
+
+
+def best(trials: pd.DataFrame, perf: str, fair: str, *, max_drop: float | None = None,
+         max_rel_drop: float | None = None, reference: Mapping[str, Any] | None = None,
+         by_config: bool = False) -> pd.DataFrame:
+    """The least unfair trial whose ``perf`` is within the budget of the best trial's, as a one-row frame.
+
+    Give exactly one budget: ``max_drop`` (absolute, in the metric's units: 0.01 = one point of
+    accuracy) or ``max_rel_drop`` (a fraction of |reference performance|). The budget is measured
+    from the best trial having both metrics or, with ``reference`` (axis -> value, e.g.
+    ``{"paradigm": "supervised"}``), from the best trial of that configuration. Inclusive boundary;
+    ties go to higher performance, then to the earlier row. Adds ``reference_<perf>`` and
+    ``<perf>_limit`` columns. Empty frame if nothing qualifies. ``by_config`` uses seed means.
+    """
+    directions = _check_metrics(trials, perf, fair)
+    _check_budget(max_drop, max_rel_drop)
+    rows = _rows(trials, perf, fair, by_config)
+    valid = rows[perf].notna() & rows[fair].notna() if len(rows) else pd.Series(dtype=bool)
+    if reference:
+        sel = valid.copy()
+        for key, value in reference.items():
+            if key not in rows:
+                raise ValueError(f"reference key {key!r} is not a column; use one of {', '.join(AXIS_PARAMS)}")
+            sel &= _matches(rows[key], value)
+        if not sel.any():
+            values = {k: sorted(map(str, rows[k].dropna().unique())) for k in reference if k in rows}
+            raise ValueError(f"no trial with both metrics matches reference {dict(reference)}; values present: {values}")
+        ref_rows = rows[sel]
+    else:
+        ref_rows = rows[valid]
+    if ref_rows.empty:
+        return rows.iloc[0:0].assign(**{f"reference_{perf}": pd.Series(dtype=float), f"{perf}_limit": pd.Series(dtype=float)})
+    ref_perf = float(ref_rows[perf].max() if directions[0] == "max" else ref_rows[perf].min())
+    limit = _perf_limit(ref_perf, directions[0], max_drop, max_rel_drop)
+    pos = _fairest_within(rows, perf, fair, directions, limit)
+    out = rows.iloc[[] if pos is None else [pos]].copy()
+    out[f"reference_{perf}"] = ref_perf
+    out[f"{perf}_limit"] = limit
+    return out.reset_index(drop=True)
+
+
+def compare(trials: pd.DataFrame, by: str, perf: str, fair: str, *, max_drop: float | None = 0.01,
+            max_rel_drop: float | None = None, reference_group: Any = None, by_config: bool = False) -> pd.DataFrame:
+    """Per value of the axis ``by``: the least unfair trial within the budget of the overall best.
+
+    The budget (one of ``max_drop``/``max_rel_drop``; pass ``max_drop=None`` to use the relative one)
+    is measured from the best trial of the whole sweep having both metrics, so every group faces
+    the same performance floor. Columns: ``by``, n_trials, n_within (trials reaching the floor),
+    run_id, trial_key, config_key, ``perf``, ``fair``, and ``rel_change`` = (fair - ref) / |ref|
+    against ``reference_group``'s fairness (default: the first group in sorted order); negative
+    means fairer. Groups with no trial within budget have NaN metrics.
+    """
+    directions = _check_metrics(trials, perf, fair)
+    _check_budget(max_drop, max_rel_drop)
+    rows = _rows(trials, perf, fair, by_config)
+    if by not in rows:
+        raise ValueError(f"cannot group by {by!r}; use one of {', '.join(c for c in AXIS_PARAMS + ('seed',) if c in rows)}")
+    cols = [by, "n_trials", "n_within", "run_id" if not by_config else "run_ids", "trial_key" if not by_config else
+            "trial_keys", "config_key", perf, fair, "rel_change"]
+    if rows.empty:
+        return pd.DataFrame(columns=cols)
+    valid = rows[perf].notna() & rows[fair].notna()
+    if not valid.any():
+        raise ValueError(f"no trial has both {perf!r} and {fair!r}")
+    ref_perf = float(rows.loc[valid, perf].max() if directions[0] == "max" else rows.loc[valid, perf].min())
+    limit = _perf_limit(ref_perf, directions[0], max_drop, max_rel_drop)
+    tol = 1e-12 * max(1.0, abs(limit))
+    out = []
+    for key, group in rows.groupby(by, sort=True, dropna=False):
+        group = group.reset_index(drop=True)
+        gp = group[perf].to_numpy(float)
+        within = (gp >= limit - tol) if directions[0] == "max" else (gp <= limit + tol)
+        within &= group[fair].notna().to_numpy()
+        pos = _fairest_within(group, perf, fair, directions, limit)
+        rec = {by: key, "n_trials": len(group), "n_within": int(within.sum())}
+        pick = group.iloc[pos] if pos is not None else None
+        for c in cols[3:6]:
+            rec[c] = pick[c] if pick is not None and c in group else None
+        rec[perf] = float(pick[perf]) if pick is not None else np.nan
+        rec[fair] = float(pick[fair]) if pick is not None else np.nan
+        out.append(rec)
+    table = pd.DataFrame(out)
+    keys = table[by].tolist()
+    if reference_group is None:
+        ref_idx = 0
+    else:
+        matches = [i for i, k in enumerate(keys) if str(k) == str(reference_group) or
+                   (isinstance(k, (int, float)) and _is_number(reference_group) and float(k) == float(reference_group))]
+        if not matches:
+            raise ValueError(f"reference group {reference_group!r} not among the values of {by!r}: "
+                             f"{', '.join(map(str, keys))}")
+        ref_idx = matches[0]
+    ref_fair = table[fair].iloc[ref_idx]
+    table["rel_change"] = (table[fair] - ref_fair) / abs(ref_fair) if ref_fair and np.isfinite(ref_fair) else np.nan
+    table.attrs.update({"reference_group": keys[ref_idx], f"best_{perf}": ref_perf, f"{perf}_limit": limit})
+    return table[cols]
+
+
+def _is_number(value: Any) -> bool:
+    try:
+        float(value)
+    except (TypeError, ValueError):
+        return False
+    return True

@@ -1,0 +1,190 @@
+"""``fairsweep pareto|best|compare``: the query API (orchestrator.query) from the shell.
+
+Only argparse at import time: MLflow and pandas load when a command runs, so ``fairsweep --help``
+stays instant. Bad input (unknown metric, sweep, experiment; an unreachable server) prints a clear
+message listing what exists and returns exit code 2 within a few seconds.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import socket
+import sys
+from typing import Any
+from urllib.parse import urlparse
+
+__all__ = ["add_commands"]
+
+EXIT_OK, EXIT_USAGE = 0, 2
+PROBE_TIMEOUT_S = 3.0
+
+
+def add_commands(sub: Any) -> None:
+    """Register pareto, best and compare on the ``fairsweep`` subparsers."""
+    p = sub.add_parser("pareto", help="the Pareto front of a sweep (seed means per configuration)")
+    p.set_defaults(handler=_cmd_pareto)
+    _common(p)
+    p.add_argument("--per-trial", action="store_true", help="one row per trial instead of seed means per configuration")
+    p.add_argument("--all", action="store_true", help="every row, with an on_front column")
+
+    p = sub.add_parser("best", help="the least unfair trial within a performance budget of the best")
+    p.set_defaults(handler=_cmd_best)
+    _common(p)
+    budget = p.add_mutually_exclusive_group(required=True)
+    budget.add_argument("--max-drop", type=float, help="absolute drop in the performance metric (0.01 = one point)")
+    budget.add_argument("--max-rel-drop", type=float, help="relative drop (0.01 = 1%% of the reference performance)")
+    p.add_argument("--reference", action="append", metavar="AXIS=VALUE",
+                   help="measure the budget from this configuration's best trial (repeatable), e.g. paradigm=supervised")
+    p.add_argument("--by-config", action="store_true", help="choose among seed means per configuration")
+
+    p = sub.add_parser("compare", help="per group of one axis: the best fairness within a performance budget")
+    p.set_defaults(handler=_cmd_compare)
+    _common(p)
+    p.add_argument("--by", required=True, help="the axis to group by, e.g. paradigm, freeze_depth, intervention.magnitude")
+    p.add_argument("--reference", help="the group the relative change is measured against (default: the first)")
+    budget = p.add_mutually_exclusive_group()
+    budget.add_argument("--max-drop", type=float, help="absolute drop from the best trial (default 0.01)")
+    budget.add_argument("--max-rel-drop", type=float, help="relative drop from the best trial")
+    p.add_argument("--by-config", action="store_true", help="choose among seed means per configuration")
+
+
+def _common(p: argparse.ArgumentParser) -> None:
+    p.add_argument("sweep", help="the sweep's name")
+    p.add_argument("--experiment", help="MLflow experiment, where it differs from the sweep's name")
+    p.add_argument("--tracking-uri", help="MLflow tracking URI (default: $MLFLOW_TRACKING_URI, else sqlite:///mlflow.db here)")
+    p.add_argument("--perf", help="performance metric (default: the sweep's objective)")
+    p.add_argument("--fairness", help="unfairness metric (default: the sweep's objective)")
+    p.add_argument("--filter", action="append", metavar="COLUMN=VALUE", help="keep only matching trials (repeatable)")
+    p.add_argument("--format", choices=("table", "csv", "json"), default="table")
+
+
+class _Usage(Exception):
+    pass
+
+
+def _fail(message: str) -> int:
+    print(f"fairsweep: error: {message}", file=sys.stderr)
+    return EXIT_USAGE
+
+
+def _pairs(items: list[str] | None, flag: str) -> dict[str, str]:
+    out: dict[str, str] = {}
+    for item in items or []:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise _Usage(f"{flag} {item!r}: write COLUMN=VALUE, e.g. paradigm=supervised")
+        out.setdefault(key, [])
+        out[key].append(value)  # type: ignore[union-attr]
+    return {k: v[0] if len(v) == 1 else v for k, v in out.items()}  # type: ignore[index,misc]
+
+
+def _probe(uri: str) -> None:
+    """Fail fast when an http(s) tracking server does not accept connections."""
+    parsed = urlparse(uri)
+    if parsed.scheme not in ("http", "https"):
+        return
+    port = parsed.port or (443 if parsed.scheme == "https" else 80)
+    try:
+        with socket.create_connection((parsed.hostname or "localhost", port), timeout=PROBE_TIMEOUT_S):
+            pass
+    except OSError as exc:
+        raise _Usage(f"cannot reach the MLflow tracking server at {uri} ({exc}); start it (mlflow server ...) or "
+                     f"pass --tracking-uri / set MLFLOW_TRACKING_URI") from None
+
+
+def _session(args: argparse.Namespace):
+    """(client, trials, perf, fair) for the command's sweep; raises _Usage for bad input."""
+    os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
+    os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "5")
+    from orchestrator.launch import LaunchError, resolve_tracking_uri
+
+    try:
+        uri = resolve_tracking_uri(args.tracking_uri)
+    except LaunchError as exc:
+        raise _Usage(str(exc)) from None
+    if uri.startswith("sqlite:///") and not os.path.exists(uri[len("sqlite:///"):]):
+        raise _Usage(f"no MLflow database at {uri[len('sqlite:///'):]}; run a sweep first or pass --tracking-uri")
+    _probe(uri)
+    from mlflow.tracking import MlflowClient
+
+    from orchestrator import query
+
+    client = MlflowClient(tracking_uri=uri)
+    experiment = args.experiment or args.sweep
+    perf, fair = args.perf, args.fairness
+    if not perf or not fair:
+        dperf, dfair = query.sweep_objectives(client, args.sweep, experiment)
+        perf, fair = perf or dperf, fair or dfair
+    trials = query.sweep_trials(client, args.sweep, experiment, filters=_pairs(args.filter, "--filter"))
+    return trials, perf, fair
+
+
+def _run(args: argparse.Namespace, body) -> int:
+    from orchestrator.query import SweepNotFoundError
+
+    try:
+        trials, perf, fair = _session(args)
+        table = body(trials, perf, fair)
+    except (_Usage, SweepNotFoundError, ValueError) as exc:
+        return _fail(str(exc))
+    except Exception as exc:  # MlflowException, requests errors: an unreachable or failing server
+        if type(exc).__name__ in ("MlflowException", "ConnectionError", "RestException", "Timeout", "ReadTimeout",
+                                  "ConnectTimeout", "MaxRetryError", "OperationalError"):
+            return _fail(f"tracking store error: {str(exc).splitlines()[0][:500] if str(exc) else type(exc).__name__}")
+        raise
+    _print(table, args.format)
+    return EXIT_OK
+
+
+def _plain(value: Any) -> Any:
+    if isinstance(value, (list, tuple)):
+        return [_plain(v) for v in value]
+    if hasattr(value, "item") and not isinstance(value, (str, bytes)):
+        value = value.item()
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    return value
+
+
+def _print(table, fmt: str) -> None:
+    if fmt == "json":
+        records = [{k: _plain(v) for k, v in rec.items()} for rec in table.to_dict(orient="records")]
+        print(json.dumps(records, indent=1))
+    elif fmt == "csv":
+        print(table.to_csv(index=False), end="")
+    elif table.empty:
+        print("(no rows)")
+    else:
+        shown = table.drop(columns=[c for c in ("run_ids", "trial_keys") if c in table])
+        print(shown.to_string(index=False))
+
+
+def _cmd_pareto(args: argparse.Namespace) -> int:
+    from orchestrator import query
+
+    return _run(args, lambda t, perf, fair: query.pareto(t, perf, fair, by_config=not args.per_trial,
+                                                         front_only=not args.all))
+
+
+def _cmd_best(args: argparse.Namespace) -> int:
+    from orchestrator import query
+
+    def body(t, perf, fair):
+        return query.best(t, perf, fair, max_drop=args.max_drop, max_rel_drop=args.max_rel_drop,
+                          reference=_pairs(args.reference, "--reference") or None, by_config=args.by_config)
+
+    return _run(args, body)
+
+
+def _cmd_compare(args: argparse.Namespace) -> int:
+    from orchestrator import query
+
+    max_drop = args.max_drop if args.max_drop is not None or args.max_rel_drop is not None else 0.01
+
+    def body(t, perf, fair):
+        return query.compare(t, args.by, perf, fair, max_drop=max_drop, max_rel_drop=args.max_rel_drop,
+                             reference_group=args.reference, by_config=args.by_config)
+
+    return _run(args, body)

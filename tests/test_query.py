@@ -1,0 +1,354 @@
+"""The query API and CLI against runs with known metrics logged straight into MLflow, checked by brute force."""
+from __future__ import annotations
+
+import io
+import json
+import math
+import os
+import shutil
+import socket
+import statistics
+import subprocess
+import time
+from pathlib import Path
+
+import pandas as pd
+import pytest
+
+from orchestrator import query
+from tests.helpers import REPO, cli_env, run_cli, sqlite_uri
+
+PERF, FAIR = "accuracy", "equalized_odds_difference"
+TOL = 1e-12
+
+# (paradigm, magnitude, freeze_depth, seed, accuracy, eod); None = metric not logged
+SWEEP_A = [
+    ("scratch", 0.5, "0", 0, 0.80, 0.20), ("scratch", 0.5, "0", 1, 0.82, 0.10),
+    ("scratch", 0.9, "0", 0, 0.78, 0.05), ("scratch", 0.9, "0", 1, 0.78, 0.07),
+    ("supervised", 0.5, "0", 0, 0.85, 0.30), ("supervised", 0.5, "0", 1, 0.87, 0.25),
+    ("supervised", 0.9, "linear", 0, 0.86, 0.12), ("supervised", 0.9, "linear", 1, 0.84, 0.12),
+    ("simclr", 0.5, "0", 0, 0.86, 0.12),  # ties supervised/0.9 on eod with higher accuracy than its seed 1
+    ("simclr", 0.9, "0", 0, 0.70, 0.02),
+    ("simclr", 0.9, "linear", 0, 0.88, None),  # missing fairness: never on the front, never the best
+]
+SWEEP_B = [("scratch", 0.5, "0", 0, 0.60, 0.01), ("supervised", 0.5, "0", 0, 0.95, 0.40)]
+
+
+def _log(client, exp_id: str, sweep: str, trial, status: str = "FINISHED") -> str:
+    from mlflow.entities import Metric, Param
+
+    paradigm, mag, freeze, seed, acc, eod = trial
+    config_key = f"{sweep}-{paradigm}-{mag}-{freeze}"
+    run = client.create_run(exp_id, tags={"fairsweep.kind": "trial", "fairsweep.sweep": sweep,
+                                          "fairsweep.trial_key": f"{config_key}-s{seed}", "fairsweep.config_key": config_key,
+                                          "fairsweep.pareto_front": "false"})
+    params = {"backbone": "test_resnet", "paradigm": paradigm, "intervention.kind": "correlation",
+              "intervention.magnitude": str(mag), "freeze_depth": freeze, "seed": str(seed)}
+    metrics = {"accuracy": acc, "equalized_odds_difference": eod, "auroc": None if acc is None else acc - 0.05}
+    now = int(time.time() * 1000)
+    client.log_batch(run.info.run_id, params=[Param(k, v) for k, v in params.items()],
+                     metrics=[Metric(k, v, now, 0) for k, v in metrics.items() if v is not None])
+    client.set_terminated(run.info.run_id, status)
+    return run.info.run_id
+
+
+def _parent(client, exp_id: str, sweep: str) -> None:
+    from mlflow.entities import Param
+
+    run = client.create_run(exp_id, tags={"fairsweep.kind": "sweep", "fairsweep.sweep": sweep})
+    client.log_batch(run.info.run_id, params=[Param("objectives.performance", PERF), Param("objectives.fairness", FAIR)])
+
+
+def populate(client) -> dict:
+    exp_id = client.create_experiment("exp1")
+    _parent(client, exp_id, "sA")
+    _parent(client, exp_id, "sB")
+    ids = {"sA": [_log(client, exp_id, "sA", t) for t in SWEEP_A], "sB": [_log(client, exp_id, "sB", t) for t in SWEEP_B]}
+    ids["failed"] = _log(client, exp_id, "sA", ("simclr", 0.5, "linear", 0, 0.99, 0.0), status="FAILED")
+    solo = client.create_experiment("solo")
+    _parent(client, solo, "solo")
+    ids["solo"] = [_log(client, solo, "solo", ("scratch", 0.5, "0", 0, 0.7, 0.1))]
+    return ids
+
+
+@pytest.fixture(scope="module")
+def store(tmp_path_factory):
+    from mlflow.tracking import MlflowClient
+
+    tmp = tmp_path_factory.mktemp("query")
+    uri = sqlite_uri(tmp)
+    client = MlflowClient(tracking_uri=uri)
+    ids = populate(client)
+    return {"uri": uri, "client": client, "ids": ids, "tmp": tmp}
+
+
+# -- brute force ----------------------------------------------------------------------------------
+def _valid(rows):
+    return [r for r in rows if r[PERF] is not None and r[FAIR] is not None
+            and not (isinstance(r[FAIR], float) and math.isnan(r[FAIR]))]
+
+
+def brute_front(rows):
+    valid = _valid(rows)
+
+    def dominated(a):
+        return any(b[PERF] >= a[PERF] and b[FAIR] <= a[FAIR] and (b[PERF] > a[PERF] or b[FAIR] < a[FAIR]) for b in valid)
+
+    return [r for r in valid if not dominated(r)]
+
+
+def brute_best(rows, drop, ref_perf=None):
+    valid = _valid(rows)
+    top = ref_perf if ref_perf is not None else max(r[PERF] for r in valid)
+    ok = [r for r in valid if r[PERF] >= top - drop - TOL]
+    return min(ok, key=lambda r: (r[FAIR], -r[PERF]))
+
+
+def trial_rows(data):
+    return [{"paradigm": p, "mag": m, "freeze": f, "seed": s, PERF: a, FAIR: e} for p, m, f, s, a, e in data]
+
+
+def config_rows(data):
+    groups: dict = {}
+    for r in trial_rows(data):
+        groups.setdefault((r["paradigm"], r["mag"], r["freeze"]), []).append(r)
+    out = []
+    for key, rs in groups.items():
+        accs = [r[PERF] for r in rs]
+        eods = [r[FAIR] for r in rs if r[FAIR] is not None]
+        out.append({"key": key, PERF: statistics.mean(accs), FAIR: statistics.mean(eods) if eods else None,
+                    "acc_std": statistics.stdev(accs) if len(accs) > 1 else None, "n": len(rs), "eod_n": len(eods)})
+    return out
+
+
+# -- Python API -----------------------------------------------------------------------------------
+def test_sweep_trials_keeps_sweeps_apart_and_drops_failed(store):
+    c, ids = store["client"], store["ids"]
+    a = query.sweep_trials(c, "sA", "exp1")
+    assert sorted(a["run_id"]) == sorted(ids["sA"])
+    assert ids["failed"] not in set(a["run_id"])
+    assert sorted(query.sweep_trials(c, "sB", "exp1")["run_id"]) == sorted(ids["sB"])
+    assert len(query.sweep_trials(c, "sA", "exp1", finished_only=False)) == len(SWEEP_A) + 1
+    sup = query.sweep_trials(c, "sA", "exp1", filters={"paradigm": "supervised", "intervention.magnitude": 0.9})
+    assert len(sup) == 2 and set(sup["freeze_depth"]) == {"linear"}
+    both = query.sweep_trials(c, "sA", "exp1", filters={"paradigm": ["scratch", "simclr"]})
+    assert len(both) == sum(t[0] in ("scratch", "simclr") for t in SWEEP_A)
+    assert query.sweep_objectives(c, "sA", "exp1") == (PERF, FAIR)
+    assert query.list_sweeps(c, "exp1") == ["sA", "sB"]
+    solo = query.sweep_trials(c, "solo")  # experiment defaults to the sweep's name
+    assert list(solo["run_id"]) == ids["solo"]
+
+
+def test_unknown_names_list_what_exists(store):
+    c = store["client"]
+    with pytest.raises(query.SweepNotFoundError, match="experiments: .*exp1"):
+        query.sweep_trials(c, "sA", "nope")
+    with pytest.raises(query.SweepNotFoundError, match="sweeps there: sA, sB"):
+        query.sweep_trials(c, "sZ", "exp1")
+    trials = query.sweep_trials(c, "sA", "exp1")
+    with pytest.raises(ValueError, match="unknown metric"):
+        query.pareto(trials, "acuracy", FAIR)
+    with pytest.raises(ValueError, match="not logged"):
+        query.pareto(trials, "auprc", FAIR)
+    with pytest.raises(ValueError, match="cannot filter"):
+        query.sweep_trials(c, "sA", "exp1", filters={"colour": "red"})
+
+
+def test_pareto_per_trial_matches_brute_force(store):
+    trials = query.sweep_trials(store["client"], "sA", "exp1")
+    got = query.pareto(trials, PERF, FAIR, by_config=False)
+    want = brute_front(trial_rows(SWEEP_A))
+    assert sorted(zip(got[PERF], got[FAIR])) == sorted((r[PERF], r[FAIR]) for r in want)
+    full = query.pareto(trials, PERF, FAIR, by_config=False, front_only=False)
+    assert len(full) == len(SWEEP_A) and full["on_front"].sum() == len(want)
+
+
+def test_pareto_by_config_means_std_count(store):
+    trials = query.sweep_trials(store["client"], "sA", "exp1")
+    full = query.pareto(trials, PERF, FAIR, front_only=False)
+    want = {(r[PERF], r[FAIR] if r[FAIR] is not None else -1): r for r in config_rows(SWEEP_A)}
+    assert len(full) == len(want)
+    for _, row in full.iterrows():
+        key = (row["paradigm"], row["intervention.magnitude"], row["freeze_depth"])
+        ref = next(r for r in config_rows(SWEEP_A) if r["key"] == key)
+        assert row[PERF] == pytest.approx(ref[PERF])
+        assert row["n_seeds"] == ref["n"] and row[f"{FAIR}_count"] == ref["eod_n"] and row[f"{PERF}_count"] == ref["n"]
+        if ref["acc_std"] is None:
+            assert math.isnan(row[f"{PERF}_std"])
+        else:
+            assert row[f"{PERF}_std"] == pytest.approx(ref["acc_std"])
+        assert len(row["run_ids"]) == ref["n"] and len(row["trial_keys"]) == ref["n"]
+    front = brute_front(config_rows(SWEEP_A))
+    got = full[full["on_front"]]
+    assert sorted(zip(got[PERF].round(12), got[FAIR].round(12))) == sorted((round(r[PERF], 12), round(r[FAIR], 12)) for r in front)
+
+
+@pytest.mark.parametrize("drop", [0.0, 0.01, 0.02, 0.05, 0.2])
+def test_best_matches_brute_force(store, drop):
+    trials = query.sweep_trials(store["client"], "sA", "exp1")
+    got = query.best(trials, PERF, FAIR, max_drop=drop)
+    want = brute_best(trial_rows(SWEEP_A), drop)
+    assert len(got) == 1
+    assert (got[PERF][0], got[FAIR][0]) == (want[PERF], want[FAIR])
+    rel = query.best(trials, PERF, FAIR, max_rel_drop=drop / 0.87)
+    assert (rel[PERF][0], rel[FAIR][0]) == (want[PERF], want[FAIR])
+
+
+def test_best_ties_go_to_higher_performance(store):
+    trials = query.sweep_trials(store["client"], "sA", "exp1")
+    # within 0.03 of 0.87 the lowest eod, 0.12, is shared by 0.84 and two trials at 0.86: 0.86 wins
+    got = query.best(trials, PERF, FAIR, max_drop=0.03)
+    assert (got[PERF][0], got[FAIR][0]) == (0.86, 0.12)
+
+
+def test_best_with_reference(store):
+    trials = query.sweep_trials(store["client"], "sA", "exp1")
+    got = query.best(trials, PERF, FAIR, max_drop=0.02, reference={"paradigm": "scratch"})
+    want = brute_best(trial_rows(SWEEP_A), 0.02, ref_perf=0.82)
+    assert (got[PERF][0], got[FAIR][0]) == (want[PERF], want[FAIR]) == (0.82, 0.10)
+    assert got[f"reference_{PERF}"][0] == 0.82
+    with pytest.raises(ValueError, match="values present"):
+        query.best(trials, PERF, FAIR, max_drop=0.02, reference={"paradigm": "byol"})
+
+
+def test_single_trial_sweep(store):
+    trials = query.sweep_trials(store["client"], "solo")
+    assert len(query.pareto(trials, PERF, FAIR)) == 1
+    assert query.best(trials, PERF, FAIR, max_drop=0.0)["run_id"][0] == store["ids"]["solo"][0]
+    table = query.compare(trials, "paradigm", PERF, FAIR, max_drop=0.01)
+    assert len(table) == 1 and table["rel_change"][0] == 0.0
+
+
+@pytest.mark.parametrize("drop", [0.01, 0.05, 0.2])
+def test_compare_matches_brute_force(store, drop):
+    trials = query.sweep_trials(store["client"], "sA", "exp1")
+    table = query.compare(trials, "paradigm", PERF, FAIR, max_drop=drop, reference_group="supervised").set_index("paradigm")
+    rows = trial_rows(SWEEP_A)
+    top = max(r[PERF] for r in _valid(rows))
+    want = {}
+    for p in ("scratch", "simclr", "supervised"):
+        ok = [r for r in _valid(rows) if r["paradigm"] == p and r[PERF] >= top - drop - TOL]
+        want[p] = min(ok, key=lambda r: (r[FAIR], -r[PERF]))[FAIR] if ok else None
+    for p, fair in want.items():
+        if fair is None:
+            assert math.isnan(table.loc[p, FAIR])
+        else:
+            assert table.loc[p, FAIR] == fair
+            if want["supervised"] is not None:
+                assert table.loc[p, "rel_change"] == pytest.approx((fair - want["supervised"]) / want["supervised"])
+
+
+# -- CLI ------------------------------------------------------------------------------------------
+def _cli(store, *args):
+    return run_cli(*args, "--tracking-uri", store["uri"], cwd=store["tmp"], timeout=120)
+
+
+def test_cli_pareto_formats(store):
+    js = _cli(store, "pareto", "sA", "--experiment", "exp1", "--format", "json")
+    assert js.returncode == 0, js.stderr
+    records = json.loads(js.stdout)
+    want = brute_front(config_rows(SWEEP_A))
+    assert sorted(round(r[PERF], 12) for r in records) == sorted(round(r[PERF], 12) for r in want)
+    assert all({"run_ids", "trial_keys", "paradigm", "freeze_depth", FAIR} <= set(r) for r in records)
+    csv = _cli(store, "pareto", "sA", "--experiment", "exp1", "--format", "csv", "--per-trial")
+    assert csv.returncode == 0, csv.stderr
+    df = pd.read_csv(io.StringIO(csv.stdout))
+    assert len(df) == len(brute_front(trial_rows(SWEEP_A))) and "run_id" in df
+    table = _cli(store, "pareto", "solo")
+    assert table.returncode == 0 and "scratch" in table.stdout
+
+
+def test_cli_best_and_compare(store):
+    js = _cli(store, "best", "sA", "--experiment", "exp1", "--max-drop", "0.02", "--format", "json")
+    assert js.returncode == 0, js.stderr
+    (rec,) = json.loads(js.stdout)
+    want = brute_best(trial_rows(SWEEP_A), 0.02)
+    assert (rec[PERF], rec[FAIR]) == (want[PERF], want[FAIR]) and rec["run_id"] and rec["trial_key"]
+    tab = _cli(store, "best", "sA", "--experiment", "exp1", "--max-rel-drop", "0.01", "--reference", "paradigm=scratch")
+    assert tab.returncode == 0, tab.stderr
+    cmp = _cli(store, "compare", "sA", "--experiment", "exp1", "--by", "paradigm", "--reference", "supervised",
+               "--max-drop", "0.05", "--format", "json")
+    assert cmp.returncode == 0, cmp.stderr
+    got = {r["paradigm"]: r for r in json.loads(cmp.stdout)}
+    assert set(got) == {"scratch", "simclr", "supervised"} and got["supervised"]["rel_change"] == 0.0
+    csv = _cli(store, "compare", "sA", "--experiment", "exp1", "--by", "intervention.magnitude", "--format", "csv")
+    assert csv.returncode == 0, csv.stderr
+    assert "rel_change" in csv.stdout and len(pd.read_csv(io.StringIO(csv.stdout))) == 2
+
+
+@pytest.mark.parametrize("args,needle", [
+    (("pareto", "sA", "--experiment", "exp1", "--perf", "acuracy"), "unknown metric"),
+    (("pareto", "sA", "--experiment", "nope"), "experiments:"),
+    (("best", "sZ", "--experiment", "exp1", "--max-drop", "0.01"), "sweeps there: sA, sB"),
+    (("compare", "sA", "--experiment", "exp1", "--by", "colour"), "cannot group by"),
+])
+def test_cli_bad_input_exit_2(store, args, needle):
+    r = _cli(store, *args)
+    assert r.returncode == 2, (r.stdout, r.stderr)
+    assert needle in r.stderr
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_cli_unreachable_server_exit_2(tmp_path):
+    r = run_cli("pareto", "sA", "--tracking-uri", f"http://127.0.0.1:{_free_port()}", cwd=tmp_path, timeout=60)
+    assert r.returncode == 2 and "cannot reach" in r.stderr
+
+
+# -- a real tracking server -----------------------------------------------------------------------
+@pytest.fixture
+def server(tmp_path):
+    mlflow_bin = REPO / ".venv" / "bin" / "mlflow"
+    exe = str(mlflow_bin) if mlflow_bin.exists() else shutil.which("mlflow")
+    if exe is None:
+        pytest.skip("no mlflow executable")
+    port = _free_port()
+    log = open(tmp_path / "server.log", "w")
+    proc = subprocess.Popen([exe, "server", "--backend-store-uri", f"sqlite:///{(tmp_path / 'srv.db').resolve()}",
+                             "--artifacts-destination", str(tmp_path / "artifacts"), "--host", "127.0.0.1",
+                             "--port", str(port), "--workers", "1"], stdout=log, stderr=subprocess.STDOUT,
+                            start_new_session=True, env=cli_env())
+    uri = f"http://127.0.0.1:{port}"
+    try:
+        import urllib.request
+
+        deadline = time.monotonic() + 120
+        while True:
+            try:
+                urllib.request.urlopen(f"{uri}/health", timeout=2).read()
+                break
+            except OSError:
+                if proc.poll() is not None or time.monotonic() > deadline:
+                    pytest.fail(f"mlflow server did not start: {(tmp_path / 'server.log').read_text()[-2000:]}")
+                time.sleep(0.5)
+        yield uri
+    finally:
+        try:
+            os.killpg(proc.pid, 15)
+            proc.wait(timeout=20)
+        except (ProcessLookupError, subprocess.TimeoutExpired):
+            os.killpg(proc.pid, 9)
+        log.close()
+
+
+@pytest.mark.slow
+def test_against_mlflow_server(server, tmp_path):
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(tracking_uri=server)
+    populate(client)
+    trials = query.sweep_trials(client, "sA", "exp1")
+    assert len(trials) == len(SWEEP_A)
+    want = brute_best(trial_rows(SWEEP_A), 0.02)
+    got = query.best(trials, PERF, FAIR, max_drop=0.02)
+    assert (got[PERF][0], got[FAIR][0]) == (want[PERF], want[FAIR])
+    r = run_cli("compare", "sA", "--experiment", "exp1", "--by", "paradigm", "--format", "json",
+                "--tracking-uri", server, cwd=tmp_path, timeout=120)
+    assert r.returncode == 0, r.stderr
+    assert {x["paradigm"] for x in json.loads(r.stdout)} == {"scratch", "simclr", "supervised"}
+    bad = run_cli("pareto", "sZ", "--experiment", "exp1", "--tracking-uri", server, cwd=tmp_path, timeout=60)
+    assert bad.returncode == 2 and "sweeps there: sA, sB" in bad.stderr
