@@ -151,14 +151,15 @@ def _file_key(path: str) -> str:
 
 def _with_absolute_paths(spec: SweepSpec) -> SweepSpec:
     """Dataset path options relative to the working directory become absolute, in the spec and its
-    recorded source: Tune runs each trial in its own directory, and resume may run from elsewhere."""
+    recorded source: Tune runs each trial in its own directory, and resume may run from elsewhere.
+    Options that live under ``root`` (``under_root``) stay as given: they follow the absolute root."""
     from trainables.data import DATASETS
     from trainables.data.base import PATH
 
     schema = DATASETS.get(spec.dataset.name).options
     options = dict(spec.dataset.options)
     for key, value in options.items():
-        if key in schema and schema[key].kind == PATH and isinstance(value, str) and value:
+        if key in schema and schema[key].kind == PATH and not schema[key].under_root and isinstance(value, str) and value:
             options[key] = str(Path(value).expanduser().resolve())
     if options == dict(spec.dataset.options):
         return spec

@@ -82,6 +82,35 @@ def test_relative_dataset_root_becomes_absolute_in_plan_and_record(tmp_path, mon
     assert plan.spec.source["dataset"]["options"]["root"] == str(tmp_path / "lesions")  # what resume reads
 
 
+@pytest.mark.parametrize("layout", ["image_csv", "timeseries_arrays"])
+def test_files_named_under_root_stay_under_root(tmp_path, monkeypatch, layout):
+    """``csv``/``arrays``/``metadata`` are relative to ``root``, not the working directory: after the
+    plan (and from another directory, as a trial or a resume runs) the data still loads."""
+    from trainables.data import build_dataset
+    from trainables.data.fixtures import write_image_csv, write_timeseries_arrays
+
+    if layout == "image_csv":
+        options = {**write_image_csv(tmp_path / "data"), "csv": "metadata.csv", "image_size": 32}
+    else:
+        options = {**write_timeseries_arrays(tmp_path / "data"), "arrays": "arrays.npz"}
+    options["root"] = "data"
+    monkeypatch.chdir(tmp_path)
+    spec = tiny_spec(**{"dataset": {"name": layout, "options": options}, "axes.backbone": ["cnn1d_tiny"] if
+                        layout == "timeseries_arrays" else ["test_resnet"], "axes.paradigm": ["scratch"],
+                        "axes.intervention": {"kind": "none", "magnitudes": [0.5]}, "finetune.size": 8})
+    plan = build_plan(parse_spec(spec))
+    recorded = plan.spec.source["dataset"]["options"]
+    assert recorded["root"] == str(tmp_path / "data")
+    for key in ("csv", "arrays", "metadata"):
+        if key in options and key != "root":
+            assert recorded[key] == options[key]  # still relative: it follows the absolute root
+    elsewhere = tmp_path / "trial_dir"
+    elsewhere.mkdir()
+    monkeypatch.chdir(elsewhere)
+    assert len(build_dataset(layout, plan.spec.dataset.options).meta("test").labels) > 0
+    build_plan(parse_spec(plan.spec.source))  # what resume does with the recorded spec
+
+
 def test_objective_attribute_must_exist():
     with pytest.raises(SpecError, match="no sensitive attribute 'sex'; it has: group"):
         build_plan(parse_spec(tiny_spec(**{"objectives.fairness": "equalized_odds_difference/sex"})))

@@ -33,9 +33,9 @@ VERSION = 1
 
 OPTIONS: Mapping[str, Option] = {
     "root": Option(None, PATH, why="the folder holding the array file and the metadata table"),
-    "arrays": Option("arrays.npz", PATH, why="the .npz (or .npy) file, relative to root"),
+    "arrays": Option("arrays.npz", PATH, why="the .npz (or .npy) file, relative to root", under_root=True),
     "array_key": Option("X", str, why="the array's name inside the .npz"),
-    "metadata": Option("metadata.csv", PATH, why="the .csv or .parquet table, relative to root"),
+    "metadata": Option("metadata.csv", PATH, why="the .csv or .parquet table, relative to root", under_root=True),
     "channels_last": Option(False, bool, why="true when the array is (N, T, C) rather than (N, C, T)"),
     **table_options(target="label", sensitive=("group",), user_table=True),
 }

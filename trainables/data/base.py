@@ -210,7 +210,8 @@ class Option:
 
     A default of None makes the option optional (None = not set); REQUIRED makes it mandatory.
     ``identity=False`` marks options that do not change the data (e.g. loader workers): they are left
-    out of fingerprints, so changing them reuses cached pretrained bases.
+    out of fingerprints, so changing them reuses cached pretrained bases. ``under_root=True`` marks a
+    PATH option that a relative value places inside ``root`` rather than the working directory.
     """
 
     default: Any
@@ -219,6 +220,7 @@ class Option:
     high: float | None = None
     why: str = ""  # appended to errors, e.g. why a minimum exists or an example value
     identity: bool = True
+    under_root: bool = False
 
 
 def _describe(opt: Option) -> str:
