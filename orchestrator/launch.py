@@ -158,6 +158,26 @@ def read_sweep_record(path: str) -> dict:
         raise LaunchError(f"no fairsweep sweep at {path} (no {SWEEP_RECORD}); check the sweep name and --storage") from None
 
 
+def _refuse_tracked_sweep(spec: Any, tracking_uri: str, storage: str) -> None:
+    """A new launch must not adopt another launch's MLflow runs (e.g. the same name with a new
+    --storage): it would continue that parent run and take its finished trials for its own."""
+    if tracking_uri.startswith("sqlite:///") and not Path(tracking_uri[len("sqlite:///"):]).exists():
+        return  # no store yet, so no sweep in it (and no database file created just to look)
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(tracking_uri=tracking_uri)
+    exp = client.get_experiment_by_name(spec.experiment)
+    if exp is None:
+        return
+    runs = client.search_runs([exp.experiment_id], filter_string=f"tags.`fairsweep.sweep` = '{spec.name}' AND "
+                              f"tags.`fairsweep.kind` = 'sweep'", max_results=1)
+    if runs:
+        raise LaunchError(f"sweep {spec.name!r} already has a parent run ({runs[0].info.run_id}) in MLflow experiment "
+                          f"{spec.experiment!r} at {tracking_uri}, but no Tune state under {storage}; resume it with the "
+                          f"storage it was launched with (`fairsweep resume {spec.name} --storage DIR`), or give this "
+                          f"sweep another `name:` (or `experiment:`)")
+
+
 def launch(plan: Plan, options: LaunchOptions = LaunchOptions()) -> LaunchResult:
     """Run a new sweep to the end. Raises ``LaunchError`` if the sweep already exists (use ``resume``)."""
     from ray import tune
@@ -169,6 +189,7 @@ def launch(plan: Plan, options: LaunchOptions = LaunchOptions()) -> LaunchResult
         raise LaunchError(f"sweep {spec.name!r} already exists at {path}; continue it with "
                           f"`fairsweep resume {spec.name} --storage {storage}`, or give the sweep another name or storage")
     tracking_uri = resolve_tracking_uri(options.tracking_uri)
+    _refuse_tracked_sweep(spec, tracking_uri, storage)
     cache_root = options.cache_dir or f"{storage.rstrip('/')}/{CACHE_DIRNAME}"
     write_sweep_record(path, {"spec": dict(spec.source), "tracking_uri": tracking_uri, "cache_root": cache_root})
 

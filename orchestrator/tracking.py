@@ -139,8 +139,21 @@ class SweepTracker(tune.Callback):
 
     # -- trials ---------------------------------------------------------------------------------
     def finished_points(self) -> list[dict]:
-        """Axis values of every trial with a FINISHED run: the ground truth resume uses to skip work."""
-        return [json.loads(r.data.tags[TAGS.POINT]) for r in self._trial_runs("FINISHED") if TAGS.POINT in r.data.tags]
+        """Axis values of every trial with a FINISHED run of this plan's trial key: the ground truth
+        resume uses to skip work. A run under another key (the finetuning settings or the data
+        changed) is not this trial's result, so its point is trained again."""
+        points = []
+        for r in self._trial_runs("FINISHED"):
+            if TAGS.POINT not in r.data.tags:
+                continue
+            point = json.loads(r.data.tags[TAGS.POINT])
+            try:
+                planned_key = self.plan.trial_for(point).key
+            except (KeyError, TypeError, ValueError):  # a point this plan cannot hold is not one of its trials
+                continue
+            if r.data.tags.get(TAGS.TRIAL_KEY) == planned_key:
+                points.append(point)
+        return points
 
     def _trial_run(self, trial: Any) -> str:
         if trial.trial_id in self._runs:

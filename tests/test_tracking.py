@@ -1,0 +1,60 @@
+"""The driver-side tracker against a real SQLite store: what resume may skip, what a new launch may adopt."""
+from __future__ import annotations
+
+import mlflow
+import pytest
+from mlflow.tracking import MlflowClient
+
+from orchestrator.launch import LaunchError, _refuse_tracked_sweep
+from orchestrator.plan import build_plan
+from orchestrator.spec import parse_spec
+from orchestrator.tracking import SweepTracker
+from tests.helpers import run_cli, sqlite_uri, tiny_spec, write_spec
+
+
+def _finish_one_trial(plan, uri: str) -> dict:
+    tracker = SweepTracker(plan, uri)
+    tracker.open()
+    planned = plan.trials[0]
+    run_id = tracker._create_trial_run(planned, "trial_0")
+    tracker.client.set_terminated(run_id, "FINISHED")
+    tracker.close()
+    return planned.point.as_config()
+
+
+def test_finished_points_only_count_runs_of_this_plans_trial_keys(tmp_path):
+    uri = sqlite_uri(tmp_path)
+    plan = build_plan(parse_spec(tiny_spec()))
+    point = _finish_one_trial(plan, uri)
+    same = SweepTracker(plan, uri)
+    same.open()
+    assert same.finished_points() == [point]
+    # same axis values, other finetuning settings: another trial key, so nothing may be skipped
+    changed = build_plan(parse_spec(tiny_spec(**{"finetune.lr": 0.05})))
+    assert changed.trials[0].point.as_config() == point and changed.trials[0].key != plan.trials[0].key
+    other = SweepTracker(changed, uri)
+    other.open()
+    assert other.finished_points() == []
+
+
+def test_a_new_launch_refuses_a_sweep_mlflow_already_holds(tmp_path):
+    uri = sqlite_uri(tmp_path)
+    spec = tiny_spec()
+    plan = build_plan(parse_spec(spec))
+    _refuse_tracked_sweep(plan.spec, uri, str(tmp_path / "results"))  # no store yet: fine, and none created
+    assert not (tmp_path / "mlflow.db").exists()
+    _finish_one_trial(plan, uri)
+    with pytest.raises(LaunchError, match=r"already has a parent run .*`fairsweep resume tiny --storage DIR`"):
+        _refuse_tracked_sweep(plan.spec, uri, str(tmp_path / "results"))
+    renamed = build_plan(parse_spec(tiny_spec(name="tiny2")))
+    _refuse_tracked_sweep(renamed.spec, uri, str(tmp_path / "results"))  # another name is another sweep
+
+    # the real command: exit 2, nothing new in MLflow, no sweep folder written
+    before = len(MlflowClient(uri).search_runs([MlflowClient(uri).get_experiment_by_name("tiny").experiment_id]))
+    out = run_cli("launch", str(write_spec(tmp_path, spec)), "--tracking-uri", uri, "--storage",
+                  str(tmp_path / "fresh_results"), cwd=tmp_path, timeout=300)
+    assert out.returncode == 2, out.stdout[-2000:] + out.stderr[-2000:]
+    assert "already has a parent run" in out.stderr
+    mlflow.set_tracking_uri(uri)
+    assert len(mlflow.search_runs(experiment_names=["tiny"])) == before
+    assert not (tmp_path / "fresh_results").exists()
