@@ -1,7 +1,6 @@
 """Backbones, layer groups and freezing on timm's tiny test_* models at 32 px (CPU, seconds)."""
 from __future__ import annotations
 
-import time
 
 import pytest
 import torch
@@ -162,13 +161,11 @@ def test_resolve_freeze_values_and_errors() -> None:
         assert words in str(err.value) and "axes.freeze_depth[1]" in str(err.value)
 
 
-def test_count_layer_groups_matches_and_is_fast() -> None:
+def test_count_layer_groups_matches_the_built_model() -> None:
     for name in MODELS:
         assert B.count_layer_groups(name, SHAPE) == B.layer_groups(_build(name)).n
-    started = time.perf_counter()
     assert B.count_layer_groups("resnet50", (3, 224, 224)) == 5
     assert B.count_layer_groups("vit_small_patch16_224", (3, 224, 224)) == 13
-    assert time.perf_counter() - started < 3.0
 
 
 def test_unknown_backbone_names_a_close_match() -> None:
