@@ -128,3 +128,34 @@ def test_a_restored_searcher_continues_the_same_study(tmp_path):
     assert states == ["COMPLETE", "FAIL", "RUNNING", "RUNNING"]  # t3 was orphaned: failed, never counted
     restored.on_trial_complete("t1", {"accuracy": 0.6, "equalized_odds_difference": 0.1})
     assert restored.finished() == 2
+
+
+def test_the_optuna_example_plans_with_ranges_and_a_budget():
+    from orchestrator.spec import load_spec
+    from tests.helpers import REPO
+
+    plan = build_plan(load_spec(REPO / "sweeps" / "optuna.yaml"))
+    s = plan.spec
+    assert s.search.type == "optuna" and s.search.sampler == "tpe" and s.n_trials == s.search.budget == 24
+    assert isinstance(s.axes.intervention[0].magnitudes, Range) and isinstance(s.finetune.lr, Range)
+
+
+@pytest.mark.parametrize("sampler", ["tpe", "nsga2", "random"])
+def test_search_benchmark_keeps_the_budget_and_stays_under_the_grids_hypervolume(tmp_path, sampler):
+    """benchmarks/search_vs_grid.py: failed stand-in trials are replaced (exactly budget finish), and
+    what a search finds never dominates more than the full grid's front over the same space."""
+    import importlib.util
+
+    from orchestrator.pareto import hypervolume
+    from orchestrator.plan import grid_points
+    from tests.helpers import REPO
+
+    spec_ = importlib.util.spec_from_file_location("search_vs_grid", REPO / "benchmarks" / "search_vs_grid.py")
+    bench = importlib.util.module_from_spec(spec_)
+    spec_.loader.exec_module(bench)
+    values, finished, failed = bench.run_sampler(sampler, 8, 0, 0.3, tmp_path)
+    assert finished == len(values) == 8 and failed >= 1
+    grid_plan = bench._plan({"type": "grid"})
+    grid = [bench.stand_in(grid_plan, p) for p in grid_points(grid_plan.spec)]
+    reference = (min(a for a, _ in grid) - 0.01, max(u for _, u in grid) + 0.01)
+    assert 0 < hypervolume(values, bench.DIRECTIONS, reference) <= hypervolume(grid, bench.DIRECTIONS, reference)
