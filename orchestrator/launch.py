@@ -111,7 +111,7 @@ def _trial_context(plan: Plan, cache_root: str, skip: list | None = None) -> Any
     pretrained = {f"{j.backbone}|{j.paradigm}": j.key for j in plan.pretrain_jobs}
     return TrialContext(dataset=s.dataset.name, dataset_options=dict(s.dataset.options), finetune=s.finetune.fixed(),
                         cache_root=cache_root, pretrained=pretrained, weight_files=dict(plan.file_weights),
-                        cpus_per_trial=s.resources.cpus_per_trial, skip_points=tuple(skip or ()))
+                        cpus_per_trial=s.resources.cpus_per_trial, finished=tuple(skip or ()))
 
 
 def run_pretraining(plan: Plan, cache_root: str, tracker: Any) -> list:
@@ -268,7 +268,7 @@ def _run(plan: Plan, path: str, tracking_uri: str, cache_root: str, options: Lau
     try:
         tracker.open()
         run_pretraining(plan, cache_root, tracker)
-        context = _trial_context(plan, cache_root, skip=tracker.finished_points())
+        context = _trial_context(plan, cache_root, skip=tracker.finished_trials())
         res = spec.resources
         trainable = tune.with_resources(tune.with_parameters(finetune_trial, context=context),
                                         {"cpu": res.cpus_per_trial, "gpu": res.gpus_per_trial})
@@ -283,6 +283,9 @@ def _run(plan: Plan, path: str, tracking_uri: str, cache_root: str, options: Lau
             interrupted = finished + len(failed) < len(plan.trials)
         if interrupted:
             tracker.mark_in_flight_killed()
+        else:
+            tracker.mark_in_flight_killed(reason="in flight when an earlier driver stopped, and not in Tune's saved "
+                                                 "state, so it never resumed; the search ran another trial instead")
         status = "KILLED" if interrupted else "FINISHED"
         return LaunchResult(plan, path, tracking_uri, tracker.parent_run_id, front, finished, failed, interrupted)
     finally:

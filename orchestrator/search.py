@@ -84,9 +84,12 @@ class StudySearcher(Searcher):
 
             optuna.logging.set_verbosity(optuna.logging.WARNING)
             storage = JournalStorage(JournalFileBackend(self.journal_path))
+            search = self.plan.spec.search
             self._study = optuna.create_study(study_name=self.study_name, storage=storage, directions=self.directions,
-                                              sampler=make_sampler(self.plan.spec.search.sampler, self.plan.spec.search.seed),
-                                              load_if_exists=True)
+                                              sampler=make_sampler(search.sampler, search.seed), load_if_exists=True)
+            asked = len(self._study.get_trials(deepcopy=False))
+            if asked:  # a resumed study: a sampler seeded as at the start would replay its first draws
+                self._study.sampler = make_sampler(search.sampler, search.seed + asked)
             self._fail_orphans()
         return self._study
 

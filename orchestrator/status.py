@@ -24,19 +24,24 @@ class SweepStatus:
     front_size: int | None
     parent_status: str | None
     tune_states: Mapping[str, int] = field(default_factory=dict)
+    driver: str = "none"  # running | stopped (its process is gone: stale RUNNING runs) | unknown (another host)
+    storage_flag: str = ""  # " --storage PATH" where the sweep is not under the default storage
 
     def render(self) -> str:
         front = "unknown" if self.front_size is None else str(self.front_size)
         lines = [f"sweep {self.name!r} at {self.path}",
                  f"  trials: {self.total} planned | finished {self.finished} | running {self.running} | "
                  f"pending {self.pending} | errored {self.errored}",
-                 f"  Pareto front: {front} configurations | parent run: {self.parent_status or 'none'}",
+                 f"  Pareto front: {front} configurations | parent run: {self.parent_status or 'none'} | "
+                 f"driver: {self.driver}",
                  f"  Tune's last saved state: " + (", ".join(f"{k} {v}" for k, v in sorted(self.tune_states.items())) or "none"),
                  f"  MLflow: {self.tracking_uri}"]
-        if self.finished + self.errored < self.total and self.running == 0:
-            lines.append(f"  continue it with: fairsweep resume {self.name}")
+        if self.driver == "stopped":
+            lines.append("  the driver stopped without closing the sweep (killed?); its RUNNING runs are stale")
+        if self.pending + self.running > 0 and self.driver not in ("running", "unknown"):
+            lines.append(f"  continue it with: fairsweep resume {self.name}{self.storage_flag}")
         if self.errored:
-            lines.append(f"  retry errored trials with: fairsweep resume {self.name} --retry-errored")
+            lines.append(f"  retry errored trials with: fairsweep resume {self.name}{self.storage_flag} --retry-errored")
         return "\n".join(lines)
 
 
@@ -61,6 +66,7 @@ def sweep_status(name: str, storage: str | None = None, tracking_uri: str | None
 
     from orchestrator.launch import experiment_path, read_sweep_record, resolve_storage, resolve_tracking_uri
     from orchestrator.spec import parse_spec
+    from orchestrator.tracking import driver_alive
 
     path = experiment_path(resolve_storage(storage), name)
     record = read_sweep_record(path)
@@ -68,7 +74,7 @@ def sweep_status(name: str, storage: str | None = None, tracking_uri: str | None
     uri = resolve_tracking_uri(tracking_uri or record["tracking_uri"])
     client = MlflowClient(uri)
     counts: dict[str, int] = {}
-    parent_status, front_size = None, None
+    parent_status, front_size, driver_tag = None, None, None
     exp = client.get_experiment_by_name(spec.experiment)
     if exp is not None:
         base = f"tags.`fairsweep.sweep` = '{name}'"
@@ -84,10 +90,19 @@ def sweep_status(name: str, storage: str | None = None, tracking_uri: str | None
         parents = client.search_runs([exp.experiment_id], f"{base} AND tags.`fairsweep.kind` = 'sweep'", max_results=1)
         if parents:
             parent_status = parents[0].info.status
+            driver_tag = parents[0].data.tags.get("fairsweep.driver")
             tag: Any = parents[0].data.tags.get("fairsweep.front_size")
             front_size = int(tag) if tag is not None else 0
     tune_states = _tune_states(path)
     finished, errored = counts.get("FINISHED", 0), counts.get("FAILED", 0)
-    running = counts.get("RUNNING", 0) if parent_status == "RUNNING" else 0
-    pending = max(0, spec.n_trials - finished - errored - running)
-    return SweepStatus(name, path, uri, spec.n_trials, finished, running, pending, errored, front_size, parent_status, tune_states)
+    driver = "none"
+    if parent_status == "RUNNING":
+        alive = driver_alive(driver_tag)
+        driver = "unknown" if alive is None else "running" if alive else "stopped"
+    running = counts.get("RUNNING", 0) if driver in ("running", "unknown") else 0
+    # a failed optuna trial is replaced until the budget has finished; a failed grid cell stays failed
+    settled = finished if spec.search.type == "optuna" else finished + errored
+    pending = max(0, spec.n_trials - settled - running)
+    storage_flag = "" if storage is None else f" --storage {resolve_storage(storage)}"
+    return SweepStatus(name, path, uri, spec.n_trials, finished, running, pending, errored, front_size, parent_status,
+                       tune_states, driver, storage_flag)

@@ -19,7 +19,7 @@ from ray import tune
 from orchestrator.plan import Plan, PlannedTrial, TrialPoint
 from orchestrator.query import front_table, load_trials
 
-__all__ = ["SweepTracker", "TAGS"]
+__all__ = ["SweepTracker", "TAGS", "driver_id", "driver_alive"]
 
 
 class TAGS:
@@ -27,6 +27,7 @@ class TAGS:
     PRETRAIN_KEY, PRETRAIN_RUN, FRONT, ERROR = ("fairsweep.pretrain_key", "fairsweep.pretrain_run_id",
                                                 "fairsweep.pareto_front", "fairsweep.error")
     POINT = "fairsweep.point"  # the trial's axis values as JSON: what resume skips once finished
+    DRIVER = "fairsweep.driver"  # host:pid of the driver writing the sweep, so status can tell a dead one
     PARENT = "mlflow.parentRunId"
 
 
@@ -87,6 +88,7 @@ class SweepTracker(tune.Callback):
                                          tags={TAGS.SWEEP: self.spec.name, TAGS.KIND: "sweep"})
             self.parent_run_id = run.info.run_id
             self._log_sweep_description()
+        self.client.set_tag(self.parent_run_id, TAGS.DRIVER, driver_id())
         return self.parent_run_id
 
     def _log_sweep_description(self) -> None:
@@ -138,11 +140,13 @@ class SweepTracker(tune.Callback):
         return run_id
 
     # -- trials ---------------------------------------------------------------------------------
-    def finished_points(self) -> list[dict]:
-        """Axis values of every trial with a FINISHED run of this plan's trial key: the ground truth
-        resume uses to skip work. A run under another key (the finetuning settings or the data
-        changed) is not this trial's result, so its point is trained again."""
-        points = []
+    def finished_trials(self) -> list[tuple[dict, dict]]:
+        """(axis values, objective metrics) of every trial with a FINISHED run of this plan's trial
+        key: the ground truth resume uses to skip work. The metrics go back to the search, which
+        counts the trial as finished rather than failed. A run under another key (the finetuning
+        settings or the data changed) is not this trial's result, so its point is trained again."""
+        objectives = (self.spec.objectives.performance, self.spec.objectives.fairness)
+        out = []
         for r in self._trial_runs("FINISHED"):
             if TAGS.POINT not in r.data.tags:
                 continue
@@ -152,8 +156,8 @@ class SweepTracker(tune.Callback):
             except (KeyError, TypeError, ValueError):  # a point this plan cannot hold is not one of its trials
                 continue
             if r.data.tags.get(TAGS.TRIAL_KEY) == planned_key:
-                points.append(point)
-        return points
+                out.append((point, {m: r.data.metrics[m] for m in objectives if m in r.data.metrics}))
+        return out
 
     def _trial_run(self, trial: Any) -> str:
         if trial.trial_id in self._runs:
@@ -258,10 +262,16 @@ class SweepTracker(tune.Callback):
     def trial_run_ids(self, status: str) -> list[str]:
         return [r.info.run_id for r in self._trial_runs(status)]
 
-    def mark_in_flight_killed(self) -> None:
-        """After an interruption no run stays RUNNING; resume sets them running again."""
-        for run_id in self.trial_run_ids("RUNNING"):
+    def mark_in_flight_killed(self, reason: str | None = None) -> int:
+        """No trial run stays RUNNING once the driver stops: after an interruption (resume sets them
+        running again), or after a finished search for trials a killed driver had started but Tune's
+        saved state did not hold (the search replaced them; ``reason`` says so in the error tag)."""
+        run_ids = self.trial_run_ids("RUNNING")
+        for run_id in run_ids:
+            if reason:
+                self.client.set_tag(run_id, TAGS.ERROR, reason)
             self.client.set_terminated(run_id, "KILLED")
+        return len(run_ids)
 
     def _has_tag(self, run_id: str, tag: str) -> bool:
         return tag in self.client.get_run(run_id).data.tags
@@ -295,6 +305,31 @@ class SweepTracker(tune.Callback):
             plt.close(fig)
             self.client.log_artifacts(self.parent_run_id, d, artifact_path="pareto")
         self.client.set_tag(self.parent_run_id, "fairsweep.front_size", str(len(front)))
+
+
+def driver_id() -> str:
+    import os
+    import socket
+
+    return f"{socket.gethostname()}:{os.getpid()}"
+
+
+def driver_alive(tag: str | None) -> bool | None:
+    """Whether the driver named by a ``fairsweep.driver`` tag still runs; None when it ran on another
+    host (or the tag is missing), where this process cannot tell."""
+    import os
+    import socket
+
+    host, _, pid = (tag or "").rpartition(":")
+    if not host or host != socket.gethostname() or not pid.isdigit():
+        return None
+    try:
+        os.kill(int(pid), 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # it exists, under another user
+        return True
+    return True
 
 
 def _run_name(p: TrialPoint) -> str:

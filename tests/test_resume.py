@@ -13,6 +13,7 @@ import time
 from pathlib import Path
 
 import mlflow
+import pandas as pd
 import pytest
 from mlflow.tracking import MlflowClient
 
@@ -77,12 +78,17 @@ def _check_complete(tmp: Path, uri: str, name: str, finished_before: dict[str, i
     # trials finished before the interruption were not trained again: their history is unchanged
     for run_id, n_before in finished_before.items():
         assert len(client.get_metric_history(run_id, "train_loss")) == n_before == EPOCHS
-    # the front was recomputed over all 16 trials
+    # the front was recomputed over all 16 trials: tags, the parent's front.csv and status agree
     assert set(trials["tags.fairsweep.pareto_front"]) <= {"true", "false"}
     assert trials["tags.fairsweep.pareto_front"].notna().all()
+    on_front = trials[trials["tags.fairsweep.pareto_front"] == "true"]["tags.fairsweep.config_key"].nunique()
+    front_csv = pd.read_csv(client.download_artifacts(parents["run_id"].iloc[0], "pareto/front.csv", str(tmp)))
+    assert len(front_csv) == on_front >= 1 and set(front_csv["config_key"]) == set(
+        trials[trials["tags.fairsweep.pareto_front"] == "true"]["tags.fairsweep.config_key"])
     status = run_cli("status", name, "--storage", str(tmp / "results"), cwd=tmp, timeout=120)
     assert status.returncode == 0, status.stderr
     assert "finished 16" in status.stdout and "pending 0" in status.stdout and "errored 0" in status.stdout
+    assert f"Pareto front: {on_front} configurations" in status.stdout and "continue it with" not in status.stdout
 
 
 def _finished_histories(uri: str, name: str) -> dict[str, int]:
@@ -101,6 +107,11 @@ def test_sigkill_driver_then_resume(tmp_path):
         _stop_group(proc)
     before = _finished_histories(uri, "killed")
     assert _trial_counts(uri, "killed").get("RUNNING", 0) >= 1  # left behind by the kill
+    # status sees that the driver is gone: its RUNNING runs are stale, and it says how to resume
+    status = run_cli("status", "killed", "--storage", str(tmp_path / "results"), cwd=tmp_path, timeout=120)
+    assert status.returncode == 0, status.stderr
+    assert "driver: stopped" in status.stdout and "running 0" in status.stdout
+    assert f"continue it with: fairsweep resume killed --storage {tmp_path / 'results'}" in status.stdout
 
     again = run_cli("launch", str(tmp_path / "sweep.yaml"), "--tracking-uri", uri, "--storage", str(tmp_path / "results"),
                     cwd=tmp_path, timeout=120)

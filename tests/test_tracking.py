@@ -17,24 +17,26 @@ def _finish_one_trial(plan, uri: str) -> dict:
     tracker.open()
     planned = plan.trials[0]
     run_id = tracker._create_trial_run(planned, "trial_0")
+    tracker.client.log_metric(run_id, "accuracy", 0.75)
+    tracker.client.log_metric(run_id, "equalized_odds_difference", 0.125)
     tracker.client.set_terminated(run_id, "FINISHED")
     tracker.close()
     return planned.point.as_config()
 
 
-def test_finished_points_only_count_runs_of_this_plans_trial_keys(tmp_path):
+def test_finished_trials_only_count_runs_of_this_plans_trial_keys(tmp_path):
     uri = sqlite_uri(tmp_path)
     plan = build_plan(parse_spec(tiny_spec()))
     point = _finish_one_trial(plan, uri)
     same = SweepTracker(plan, uri)
     same.open()
-    assert same.finished_points() == [point]
+    assert same.finished_trials() == [(point, {"accuracy": 0.75, "equalized_odds_difference": 0.125})]
     # same axis values, other finetuning settings: another trial key, so nothing may be skipped
     changed = build_plan(parse_spec(tiny_spec(**{"finetune.lr": 0.05})))
     assert changed.trials[0].point.as_config() == point and changed.trials[0].key != plan.trials[0].key
     other = SweepTracker(changed, uri)
     other.open()
-    assert other.finished_points() == []
+    assert other.finished_trials() == []
 
 
 def test_a_new_launch_refuses_a_sweep_mlflow_already_holds(tmp_path):
@@ -58,3 +60,16 @@ def test_a_new_launch_refuses_a_sweep_mlflow_already_holds(tmp_path):
     mlflow.set_tracking_uri(uri)
     assert len(mlflow.search_runs(experiment_names=["tiny"])) == before
     assert not (tmp_path / "fresh_results").exists()
+
+
+def test_driver_alive_tells_a_live_driver_from_a_dead_one():
+    import socket
+    import subprocess
+    import sys
+
+    from orchestrator.tracking import driver_alive, driver_id
+
+    assert driver_alive(driver_id()) is True
+    done = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    assert driver_alive(f"{socket.gethostname()}:{done.stdout.strip()}") is False  # exited and reaped
+    assert driver_alive("another-host:1") is None and driver_alive(None) is None and driver_alive("garbage") is None

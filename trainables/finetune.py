@@ -37,9 +37,9 @@ class TrialContext:
     pretrained: Mapping[str, str] = field(default_factory=dict)  # "backbone|paradigm" -> cache key
     weight_files: Mapping[str, str] = field(default_factory=dict)  # "file:..." paradigm -> checkpoint path
     cpus_per_trial: float = 1.0
-    # Points whose trial already has a FINISHED MLflow run (finished after Tune's last state save):
-    # on resume they report at once instead of training again.
-    skip_points: tuple = ()
+    # (point, objective metrics) of trials that already have a FINISHED MLflow run (finished after
+    # Tune's last state save): on resume they report those metrics at once instead of training again.
+    finished: tuple = ()
 
 
 def _load_initial_weights(model: Any, point: Mapping[str, Any], ctx: TrialContext) -> str | None:
@@ -144,9 +144,10 @@ def finetune_trial(config: Mapping[str, Any], context: TrialContext) -> None:
     from ray import tune
 
     point = config["point"]
-    if point in context.skip_points:
-        tune.report({"already_finished": True})
-        return
+    for done_point, objectives in context.finished:
+        if done_point == point:
+            tune.report({"already_finished": True, **objectives})
+            return
     state = None
     ckpt = tune.get_checkpoint()
     if ckpt is not None:
