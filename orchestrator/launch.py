@@ -102,7 +102,8 @@ def init_ray(address: str | None) -> bool:
     return True
 
 
-def _trial_context(plan: Plan, cache_root: str, skip: list | None = None) -> Any:
+def _trial_context(plan: Plan, cache_root: str, skip: list | None = None,
+                   failed_pretraining: dict[str, str] | None = None) -> Any:
     from dataclasses import asdict
 
     from trainables.finetune import TrialContext
@@ -111,11 +112,16 @@ def _trial_context(plan: Plan, cache_root: str, skip: list | None = None) -> Any
     pretrained = {f"{j.backbone}|{j.paradigm}": j.key for j in plan.pretrain_jobs}
     return TrialContext(dataset=s.dataset.name, dataset_options=dict(s.dataset.options), finetune=s.finetune.fixed(),
                         cache_root=cache_root, pretrained=pretrained, weight_files=dict(plan.file_weights),
-                        cpus_per_trial=s.resources.cpus_per_trial, finished=tuple(skip or ()))
+                        cpus_per_trial=s.resources.cpus_per_trial, finished=tuple(skip or ()),
+                        failed_pretraining=dict(failed_pretraining or {}))
 
 
-def run_pretraining(plan: Plan, cache_root: str, tracker: Any) -> list:
-    """Phase 1: each pretraining key once, as Ray tasks on the trials' resources; logged to MLflow."""
+def run_pretraining(plan: Plan, cache_root: str, tracker: Any) -> dict[str, str]:
+    """Phase 1: each pretraining key once, as Ray tasks on the trials' resources; logged to MLflow.
+
+    A job that raises is logged as a FAILED pretrain run and returned as {key: error}; the trials
+    that need it then fail at once with that error, the others run, and a resume retries the job.
+    """
     import ray
     from dataclasses import asdict
 
@@ -124,14 +130,41 @@ def run_pretraining(plan: Plan, cache_root: str, tracker: Any) -> list:
     res = plan.spec.resources
     task = ray.remote(num_cpus=res.cpus_per_trial, num_gpus=res.gpus_per_trial, max_retries=max(1, res.max_failures))(run_pretrain_job)
     refs = {task.remote(asdict(job), cache_root, res.cpus_per_trial): job for job in plan.pretrain_jobs}
-    outcomes = []
+    failed: dict[str, str] = {}
     pending = list(refs)
     while pending:
         done, pending = ray.wait(pending, num_returns=1)
-        outcome = ray.get(done[0])
-        tracker.log_pretrain(refs[done[0]], outcome)
-        outcomes.append(outcome)
-    return outcomes
+        job = refs[done[0]]
+        try:
+            tracker.log_pretrain(job, ray.get(done[0]))
+        except (ray.exceptions.RayTaskError, ray.exceptions.WorkerCrashedError, ray.exceptions.NodeDiedError) as exc:
+            cause = getattr(exc, "cause", None) or exc
+            error = f"{type(cause).__name__}: {cause}"
+            run_id = tracker.log_pretrain_failure(job, str(exc))
+            failed[job.key] = (f"pretraining {job.backbone}/{job.paradigm} (key {job.key}) failed: {error[:2000]} "
+                               f"(MLflow run {run_id}); fix it and `fairsweep resume {plan.spec.name} --retry-errored`")
+    return failed
+
+
+def _check_resources(res: Any, *, local: bool) -> None:
+    """A trial that asks for more CPUs or GPUs than any node has would wait forever. On the local
+    instance that is certain, so it is an error; a cluster may be autoscaling, so there it is a warning."""
+    import logging
+
+    import ray
+
+    nodes = [n["Resources"] for n in ray.nodes() if n.get("Alive")]
+    best = {r: max((n.get(r, 0.0) for n in nodes), default=0.0) for r in ("CPU", "GPU")}
+    short = [f"{field} = {want:g} but the largest node has {best[r]:g} {r}s"
+             for field, want, r in (("cpus_per_trial", res.cpus_per_trial, "CPU"), ("gpus_per_trial", res.gpus_per_trial, "GPU"))
+             if want > best[r] + 1e-9]
+    if not short:
+        return
+    message = f"resources.{'; resources.'.join(short)}: no trial could ever be scheduled"
+    if local:
+        raise LaunchError(f"{message}; lower them in the spec (gpus_per_trial: 0 runs on the CPU), or pass --address "
+                          f"to run on a Ray cluster that has them")
+    logging.getLogger(__name__).warning("%s yet; trials wait until the cluster has such a node (autoscaling)", message)
 
 
 SWEEP_RECORD = "fairsweep_sweep.json"  # beside Tune's state: the spec and where it was tracked, for resume/status
@@ -263,12 +296,20 @@ def _run(plan: Plan, path: str, tracking_uri: str, cache_root: str, options: Lau
     # num_to_keep forces a state snapshot after checkpoints; that is what keeps resume exact here
     os.environ.setdefault("TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S", "0")
     started_ray = init_ray(options.address)
+    try:
+        _check_resources(spec.resources, local=started_ray and not (options.address or os.environ.get("RAY_ADDRESS")))
+    except LaunchError:
+        if started_ray:
+            import ray
+
+            ray.shutdown()
+        raise
     tracker = SweepTracker(plan, tracking_uri, artifact_location=_artifact_location(tracking_uri))
     status = "FAILED"
     try:
         tracker.open()
-        run_pretraining(plan, cache_root, tracker)
-        context = _trial_context(plan, cache_root, skip=tracker.finished_trials())
+        failed_pretraining = run_pretraining(plan, cache_root, tracker)
+        context = _trial_context(plan, cache_root, skip=tracker.finished_trials(), failed_pretraining=failed_pretraining)
         res = spec.resources
         trainable = tune.with_resources(tune.with_parameters(finetune_trial, context=context),
                                         {"cpu": res.cpus_per_trial, "gpu": res.gpus_per_trial})

@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import math
 import tempfile
+import time
 import traceback
 from pathlib import Path
 from typing import Any, Mapping
@@ -131,13 +132,26 @@ class SweepTracker(tune.Callback):
             run_id = run.info.run_id
             params = {"backbone": job.backbone, "paradigm": job.paradigm, "dataset": job.dataset,
                       **{f"pretraining.{k}": v for k, v in job.hparams.items()}}
-            metrics = [Metric("loss", float(v), 0, i + 1) for i, v in enumerate(outcome.losses)]
-            metrics.append(Metric("seconds", float(outcome.meta.get("seconds", outcome.seconds)), 0, 0))
+            now = int(time.time() * 1000)
+            metrics = [Metric("loss", float(v), now, i + 1) for i, v in enumerate(outcome.losses)]
+            metrics.append(Metric("seconds", float(outcome.meta.get("seconds", outcome.seconds)), now, 0))
             self.client.log_batch(run_id, params=[Param(k, json.dumps(v) if isinstance(v, dict) else str(v))
                                                   for k, v in params.items()], metrics=metrics)
             self.client.set_terminated(run_id, "FINISHED")
         self._pretrain_runs[job.key] = run_id
         return run_id
+
+    def log_pretrain_failure(self, job: Any, error: str) -> str:
+        """A FAILED pretrain run holding the job's error (one per failed attempt, so none is hidden)."""
+        from mlflow.entities import Param
+
+        run = self.client.create_run(self.experiment_id, run_name=f"pretrain-{job.backbone}-{job.paradigm}",
+                                     tags={TAGS.KIND: "pretrain", TAGS.PRETRAIN_KEY: job.key, TAGS.SWEEP: self.spec.name,
+                                           TAGS.PARENT: self.parent_run_id, TAGS.ERROR: error[-4000:]})
+        params = {"backbone": job.backbone, "paradigm": job.paradigm, "dataset": job.dataset}
+        self.client.log_batch(run.info.run_id, params=[Param(k, str(v)) for k, v in params.items()])
+        self.client.set_terminated(run.info.run_id, "FAILED")
+        return run.info.run_id
 
     # -- trials ---------------------------------------------------------------------------------
     def finished_trials(self) -> list[tuple[dict, dict]]:

@@ -57,6 +57,30 @@ def test_diverging_trial_is_a_failed_run_and_the_sweep_goes_on(tmp_path):
     assert sorted(trials["status"]) == ["FAILED", "FINISHED"]
 
 
+def test_failed_pretraining_fails_its_trials_with_the_reason_and_the_rest_run(tmp_path):
+    """A pretraining job that diverges is a FAILED pretrain run; the trials built on it fail at once
+    naming it, the scratch trials finish, and the summary says how to retry."""
+    spec = tiny_spec(**{"name": "badbase", "pretraining.lr": 1.0e9, "axes.freeze_depth": [0],
+                        "axes.intervention": {"kind": "correlation", "magnitudes": [0.5]}, "axes.seed": [0, 1]})
+    uri = sqlite_uri(tmp_path)
+    storage = str(tmp_path / "results")
+    out = run_cli("launch", str(write_spec(tmp_path, spec)), "--tracking-uri", uri, "--storage", storage, "--quiet",
+                  cwd=tmp_path)
+    assert out.returncode == 1, out.stdout[-2000:] + out.stderr[-2000:]
+    assert "2 trials finished, 2 failed" in out.stdout and "--retry-errored" in out.stdout
+    mlflow.set_tracking_uri(uri)
+    runs = mlflow.search_runs(experiment_names=["badbase"])
+    pretrain = runs[runs["tags.fairsweep.kind"] == "pretrain"]
+    assert list(pretrain["status"]) == ["FAILED"] and "loss became" in pretrain["tags.fairsweep.error"].iloc[0]
+    trials = runs[runs["tags.fairsweep.kind"] == "trial"]
+    sup = trials[trials["params.paradigm"] == "supervised"]
+    assert (sup["status"] == "FAILED").all() and len(sup) == 2
+    assert sup["tags.fairsweep.error"].str.contains("pretraining test_resnet/supervised").all()
+    assert sup["tags.fairsweep.error"].str.contains(pretrain["run_id"].iloc[0]).all()
+    assert (trials[trials["params.paradigm"] == "scratch"]["status"] == "FINISHED").all()
+    assert runs[runs["tags.fairsweep.kind"] == "sweep"]["status"].iloc[0] == "FINISHED"
+
+
 def test_worker_node_failure_retries_trials(tmp_path, monkeypatch):
     import ray
     from ray.cluster_utils import Cluster
@@ -150,3 +174,17 @@ def test_sweep_on_a_ray_start_head_cluster_through_address(tmp_path):
         except subprocess.TimeoutExpired:
             os.killpg(head.pid, signal.SIGKILL)
             head.wait(timeout=30)
+
+
+def test_resources_no_local_node_has_are_refused_instead_of_hanging(tmp_path):
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("this machine has a GPU; the refusal is for machines without one")
+    spec = tiny_spec(**{"name": "wantsgpu", "resources.gpus_per_trial": 1})
+    uri = sqlite_uri(tmp_path)
+    out = run_cli("launch", str(write_spec(tmp_path, spec)), "--tracking-uri", uri, "--storage", str(tmp_path / "results"),
+                  cwd=tmp_path, timeout=300)
+    assert out.returncode == 2, out.stdout[-2000:] + out.stderr[-2000:]
+    assert "resources.gpus_per_trial = 1 but the largest node has 0 GPUs" in out.stderr
+    assert not (tmp_path / "mlflow.db").exists()  # nothing tracked

@@ -40,6 +40,12 @@ class TrialContext:
     # (point, objective metrics) of trials that already have a FINISHED MLflow run (finished after
     # Tune's last state save): on resume they report those metrics at once instead of training again.
     finished: tuple = ()
+    # pretraining key -> error, for jobs that failed in this run: their trials fail at once with it
+    failed_pretraining: Mapping[str, str] = field(default_factory=dict)
+
+
+class PretrainingFailedError(RuntimeError):
+    """The pretrained base this trial starts from could not be built; the message says why."""
 
 
 def _load_initial_weights(model: Any, point: Mapping[str, Any], ctx: TrialContext) -> str | None:
@@ -148,6 +154,9 @@ def finetune_trial(config: Mapping[str, Any], context: TrialContext) -> None:
         if done_point == point:
             tune.report({"already_finished": True, **objectives})
             return
+    key = context.pretrained.get(f"{point['backbone']}|{point['paradigm']}")
+    if key in context.failed_pretraining:
+        raise PretrainingFailedError(context.failed_pretraining[key])
     state = None
     ckpt = tune.get_checkpoint()
     if ckpt is not None:
