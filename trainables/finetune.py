@@ -162,8 +162,11 @@ def finetune_trial(config: Mapping[str, Any], context: TrialContext) -> None:
     if ckpt is not None:
         with ckpt.as_directory() as d:
             state = torch.load(Path(d) / STATE_FILE, map_location="cpu", weights_only=True)
-    train_and_evaluate(point, context, state=state,
-                       on_epoch=lambda result, d: tune.report(result, checkpoint=tune.Checkpoint.from_directory(d)))
+    from trainables import loop
+
+    with loop.memory_hint(loop.select_device(), int(context.finetune["batch_size"])):
+        train_and_evaluate(point, context, state=state,
+                           on_epoch=lambda result, d: tune.report(result, checkpoint=tune.Checkpoint.from_directory(d)))
 
 
 def _evaluate(model: Any, dataset: Any, ft: Mapping[str, Any], device: Any, out: Path, metrics: Any, loop: Any) -> dict:

@@ -18,13 +18,40 @@ import torch
 from torch import nn
 
 __all__ = ["select_device", "autocast", "batches", "train_epoch", "train_epoch_batches", "predict_scores",
-           "predict_scores_batches", "set_threads", "NonFiniteLossError"]
+           "predict_scores_batches", "set_threads", "NonFiniteLossError", "TrialOutOfMemoryError", "memory_hint"]
 
 Loss = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
 
 class NonFiniteLossError(FloatingPointError):
     """Training diverged; the trial fails with this message instead of logging NaN metrics."""
+
+
+class TrialOutOfMemoryError(MemoryError):
+    """A trial ran out of GPU or host memory; the message says which knobs lower its footprint."""
+
+
+def _is_out_of_memory(exc: BaseException) -> bool:
+    oom = getattr(torch, "OutOfMemoryError", torch.cuda.OutOfMemoryError)
+    return isinstance(exc, (oom, MemoryError)) or (
+        isinstance(exc, RuntimeError) and ("can't allocate memory" in str(exc) or "not enough memory" in str(exc)))
+
+
+@contextlib.contextmanager
+def memory_hint(device: torch.device, batch_size: int) -> Iterator[None]:
+    """Turn an allocation failure (CUDA or host) into TrialOutOfMemoryError with what to change."""
+    try:
+        yield
+    except TrialOutOfMemoryError:
+        raise
+    except BaseException as exc:
+        if not _is_out_of_memory(exc):
+            raise
+        where = "GPU" if device.type == "cuda" else "host"
+        raise TrialOutOfMemoryError(
+            f"out of {where} memory on {device} with batch_size {batch_size}: {str(exc).splitlines()[0][:300]}; lower "
+            f"finetune.batch_size (or pretraining.batch_size), run fewer trials at once (resources.max_concurrent_trials), "
+            f"or give each trial a whole GPU (resources.gpus_per_trial: 1)") from exc
 
 
 def select_device() -> torch.device:

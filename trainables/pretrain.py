@@ -622,7 +622,8 @@ def run_pretrain_job(job: Mapping[str, Any], cache_root: str, cpus: float = 1.0)
         torch.manual_seed(hp["seed"])
         gen = torch.Generator().manual_seed(hp["seed"])
         ctx = TrainContext(job["backbone"], dataset, hp, MappingProxyType(options), device, gen)
-        model, losses = paradigm.trainer(paradigm, ctx)
+        with loop.memory_hint(device, int(hp["batch_size"])):
+            model, losses = paradigm.trainer(paradigm, ctx)
         meta = {"backbone": job["backbone"], "paradigm": job["paradigm"], "dataset": job["dataset"],
                 "dataset_options": job["dataset_options"], "hparams": hp, "options": options,
                 "losses": [float(v) for v in losses], "device": str(device), "seconds": time.time() - started,
