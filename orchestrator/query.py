@@ -13,7 +13,7 @@ import pandas as pd
 from orchestrator import pareto as pareto_mod
 
 __all__ = ["AXIS_PARAMS", "SweepNotFoundError", "load_trials", "aggregate_seeds", "front_table", "list_sweeps",
-           "sweep_objectives", "sweep_trials", "pareto", "best", "compare"]
+           "parent_run", "sweep_objectives", "sweep_trials", "pareto", "best", "compare"]
 
 AXIS_PARAMS = ("backbone", "paradigm", "intervention.kind", "intervention.magnitude", "freeze_depth")
 TAG = "fairsweep."
@@ -138,13 +138,19 @@ def _parent_run(client: Any, experiment_id: str, sweep: str) -> Any | None:
     return runs[0] if runs else None
 
 
-def sweep_objectives(client: Any, sweep: str, experiment: str | None = None) -> tuple[str, str]:
-    """(performance, fairness) metric names the sweep optimised, from its parent run's params."""
+def parent_run(client: Any, sweep: str, experiment: str | None = None) -> Any:
+    """The sweep's parent MLflow run; SweepNotFoundError listing the experiments or sweeps that exist."""
     experiment = experiment or sweep
     exp = _experiment(client, experiment)
     parent = _parent_run(client, exp.experiment_id, sweep)
     if parent is None:
         raise _not_found(client, experiment, sweep)
+    return parent
+
+
+def sweep_objectives(client: Any, sweep: str, experiment: str | None = None) -> tuple[str, str]:
+    """(performance, fairness) metric names the sweep optimised, from its parent run's params."""
+    parent = parent_run(client, sweep, experiment)
     params = parent.data.params
     perf, fair = params.get("objectives.performance"), params.get("objectives.fairness")
     if not perf or not fair:
@@ -205,10 +211,17 @@ def _check_metrics(trials: pd.DataFrame, *metrics: str) -> list[str]:
 
 
 def _config_rows(trials: pd.DataFrame, perf: str, fair: str) -> pd.DataFrame:
-    """Seed means per config_key (aggregate_seeds) plus per-metric counts of non-missing values and trial keys."""
+    """Seed means per config_key (aggregate_seeds) plus per-metric counts of non-missing values.
+
+    ``run_ids``/``trial_keys`` list every member trial in seed order; ``run_id``/``trial_key`` name the
+    first of them, so every record (JSON included) points at a concrete trial run to open.
+    """
+    if not trials.empty and "seed" in trials:
+        trials = trials.sort_values("seed", key=lambda s: pd.to_numeric(s, errors="coerce"), kind="stable")
     agg = aggregate_seeds(trials, [perf, fair])
     if agg.empty:
-        for col in (f"{perf}_std", f"{fair}_std", f"{perf}_count", f"{fair}_count", "run_ids", "trial_keys"):
+        for col in (f"{perf}_std", f"{fair}_std", f"{perf}_count", f"{fair}_count", "run_ids", "trial_keys", "run_id",
+                    "trial_key"):
             agg[col] = pd.Series(dtype=object)
         return agg
     grouped = trials.groupby("config_key", sort=False)
@@ -216,6 +229,8 @@ def _config_rows(trials: pd.DataFrame, perf: str, fair: str) -> pd.DataFrame:
         counts = grouped[m].count() if m in trials else pd.Series(0, index=grouped.size().index)
         agg[f"{m}_count"] = agg["config_key"].map(counts).astype(int)
     agg["trial_keys"] = agg["config_key"].map(grouped["trial_key"].agg(list))
+    agg.insert(1, "run_id", agg["run_ids"].str[0])
+    agg.insert(2, "trial_key", agg["trial_keys"].str[0])
     return agg
 
 

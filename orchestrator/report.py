@@ -13,10 +13,10 @@ from typing import Any
 
 import pandas as pd
 
-from orchestrator import pareto
+from orchestrator import query
 from orchestrator.query import SweepNotFoundError, front_table, load_trials
 
-__all__ = ["Report", "write_report", "sweep_objectives"]
+__all__ = ["Report", "write_report"]
 
 
 @dataclass(frozen=True)
@@ -25,26 +25,6 @@ class Report:
     parent_run_id: str
     n_trials: int
     front_size: int
-
-
-def _parent(client: Any, experiment: str, sweep: str) -> Any:
-    exp = client.get_experiment_by_name(experiment)
-    if exp is None:
-        names = sorted(e.name for e in client.search_experiments())
-        raise SweepNotFoundError(f"no MLflow experiment {experiment!r}; experiments: {', '.join(names) or 'none'}")
-    runs = client.search_runs([exp.experiment_id], f"tags.`fairsweep.sweep` = '{sweep}' AND tags.`fairsweep.kind` = 'sweep'",
-                              max_results=1)
-    if not runs:
-        sweeps = client.search_runs([exp.experiment_id], "tags.`fairsweep.kind` = 'sweep'", max_results=1000)
-        names = sorted({r.data.tags.get("fairsweep.sweep", "?") for r in sweeps})
-        raise SweepNotFoundError(f"no sweep {sweep!r} in experiment {experiment!r}; sweeps there: {', '.join(names) or 'none'}")
-    return runs[0]
-
-
-def sweep_objectives(parent: Any) -> tuple[str, str]:
-    """The performance and fairness metrics the sweep was run with (recorded on its parent run)."""
-    p = parent.data.params
-    return p.get("objectives.performance", "accuracy"), p.get("objectives.fairness", "equalized_odds_difference")
 
 
 def _freeze_order(value: str) -> tuple:
@@ -77,10 +57,12 @@ def write_report(client: Any, sweep: str, out: Path, *, experiment: str | None =
     from trainables.metrics import direction
 
     experiment = experiment or sweep
-    parent = _parent(client, experiment, sweep)
-    perf_default, fair_default = sweep_objectives(parent)
-    perf, fair = performance or perf_default, fairness or fair_default
-    directions = [direction(perf), direction(fair)]
+    parent = query.parent_run(client, sweep, experiment)
+    if not performance or not fairness:
+        perf_default, fair_default = query.sweep_objectives(client, sweep, experiment)
+        performance, fairness = performance or perf_default, fairness or fair_default
+    perf, fair = performance, fairness
+    direction(perf), direction(fair)  # unknown names fail here, listing the valid ones
     trials = load_trials(client, experiment, sweep)
     if trials.empty:
         raise SweepNotFoundError(f"sweep {sweep!r} has no finished trials yet")
@@ -108,7 +90,7 @@ def write_report(client: Any, sweep: str, out: Path, *, experiment: str | None =
     if not groups.empty:
         save(figures.group_bars_figure(groups), "front_group_accuracy.png")
 
-    best = pareto.constrained_best(table[[perf, fair]].to_numpy(float), directions, max_drop=max_drop)
+    best = query.best(trials, perf, fair, max_drop=max_drop, by_config=True)
     files.append(_write_summary(out / "summary.md", sweep, experiment, trials, table, perf, fair, best, max_drop))
     if log_to_mlflow:
         for f in files:
@@ -126,19 +108,20 @@ def _markdown_table(frame: pd.DataFrame) -> str:
 
 
 def _write_summary(path: Path, sweep: str, experiment: str, trials: pd.DataFrame, table: pd.DataFrame, perf: str,
-                   fair: str, best: int | None, max_drop: float) -> Path:
+                   fair: str, best: pd.DataFrame, max_drop: float) -> Path:
     cols = ["backbone", "paradigm", "intervention.kind", "intervention.magnitude", "freeze_depth", "n_seeds", perf, fair]
     front = table[table["on_front"]][cols]
     lines = [f"# Sweep `{sweep}`", "",
              f"- MLflow experiment: `{experiment}`; finished trials: {len(trials)}; configurations: {len(table)}",
              f"- objectives: `{perf}` and `{fair}`, means over seeds", "",
              f"## Pareto front ({len(front)} configurations)", "", _markdown_table(front), ""]
-    if best is not None:
-        row = table.iloc[best]
-        top = table[perf].max()
+    if not best.empty:
+        row = best.iloc[0]
         lines += [f"## Fairest within {max_drop:g} of the best {perf}", "",
                   f"`{row['backbone']}` / `{row['paradigm']}` / {row['intervention.kind']} {row['intervention.magnitude']:g} / "
-                  f"freeze `{row['freeze_depth']}`: {perf} {row[perf]:.4f} (best {top:.4f}), {fair} {row[fair]:.4f}.", ""]
+                  f"freeze `{row['freeze_depth']}`: {perf} {row[perf]:.4f} (best {row[f'reference_{perf}']:.4f}), "
+                  f"{fair} {row[fair]:.4f} (means over {row['n_seeds']} seed(s); `fairsweep best {sweep} --by-config "
+                  f"--max-drop {max_drop:g}` gives the same).", ""]
     lines += ["## Figures", "", "- `pareto.png`: every configuration, coloured by paradigm, the front as a line",
               "- `vs_intervention_magnitude.png`, `vs_freeze_depth.png`: means per paradigm",
               "- `front_group_accuracy.png`: per-group accuracy of the front's members", ""]

@@ -62,14 +62,16 @@ def test_failed_pretraining_fails_its_trials_with_the_reason_and_the_rest_run(tm
     naming it, the scratch trials finish, and the summary says how to retry."""
     spec = tiny_spec(**{"name": "badbase", "pretraining.lr": 1.0e9, "axes.freeze_depth": [0],
                         "axes.intervention": {"kind": "correlation", "magnitudes": [0.5]}, "axes.seed": [0, 1]})
+    spec["experiment"] = "team_runs"  # the sweep's runs go to this experiment, not one named after it
     uri = sqlite_uri(tmp_path)
     storage = str(tmp_path / "results")
-    out = run_cli("launch", str(write_spec(tmp_path, spec)), "--tracking-uri", uri, "--storage", storage, "--quiet",
-                  cwd=tmp_path)
+    out = run_cli("launch", str(write_spec(tmp_path, spec)), "--storage", storage, "--quiet", cwd=tmp_path,
+                  env=cli_env(MLFLOW_TRACKING_URI=uri))  # the URI from the environment, no flag
     assert out.returncode == 1, out.stdout[-2000:] + out.stderr[-2000:]
     assert "2 trials finished, 2 failed" in out.stdout and "--retry-errored" in out.stdout
     mlflow.set_tracking_uri(uri)
-    runs = mlflow.search_runs(experiment_names=["badbase"])
+    assert mlflow.get_experiment_by_name("badbase") is None
+    runs = mlflow.search_runs(experiment_names=["team_runs"])
     pretrain = runs[runs["tags.fairsweep.kind"] == "pretrain"]
     assert list(pretrain["status"]) == ["FAILED"] and "loss became" in pretrain["tags.fairsweep.error"].iloc[0]
     trials = runs[runs["tags.fairsweep.kind"] == "trial"]

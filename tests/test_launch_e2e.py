@@ -31,6 +31,13 @@ def test_launch_exits_cleanly_and_prints_the_front(launched):
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
     assert "8 trials finished, 0 failed" in out.stdout
     assert "Pareto front" in out.stdout and f"mlflow ui --backend-store-uri {uri}" in out.stdout
+    # the printed table holds exactly the front MLflow records: a header, then one line per configuration
+    lines = out.stdout.split("configurations on the Pareto front", 1)[1].splitlines()[1:]
+    table = lines[:next(i for i, line in enumerate(lines) if not line.strip())]
+    front = pd.read_csv(MlflowClient(uri).download_artifacts(_parent_id(uri), "pareto/front.csv", str(tmp)))
+    assert table[0].split()[:2] == ["backbone", "paradigm"] and len(table) - 1 == len(front) >= 1
+    for row, (_, want) in zip(table[1:], front.iterrows()):  # both in the order the front was computed
+        assert row.split()[1] == want["paradigm"] and f"{want['accuracy']:.4f}" in row
 
 
 def test_mlflow_holds_parent_children_params_metrics_tags(launched):
@@ -118,3 +125,9 @@ def test_report_of_unknown_sweep_lists_what_exists(launched):
     tmp, uri, _ = launched
     out = run_cli("report", "nosuch", "--experiment", "tiny", "--out", str(tmp / "r2"), "--tracking-uri", uri, cwd=tmp, timeout=120)
     assert out.returncode == 2 and "no sweep 'nosuch'" in out.stderr and "tiny" in out.stderr
+
+
+def _parent_id(uri: str) -> str:
+    mlflow.set_tracking_uri(uri)
+    runs = mlflow.search_runs(experiment_names=["tiny"], filter_string="tags.`fairsweep.kind` = 'sweep'")
+    return runs["run_id"].iloc[0]

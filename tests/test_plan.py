@@ -116,3 +116,20 @@ def test_objective_attribute_must_exist():
         build_plan(parse_spec(tiny_spec(**{"objectives.fairness": "equalized_odds_difference/sex"})))
     plan = build_plan(parse_spec(tiny_spec(**{"objectives.fairness": "worst:equalized_odds_difference"})))
     assert plan.spec.objectives.fairness == "worst:equalized_odds_difference"
+
+
+def test_the_installed_console_script_runs(tmp_path):
+    """``pip install`` put a ``fairsweep`` command beside the interpreter; it answers without Ray."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from tests.helpers import REPO, cli_env
+
+    exe = Path(sys.executable).parent / "fairsweep"
+    assert exe.exists(), f"no console script at {exe}; install the package (pip install -e .)"
+    out = subprocess.run([str(exe), "--help"], capture_output=True, text=True, env=cli_env(), timeout=60)
+    assert out.returncode == 0 and all(c in out.stdout for c in ("launch", "resume", "status", "pareto", "best", "compare"))
+    out = subprocess.run([str(exe), "validate", str(REPO / "sweeps" / "quickstart.yaml")], capture_output=True, text=True,
+                         env=cli_env(), timeout=120, cwd=tmp_path)
+    assert out.returncode == 0 and "trials: 36" in out.stdout

@@ -249,7 +249,9 @@ def test_cli_pareto_formats(store):
     records = json.loads(js.stdout)
     want = brute_front(config_rows(SWEEP_A))
     assert sorted(round(r[PERF], 12) for r in records) == sorted(round(r[PERF], 12) for r in want)
-    assert all({"run_ids", "trial_keys", "paradigm", "freeze_depth", FAIR} <= set(r) for r in records)
+    assert all({"run_id", "trial_key", "run_ids", "trial_keys", "paradigm", "freeze_depth", FAIR} <= set(r) for r in records)
+    assert all(r["run_id"] == r["run_ids"][0] and r["trial_key"] == r["trial_keys"][0] for r in records)
+    assert all(r["trial_key"].endswith("-s0") for r in records)  # the first seed's trial names the configuration
     csv = _cli(store, "pareto", "sA", "--experiment", "exp1", "--format", "csv", "--per-trial")
     assert csv.returncode == 0, csv.stderr
     df = pd.read_csv(io.StringIO(csv.stdout))
@@ -352,3 +354,17 @@ def test_against_mlflow_server(server, tmp_path):
     assert {x["paradigm"] for x in json.loads(r.stdout)} == {"scratch", "simclr", "supervised"}
     bad = run_cli("pareto", "sZ", "--experiment", "exp1", "--tracking-uri", server, cwd=tmp_path, timeout=60)
     assert bad.returncode == 2 and "sweeps there: sA, sB" in bad.stderr
+
+
+def test_report_summary_names_the_brute_force_fairest_configuration(store, tmp_path):
+    from orchestrator.report import write_report
+
+    report = write_report(store["client"], "sA", tmp_path / "r", experiment="exp1", max_drop=0.02, log_to_mlflow=False)
+    names = {p.name for p in report.files}
+    assert {"pareto.png", "vs_intervention_magnitude.png", "vs_freeze_depth.png", "summary.md"} <= names
+    assert report.n_trials == len(SWEEP_A) and report.front_size == len(brute_front(config_rows(SWEEP_A)))
+    want = brute_best(config_rows(SWEEP_A), 0.02)
+    summary = (tmp_path / "r" / "summary.md").read_text()
+    section = summary.split("## Fairest within 0.02 of the best accuracy", 1)[1]
+    assert f"accuracy {want[PERF]:.4f}" in section and f"equalized_odds_difference {want[FAIR]:.4f}" in section
+    assert f"`{want['key'][0]}`" in section
