@@ -296,3 +296,26 @@ def test_folder_datasets_pickle_for_ray_workers(layouts) -> None:
     back = pickle.loads(pickle.dumps(ds))
     assert back.fingerprint() == ds.fingerprint()
     assert torch.equal(back.inputs("val", np.array([1])), ds.inputs("val", np.array([1])))
+
+
+@pytest.mark.parametrize("paradigm", ["supervised", "simclr"])
+def test_pretraining_on_a_folder_dataset_streams_the_source_split(layouts, tmp_path, monkeypatch, paradigm) -> None:
+    """Real CelebA/Waterbirds source splits do not fit in memory: pretraining streams them through the
+    loader's worker processes and never materialises the split."""
+    from trainables.data.images import FolderImages
+    from trainables.pretrain import run_pretrain_job
+
+    whole = FolderImages.inputs
+
+    def refuse_whole_source(self, split, indices=None):
+        assert not (split == "source" and indices is None), "pretraining materialised the whole source split"
+        return whole(self, split, indices)
+
+    monkeypatch.setattr(FolderImages, "inputs", refuse_whole_source)
+    name, opts = layouts["waterbirds"]
+    job = {"key": f"stream-{paradigm}", "backbone": "test_resnet", "paradigm": paradigm, "dataset": name,
+           "dataset_options": {**opts, "num_workers": 1},
+           "hparams": {"epochs": 2, "batch_size": 8, "lr": 0.01, "weight_decay": 0.0, "momentum": 0.9, "seed": 0,
+                       "options": {}}}
+    out = run_pretrain_job(job, str(tmp_path / "cache"))
+    assert not out.reused and len(out.losses) == 2 and all(np.isfinite(out.losses))

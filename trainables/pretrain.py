@@ -234,16 +234,22 @@ def _train_supervised(paradigm: Paradigm, ctx: TrainContext) -> tuple[nn.Module,
     hp = ctx.hparams
     model = backbones.create_backbone(ctx.backbone, num_classes=max(2, int(labels.max()) + 1),
                                       input_shape=ctx.dataset.input_shape).to(ctx.device)
-    x = ctx.dataset.inputs("source").to(ctx.device)
     y = torch.tensor(labels, dtype=torch.long, device=ctx.device)
     smoothing = float(ctx.options.get("label_smoothing", 0.0))
     loss_fn = lambda logits, target: torch.nn.functional.cross_entropy(logits, target, label_smoothing=smoothing)  # noqa: E731
     opt = torch.optim.SGD(model.parameters(), lr=hp["lr"], momentum=hp["momentum"], weight_decay=hp["weight_decay"])
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=hp["epochs"])
+    # Small data: the whole source split on the device once. Folder data: streamed by worker processes.
+    x = ctx.dataset.inputs("source").to(ctx.device) if ctx.dataset.in_memory else None
     losses = []
-    for _ in range(hp["epochs"]):
-        losses.append(loop.train_epoch(model, x, y, opt, batch_size=hp["batch_size"], generator=ctx.generator,
-                                       device=ctx.device, loss_fn=loss_fn))
+    for epoch in range(hp["epochs"]):
+        if x is not None:
+            losses.append(loop.train_epoch(model, x, y, opt, batch_size=hp["batch_size"], generator=ctx.generator,
+                                           device=ctx.device, loss_fn=loss_fn))
+        else:
+            stream = ctx.dataset.loader("source", batch_size=hp["batch_size"], shuffle=True, seed=hp["seed"], epoch=epoch,
+                                        drop_last=len(y) > hp["batch_size"])
+            losses.append(loop.train_epoch_batches(model, stream, y, opt, device=ctx.device, loss_fn=loss_fn))
         sched.step()
     return model, losses
 
@@ -253,8 +259,13 @@ def _train_ssl(paradigm: Paradigm, ctx: TrainContext) -> tuple[nn.Module, list[f
     from trainables.ssl import train_ssl
 
     model = backbones.create_backbone(ctx.backbone, num_classes=2, input_shape=ctx.dataset.input_shape).to(ctx.device)
-    x = ctx.dataset.inputs("source").to(ctx.device)
-    losses = train_ssl(model, x, method=paradigm.ssl_method, options=ctx.options, modality=ctx.dataset.modality,
+    if ctx.dataset.in_memory:
+        data = ctx.dataset.inputs("source").to(ctx.device)
+    else:  # folder data: each epoch's shuffled batches decoded by worker processes
+        n, bs, seed = len(ctx.dataset.meta("source")), int(ctx.hparams["batch_size"]), int(ctx.hparams["seed"])
+        data = lambda epoch: ctx.dataset.loader("source", batch_size=bs, shuffle=True, seed=seed, epoch=epoch,  # noqa: E731
+                                                drop_last=n > bs)
+    losses = train_ssl(model, data, method=paradigm.ssl_method, options=ctx.options, modality=ctx.dataset.modality,
                        hparams=ctx.hparams, device=ctx.device, generator=ctx.generator)
     return model, losses
 

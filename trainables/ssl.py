@@ -16,7 +16,7 @@ from __future__ import annotations
 import copy
 import math
 from dataclasses import dataclass
-from typing import Any, Callable, Mapping
+from typing import Any, Callable, Iterable, Iterator, Mapping
 
 import torch
 from torch import nn
@@ -255,31 +255,51 @@ for _m in (SSLMethod("simclr", _simclr), SSLMethod("vicreg", _vicreg), SSLMethod
     SSL_METHODS.register(_m.name)(_m)
 
 
-def train_ssl(model: nn.Module, x: torch.Tensor, *, method: str, options: Mapping[str, Any], modality: str,
-              hparams: Mapping[str, Any], device: torch.device, generator: torch.Generator) -> list[float]:
-    """Pretrain ``model``'s representation on unlabeled ``x`` (already on ``device``); returns the mean
-    loss of each epoch."""
+def train_ssl(model: nn.Module, data: torch.Tensor | Callable[[int], Iterable[tuple[torch.Tensor, torch.Tensor]]], *,
+              method: str, options: Mapping[str, Any], modality: str, hparams: Mapping[str, Any], device: torch.device,
+              generator: torch.Generator) -> list[float]:
+    """Pretrain ``model``'s representation on unlabeled inputs; returns the mean loss of each epoch.
+
+    ``data`` is either every input already on ``device`` (small data, batched there) or a function
+    of the epoch returning streamed batches ``(x, pos)`` (``Dataset.loader``: folder data decoded by
+    worker processes), copied to the device one at a time.
+    """
     from trainables import loop
 
+    if isinstance(data, torch.Tensor):
+        x = data
+
+        def epoch_batches(epoch: int) -> Iterator[torch.Tensor]:
+            for idx in loop.batches(len(x), hparams["batch_size"], generator, drop_last=True):
+                yield x[idx.to(x.device)]
+
+        probe = x[:2]
+    else:
+        def epoch_batches(epoch: int) -> Iterator[torch.Tensor]:
+            for xb, _ in data(epoch):
+                yield xb.to(device, non_blocking=True)
+
+        probe = next(iter(epoch_batches(0)))[:2]
     spec = SSL_METHODS.get(method)
-    reason = spec.serves(model, tuple(x.shape[1:]))
+    reason = spec.serves(model, tuple(probe.shape[1:]))
     if reason:
         raise ValueError(f"{method} cannot train {type(model).__name__}: {reason}")
     model.to(device)
     with torch.no_grad():
         model.eval()
-        dim = embed(model, x[:2]).shape[1]
+        dim = embed(model, probe).shape[1]
     objective = spec.build(model, dim, options, modality).to(device)
     params = list({id(p): p for p in [*model.parameters(), *objective.parameters()] if p.requires_grad}.values())
     opt = torch.optim.SGD(params, lr=hparams["lr"], momentum=hparams["momentum"], weight_decay=hparams["weight_decay"])
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=hparams["epochs"])
     losses = []
-    for _ in range(hparams["epochs"]):
+    for epoch in range(hparams["epochs"]):
         model.train()
         objective.train()
         total, count = 0.0, 0
-        for idx in loop.batches(len(x), hparams["batch_size"], generator, drop_last=True):
-            xb = x[idx.to(x.device)]
+        for xb in epoch_batches(epoch):
+            if len(xb) < 2:  # contrastive and batch-statistics losses need two examples
+                continue
             with loop.autocast(device):
                 loss = objective.loss(model, xb)
             if not math.isfinite(loss.item()):
@@ -288,8 +308,8 @@ def train_ssl(model: nn.Module, x: torch.Tensor, *, method: str, options: Mappin
             loss.backward()
             opt.step()
             objective.after_step(model)
-            total += loss.item() * len(idx)
-            count += len(idx)
+            total += loss.item() * len(xb)
+            count += len(xb)
         sched.step()
         losses.append(total / max(count, 1))
     return losses
