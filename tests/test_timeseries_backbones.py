@@ -139,3 +139,26 @@ def test_finetuning_starts_from_the_pretrained_encoder(tmp_path) -> None:
              "freeze_depth": "linear", "seed": 0}
     r = train_and_evaluate(point, ctx)
     assert r["pretrain_ref"] == "simclr-key" and r["frozen_groups"] == "[0, 1, 2]" and r["frozen_fraction"] > 0.5
+
+
+def test_time_warp_is_a_monotone_resampling_that_keeps_the_ends() -> None:
+    from trainables.ssl import time_warp
+
+    torch.manual_seed(0)
+    ramp = torch.arange(64, dtype=torch.float32).repeat(8, 3, 1)  # (8, 3, 64): value = time step
+    warped = time_warp(ramp, strength=0.3)
+    assert warped.shape == ramp.shape
+    assert torch.allclose(warped[..., 0], ramp[..., 0]) and torch.allclose(warped[..., -1], ramp[..., -1])
+    assert (warped.diff(dim=-1) >= -1e-5).all()  # a warp of time never runs backwards
+    assert not torch.allclose(warped, ramp)  # and it does move the middle
+    assert torch.equal(warped[:, 0], warped[:, 1])  # the same warp for every channel of an example
+    assert torch.equal(time_warp(ramp, strength=0.0), ramp)
+
+
+def test_timeseries_views_differ_but_keep_shape_and_stay_finite() -> None:
+    from trainables.ssl import augment
+
+    torch.manual_seed(0)
+    x = torch.randn(16, 5, 101)  # MESA-like: 5 channels x 101 steps
+    a, b = augment(x, "timeseries"), augment(x, "timeseries")
+    assert a.shape == b.shape == x.shape and torch.isfinite(a).all() and not torch.allclose(a, b)

@@ -154,6 +154,33 @@ def test_arrays_channels_last_csv_unsplit_and_npy(tmp_path) -> None:
     assert pickle.loads(pickle.dumps(ds))._x is None  # the array is not shipped to workers
 
 
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_arrays_from_parquet_equal_the_npz(tmp_path, channels_last: bool) -> None:
+    npz = F.write_timeseries_arrays(tmp_path / "npz", channels_last=channels_last)
+    pq = F.write_timeseries_arrays(tmp_path / "pq", channels_last=channels_last, arrays="arrays.parquet")
+    a, b = build_dataset("timeseries_arrays", npz), build_dataset("timeseries_arrays", pq)
+    assert a.input_shape == b.input_shape == (2, 32)
+    for split in ("source", "finetune", "val", "test"):
+        assert torch.equal(a.inputs(split), b.inputs(split))
+
+
+def test_parquet_array_errors_name_the_rows_and_columns(tmp_path) -> None:
+    opts = F.write_timeseries_arrays(tmp_path / "pq", arrays="arrays.parquet")
+    root = Path(opts["root"])
+    frame = pd.read_parquet(root / "arrays.parquet")
+    with pytest.raises(DatasetError, match=r"has no column 'Y' \(dataset.options.array_key\); it has \['X'\]"):
+        build_dataset("timeseries_arrays", {**opts, "array_key": "Y"})
+    ragged = frame.copy()
+    ragged.at[7, "X"] = [list(ragged.at[7, "X"][0])[:-1], list(ragged.at[7, "X"][1])]  # one value short
+    ragged.to_parquet(root / "ragged.parquet")
+    ds = build_dataset("timeseries_arrays", {**opts, "arrays": "ragged.parquet"})
+    with pytest.raises(DatasetError, match=r"rows \[7\] \(1 in all, counted from 0\) are not 2 x 32"):
+        ds.inputs("test")
+    pd.DataFrame({"X": np.arange(len(frame), dtype=float)}).to_parquet(root / "scalars.parquet")
+    with pytest.raises(DatasetError, match="must hold one nested list of numbers per example"):
+        build_dataset("timeseries_arrays", {**opts, "arrays": "scalars.parquet"})
+
+
 def test_arrays_errors(arrays_root: dict, tmp_path) -> None:
     root = tmp_path / "copy"
     shutil.copytree(arrays_root["root"], root)

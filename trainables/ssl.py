@@ -23,7 +23,7 @@ from torch import nn
 
 from trainables.registry import Registry
 
-__all__ = ["Objective", "SSLMethod", "SSL_METHODS", "embed", "augment", "train_ssl", "is_timm_vit"]
+__all__ = ["Objective", "SSLMethod", "SSL_METHODS", "embed", "augment", "time_warp", "train_ssl", "is_timm_vit"]
 
 
 def embed(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
@@ -49,10 +49,28 @@ def _augment_images(x: torch.Tensor) -> torch.Tensor:
     return x * gain + bias + 0.1 * torch.randn_like(x)
 
 
+def time_warp(x: torch.Tensor, strength: float = 0.2, knots: int = 4) -> torch.Tensor:
+    """Resample each series (N, C, T) along a smooth, monotone random warp of its time axis: the local
+    speed varies within 1 ± ``strength`` between ``knots`` points; the first and last steps stay put."""
+    n, c, t = x.shape
+    if t < 2 or strength == 0:
+        return x
+    speed = 1 + strength * (2 * torch.rand(n, 1, knots, device=x.device) - 1)
+    speed = nn.functional.interpolate(speed, size=t, mode="linear", align_corners=True)[:, 0]
+    pos = torch.cumsum(speed, dim=1) - speed[:, :1]
+    pos = pos / pos[:, -1:] * (t - 1)  # monotone, from 0 to t - 1
+    lo = pos.floor().long().clamp(0, t - 2)
+    w = (pos - lo)[:, None, :].to(x.dtype)
+    left = x.gather(2, lo[:, None, :].expand(n, c, t))
+    right = x.gather(2, (lo + 1)[:, None, :].expand(n, c, t))
+    return left * (1 - w) + right * w
+
+
 def _augment_timeseries(x: torch.Tensor) -> torch.Tensor:
-    """Paper B's scaling and negation, plus jitter and a random time mask (x is (N, C, T))."""
+    """Paper B's scaling and negation, plus time warping, jitter and a random time mask (x is (N, C, T))."""
     n, c, t = x.shape
     dev = x.device
+    x = time_warp(x)
     x = x * (0.8 + 0.4 * torch.rand(n, c, 1, device=dev))
     x = torch.where((torch.rand(n, 1, 1, device=dev) < 0.5), -x, x)
     x = x + 0.05 * torch.randn_like(x)

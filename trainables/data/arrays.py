@@ -4,7 +4,9 @@ Layout::
 
     ROOT/arrays.npz      an array under key ``array_key`` (default "X") of shape (N, C, T), or (N, T, C)
                          with ``channels_last: true`` (e.g. MIMIC-III's 48 hours x 76 features);
-                         a plain .npy file works too
+                         a plain .npy file works too, and so does a .parquet file whose column
+                         ``array_key`` holds one nested list per example (C lists of T values, or T
+                         lists of C with ``channels_last``), every example the same shape
     ROOT/metadata.csv    N rows in the same order (.csv or .parquet): target and sensitive columns,
                          optional split column (see image_csv for the split rules)
 
@@ -33,8 +35,8 @@ VERSION = 1
 
 OPTIONS: Mapping[str, Option] = {
     "root": Option(None, PATH, why="the folder holding the array file and the metadata table"),
-    "arrays": Option("arrays.npz", PATH, why="the .npz (or .npy) file, relative to root", under_root=True),
-    "array_key": Option("X", str, why="the array's name inside the .npz"),
+    "arrays": Option("arrays.npz", PATH, why="the .npz, .npy or .parquet file, relative to root", under_root=True),
+    "array_key": Option("X", str, why="the array's name inside the .npz, or its column in the .parquet"),
     "metadata": Option("metadata.csv", PATH, why="the .csv or .parquet table, relative to root", under_root=True),
     "channels_last": Option(False, bool, why="true when the array is (N, T, C) rather than (N, C, T)"),
     **table_options(target="label", sensitive=("group",), user_table=True),
@@ -46,8 +48,10 @@ def array_header(path: Path, key: str) -> tuple[tuple[int, ...], np.dtype]:
     if path.suffix.lower() == ".npy":
         arr = np.load(path, mmap_mode="r")
         return tuple(arr.shape), arr.dtype
+    if path.suffix.lower() == ".parquet":
+        return _parquet_header(path, key)
     if path.suffix.lower() != ".npz":
-        raise DatasetError(f"array file {path} has suffix {path.suffix!r}; use .npz or .npy")
+        raise DatasetError(f"array file {path} has suffix {path.suffix!r}; use .npz, .npy or .parquet")
     try:
         with zipfile.ZipFile(path) as zf:
             names = [n[:-4] for n in zf.namelist() if n.endswith(".npy")]
@@ -60,6 +64,53 @@ def array_header(path: Path, key: str) -> tuple[tuple[int, ...], np.dtype]:
     except zipfile.BadZipFile:
         raise DatasetError(f"array file {path} is not a readable .npz (bad zip); re-save it with numpy.savez") from None
     return tuple(shape), np.dtype(dtype)
+
+
+def _parquet_column(path: Path, key: str, *, first_row_only: bool) -> Any:
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    try:
+        pf = pq.ParquetFile(path)
+    except (pa.ArrowException, OSError) as exc:
+        raise DatasetError(f"array file {path} is not a readable Parquet file ({exc})") from None
+    names = pf.schema_arrow.names
+    if key not in names:
+        raise DatasetError(f"{path} has no column {key!r} (dataset.options.array_key); it has {names}")
+    kind = pf.schema_arrow.field(key).type
+    if not (pa.types.is_list(kind) or pa.types.is_large_list(kind) or pa.types.is_fixed_size_list(kind)) or not (
+            pa.types.is_list(kind.value_type) or pa.types.is_large_list(kind.value_type)
+            or pa.types.is_fixed_size_list(kind.value_type)) or not (
+            pa.types.is_floating(kind.value_type.value_type) or pa.types.is_integer(kind.value_type.value_type)):
+        raise DatasetError(f"{path}: column {key!r} is {kind}; it must hold one nested list of numbers per example "
+                           "(C lists of T values, or T lists of C with channels_last)")
+    if first_row_only:
+        return pf.metadata.num_rows, next(pf.iter_batches(batch_size=1, columns=[key])).column(0), kind
+    return pf.metadata.num_rows, pq.read_table(path, columns=[key]).column(key).combine_chunks(), kind
+
+
+def _parquet_header(path: Path, key: str) -> tuple[tuple[int, ...], np.dtype]:
+    n, first, kind = _parquet_column(path, key, first_row_only=True)
+    rows = first.to_pylist()[0] or []
+    return (n, len(rows), len(rows[0]) if rows else 0), np.dtype(kind.value_type.value_type.to_pandas_dtype())
+
+
+def _parquet_array(path: Path, key: str, shape: tuple[int, ...]) -> np.ndarray:
+    """The (N, A, B) array from one nested list per row; rows of another shape are named, never padded."""
+    import pyarrow.compute as pc
+
+    n, column, _ = _parquet_column(path, key, first_row_only=False)
+    outer = pc.list_value_length(column).to_numpy(zero_copy_only=False)
+    inner_lists = pc.list_flatten(column)
+    inner = pc.list_value_length(inner_lists).to_numpy(zero_copy_only=False)
+    row_of_inner = np.repeat(np.arange(n), np.nan_to_num(outer, nan=0).astype(int))
+    bad = set(np.flatnonzero(outer != shape[1]).tolist()) | set(row_of_inner[inner != shape[2]].tolist())
+    if bad:
+        rows = sorted(bad)
+        raise DatasetError(f"{path}: column {key!r} rows {rows[:5]} ({len(rows)} in all, counted from 0) are not "
+                           f"{shape[1]} x {shape[2]} like the first row; every example must have the same shape")
+    values = pc.list_flatten(inner_lists).to_numpy(zero_copy_only=False).astype(np.float32, copy=False)
+    return values.reshape(n, shape[1], shape[2])
 
 
 class TimeseriesArrays(Dataset):
@@ -78,6 +129,7 @@ class TimeseriesArrays(Dataset):
             raise DatasetError(f"array file {self._array_file} does not exist; check dataset.options.root and "
                                "dataset.options.arrays")
         shape, dtype = array_header(self._array_file, o["array_key"])
+        self._shape = shape
         if len(shape) != 3 or not np.issubdtype(dtype, np.number) or np.issubdtype(dtype, np.complexfloating):
             raise DatasetError(f"{self._array_file}: array {o['array_key']!r} has shape {shape} and dtype {dtype}; "
                                "expected a real-valued (N, C, T) array, or (N, T, C) with channels_last: true")
@@ -99,6 +151,8 @@ class TimeseriesArrays(Dataset):
             o = self.options
             if self._array_file.suffix.lower() == ".npy":
                 x = np.load(self._array_file).astype(np.float32, copy=False)
+            elif self._array_file.suffix.lower() == ".parquet":
+                x = _parquet_array(self._array_file, o["array_key"], self._shape)
             else:
                 with np.load(self._array_file) as data:
                     x = data[o["array_key"]].astype(np.float32, copy=False)
@@ -125,5 +179,5 @@ class TimeseriesArrays(Dataset):
         return {**self.__dict__, "_x": None}
 
 
-register_dataset("timeseries_arrays", OPTIONS, "Your time series: an (N, C, T) .npz/.npy array plus a .csv/.parquet "
+register_dataset("timeseries_arrays", OPTIONS, "Your time series: an (N, C, T) .npz/.npy/.parquet array plus a .csv/.parquet "
                  "metadata table.")(TimeseriesArrays)

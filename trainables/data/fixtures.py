@@ -111,7 +111,7 @@ def write_image_csv(root: Path, n: int = 120, seed: int = 0, split: bool = True)
 
 def write_timeseries_arrays(root: Path, n: int = 240, channels: int = 2, length: int = 32, seed: int = 0,
                             table: str = "metadata.parquet", channels_last: bool = False,
-                            split: bool = True) -> dict[str, Any]:
+                            split: bool = True, arrays: str = "arrays.npz") -> dict[str, Any]:
     """ROOT/arrays.npz (X: (N, C, T), or (N, T, C)) and a metadata table (label, sex, age_band, race
     [, split]); n should be a multiple of 24 (the combinations)."""
     root = Path(root)
@@ -122,7 +122,11 @@ def write_timeseries_arrays(root: Path, n: int = 240, channels: int = 2, length:
     cycles = np.where(codes[:, 0] == 1, 4.0, 1.0)[:, None, None]
     x = np.sin(2 * np.pi * cycles * t[None, None, :] + rng.uniform(0, 6.3, (n, channels, 1)))
     x = (x + 0.3 * rng.standard_normal((n, channels, length)) + 0.5 * codes[:, 1, None, None]).astype(np.float32)
-    np.savez(root / "arrays.npz", X=x.transpose(0, 2, 1) if channels_last else x)
+    stored = x.transpose(0, 2, 1) if channels_last else x
+    if arrays.endswith(".parquet"):  # one nested list per example
+        pd.DataFrame({"X": [row.tolist() for row in stored]}).to_parquet(root / arrays)
+    else:
+        np.savez(root / arrays, X=stored)
     frame = pd.DataFrame({"label": codes[:, 0], "sex": np.array(["female", "male"])[codes[:, 1]],
                           "age_band": np.array(["18-39", "40-64", "65+"])[codes[:, 2]],
                           "race": np.array(["group_a", "group_b"])[codes[:, 3]]})
@@ -130,4 +134,5 @@ def write_timeseries_arrays(root: Path, n: int = 240, channels: int = 2, length:
         frame["split"] = [("train", "val", "test")[p] for p in _partitions(n, 24)]
     path = root / table
     frame.to_parquet(path) if path.suffix == ".parquet" else frame.to_csv(path, index=False)
-    return {"root": str(root), "metadata": table, "sensitive": ["sex", "age_band"], "channels_last": channels_last}
+    return {"root": str(root), "arrays": arrays, "metadata": table, "sensitive": ["sex", "age_band"],
+            "channels_last": channels_last}
