@@ -13,6 +13,7 @@ from pathlib import Path
 import mlflow
 import pytest
 import torch
+from mlflow.tracking import MlflowClient
 
 from tests.helpers import cli_env, run_cli, sqlite_uri, tiny_spec, write_spec
 
@@ -49,12 +50,23 @@ def test_diverging_trial_is_a_failed_run_and_the_sweep_goes_on(tmp_path):
     assert (trials[trials["params.paradigm"] == "scratch"]["status"] == "FINISHED").all()
     assert trials["tags.fairsweep.pareto_front"].dropna().tolist() == ["true"]  # the front holds finished trials only
 
+    failed_id = failed["run_id"].iloc[0]
+    client = MlflowClient(uri)
+    ended = client.get_run(failed_id).info.end_time
+
+    # a plain resume leaves the errored trial alone: its run is not touched
+    plain = run_cli("resume", "diverge", "--storage", storage, "--quiet", cwd=tmp_path)
+    assert plain.returncode == 1, plain.stdout[-2000:] + plain.stderr[-2000:]
+    assert client.get_run(failed_id).info.end_time == ended
+
     # retrying runs the errored trial again into the same run: still one run per key
     again = run_cli("resume", "diverge", "--storage", storage, "--retry-errored", "--quiet", cwd=tmp_path)
     assert again.returncode == 1, again.stdout[-2000:] + again.stderr[-2000:]
     trials = mlflow.search_runs(experiment_names=["diverge"], filter_string="tags.`fairsweep.kind` = 'trial'")
     assert len(trials) == 2 and trials["tags.fairsweep.trial_key"].nunique() == 2
     assert sorted(trials["status"]) == ["FAILED", "FINISHED"]
+    retried = client.get_run(failed_id)
+    assert retried.info.end_time > ended and "loss became nan" in retried.data.tags["fairsweep.error"]  # it ran again
 
 
 def test_failed_pretraining_fails_its_trials_with_the_reason_and_the_rest_run(tmp_path):

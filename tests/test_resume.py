@@ -113,6 +113,8 @@ def test_sigkill_driver_then_resume(tmp_path):
     assert "driver: stopped" in status.stdout and "running 0" in status.stdout
     assert f"continue it with: fairsweep resume killed --storage {tmp_path / 'results'}" in status.stdout
 
+    cache = _cache_files(tmp_path)
+    assert cache  # pretraining finished before the trials started
     again = run_cli("launch", str(tmp_path / "sweep.yaml"), "--tracking-uri", uri, "--storage", str(tmp_path / "results"),
                     cwd=tmp_path, timeout=120)
     assert again.returncode == 2 and "fairsweep resume killed" in again.stderr  # no silent restart
@@ -120,6 +122,13 @@ def test_sigkill_driver_then_resume(tmp_path):
     out = run_cli("resume", "killed", "--tracking-uri", uri, "--storage", str(tmp_path / "results"), "--quiet", cwd=tmp_path)
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
     _check_complete(tmp_path, uri, "killed", before)
+    assert _cache_files(tmp_path) == cache  # the pretrained model came from the cache, not trained again
+
+
+def _cache_files(tmp: Path) -> dict[str, int]:
+    """Every file of the pretraining cache with its modification time (a retrain rewrites them)."""
+    root = tmp / "results" / "_pretrain_cache"
+    return {str(p.relative_to(root)): p.stat().st_mtime_ns for p in root.rglob("*") if p.is_file() and ".locks" not in p.parts}
 
 
 def test_sigint_stops_cleanly_then_resume(tmp_path):
