@@ -29,10 +29,10 @@ def _spec(name: str) -> dict:
 
 
 def _start(tmp: Path, spec: Path, uri: str) -> subprocess.Popen:
-    log = open(tmp / "driver.log", "w")
-    return subprocess.Popen([sys.executable, "-m", "orchestrator.cli", "launch", str(spec), "--tracking-uri", uri,
-                             "--storage", str(tmp / "results"), "--quiet"], cwd=tmp, env=cli_env(),
-                            stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    with open(tmp / "driver.log", "w") as log:  # the child keeps its own copy of the handle
+        return subprocess.Popen([sys.executable, "-m", "orchestrator.cli", "launch", str(spec), "--tracking-uri", uri,
+                                 "--storage", str(tmp / "results"), "--quiet"], cwd=tmp, env=cli_env(),
+                                stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
 
 
 def _trial_counts(uri: str, name: str) -> dict[str, int]:
