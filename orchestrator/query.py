@@ -5,7 +5,9 @@ holds and what a query answers cannot drift apart.
 """
 from __future__ import annotations
 
-from typing import Any, Mapping, Sequence
+import contextlib
+import gc
+from typing import Any, Iterator, Mapping, Sequence
 
 import numpy as np
 import pandas as pd
@@ -29,6 +31,19 @@ def _direction(metric: str) -> str:
     return direction(metric)
 
 
+@contextlib.contextmanager
+def _gc_paused() -> Iterator[None]:
+    """MLflow's SQL store builds ~20 ORM objects per run; the cyclic collector re-scans them all as
+    they pile up, which is 60 % of loading 10,000 runs. Nothing cyclic is freed meanwhile, so pause it."""
+    was_enabled = gc.isenabled()
+    gc.disable()
+    try:
+        yield
+    finally:
+        if was_enabled:
+            gc.enable()
+
+
 def load_trials(client: Any, experiment: str, sweep: str, *, finished_only: bool = True) -> pd.DataFrame:
     """One row per trial run of ``sweep``: run_id, status, trial_key, config_key, axis params, metrics."""
     exp = client.get_experiment_by_name(experiment)
@@ -41,7 +56,8 @@ def load_trials(client: Any, experiment: str, sweep: str, *, finished_only: bool
     rows = []
     page = None
     while True:
-        runs = client.search_runs([exp.experiment_id], filter_string=flt, max_results=5000, page_token=page)
+        with _gc_paused():
+            runs = client.search_runs([exp.experiment_id], filter_string=flt, max_results=5000, page_token=page)
         for r in runs:
             row = {"run_id": r.info.run_id, "status": r.info.status,
                    "trial_key": r.data.tags.get(TAG + "trial_key"), "config_key": r.data.tags.get(TAG + "config_key"),
