@@ -66,6 +66,10 @@ def test_mlflow_holds_parent_children_params_metrics_tags(launched):
     sup = trials[trials["params.paradigm"] == "supervised"]
     assert (sup["tags.fairsweep.pretrain_run_id"] == pretrain["run_id"].iloc[0]).all()
     assert (sup["tags.fairsweep.pretrain_key"] == pretrain["tags.fairsweep.pretrain_key"].iloc[0]).all()
+    # the pretraining run holds its loss curve: one finite value per pretraining epoch
+    curve = MlflowClient(uri).get_metric_history(pretrain["run_id"].iloc[0], "loss")
+    assert sorted(m.step for m in curve) == list(range(1, tiny_spec()["pretraining"]["epochs"] + 1))
+    assert all(math.isfinite(m.value) and m.value > 0 and m.timestamp > 0 for m in curve)
     # achieved intervention values sit beside the requested ones
     assert np.allclose(trials["metrics.achieved_magnitude"], trials["params.intervention.magnitude"].astype(float), atol=0.01)
 
