@@ -179,6 +179,7 @@ def build_plan(spec: SweepSpec) -> Plan:
 
     try:
         dataset = build_dataset(spec.dataset.name, spec.dataset.options)
+        dataset.check()
     except UnknownNameError as exc:
         raise _as_spec_error("dataset.name", spec.dataset.name, exc) from None
     except ValueError as exc:

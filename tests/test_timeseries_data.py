@@ -243,3 +243,22 @@ def test_resumed_trial_ends_where_an_uninterrupted_one_does(tmp_path) -> None:
                                  on_epoch=lambda r, d: epochs.append(r["epoch"]))
     assert epochs == [2]
     assert resumed["train_loss"] == whole["train_loss"] and resumed["auroc"] == whole["auroc"]
+
+
+def test_non_finite_array_values_fail_the_plan_naming_the_examples(tmp_path) -> None:
+    from orchestrator.plan import build_plan
+    from orchestrator.spec import SpecError, parse_spec
+    from tests.helpers import tiny_spec
+
+    opts = F.write_timeseries_arrays(tmp_path / "a")
+    x = np.load(tmp_path / "a" / "arrays.npz")["X"]
+    x[5, 1, 3] = np.nan
+    x[9, 0, 0] = np.inf
+    np.savez(tmp_path / "a" / "arrays.npz", X=x)
+    spec = tiny_spec(**{"dataset": {"name": "timeseries_arrays", "options": opts}, "axes.backbone": ["cnn1d_tiny"],
+                        "axes.paradigm": ["scratch"], "axes.intervention": {"kind": "none", "magnitudes": [0.5]},
+                        "finetune.size": 8})
+    with pytest.raises(SpecError) as err:
+        build_plan(parse_spec(spec))
+    assert err.value.path == "dataset.options"
+    assert "examples [5, 9] (2 in all, counted from 0) hold NaN or infinite values" in str(err.value)

@@ -165,6 +165,11 @@ class TimeseriesArrays(Dataset):
             self._x = torch.from_numpy(x)
         return self._x
 
+    def check(self) -> None:
+        """Load the array once in the driver, so NaN or infinite values fail the plan, not every trial."""
+        self._load()
+        self._x = None  # not kept in the driver's memory
+
     def meta(self, split: str) -> SplitMeta:
         return self._table.metas[check_split(split)]
 

@@ -163,6 +163,10 @@ class Dataset(abc.ABC):
     def fingerprint(self) -> str:
         """Stable string naming the data (name, generator version, canonical options) for cache keys."""
 
+    def check(self) -> None:
+        """Plan-time validation of the values themselves, beyond what construction checked; raises
+        DatasetError. Cheap adapters have nothing more to check."""
+
     def loader(self, split: str, indices: np.ndarray | None = None, *, batch_size: int, shuffle: bool = False,
                seed: int = 0, epoch: int = 0, drop_last: bool = False, num_workers: int | None = None) -> Batches:
         """Batches ``(x, pos)`` over ``indices`` (None = the whole split); ``pos`` indexes into ``indices``.
