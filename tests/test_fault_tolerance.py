@@ -150,6 +150,11 @@ def test_worker_node_failure_retries_trials(tmp_path, monkeypatch):
     mlflow.set_tracking_uri(uri)
     trials = mlflow.search_runs(experiment_names=["preempted"], filter_string="tags.`fairsweep.kind` = 'trial'")
     assert len(trials) == 4 and (trials["status"] == "FINISHED").all()
+    # the interrupted trial had finished an epoch when its node died; it continued from that epoch's
+    # checkpoint, so every epoch appears once (a restart from scratch would log its first epochs twice)
+    client = MlflowClient(uri)
+    for run_id in trials["run_id"]:
+        assert sorted(m.step for m in client.get_metric_history(run_id, "train_loss")) == list(range(1, 7)), run_id
 
 
 def _free_port() -> int:
