@@ -20,7 +20,7 @@ from orchestrator.spec import Range, freeze_label
 __all__ = ["StudySearcher", "make_sampler", "suggest_point", "STUDY_FILE"]
 
 STUDY_FILE = "optuna_study.journal"
-_KEY_ATTR, _TWIN_ATTR = "trial_key", "duplicate_of"
+_KEY_ATTR, _TWIN_ATTR, _ORPHAN_ATTR = "trial_key", "duplicate_of", "orphaned"
 _MAX_DUPLICATE_DRAWS = 50
 _ENQUEUE_AFTER = 10  # duplicate draws in a row before a categorical space's unseen cell is enqueued
 
@@ -103,9 +103,13 @@ class StudySearcher(Searcher):
         from optuna.trial import TrialState
 
         live = set(self._live.values())
-        for t in self._study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
-            if t.number not in live:
-                self._study.tell(t.number, state=TrialState.FAIL)
+        orphans = [t.number for t in self._study.get_trials(deepcopy=False, states=(TrialState.RUNNING,))
+                   if t.number not in live]
+        if orphans:  # recorded first, so a driver killed in between still knows they are orphans
+            known = self._study.user_attrs.get(_ORPHAN_ATTR, [])
+            self._study.set_user_attr(_ORPHAN_ATTR, sorted(set(known) | set(orphans)))
+        for number in orphans:
+            self._study.tell(number, state=TrialState.FAIL)
 
     def finished(self) -> int:
         """Trials that ran to the end; a duplicate proposal told its twin's result does not count."""
@@ -145,8 +149,8 @@ class StudySearcher(Searcher):
                 trial.set_user_attr("tune_trial_id", trial_id)
                 self._live[trial_id] = trial.number
                 return self._config(json.dumps(point.as_config()))
-            # the sampler asked for a configuration that already ran (tell it the known result) or is
-            # running now (prune the copy): either way it does not run twice and does not count
+            # the sampler asked for a configuration that already ran (tell it the known result), is
+            # running now or failed (prune the copy): either way it does not run twice and does not count
             trial.set_user_attr(_TWIN_ATTR, twin.number)
             if twin.values is not None:
                 self.study.tell(trial, twin.values)
@@ -171,11 +175,15 @@ class StudySearcher(Searcher):
             self.study.tell(number, [float(v) for v in values])
 
     def _twin(self, key: str) -> Any:
-        """The finished or in-flight trial that already has this key, if any."""
+        """The finished, in-flight or failed trial that already has this key, if any. A failed one is
+        not run again (its failure would repeat; `resume --retry-errored` retries it); a trial that
+        only failed because its driver died (an orphan) is no twin: that configuration may run."""
         from optuna.trial import TrialState
 
-        for t in self.study.get_trials(deepcopy=False, states=(TrialState.COMPLETE, TrialState.RUNNING)):
-            if t.user_attrs.get(_KEY_ATTR) == key and _TWIN_ATTR not in t.user_attrs:
+        orphans = set(self.study.user_attrs.get(_ORPHAN_ATTR, []))
+        for t in self.study.get_trials(deepcopy=False, states=(TrialState.COMPLETE, TrialState.RUNNING, TrialState.FAIL)):
+            if (t.user_attrs.get(_KEY_ATTR) == key and _TWIN_ATTR not in t.user_attrs
+                    and not (t.state == TrialState.FAIL and t.number in orphans)):
                 return t
         return None
 

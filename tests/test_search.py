@@ -159,3 +159,39 @@ def test_search_benchmark_keeps_the_budget_and_stays_under_the_grids_hypervolume
     grid = [bench.stand_in(grid_plan, p) for p in grid_points(grid_plan.spec)]
     reference = (min(a for a, _ in grid) - 0.01, max(u for _, u in grid) + 0.01)
     assert 0 < hypervolume(values, bench.DIRECTIONS, reference) <= hypervolume(grid, bench.DIRECTIONS, reference)
+
+
+def test_a_failed_configuration_is_not_run_again(tmp_path):
+    from ray.tune.search import Searcher
+
+    spec = tiny_spec(**{"search": {"type": "optuna", "sampler": "tpe", "budget": 4, "seed": 0}})  # 8 cells
+    plan = build_plan(parse_spec(spec))
+    searcher = StudySearcher(plan, str(tmp_path / "s.journal"), study_name="s")
+    ran, i = [], 0
+    while (config := searcher.suggest(f"t{i}")) != Searcher.FINISHED:
+        ran.append(plan.trial_for(config).key)
+        if config["point"]["paradigm"] == "supervised":  # these 4 cells always fail
+            searcher.on_trial_complete(f"t{i}", None, error=True)
+        else:
+            searcher.on_trial_complete(f"t{i}", {"accuracy": 0.6, "equalized_odds_difference": 0.1})
+        i += 1
+    assert len(ran) == len(set(ran))  # nothing ran twice, failed configurations included
+    assert searcher.finished() == 4 and searcher.failed() <= 4
+
+
+def test_an_orphaned_configuration_may_run_again_but_a_failed_one_may_not(tmp_path):
+    import pickle
+
+    plan = _plan()
+    searcher = StudySearcher(plan, str(tmp_path / "s.journal"), study_name="s")
+    searcher.suggest("t0")
+    searcher.suggest("t1")
+    searcher.on_trial_complete("t0", None, error=True)  # a real failure
+    searcher.save(str(tmp_path / "state.json"))
+    searcher.suggest("t2")  # asked after the last save, then the driver dies: an orphan
+    restored = pickle.loads(pickle.dumps(searcher))
+    restored.restore(str(tmp_path / "state.json"))
+    keys = {t.user_attrs["tune_trial_id"]: t.user_attrs["trial_key"] for t in restored.study.trials}
+    assert restored._twin(keys["t0"]) is not None  # failed: not run again
+    assert restored._twin(keys["t2"]) is None  # orphaned by the driver's death: may run
+    assert restored._twin(keys["t1"]) is not None  # still in flight
