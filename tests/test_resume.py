@@ -5,6 +5,7 @@ RUNNING, finished trials are not trained again and the front is recomputed.
 """
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -195,3 +196,14 @@ def test_optuna_search_survives_sigkill_with_exactly_budget_trials(tmp_path):
     study = optuna.load_study(study_name="study", storage=storage)
     complete = [t for t in study.trials if t.state.name == "COMPLETE" and "duplicate_of" not in t.user_attrs]
     assert sorted(t.user_attrs["trial_key"] for t in complete) == sorted(finished["tags.fairsweep.trial_key"])
+    # runs a killed driver had started but Tune's state did not hold are closed, with the reason
+    orphaned = trials[trials["status"] == "KILLED"]
+    assert orphaned["tags.fairsweep.error"].fillna("").str.contains("never resumed").all()
+    # the query commands work on an optuna sweep as on a grid
+    front = run_cli("pareto", "study", "--tracking-uri", uri, "--format", "json", cwd=tmp_path, timeout=120)
+    assert front.returncode == 0, front.stderr
+    records = json.loads(front.stdout)
+    assert records and {r["trial_key"] for r in records} <= set(finished["tags.fairsweep.trial_key"])
+    best = run_cli("best", "study", "--tracking-uri", uri, "--max-drop", "0.05", "--format", "json", cwd=tmp_path,
+                   timeout=120)
+    assert best.returncode == 0 and json.loads(best.stdout)[0]["run_id"] in set(finished["run_id"])
