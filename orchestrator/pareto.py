@@ -11,7 +11,7 @@ from typing import Any, Sequence
 
 import numpy as np
 
-__all__ = ["pareto_mask", "pareto_ranks", "hypervolume", "knee_index", "constrained_best"]
+__all__ = ["pareto_mask", "pareto_ranks", "hypervolume", "knee_index", "constrained_best", "check_budget"]
 
 _CHUNK_ELEMENTS = 4_000_000  # bounds the pairwise comparison blocks of the m > 2 fallback to a few MB
 
@@ -143,6 +143,16 @@ def hypervolume(values: Any, directions: Sequence[str], reference: Sequence[floa
     return float(compute_hypervolume(front, ref, assume_pareto=True))
 
 
+def check_budget(max_drop: float | None, max_rel_drop: float | None) -> None:
+    """Exactly one performance budget, finite and >= 0; ValueError naming the bad one otherwise."""
+    if (max_drop is None) == (max_rel_drop is None):
+        raise ValueError(f"give exactly one of max_drop (absolute) or max_rel_drop (relative); got "
+                         f"max_drop={max_drop!r}, max_rel_drop={max_rel_drop!r}")
+    name, value = ("max_drop", max_drop) if max_drop is not None else ("max_rel_drop", max_rel_drop)
+    if not np.isfinite(value) or value < 0:
+        raise ValueError(f"{name} = {value!r}; use a finite number >= 0")
+
+
 def knee_index(values: Any, directions: Sequence[str]) -> int | None:
     """Row index of the front member closest to the ideal point, after min-max scaling each
     objective over the front (so units do not matter). Ties go to the lower index; None without a front.
@@ -173,12 +183,7 @@ def constrained_best(values: Any, directions: Sequence[str], *, performance_col:
         raise ValueError(f"constrained_best takes two columns (performance and fairness); got {pts.shape[1]}")
     if performance_col not in (0, 1):
         raise ValueError(f"performance_col = {performance_col!r}; use 0 or 1 (fairness is the other column)")
-    if (max_drop is None) == (max_rel_drop is None):
-        raise ValueError(f"give exactly one of max_drop (absolute) or max_rel_drop (relative); got "
-                         f"max_drop={max_drop!r}, max_rel_drop={max_rel_drop!r}")
-    budget_name, budget_value = ("max_drop", max_drop) if max_drop is not None else ("max_rel_drop", max_rel_drop)
-    if not np.isfinite(budget_value) or budget_value < 0:
-        raise ValueError(f"{budget_name} = {budget_value!r}; use a finite number >= 0")
+    check_budget(max_drop, max_rel_drop)
     valid = np.flatnonzero(~np.isnan(pts).any(axis=1))
     if valid.size == 0:
         return None

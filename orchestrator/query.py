@@ -299,15 +299,6 @@ def _fairest_within(rows: pd.DataFrame, perf: str, fair: str, directions: list[s
     return None if pick is None else int(idx[pick])
 
 
-def _check_budget(max_drop: float | None, max_rel_drop: float | None) -> None:
-    if (max_drop is None) == (max_rel_drop is None):
-        raise ValueError(f"give exactly one of max_drop (absolute) or max_rel_drop (relative); got "
-                         f"max_drop={max_drop!r}, max_rel_drop={max_rel_drop!r}")
-    name, value = ("max_drop", max_drop) if max_drop is not None else ("max_rel_drop", max_rel_drop)
-    if not np.isfinite(value) or value < 0:
-        raise ValueError(f"{name} = {value!r}; use a finite number >= 0")
-
-
 def best(trials: pd.DataFrame, perf: str, fair: str, *, max_drop: float | None = None,
          max_rel_drop: float | None = None, reference: Mapping[str, Any] | None = None,
          by_config: bool = False) -> pd.DataFrame:
@@ -321,7 +312,7 @@ def best(trials: pd.DataFrame, perf: str, fair: str, *, max_drop: float | None =
     ``<perf>_limit`` columns. Empty frame if nothing qualifies. ``by_config`` uses seed means.
     """
     directions = _check_metrics(trials, perf, fair)
-    _check_budget(max_drop, max_rel_drop)
+    pareto_mod.check_budget(max_drop, max_rel_drop)
     rows = _rows(trials, perf, fair, by_config)
     valid = rows[perf].notna() & rows[fair].notna() if len(rows) else pd.Series(dtype=bool)
     if reference:
@@ -359,7 +350,7 @@ def compare(trials: pd.DataFrame, by: str, perf: str, fair: str, *, max_drop: fl
     means fairer. Groups with no trial within budget have NaN metrics.
     """
     directions = _check_metrics(trials, perf, fair)
-    _check_budget(max_drop, max_rel_drop)
+    pareto_mod.check_budget(max_drop, max_rel_drop)
     rows = _rows(trials, perf, fair, by_config)
     if by not in rows:
         raise ValueError(f"cannot group by {by!r}; use one of {', '.join(c for c in AXIS_PARAMS + ('seed',) if c in rows)}")
