@@ -54,12 +54,13 @@ def _propose(plan, journal, n):
     return [searcher.suggest(f"t{i}")["point"] for i in range(n)], searcher
 
 
-def test_same_spec_and_seed_propose_the_same_first_configurations(tmp_path):
-    plan = _plan()
+@pytest.mark.parametrize("sampler", ["tpe", "nsga2", "random"])
+def test_same_spec_and_seed_propose_the_same_first_configurations(tmp_path, sampler):
+    plan = _plan(**{"search": {**OPTUNA, "sampler": sampler}})
     first, _ = _propose(plan, tmp_path / "a.journal", 4)
     again, _ = _propose(plan, tmp_path / "b.journal", 4)
     assert first == again
-    other, _ = _propose(_plan(**{"search": {**OPTUNA, "seed": 1}}), tmp_path / "c.journal", 4)
+    other, _ = _propose(_plan(**{"search": {**OPTUNA, "sampler": sampler, "seed": 1}}), tmp_path / "c.journal", 4)
     assert other != first
     assert all(0.5 <= p["magnitude"] <= 0.95 and 1e-3 <= p["finetune"]["lr"] <= 1e-1 for p in first)
 
