@@ -224,7 +224,8 @@ def launch(plan: Plan, options: LaunchOptions = LaunchOptions()) -> LaunchResult
     tracking_uri = resolve_tracking_uri(options.tracking_uri)
     _refuse_tracked_sweep(spec, tracking_uri, storage)
     cache_root = options.cache_dir or f"{storage.rstrip('/')}/{CACHE_DIRNAME}"
-    write_sweep_record(path, {"spec": dict(spec.source), "tracking_uri": tracking_uri, "cache_root": cache_root})
+    write_sweep_record(path, {"spec": dict(spec.source), "tracking_uri": tracking_uri, "cache_root": cache_root,
+                              "cwd": os.getcwd()})  # relative file: checkpoints resolve against it on resume
 
     def make_tuner(trainable: Any, tracker: Any) -> Any:
         res = spec.resources
@@ -270,7 +271,7 @@ def resume(name: str, options: LaunchOptions = LaunchOptions(), *, retry_errored
     if not tune.Tuner.can_restore(path):
         raise LaunchError(f"sweep {name!r} at {path} has no Tune state to restore (it never reached the trials); "
                           f"start it again with `fairsweep launch`")
-    plan = build_plan(parse_spec(record["spec"]))
+    plan = build_plan(parse_spec(record["spec"]), base_dir=record.get("cwd"))
     tracking_uri = resolve_tracking_uri(options.tracking_uri or record["tracking_uri"])
     cache_root = options.cache_dir or record["cache_root"]
 

@@ -171,8 +171,12 @@ def _as_spec_error(path: str, value: Any, exc: Exception) -> SpecError:
     return SpecError(path, value, str(exc))
 
 
-def build_plan(spec: SweepSpec) -> Plan:
-    """Resolve names through the registries and check feasibility; raises ``SpecError`` with a field path."""
+def build_plan(spec: SweepSpec, *, base_dir: str | None = None) -> Plan:
+    """Resolve names through the registries and check feasibility; raises ``SpecError`` with a field path.
+
+    Relative ``file:`` checkpoints resolve against ``base_dir`` (default: the working directory);
+    resume passes the directory the sweep was launched from, so it may run from anywhere.
+    """
     from trainables import backbones, interventions, metrics, pretrain
     from trainables.data import build_dataset
     from trainables.registry import UnknownNameError
@@ -213,7 +217,7 @@ def build_plan(spec: SweepSpec) -> Plan:
     for i, name in enumerate(spec.axes.paradigm):
         path = f"axes.paradigm[{i}]"
         if name.startswith("file:"):
-            ckpt = Path(name[5:]).expanduser().resolve()
+            ckpt = (Path(base_dir or ".") / Path(name[5:]).expanduser()).resolve()
             try:
                 backbones.load_weights_file(ckpt)
             except ValueError as exc:

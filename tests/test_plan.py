@@ -133,3 +133,22 @@ def test_the_installed_console_script_runs(tmp_path):
     out = subprocess.run([str(exe), "validate", str(REPO / "sweeps" / "quickstart.yaml")], capture_output=True, text=True,
                          env=cli_env(), timeout=120, cwd=tmp_path)
     assert out.returncode == 0 and "trials: 36" in out.stdout
+
+
+def test_a_relative_file_checkpoint_resolves_against_the_launch_directory(tmp_path, monkeypatch):
+    import torch
+
+    from trainables import backbones
+
+    launch_dir, elsewhere = tmp_path / "project", tmp_path / "elsewhere"
+    launch_dir.mkdir()
+    elsewhere.mkdir()
+    model = backbones.create_backbone("test_resnet", num_classes=2, input_shape=(3, 32, 32))
+    torch.save(backbones.backbone_state_dict(model), launch_dir / "base.pt")
+    spec = parse_spec(tiny_spec(**{"axes.paradigm": ["scratch", "file:base.pt"]}))
+    monkeypatch.chdir(launch_dir)
+    assert build_plan(spec).file_weights == {"file:base.pt": str(launch_dir / "base.pt")}
+    monkeypatch.chdir(elsewhere)  # a resume run from another directory
+    with pytest.raises(SpecError, match="axes.paradigm"):
+        build_plan(spec)
+    assert build_plan(spec, base_dir=str(launch_dir)).file_weights == {"file:base.pt": str(launch_dir / "base.pt")}
