@@ -102,7 +102,7 @@ def init_ray(address: str | None) -> bool:
     return True
 
 
-def _trial_context(plan: Plan, cache_root: str, skip: list | None = None,
+def _trial_context(plan: Plan, cache_root: str, finished: list | None = None,
                    failed_pretraining: dict[str, str] | None = None) -> Any:
     from dataclasses import asdict
 
@@ -112,7 +112,7 @@ def _trial_context(plan: Plan, cache_root: str, skip: list | None = None,
     pretrained = {f"{j.backbone}|{j.paradigm}": j.key for j in plan.pretrain_jobs}
     return TrialContext(dataset=s.dataset.name, dataset_options=dict(s.dataset.options), finetune=s.finetune.fixed(),
                         cache_root=cache_root, pretrained=pretrained, weight_files=dict(plan.file_weights),
-                        cpus_per_trial=s.resources.cpus_per_trial, finished=tuple(skip or ()),
+                        cpus_per_trial=s.resources.cpus_per_trial, finished=tuple(finished or ()),
                         failed_pretraining=dict(failed_pretraining or {}))
 
 
@@ -310,7 +310,8 @@ def _run(plan: Plan, path: str, tracking_uri: str, cache_root: str, options: Lau
     try:
         tracker.open()
         failed_pretraining = run_pretraining(plan, cache_root, tracker)
-        context = _trial_context(plan, cache_root, skip=tracker.finished_trials(), failed_pretraining=failed_pretraining)
+        context = _trial_context(plan, cache_root, finished=tracker.finished_trials(),
+                                 failed_pretraining=failed_pretraining)
         res = spec.resources
         trainable = tune.with_resources(tune.with_parameters(finetune_trial, context=context),
                                         {"cpu": res.cpus_per_trial, "gpu": res.gpus_per_trial})
