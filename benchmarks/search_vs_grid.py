@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import hashlib
+import os
 import statistics
 import subprocess
 import sys
@@ -166,7 +167,7 @@ def real_run() -> None:
             start = time.perf_counter()
             subprocess.run([sys.executable, "-m", "orchestrator.cli", "launch", str(path), "--tracking-uri", uri,
                             "--storage", str(Path(tmp) / "results"), "--quiet"], cwd=tmp, check=True,
-                           capture_output=True, env={**__import__("os").environ, "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0"})
+                           capture_output=True, env={**os.environ, "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0"})
             seconds[name] = time.perf_counter() - start
         client = MlflowClient(uri)
         values = {n: query.sweep_trials(client, n)[["accuracy", "equalized_odds_difference"]].to_numpy(float)

@@ -198,14 +198,13 @@ def _refuse_tracked_sweep(spec: Any, tracking_uri: str, storage: str) -> None:
         return  # no store yet, so no sweep in it (and no database file created just to look)
     from mlflow.tracking import MlflowClient
 
+    from orchestrator.query import find_parent_run
+
     client = MlflowClient(tracking_uri=tracking_uri)
     exp = client.get_experiment_by_name(spec.experiment)
-    if exp is None:
-        return
-    runs = client.search_runs([exp.experiment_id], filter_string=f"tags.`fairsweep.sweep` = '{spec.name}' AND "
-                              f"tags.`fairsweep.kind` = 'sweep'", max_results=1)
-    if runs:
-        raise LaunchError(f"sweep {spec.name!r} already has a parent run ({runs[0].info.run_id}) in MLflow experiment "
+    parent = find_parent_run(client, exp.experiment_id, spec.name) if exp is not None else None
+    if parent is not None:
+        raise LaunchError(f"sweep {spec.name!r} already has a parent run ({parent.info.run_id}) in MLflow experiment "
                           f"{spec.experiment!r} at {tracking_uri}, but no Tune state under {storage}; resume it with the "
                           f"storage it was launched with (`fairsweep resume {spec.name} --storage DIR`), or give this "
                           f"sweep another `name:` (or `experiment:`)")

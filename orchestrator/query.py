@@ -15,7 +15,7 @@ import pandas as pd
 from orchestrator import pareto as pareto_mod
 
 __all__ = ["AXIS_PARAMS", "SweepNotFoundError", "load_trials", "aggregate_seeds", "front_table", "list_sweeps",
-           "parent_run", "sweep_objectives", "sweep_trials", "pareto", "best", "compare"]
+           "find_parent_run", "parent_run", "sweep_objectives", "sweep_trials", "pareto", "best", "compare"]
 
 AXIS_PARAMS = ("backbone", "paradigm", "intervention.kind", "intervention.magnitude", "freeze_depth")
 TAG = "fairsweep."
@@ -44,12 +44,17 @@ def _gc_paused() -> Iterator[None]:
             gc.enable()
 
 
-def load_trials(client: Any, experiment: str, sweep: str, *, finished_only: bool = True) -> pd.DataFrame:
-    """One row per trial run of ``sweep``: run_id, status, trial_key, config_key, axis params, metrics."""
+def _experiment(client: Any, experiment: str) -> Any:
     exp = client.get_experiment_by_name(experiment)
     if exp is None:
         names = sorted(e.name for e in client.search_experiments())
         raise SweepNotFoundError(f"no MLflow experiment {experiment!r}; experiments: {', '.join(names) or 'none'}")
+    return exp
+
+
+def load_trials(client: Any, experiment: str, sweep: str, *, finished_only: bool = True) -> pd.DataFrame:
+    """One row per trial run of ``sweep``: run_id, status, trial_key, config_key, axis params, metrics."""
+    exp = _experiment(client, experiment)
     flt = f"tags.`fairsweep.sweep` = '{sweep}' AND tags.`fairsweep.kind` = 'trial'"
     if finished_only:
         flt += " AND attributes.status = 'FINISHED'"
@@ -111,14 +116,6 @@ def front_table(trials: pd.DataFrame, performance: str, fairness: str) -> pd.Dat
 _BASE_COLUMNS = ("run_id", "status", "trial_key", "config_key", "seed", *AXIS_PARAMS)
 
 
-def _experiment(client: Any, experiment: str) -> Any:
-    exp = client.get_experiment_by_name(experiment)
-    if exp is None:
-        names = sorted(e.name for e in client.search_experiments())
-        raise SweepNotFoundError(f"no MLflow experiment {experiment!r}; experiments: {', '.join(names) or 'none'}")
-    return exp
-
-
 def _sweep_tag_filter(sweep: str, kind: str) -> str:
     if "'" in sweep:
         raise ValueError(f"sweep name {sweep!r} contains a quote; sweep names are plain identifiers")
@@ -149,7 +146,8 @@ def _not_found(client: Any, experiment: str, sweep: str) -> SweepNotFoundError:
                               f"{', '.join(sweeps) or 'none'}")
 
 
-def _parent_run(client: Any, experiment_id: str, sweep: str) -> Any | None:
+def find_parent_run(client: Any, experiment_id: str, sweep: str) -> Any | None:
+    """The sweep's parent run in that experiment, or None."""
     runs = client.search_runs([experiment_id], filter_string=_sweep_tag_filter(sweep, "sweep"), max_results=1)
     return runs[0] if runs else None
 
@@ -158,15 +156,16 @@ def parent_run(client: Any, sweep: str, experiment: str | None = None) -> Any:
     """The sweep's parent MLflow run; SweepNotFoundError listing the experiments or sweeps that exist."""
     experiment = experiment or sweep
     exp = _experiment(client, experiment)
-    parent = _parent_run(client, exp.experiment_id, sweep)
+    parent = find_parent_run(client, exp.experiment_id, sweep)
     if parent is None:
         raise _not_found(client, experiment, sweep)
     return parent
 
 
-def sweep_objectives(client: Any, sweep: str, experiment: str | None = None) -> tuple[str, str]:
-    """(performance, fairness) metric names the sweep optimised, from its parent run's params."""
-    parent = parent_run(client, sweep, experiment)
+def sweep_objectives(client: Any, sweep: str, experiment: str | None = None, *, parent: Any = None) -> tuple[str, str]:
+    """(performance, fairness) metric names the sweep optimised, from its parent run's params
+    (``parent`` when the caller already holds it)."""
+    parent = parent or parent_run(client, sweep, experiment)
     params = parent.data.params
     perf, fair = params.get("objectives.performance"), params.get("objectives.fairness")
     if not perf or not fair:
@@ -200,7 +199,7 @@ def sweep_trials(client: Any, sweep: str, experiment: str | None = None, *,
     df = load_trials(client, experiment, sweep, finished_only=finished_only)
     if df.empty:
         exp = _experiment(client, experiment)
-        if _parent_run(client, exp.experiment_id, sweep) is None and not client.search_runs(
+        if find_parent_run(client, exp.experiment_id, sweep) is None and not client.search_runs(
                 [exp.experiment_id], filter_string=f"tags.`{TAG}sweep` = '{sweep}'", max_results=1):
             raise _not_found(client, experiment, sweep)
     for col in _BASE_COLUMNS:

@@ -59,7 +59,7 @@ def write_report(client: Any, sweep: str, out: Path, *, experiment: str | None =
     experiment = experiment or sweep
     parent = query.parent_run(client, sweep, experiment)
     if not performance or not fairness:
-        perf_default, fair_default = query.sweep_objectives(client, sweep, experiment)
+        perf_default, fair_default = query.sweep_objectives(client, sweep, experiment, parent=parent)
         performance, fairness = performance or perf_default, fairness or fair_default
     perf, fair = performance, fairness
     direction(perf), direction(fair)  # unknown names fail here, listing the valid ones

@@ -65,6 +65,7 @@ def sweep_status(name: str, storage: str | None = None, tracking_uri: str | None
     from mlflow.tracking import MlflowClient
 
     from orchestrator.launch import experiment_path, read_sweep_record, resolve_storage, resolve_tracking_uri
+    from orchestrator.query import find_parent_run
     from orchestrator.spec import parse_spec
     from orchestrator.tracking import driver_alive
 
@@ -87,11 +88,11 @@ def sweep_status(name: str, storage: str | None = None, tracking_uri: str | None
             page = runs.token
             if not page:
                 break
-        parents = client.search_runs([exp.experiment_id], f"{base} AND tags.`fairsweep.kind` = 'sweep'", max_results=1)
-        if parents:
-            parent_status = parents[0].info.status
-            driver_tag = parents[0].data.tags.get("fairsweep.driver")
-            tag: Any = parents[0].data.tags.get("fairsweep.front_size")
+        parent = find_parent_run(client, exp.experiment_id, name)
+        if parent is not None:
+            parent_status = parent.info.status
+            driver_tag = parent.data.tags.get("fairsweep.driver")
+            tag: Any = parent.data.tags.get("fairsweep.front_size")
             front_size = int(tag) if tag is not None else 0
     tune_states = _tune_states(path)
     finished, errored = counts.get("FINISHED", 0), counts.get("FAILED", 0)

@@ -18,7 +18,7 @@ import pandas as pd
 from ray import tune
 
 from orchestrator.plan import Plan, PlannedTrial, TrialPoint
-from orchestrator.query import front_table, load_trials
+from orchestrator.query import find_parent_run, front_table, load_trials
 
 __all__ = ["SweepTracker", "TAGS", "driver_id", "driver_alive"]
 
@@ -80,9 +80,9 @@ class SweepTracker(tune.Callback):
             self.experiment_id = self.client.create_experiment(self.spec.experiment, artifact_location=self.artifact_location)
         else:
             self.experiment_id = exp.experiment_id
-        existing = self._find_runs(f"tags.`{TAGS.SWEEP}` = '{self.spec.name}' AND tags.`{TAGS.KIND}` = 'sweep'")
-        if existing:
-            self.parent_run_id = existing[0].info.run_id
+        existing = find_parent_run(self.client, self.experiment_id, self.spec.name)
+        if existing is not None:
+            self.parent_run_id = existing.info.run_id
             self.client.update_run(self.parent_run_id, status="RUNNING")
         else:
             run = self.client.create_run(self.experiment_id, run_name=self.spec.name,
@@ -117,40 +117,37 @@ class SweepTracker(tune.Callback):
     # -- pretraining ----------------------------------------------------------------------------
     def log_pretrain(self, job: Any, outcome: Any) -> str:
         """One run per pretraining key (reused if this experiment already has one)."""
-        from mlflow.entities import Metric, Param
+        from mlflow.entities import Metric
 
         found = self._find_runs(f"tags.`{TAGS.PRETRAIN_KEY}` = '{job.key}' AND tags.`{TAGS.KIND}` = 'pretrain' "
                                 f"AND attributes.status = 'FINISHED'")
         if found:
             run_id = found[0].info.run_id
         else:
-            run = self.client.create_run(self.experiment_id, run_name=f"pretrain-{job.backbone}-{job.paradigm}",
-                                         tags={TAGS.KIND: "pretrain", TAGS.PRETRAIN_KEY: job.key, TAGS.SWEEP: self.spec.name,
-                                               TAGS.PARENT: self.parent_run_id, "fairsweep.reused_cache": str(outcome.reused).lower(),
-                                               "fairsweep.rebuilt_damaged": str(outcome.rebuilt_damaged).lower(),
-                                               "fairsweep.cache_path": outcome.path})
-            run_id = run.info.run_id
-            params = {"backbone": job.backbone, "paradigm": job.paradigm, "dataset": job.dataset,
-                      **{f"pretraining.{k}": v for k, v in job.hparams.items()}}
             now = int(time.time() * 1000)
             metrics = [Metric("loss", float(v), now, i + 1) for i, v in enumerate(outcome.losses)]
             metrics.append(Metric("seconds", float(outcome.meta.get("seconds", outcome.seconds)), now, 0))
-            self.client.log_batch(run_id, params=[Param(k, json.dumps(v) if isinstance(v, dict) else str(v))
-                                                  for k, v in params.items()], metrics=metrics)
-            self.client.set_terminated(run_id, "FINISHED")
+            run_id = self._pretrain_run(job, "FINISHED", {"fairsweep.reused_cache": str(outcome.reused).lower(),
+                                                          "fairsweep.rebuilt_damaged": str(outcome.rebuilt_damaged).lower(),
+                                                          "fairsweep.cache_path": outcome.path}, metrics)
         self._pretrain_runs[job.key] = run_id
         return run_id
 
     def log_pretrain_failure(self, job: Any, error: str) -> str:
         """A FAILED pretrain run holding the job's error (one per failed attempt, so none is hidden)."""
+        return self._pretrain_run(job, "FAILED", {TAGS.ERROR: error[-4000:]}, [])
+
+    def _pretrain_run(self, job: Any, status: str, tags: Mapping[str, str], metrics: list) -> str:
         from mlflow.entities import Param
 
         run = self.client.create_run(self.experiment_id, run_name=f"pretrain-{job.backbone}-{job.paradigm}",
                                      tags={TAGS.KIND: "pretrain", TAGS.PRETRAIN_KEY: job.key, TAGS.SWEEP: self.spec.name,
-                                           TAGS.PARENT: self.parent_run_id, TAGS.ERROR: error[-4000:]})
-        params = {"backbone": job.backbone, "paradigm": job.paradigm, "dataset": job.dataset}
-        self.client.log_batch(run.info.run_id, params=[Param(k, str(v)) for k, v in params.items()])
-        self.client.set_terminated(run.info.run_id, "FAILED")
+                                           TAGS.PARENT: self.parent_run_id, **tags})
+        params = {"backbone": job.backbone, "paradigm": job.paradigm, "dataset": job.dataset,
+                  **{f"pretraining.{k}": v for k, v in job.hparams.items()}}
+        self.client.log_batch(run.info.run_id, params=[Param(k, json.dumps(v) if isinstance(v, dict) else str(v))
+                                                       for k, v in params.items()], metrics=metrics)
+        self.client.set_terminated(run.info.run_id, status)
         return run.info.run_id
 
     # -- trials ---------------------------------------------------------------------------------

@@ -48,6 +48,10 @@ class PretrainingFailedError(RuntimeError):
     """The pretrained base this trial starts from could not be built; the message says why."""
 
 
+def _pretrain_key(point: Mapping[str, Any], ctx: TrialContext) -> str | None:
+    return ctx.pretrained.get(f"{point['backbone']}|{point['paradigm']}")
+
+
 def _load_initial_weights(model: Any, point: Mapping[str, Any], ctx: TrialContext) -> str | None:
     from trainables import backbones
     from trainables.pretrain import PretrainCache
@@ -56,7 +60,7 @@ def _load_initial_weights(model: Any, point: Mapping[str, Any], ctx: TrialContex
     if paradigm in ctx.weight_files:
         backbones.load_backbone_state(model, backbones.load_weights_file(ctx.weight_files[paradigm]))
         return paradigm
-    key = ctx.pretrained.get(f"{point['backbone']}|{paradigm}")
+    key = _pretrain_key(point, ctx)
     if key:
         backbones.load_backbone_state(model, PretrainCache(ctx.cache_root).load(key))
     return key
@@ -154,7 +158,7 @@ def finetune_trial(config: Mapping[str, Any], context: TrialContext) -> None:
         if done_point == point:
             tune.report({"already_finished": True, **objectives})
             return
-    key = context.pretrained.get(f"{point['backbone']}|{point['paradigm']}")
+    key = _pretrain_key(point, context)
     if key in context.failed_pretraining:
         raise PretrainingFailedError(context.failed_pretraining[key])
     state = None

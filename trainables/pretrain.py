@@ -24,6 +24,7 @@ import shutil
 import time
 import uuid
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 from types import MappingProxyType
 from typing import TYPE_CHECKING, Any, Callable, Iterator, Mapping
@@ -224,6 +225,13 @@ def _control_label(meta: Any, options: Mapping[str, Any]) -> np.ndarray:
 # ----------------------------------------------------------------------------- trainers
 
 
+def _source_stream(ctx: TrainContext, epoch: int) -> Any:
+    """One epoch of the source split streamed by the dataset's worker processes (folder data)."""
+    n, bs = len(ctx.dataset.meta("source")), int(ctx.hparams["batch_size"])
+    return ctx.dataset.loader("source", batch_size=bs, shuffle=True, seed=int(ctx.hparams["seed"]), epoch=epoch,
+                              drop_last=n > bs)
+
+
 def _train_supervised(paradigm: Paradigm, ctx: TrainContext) -> tuple[nn.Module, list[float]]:
     """Cross-entropy on the paradigm's source labels; returns the model and its per-epoch losses."""
     import torch
@@ -247,9 +255,8 @@ def _train_supervised(paradigm: Paradigm, ctx: TrainContext) -> tuple[nn.Module,
             losses.append(loop.train_epoch(model, x, y, opt, batch_size=hp["batch_size"], generator=ctx.generator,
                                            device=ctx.device, loss_fn=loss_fn))
         else:
-            stream = ctx.dataset.loader("source", batch_size=hp["batch_size"], shuffle=True, seed=hp["seed"], epoch=epoch,
-                                        drop_last=len(y) > hp["batch_size"])
-            losses.append(loop.train_epoch_batches(model, stream, y, opt, device=ctx.device, loss_fn=loss_fn))
+            losses.append(loop.train_epoch_batches(model, _source_stream(ctx, epoch), y, opt, device=ctx.device,
+                                                   loss_fn=loss_fn))
         sched.step()
     return model, losses
 
@@ -259,12 +266,8 @@ def _train_ssl(paradigm: Paradigm, ctx: TrainContext) -> tuple[nn.Module, list[f
     from trainables.ssl import train_ssl
 
     model = backbones.create_backbone(ctx.backbone, num_classes=2, input_shape=ctx.dataset.input_shape).to(ctx.device)
-    if ctx.dataset.in_memory:
-        data = ctx.dataset.inputs("source").to(ctx.device)
-    else:  # folder data: each epoch's shuffled batches decoded by worker processes
-        n, bs, seed = len(ctx.dataset.meta("source")), int(ctx.hparams["batch_size"]), int(ctx.hparams["seed"])
-        data = lambda epoch: ctx.dataset.loader("source", batch_size=bs, shuffle=True, seed=seed, epoch=epoch,  # noqa: E731
-                                                drop_last=n > bs)
+    # folder data: each epoch's shuffled batches decoded by worker processes
+    data = ctx.dataset.inputs("source").to(ctx.device) if ctx.dataset.in_memory else partial(_source_stream, ctx)
     losses = train_ssl(model, data, method=paradigm.ssl_method, options=ctx.options, modality=ctx.dataset.modality,
                        hparams=ctx.hparams, device=ctx.device, generator=ctx.generator)
     return model, losses

@@ -14,6 +14,7 @@ one batch. Option values arrive resolved and validated by the paradigm that name
 from __future__ import annotations
 
 import copy
+import itertools
 import math
 from dataclasses import dataclass
 from typing import Any, Callable, Iterable, Iterator, Mapping
@@ -284,6 +285,7 @@ def train_ssl(model: nn.Module, data: torch.Tensor | Callable[[int], Iterable[tu
     """
     from trainables import loop
 
+    started: dict[int, Iterator[torch.Tensor]] = {}  # epochs whose stream is already open
     if isinstance(data, torch.Tensor):
         x = data
 
@@ -297,7 +299,11 @@ def train_ssl(model: nn.Module, data: torch.Tensor | Callable[[int], Iterable[tu
             for xb, _ in data(epoch):
                 yield xb.to(device, non_blocking=True)
 
-        probe = next(iter(epoch_batches(0)))[:2]
+        # the first batch of epoch 0 doubles as the probe; that epoch then goes on with the same stream
+        first_epoch = epoch_batches(0)
+        first = next(first_epoch)
+        started[0] = itertools.chain([first], first_epoch)
+        probe = first[:2]
     spec = SSL_METHODS.get(method)
     reason = spec.serves(model, tuple(probe.shape[1:]))
     if reason:
@@ -315,7 +321,7 @@ def train_ssl(model: nn.Module, data: torch.Tensor | Callable[[int], Iterable[tu
         model.train()
         objective.train()
         total, count = 0.0, 0
-        for xb in epoch_batches(epoch):
+        for xb in started.pop(epoch) if epoch in started else epoch_batches(epoch):
             if len(xb) < 2:  # contrastive and batch-statistics losses need two examples
                 continue
             with loop.autocast(device):
