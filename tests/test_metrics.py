@@ -9,8 +9,9 @@ from fairlearn.metrics import (MetricFrame, demographic_parity_difference, equal
                                false_positive_rate, true_positive_rate)
 from sklearn.metrics import average_precision_score, f1_score, roc_auc_score
 
-from trainables.metrics import (FAIRNESS_METRICS, GROUP_METRICS, METRIC_DIRECTIONS, PERFORMANCE_METRICS,
-                                _batch_metrics, _cells, _resample_indices, bootstrap_ci, direction, evaluate)
+from trainables.metrics import (FAIRNESS_METRICS, GROUP_METRICS, METRIC_DIRECTIONS, OVERALL_METRICS,
+                                PERFORMANCE_METRICS, REPORTED_METRICS, _batch_metrics, _cells, _resample_indices,
+                                bootstrap_ci, direction, evaluate, is_signed)
 
 # Two groups with string labels, 8 examples each. Scores >= 0.5 predict 1.
 #   group a: y = 1 1 1 1 0 0 0 0, pred = 1 1 1 0 0 0 0 1 -> TP 3 FN 1 TN 3 FP 1: acc 6/8, TPR 3/4, FPR 1/4, sel 4/8
@@ -44,7 +45,11 @@ def test_hand_computed_two_groups():
         assert m[f"{key}/sex"] == m[key]
     table = ev.per_group.set_index("group")
     assert list(ev.per_group.columns) == ["attribute", "group", "n", "n_pos", "accuracy", "tpr", "fpr",
-                                          "selection_rate", "auroc"]
+                                          "selection_rate", "auroc", "privileged", "tp", "fp", "tn", "fn"]
+    # both groups have 8 examples: the default privileged group is the first sorted, 'a'
+    assert table["privileged"].to_dict() == {"a": True, "b": False} and ev.privileged == {"sex": "a"}
+    assert table.loc["a", ["tp", "fp", "tn", "fn"]].tolist() == [3, 1, 3, 1]
+    assert table.loc["b", ["tp", "fp", "tn", "fn"]].tolist() == [1, 0, 4, 3]
     assert table.loc["a", ["n", "n_pos", "accuracy", "tpr", "fpr", "selection_rate", "auroc"]].tolist() == \
         pytest.approx([8, 4, 6 / 8, 3 / 4, 1 / 4, 4 / 8, 13 / 16])
     assert table.loc["b", ["n", "n_pos", "accuracy", "tpr", "fpr", "selection_rate", "auroc"]].tolist() == \
@@ -106,7 +111,7 @@ def test_several_attributes_suffixed_and_worst_keys():
     site = np.array(["n", "n", "s", "s"] * 4)
     ev = evaluate(Y, S, {"sex": G, "age": age, "site": site}, primary="age")
     m = ev.metrics
-    expected = set(PERFORMANCE_METRICS[:5]) | set(GROUP_METRICS) | {f"worst:{k}" for k in GROUP_METRICS} | {
+    expected = set(OVERALL_METRICS) | set(GROUP_METRICS) | {f"worst:{k}" for k in GROUP_METRICS} | {
         f"{k}/{a}" for k in GROUP_METRICS for a in ("sex", "age", "site")}
     assert set(m) == expected
     for attr, codes in {"sex": G, "age": age, "site": site}.items():
@@ -116,7 +121,12 @@ def test_several_attributes_suffixed_and_worst_keys():
     for k in GROUP_METRICS:
         assert m[k] == m[f"{k}/age"]  # primary drives the un-suffixed names
         values = [m[f"{k}/{a}"] for a in ("sex", "age", "site")]
-        assert m[f"worst:{k}"] == (min(values) if direction(k) == "max" else max(values))
+        if k in REPORTED_METRICS:  # disparate_impact_ratio: farthest from its best value, 1
+            assert m[f"worst:{k}"] == max(values, key=lambda v: abs(1 - v))
+        elif is_signed(k):
+            assert m[f"worst:{k}"] == max(values, key=abs)
+        else:
+            assert m[f"worst:{k}"] == (min(values) if direction(k) == "max" else max(values))
     for attr, codes in {"sex": G, "site": site}.items():
         independent = equalized_odds_difference(Y, (S >= .5).astype(int), sensitive_features=codes)
         assert m[f"equalized_odds_difference/{attr}"] == pytest.approx(independent)
@@ -195,13 +205,19 @@ def test_direction_forms_and_errors():
 def test_metric_tables_are_consistent():
     assert set(METRIC_DIRECTIONS) == set(PERFORMANCE_METRICS) | set(FAIRNESS_METRICS)
     assert not set(PERFORMANCE_METRICS) & set(FAIRNESS_METRICS)
+    assert set(OVERALL_METRICS) | set(GROUP_METRICS) == set(METRIC_DIRECTIONS) | set(REPORTED_METRICS)
+    assert tuple(REPORTED_METRICS) == ("disparate_impact_ratio",)
     assert {METRIC_DIRECTIONS[m] for m in FAIRNESS_METRICS} == {"min"}
     assert {METRIC_DIRECTIONS[m] for m in PERFORMANCE_METRICS} == {"max"}
     with pytest.raises(TypeError):
         METRIC_DIRECTIONS["accuracy"] = "min"  # type: ignore[index]
     keys = evaluate(Y, S, {"sex": G, "age": np.array([0, 1] * 8)}, primary="sex").metrics
-    for key in keys:  # every reported key has a direction, so any of them can be an objective
-        assert direction(key) in ("max", "min")
+    for key in keys:  # every key has a direction (so can be an objective), or is reported only and says so
+        if key.split("/")[0].removeprefix("worst:") in REPORTED_METRICS:
+            with pytest.raises(ValueError, match="reported, not optimised.*'disparate_impact_deviation' instead"):
+                direction(key)
+        else:
+            assert direction(key) in ("max", "min")
 
 
 def _random_case(n: int, seed: int) -> tuple[np.ndarray, np.ndarray, dict[str, np.ndarray]]:

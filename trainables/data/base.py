@@ -150,6 +150,11 @@ class Dataset(abc.ABC):
     primary: str  # the sensitive attribute that drives interventions (SplitMeta.groups)
     group_names: Mapping[str, tuple[str, ...]]  # attribute -> names of its codes
     in_memory: bool = True  # False: splits are too big to materialise; use ``loader``
+    # attribute -> its privileged group, as evaluation sees it (the name from ``group_names``, else the
+    # code); the signed and ratio metrics compare every other group with it. An attribute left out gets
+    # trainables.metrics' default (the largest group of the evaluated split). Read-only and shared:
+    # a subclass that names groups assigns its own mapping in ``__init__``.
+    privileged: Mapping[str, Any] = MappingProxyType({})
 
     @abc.abstractmethod
     def meta(self, split: str) -> SplitMeta:
