@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any, Mapping
@@ -160,7 +161,7 @@ def _with_absolute_paths(spec: SweepSpec) -> SweepSpec:
     options = dict(spec.dataset.options)
     for key, value in options.items():
         if key in schema and schema[key].kind == PATH and not schema[key].under_root and isinstance(value, str) and value:
-            options[key] = str(Path(value).expanduser().resolve())
+            options[key] = str(Path(os.path.expanduser(value)).resolve())  # pathlib raises on an unknown ~user
     if options == dict(spec.dataset.options):
         return spec
     source = {**spec.source, "dataset": {**dict(spec.source.get("dataset", {})), "options": options}}
@@ -217,7 +218,7 @@ def build_plan(spec: SweepSpec, *, base_dir: str | None = None) -> Plan:
     for i, name in enumerate(spec.axes.paradigm):
         path = f"axes.paradigm[{i}]"
         if name.startswith("file:"):
-            ckpt = (Path(base_dir or ".") / Path(name[5:]).expanduser()).resolve()
+            ckpt = (Path(base_dir or ".") / os.path.expanduser(name[5:])).resolve()  # an unknown ~user stays as written
             try:
                 backbones.load_weights_file(ckpt)
             except ValueError as exc:

@@ -276,6 +276,21 @@ def _coerce_names(key: str, value: Any, opt: Option) -> tuple[str, ...]:
     return tuple(items)
 
 
+MAX_PATH_BYTES, MAX_PATH_PART_BYTES = 4096, 255  # Linux's PATH_MAX and NAME_MAX
+
+
+def _check_path_shape(key: str, value: str) -> None:
+    """A path the filesystem can look up: no NUL, within PATH_MAX, each part within NAME_MAX (a longer
+    one makes the lookup itself fail with OSError instead of "does not exist")."""
+    try:
+        raw = os.fsencode(value) if "\x00" not in value else None
+    except UnicodeError:  # a lone surrogate (YAML's "\ud800" escape)
+        raw = None
+    if raw is None or len(raw) > MAX_PATH_BYTES or any(len(part) > MAX_PATH_PART_BYTES for part in raw.split(b"/")):
+        raise DatasetOptionError(key, value, f"must be a path without NUL or unencodable characters, at most {MAX_PATH_BYTES} "
+                                             f"bytes long, each folder or file name at most {MAX_PATH_PART_BYTES}")
+
+
 def _coerce(key: str, value: Any, opt: Option) -> Any:
     if value is None and opt.default is None:
         return None
@@ -296,7 +311,8 @@ def _coerce(key: str, value: Any, opt: Option) -> Any:
             value = os.fspath(value)
         if not isinstance(value, str) or not value.strip():
             raise DatasetOptionError(key, value, f"must be {_describe(opt)}")
-        return str(Path(value).expanduser())
+        _check_path_shape(key, value)
+        return str(Path(os.path.expanduser(value)))  # an unknown ~user stays as written (pathlib raises)
     if opt.kind == NAMES:
         return _coerce_names(key, value, opt)
     raise TypeError(f"Option kind {opt.kind!r} of {key!r} is not supported")  # a bug in a schema, not user input

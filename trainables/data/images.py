@@ -51,7 +51,7 @@ def resolve_root(value: str | None, layout: str) -> Path:
     """The absolute dataset folder; a clear error when it is not given or does not exist."""
     if value is None:
         raise DatasetError(f"dataset.options.root is required: the folder holding the {layout} layout")
-    root = Path(value).expanduser().absolute()
+    root = Path(os.path.expanduser(value)).absolute()  # pathlib raises on an unknown ~user
     if not root.is_dir():
         what = "is a file, not a folder" if root.exists() else "does not exist"
         shown = repr(value) if str(root) == value else f"{value!r} ({root})"

@@ -29,19 +29,22 @@ __all__ = ["SyntheticImages", "OPTIONS", "BORDER_ROWS", "GENERATOR_VERSION"]
 GENERATOR_VERSION = 1  # bump when rendering changes, so cached pretrained bases are not reused
 BORDER_ROWS = 3
 _CELL_MIN = "every (label, group) cell needs an example"
+MAX_EXAMPLES = 1_000_000  # per split: metadata is built for every split at plan time
+MAX_SEED = 2**32 - 1  # numpy's seed range
 
 OPTIONS: Mapping[str, Option] = {
-    "n_source": Option(4000, int, 4, why=_CELL_MIN),
-    "n_finetune": Option(6000, int, 4, why=_CELL_MIN),
-    "n_val": Option(1000, int, 4, why=_CELL_MIN),
-    "n_test": Option(2000, int, 4, why=_CELL_MIN),
+    "n_source": Option(4000, int, 4, MAX_EXAMPLES, why=_CELL_MIN),
+    "n_finetune": Option(6000, int, 4, MAX_EXAMPLES, why=_CELL_MIN),
+    "n_val": Option(1000, int, 4, MAX_EXAMPLES, why=_CELL_MIN),
+    "n_test": Option(2000, int, 4, MAX_EXAMPLES, why=_CELL_MIN),
     "source_correlation": Option(0.5, float, 0.0, 1.0, why="P(group == label) in the source split"),
-    "image_size": Option(32, int, 16, why="the border, margins and square need 16 pixels"),
+    "image_size": Option(32, int, 16, 1024, why="the border, margins and square need 16 pixels; at most 1024 "
+                         "like folder images"),
     "noise": Option(0.6, float, 0.0),
     "target_strength": Option(0.8, float, 0.0),
     "group_strength": Option(1.5, float, 0.0),
     "stripe_strength": Option(0.5, float, 0.0),
-    "seed": Option(0, int, 0),
+    "seed": Option(0, int, 0, MAX_SEED, why="numpy's seed range"),
 }
 
 # Stream tags keep the metadata RNG and the per-example RNGs of a split apart.

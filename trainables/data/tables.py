@@ -63,7 +63,7 @@ def table_options(*, target: Any, sensitive: Any, user_table: bool) -> dict[str,
         "source_fraction": Option(0.5, float, 0.05, 0.95, why="share of the training partition that becomes "
                                                               "the source (pretraining) pool; the rest is the "
                                                               "finetuning pool"),
-        "seed": Option(0, int, 0, why="seed of the deterministic, stratified splits"),
+        "seed": Option(0, int, 0, 2**32 - 1, why="seed of the deterministic, stratified splits; numpy's seed range"),
     }
     if user_table:
         opts.update({

@@ -31,7 +31,7 @@ import torch
 
 from trainables.data.base import (NAMES, SPLITS, Dataset, DatasetOptionError, Option, SplitMeta, canonical_options,
                                   check_indices, check_split, parse_options, register_dataset)
-from trainables.data.synthetic import _cell_counts, _split_counts
+from trainables.data.synthetic import MAX_EXAMPLES, MAX_SEED, _cell_counts, _split_counts
 from trainables.data.tables import INTERSECT_SEP
 
 __all__ = ["SyntheticTimeseries", "OPTIONS", "GENERATOR_VERSION", "ATTRIBUTES", "ACTIVE_CYCLES", "REST_CYCLES"]
@@ -43,10 +43,10 @@ _CELLS = "every (label, sex, age band) cell needs an example"
 _META_STREAM, _SIGNAL_STREAM = 0, 1
 
 OPTIONS: Mapping[str, Option] = {
-    "n_source": Option(2000, int, 12, why=_CELLS),
-    "n_finetune": Option(3000, int, 12, why=_CELLS),
-    "n_val": Option(600, int, 12, why=_CELLS),
-    "n_test": Option(1200, int, 12, why=_CELLS),
+    "n_source": Option(2000, int, 12, MAX_EXAMPLES, why=_CELLS),
+    "n_finetune": Option(3000, int, 12, MAX_EXAMPLES, why=_CELLS),
+    "n_val": Option(600, int, 12, MAX_EXAMPLES, why=_CELLS),
+    "n_test": Option(1200, int, 12, MAX_EXAMPLES, why=_CELLS),
     "channels": Option(3, int, 1, 64),
     "length": Option(128, int, 16, 100_000, why="samples per window"),
     "source_correlation": Option(0.5, float, 0.0, 1.0, why="P(sex code == label) in the source split"),
@@ -58,7 +58,7 @@ OPTIONS: Mapping[str, Option] = {
     "device_strength": Option(0.5, float, 0.0),
     "sensitive": Option(("sex", "age"), NAMES, why="of sex, age; the first drives interventions"),
     "intersect": Option(None, NAMES, why="[sex, age] adds the attribute sex_x_age (6 groups)"),
-    "seed": Option(0, int, 0),
+    "seed": Option(0, int, 0, MAX_SEED, why="numpy's seed range"),
 }
 
 
