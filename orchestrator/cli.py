@@ -1,7 +1,8 @@
 """The ``fairsweep`` command. Heavy libraries (Ray, MLflow, torch, timm) are imported only by the
 subcommands that need them, so ``--help`` and ``validate`` answer at once.
 
-Exit codes: 0 success, 1 a sweep that ran but had failed trials, 2 bad input (spec, names, paths).
+Exit codes: 0 success, 1 a sweep that ran but had failed trials, 2 bad input or an environment the user
+can fix (spec, names, paths, an unreachable or unusable tracking store, a sweep another driver runs).
 """
 from __future__ import annotations
 
@@ -102,20 +103,21 @@ def _launch_options(args: argparse.Namespace):
 
 
 def _cmd_launch(args: argparse.Namespace) -> int:
+    from orchestrator.launch import LaunchError, launch, resolve_tracking_uri
     from orchestrator.spec import SpecError
+    from orchestrator.store import StoreError, check_store
 
     try:
+        if not args.dry_run:  # in seconds, before the plan loads torch and the launch starts Ray
+            check_store(resolve_tracking_uri(args.tracking_uri), create=True)
         plan = _plan(args.spec)
+        if args.dry_run:
+            print(plan.summary())
+            return EXIT_OK
+        result = launch(plan, _launch_options(args))
     except SpecError as exc:
         return _fail(f"{args.spec}: {exc}")
-    if args.dry_run:
-        print(plan.summary())
-        return EXIT_OK
-    from orchestrator.launch import LaunchError, launch
-
-    try:
-        result = launch(plan, _launch_options(args))
-    except LaunchError as exc:
+    except (LaunchError, StoreError) as exc:
         return _fail(str(exc))
     return _print_summary(result, args)
 
@@ -123,10 +125,11 @@ def _cmd_launch(args: argparse.Namespace) -> int:
 def _cmd_resume(args: argparse.Namespace) -> int:
     from orchestrator.launch import LaunchError, resume
     from orchestrator.spec import SpecError
+    from orchestrator.store import StoreError
 
     try:
         result = resume(args.name, _launch_options(args), retry_errored=args.retry_errored)
-    except (LaunchError, SpecError) as exc:
+    except (LaunchError, SpecError, StoreError) as exc:
         return _fail(str(exc))
     return _print_summary(result, args)
 
@@ -134,12 +137,21 @@ def _cmd_resume(args: argparse.Namespace) -> int:
 def _cmd_status(args: argparse.Namespace) -> int:
     from orchestrator.launch import LaunchError
     from orchestrator.status import sweep_status
+    from orchestrator.store import StoreError
 
+    _fail_fast_http()
     try:
         print(sweep_status(args.name, args.storage, args.tracking_uri).render())
-    except LaunchError as exc:
+    except (LaunchError, StoreError) as exc:
         return _fail(str(exc))
     return EXIT_OK
+
+
+def _fail_fast_http() -> None:
+    """Read-only commands answer in seconds: MLflow's default retries an unreachable server for minutes
+    (the probe catches a server that is down; these bound one that stops answering)."""
+    os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "1")
+    os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "10")
 
 
 def _print_summary(result, args: argparse.Namespace) -> int:
@@ -167,17 +179,17 @@ def _print_summary(result, args: argparse.Namespace) -> int:
 def _cmd_report(args: argparse.Namespace) -> int:
     from pathlib import Path
 
-    from mlflow.tracking import MlflowClient
-
     from orchestrator.launch import LaunchError, resolve_tracking_uri
     from orchestrator.query import SweepNotFoundError
     from orchestrator.report import write_report
+    from orchestrator.store import StoreError, open_client
 
+    _fail_fast_http()
     try:
-        client = MlflowClient(resolve_tracking_uri(args.tracking_uri))
+        client = open_client(resolve_tracking_uri(args.tracking_uri))
         report = write_report(client, args.sweep, Path(args.out), experiment=args.experiment, performance=args.perf,
                               fairness=args.fairness, max_drop=args.max_drop)
-    except (LaunchError, SweepNotFoundError, ValueError) as exc:
+    except (LaunchError, StoreError, SweepNotFoundError, ValueError) as exc:
         return _fail(str(exc))
     print(f"sweep {args.sweep!r}: {report.n_trials} trials, {report.front_size} configurations on the front")
     for f in report.files:
@@ -227,6 +239,9 @@ def _cmd_cache(args: argparse.Namespace) -> int:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
+    from orchestrator import raylocal  # before any command imports ray: a local Ray listens on 127.0.0.1 only
+
+    raylocal.loopback_default(getattr(args, "address", None))
     try:
         return args.handler(args)
     except KeyboardInterrupt:

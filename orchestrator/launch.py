@@ -6,17 +6,21 @@ directory); ``address`` / ``storage`` / ``tracking_uri`` point the same plan at 
 """
 from __future__ import annotations
 
+import contextlib
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 import pandas as pd
 
+from orchestrator import raylocal  # before anything imports ray: a local Ray binds to 127.0.0.1
+from orchestrator.driverlock import LOCK_FILE, DriverLock, SweepBusyError, lock_holder
 from orchestrator.plan import Plan
+from orchestrator.store import StoreError, check_store, open_client, store_cause
 
-__all__ = ["LaunchOptions", "LaunchResult", "LaunchError", "resolve_tracking_uri", "resolve_storage", "launch", "resume",
-           "experiment_path", "read_sweep_record"]
+__all__ = ["LaunchOptions", "LaunchResult", "LaunchError", "StoreError", "resolve_tracking_uri", "resolve_storage", "launch",
+           "resume", "experiment_path", "read_sweep_record"]
 
 DEFAULT_STORAGE = "fairsweep_results"
 CACHE_DIRNAME = "_pretrain_cache"
@@ -69,6 +73,26 @@ def resolve_storage(flag: str | None) -> str:
     return str(Path(storage).expanduser().resolve())
 
 
+def _check_storage_writable(storage: str) -> None:
+    """A storage folder that cannot be made (``/proc/x``, a file's path, a read-only mount) fails
+    before Ray starts; the probe folder it makes in the nearest existing parent is removed at once."""
+    import tempfile
+
+    target = Path(storage)
+    existing = next((p for p in (target, *target.parents) if p.exists()), Path("/"))
+    problem = None
+    if not existing.is_dir():
+        problem = f"{existing} is not a folder"
+    else:
+        try:
+            os.rmdir(tempfile.mkdtemp(prefix=".fairsweep-probe-", dir=existing))
+        except OSError as exc:
+            problem = f"nothing can be created in {existing} ({exc.strerror or exc})"
+    if problem:
+        raise LaunchError(f"--storage {storage}: {problem}; pass --storage a folder this user can write (default "
+                          f"./{DEFAULT_STORAGE}; on a cluster, shared storage mounted at the same path on every node)")
+
+
 def _artifact_location(tracking_uri: str) -> str | None:
     """Artifacts of a SQLite store sit beside the database file; a server decides for itself."""
     if tracking_uri.startswith("sqlite:///"):
@@ -95,7 +119,7 @@ def init_ray(address: str | None) -> bool:
     if address:
         ray.init(address=address, log_to_driver=False)
         return True
-    os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")  # bind the local node to 127.0.0.1 only
+    # bound to 127.0.0.1 because raylocal set RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0 before ray was imported;
     # "local" always starts a private instance: a bare ray.init() would join whatever cluster
     # /tmp/ray/ray_current_cluster names, even a dead one, and hang there.
     ray.init(address="local", include_dashboard=False, log_to_driver=False, configure_logging=False)
@@ -171,6 +195,11 @@ SWEEP_RECORD = "fairsweep_sweep.json"  # beside Tune's state: the spec and where
 
 
 def experiment_path(storage: str, name: str) -> str:
+    """STORAGE/NAME; a name that is not one plain folder name (``../x``, ``a/b``) is refused, so no
+    command reads or writes outside the storage folder."""
+    if not name or name in (".", "..") or any(c in name for c in "/\\\0") or name != name.strip():
+        raise LaunchError(f"sweep name {name!r} is not a sweep name: it is the sweep's folder under --storage, one "
+                          f"plain name such as 'quickstart' (no '/', no '..'); pass the folder above it with --storage")
     return f"{storage.rstrip('/')}/{name}"
 
 
@@ -196,11 +225,9 @@ def _refuse_tracked_sweep(spec: Any, tracking_uri: str, storage: str) -> None:
     --storage): it would continue that parent run and take its finished trials for its own."""
     if tracking_uri.startswith("sqlite:///") and not Path(tracking_uri[len("sqlite:///"):]).exists():
         return  # no store yet, so no sweep in it (and no database file created just to look)
-    from mlflow.tracking import MlflowClient
-
     from orchestrator.query import find_parent_run
 
-    client = MlflowClient(tracking_uri=tracking_uri)
+    client = open_client(tracking_uri)
     exp = client.get_experiment_by_name(spec.experiment)
     parent = find_parent_run(client, exp.experiment_id, spec.name) if exp is not None else None
     if parent is not None:
@@ -211,20 +238,28 @@ def _refuse_tracked_sweep(spec: Any, tracking_uri: str, storage: str) -> None:
 
 
 def launch(plan: Plan, options: LaunchOptions = LaunchOptions()) -> LaunchResult:
-    """Run a new sweep to the end. Raises ``LaunchError`` if the sweep already exists (use ``resume``)."""
+    """Run a new sweep to the end. Raises ``LaunchError`` if the sweep already exists (use ``resume``)
+    or cannot start, ``StoreError`` if the tracking store cannot be used; either way nothing is written.
+    Every check runs before the first write; the sweep's folder and its driver lock come first."""
+    raylocal.loopback_default(options.address)
     from ray import tune
 
     spec = plan.spec
     storage = resolve_storage(options.storage)
     path = experiment_path(storage, spec.name)
-    if tune.Tuner.can_restore(path):
-        raise LaunchError(f"sweep {spec.name!r} already exists at {path}; continue it with "
-                          f"`fairsweep resume {spec.name} --storage {storage}`, or give the sweep another name or storage")
+
+    def refuse_existing() -> None:
+        if tune.Tuner.can_restore(path):
+            raise LaunchError(f"sweep {spec.name!r} already exists at {path}; continue it with `fairsweep resume "
+                              f"{spec.name} --storage {storage}`, or give the sweep another name or storage")
+
+    _refuse_running(path, spec.name, storage)
+    refuse_existing()
+    _check_storage_writable(storage)
     tracking_uri = resolve_tracking_uri(options.tracking_uri)
+    check_store(tracking_uri, create=True)
     _refuse_tracked_sweep(spec, tracking_uri, storage)
     cache_root = options.cache_dir or f"{storage.rstrip('/')}/{CACHE_DIRNAME}"
-    write_sweep_record(path, {"spec": dict(spec.source), "tracking_uri": tracking_uri, "cache_root": cache_root,
-                              "cwd": os.getcwd()})  # relative file: checkpoints resolve against it on resume
 
     def make_tuner(trainable: Any, tracker: Any) -> Any:
         res = spec.resources
@@ -249,7 +284,13 @@ def launch(plan: Plan, options: LaunchOptions = LaunchOptions()) -> LaunchResult
             ),
         )
 
-    return _run(plan, path, tracking_uri, cache_root, options, make_tuner)
+    with _ray_session(spec, options):  # the resource check needs Ray; it must pass before anything is written
+        with _driver_lock(path, spec.name, storage, new=True):
+            refuse_existing()  # a launch of the same sweep may have run while this one started Ray
+            _refuse_tracked_sweep(spec, tracking_uri, storage)
+            write_sweep_record(path, {"spec": dict(spec.source), "tracking_uri": tracking_uri, "cache_root": cache_root,
+                                      "cwd": os.getcwd()})  # relative file: checkpoints resolve against it on resume
+            return _run(plan, path, tracking_uri, cache_root, options, make_tuner)
 
 
 def resume(name: str, options: LaunchOptions = LaunchOptions(), *, retry_errored: bool = False) -> LaunchResult:
@@ -259,6 +300,7 @@ def resume(name: str, options: LaunchOptions = LaunchOptions(), *, retry_errored
     MLflow is the ground truth for finished work: a trial that finished after Tune's last state save
     is not trained again.
     """
+    raylocal.loopback_default(options.address)
     from ray import tune
 
     from orchestrator.plan import build_plan
@@ -267,11 +309,13 @@ def resume(name: str, options: LaunchOptions = LaunchOptions(), *, retry_errored
     storage = resolve_storage(options.storage)
     path = experiment_path(storage, name)
     record = read_sweep_record(path)
+    _refuse_running(path, name, storage)
     if not tune.Tuner.can_restore(path):
         raise LaunchError(f"sweep {name!r} at {path} has no Tune state to restore (it never reached the trials); "
                           f"start it again with `fairsweep launch`")
     plan = build_plan(parse_spec(record["spec"]), base_dir=record.get("cwd"))
     tracking_uri = resolve_tracking_uri(options.tracking_uri or record["tracking_uri"])
+    check_store(tracking_uri, create=True)
     cache_root = options.cache_dir or record["cache_root"]
 
     def make_tuner(trainable: Any, tracker: Any) -> Any:
@@ -280,12 +324,73 @@ def resume(name: str, options: LaunchOptions = LaunchOptions(), *, retry_errored
         tuner._local_tuner.get_run_config().callbacks = [tracker]
         return tuner
 
-    return _run(plan, path, tracking_uri, cache_root, options, make_tuner)
+    with _ray_session(plan.spec, options), _driver_lock(path, name, storage, new=False):
+        return _run(plan, path, tracking_uri, cache_root, options, make_tuner)
+
+
+def _busy_message(name: str, storage: str) -> str:
+    return (f"sweep {name!r} is already being run by the driver {{holder}}: a sweep has one driver at a time; watch it "
+            f"with `fairsweep status {name} --storage {storage}`, or stop that process and then `fairsweep resume "
+            f"{name} --storage {storage}`")
+
+
+def _refuse_running(path: str, name: str, storage: str) -> None:
+    """Refuse at once, before Ray starts, while another driver holds the sweep."""
+    holder = lock_holder(path)
+    if holder is not None:
+        raise LaunchError(_busy_message(name, storage).replace("{holder}", holder))
+
+
+@contextlib.contextmanager
+def _driver_lock(path: str, name: str, storage: str, *, new: bool) -> Iterator[None]:
+    """Hold the sweep's driver lock for the block. For a new sweep the folder is created here, and
+    removed again if the block fails before writing anything else into it."""
+    folder = Path(path)
+    created = [p for p in (folder, *folder.parents) if not p.exists()] if new else []
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise LaunchError(f"cannot create the sweep folder {path} ({exc.strerror or exc}); pass --storage a folder "
+                          f"this user can write") from None
+    lock = DriverLock(folder, _busy_message(name, storage))
+    try:
+        lock.acquire()
+    except SweepBusyError as exc:
+        raise LaunchError(str(exc)) from None
+    empty = False
+    try:
+        yield
+    except BaseException:
+        empty = bool(created) and {p.name for p in folder.iterdir()} <= {LOCK_FILE}
+        raise
+    finally:
+        lock.release(remove=empty)
+        if empty:
+            for p in created:  # innermost first; one that is not empty (someone else wrote there) stays
+                with contextlib.suppress(OSError):
+                    p.rmdir()
+
+
+@contextlib.contextmanager
+def _ray_session(spec: Any, options: LaunchOptions) -> Iterator[None]:
+    """Ray for the block, its resources checked first; a Ray this process started is shut down after."""
+    import ray
+
+    cluster = bool(options.address or os.environ.get("RAY_ADDRESS"))
+    started = init_ray(options.address)
+    try:
+        _check_resources(spec.resources, local=started and not cluster)
+        yield
+    finally:
+        if started:
+            ray.shutdown()
 
 
 def _run(plan: Plan, path: str, tracking_uri: str, cache_root: str, options: LaunchOptions,
          make_tuner: Callable[[Any, Any], Any]) -> LaunchResult:
-    """Shared by launch and resume: Ray up, parent run, pretraining, Tune, then the summary."""
+    """Shared by launch and resume, under the driver lock with Ray up: parent run, pretraining, Tune, then
+    the summary. A store that fails mid-sweep (locked past the bound) stops it as a StoreError that says
+    how to continue."""
     from ray import tune
 
     from orchestrator.tracking import SweepTracker
@@ -295,17 +400,8 @@ def _run(plan: Plan, path: str, tracking_uri: str, cache_root: str, options: Lau
     quiet_tune_restore_logs()
     # num_to_keep forces a state snapshot after checkpoints; that is what keeps resume exact here
     os.environ.setdefault("TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S", "0")
-    started_ray = init_ray(options.address)
-    try:
-        _check_resources(spec.resources, local=started_ray and not (options.address or os.environ.get("RAY_ADDRESS")))
-    except LaunchError:
-        if started_ray:
-            import ray
-
-            ray.shutdown()
-        raise
     tracker = SweepTracker(plan, tracking_uri, artifact_location=_artifact_location(tracking_uri))
-    status = "FAILED"
+    status, store_failed = "FAILED", False
     try:
         tracker.open()
         failed_pretraining = run_pretraining(plan, cache_root, tracker)
@@ -330,9 +426,14 @@ def _run(plan: Plan, path: str, tracking_uri: str, cache_root: str, options: Lau
                                                  "state, so it never resumed; the search ran another trial instead")
         status = "KILLED" if interrupted else "FINISHED"
         return LaunchResult(plan, path, tracking_uri, tracker.parent_run_id, front, finished, failed, interrupted)
+    except Exception as exc:
+        cause = store_cause(exc)  # Tune wraps what its callbacks raise
+        if cause is None:
+            raise
+        store_failed = True  # closing the parent run would wait out the same lock again
+        storage, name = str(Path(path).parent), Path(path).name
+        raise type(cause)(f"{cause}; the sweep stopped: continue it with `fairsweep resume {name} --storage {storage}` "
+                          f"once the store is usable") from None
     finally:
-        tracker.close(status)
-        if started_ray:
-            import ray
-
-            ray.shutdown()
+        if not store_failed:
+            tracker.close(status)

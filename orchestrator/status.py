@@ -62,21 +62,23 @@ def _tune_states(path: str) -> dict[str, int]:
 
 
 def sweep_status(name: str, storage: str | None = None, tracking_uri: str | None = None) -> SweepStatus:
-    from mlflow.tracking import MlflowClient
-
+    """Raises ``LaunchError`` for a name or storage without a sweep, ``StoreError`` for an unusable
+    store. Reads only: it never takes the driver lock, and never creates an MLflow database."""
     from orchestrator.launch import experiment_path, read_sweep_record, resolve_storage, resolve_tracking_uri
     from orchestrator.query import find_parent_run
     from orchestrator.spec import parse_spec
+    from orchestrator.store import open_client, sqlite_path
     from orchestrator.tracking import driver_alive
 
     path = experiment_path(resolve_storage(storage), name)
     record = read_sweep_record(path)
     spec = parse_spec(record["spec"])
     uri = resolve_tracking_uri(tracking_uri or record["tracking_uri"])
-    client = MlflowClient(uri)
+    db = sqlite_path(uri)
+    client = None if db is not None and not db.exists() else open_client(uri)  # no store yet: nothing tracked
     counts: dict[str, int] = {}
     parent_status, front_size, driver_tag = None, None, None
-    exp = client.get_experiment_by_name(spec.experiment)
+    exp = client.get_experiment_by_name(spec.experiment) if client is not None else None
     if exp is not None:
         base = f"tags.`fairsweep.sweep` = '{name}'"
         page = None

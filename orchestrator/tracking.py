@@ -15,10 +15,12 @@ from pathlib import Path
 from typing import Any, Mapping
 
 import pandas as pd
-from ray import tune
 
+from orchestrator import raylocal  # noqa: F401 - before the first import of ray: a local Ray binds to 127.0.0.1
+from orchestrator.driverlock import driver_id
 from orchestrator.plan import Plan, PlannedTrial, TrialPoint
 from orchestrator.query import find_parent_run, front_table, load_trials
+from ray import tune  # noqa: E402 - after raylocal
 
 __all__ = ["SweepTracker", "TAGS", "driver_id", "driver_alive"]
 
@@ -58,10 +60,11 @@ class SweepTracker(tune.Callback):
     # -- plumbing -------------------------------------------------------------------------------
     @property
     def client(self) -> Any:
+        """Created on first use (the store with it, for SQLite); calls wait out a locked SQLite file."""
         if self._client is None:
-            from mlflow.tracking import MlflowClient
+            from orchestrator.store import open_client
 
-            self._client = MlflowClient(tracking_uri=self.tracking_uri)
+            self._client = open_client(self.tracking_uri, create=True)
         return self._client
 
     def __getstate__(self) -> dict:  # Tune pickles callbacks into its experiment state
@@ -316,13 +319,6 @@ class SweepTracker(tune.Callback):
             plt.close(fig)
             self.client.log_artifacts(self.parent_run_id, d, artifact_path="pareto")
         self.client.set_tag(self.parent_run_id, "fairsweep.front_size", str(len(front)))
-
-
-def driver_id() -> str:
-    import os
-    import socket
-
-    return f"{socket.gethostname()}:{os.getpid()}"
 
 
 def driver_alive(tag: str | None) -> bool | None:

@@ -81,3 +81,28 @@ def run_cli(*args: str, cwd: Path, timeout: float = 600, env: dict[str, str] | N
         stdout, stderr = proc.communicate()
         raise subprocess.TimeoutExpired(cmd, timeout, output=stdout, stderr=stderr) from None
     return subprocess.CompletedProcess(cmd, proc.returncode, stdout, stderr)
+
+
+def start_cli(*args: str, cwd: Path, env: dict[str, str] | None = None) -> subprocess.Popen:
+    """Start ``fairsweep ARGS`` in its own session without waiting (for commands that must overlap)."""
+    return subprocess.Popen([sys.executable, "-m", "orchestrator.cli", *args], cwd=cwd, env=env or cli_env(),
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
+
+
+def finish_cli(proc: subprocess.Popen, timeout: float = 600) -> subprocess.CompletedProcess:
+    """Wait for a ``start_cli`` command; on a timeout kill its whole session, then raise TimeoutExpired."""
+    try:
+        stdout, stderr = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        kill_session(proc)
+        stdout, stderr = proc.communicate()
+        raise subprocess.TimeoutExpired(proc.args, timeout, output=stdout, stderr=stderr) from None
+    return subprocess.CompletedProcess(proc.args, proc.returncode, stdout, stderr)
+
+
+def kill_session(proc: subprocess.Popen) -> None:
+    """SIGKILL the session a ``start_cli`` command leads (the driver and the local Ray it started)."""
+    try:
+        os.killpg(proc.pid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
