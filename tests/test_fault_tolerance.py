@@ -19,6 +19,8 @@ from tests.helpers import cli_env, run_cli, sqlite_uri, tiny_spec, write_spec
 
 pytestmark = pytest.mark.slow
 
+EPOCHS = 12  # of the node-failure test's trials: long enough that one is always in flight when its node dies
+
 
 def _nan_checkpoint(path: Path) -> Path:
     """A readable checkpoint whose weights are NaN: loads fine, diverges at the first batch."""
@@ -106,26 +108,35 @@ def test_worker_node_failure_retries_trials(tmp_path, monkeypatch):
     for key, value in {"RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0", "RAY_AUTH_MODE": "disabled", "RAY_USAGE_STATS_ENABLED": "0"}.items():
         monkeypatch.setenv(key, value)
     monkeypatch.delenv("RAY_ADDRESS", raising=False)
-    spec = tiny_spec(**{"name": "preempted", "finetune.epochs": 6, "axes.freeze_depth": [0],
+    spec = tiny_spec(**{"name": "preempted", "finetune.epochs": EPOCHS, "axes.freeze_depth": [0],
                         "resources.max_failures": 3})  # 4 trials
     plan = build_plan(parse_spec(spec))
     uri = sqlite_uri(tmp_path)
+    # Cluster writes its head's address to /tmp/ray/ray_current_cluster and deletes that file on shutdown,
+    # whoever had written it before: put back what was there.
+    address_file = Path("/tmp/ray/ray_current_cluster")
+    recorded = address_file.read_text() if address_file.exists() else None
     cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 0})  # trials can only run on workers
     doomed = cluster.add_node(num_cpus=1)
     cluster.add_node(num_cpus=1)  # the survivor
     killed = threading.Event()
 
     def preempt() -> None:
-        client = mlflow.tracking.MlflowClient(uri)
+        from orchestrator.store import open_client
+
+        client = None
         deadline = time.monotonic() + 300
         while time.monotonic() < deadline and not killed.is_set():
             try:
+                client = client or open_client(uri)  # a reader: never creates the store, never races its schema
                 exp = client.get_experiment_by_name("preempted")
                 runs = client.search_runs([exp.experiment_id], "attributes.status = 'RUNNING' AND tags.`fairsweep.kind` = 'trial'") if exp else []
             except Exception:  # noqa: BLE001 - store not created yet / locked
                 runs = []
-            # both workers busy (one trial each, past their first epoch): the doomed one has a trial in flight
-            if sum(bool(client.get_metric_history(r.info.run_id, "train_loss")) for r in runs) >= 2:
+            # both workers busy (one trial each, past their first epoch and at least half their epochs from
+            # their last): the doomed node certainly has a trial in flight that cannot finish before it is gone
+            epochs_done = [len(client.get_metric_history(r.info.run_id, "train_loss")) for r in runs]
+            if sum(1 <= n <= EPOCHS // 2 for n in epochs_done) >= 2:
                 cluster.remove_node(doomed)
                 killed.set()
                 return
@@ -141,6 +152,8 @@ def test_worker_node_failure_retries_trials(tmp_path, monkeypatch):
         thread.join(timeout=30)
         ray.shutdown()
         cluster.shutdown()
+        if recorded is not None:
+            address_file.write_text(recorded)
     assert was_killed, "the worker node was never removed"
     assert result.failed == [] and result.finished == 4 and not result.interrupted
     from ray.tune import ExperimentAnalysis
@@ -154,7 +167,7 @@ def test_worker_node_failure_retries_trials(tmp_path, monkeypatch):
     # checkpoint, so every epoch appears once (a restart from scratch would log its first epochs twice)
     client = MlflowClient(uri)
     for run_id in trials["run_id"]:
-        assert sorted(m.step for m in client.get_metric_history(run_id, "train_loss")) == list(range(1, 7)), run_id
+        assert sorted(m.step for m in client.get_metric_history(run_id, "train_loss")) == list(range(1, EPOCHS + 1)), run_id
 
 
 def _free_port() -> int:
@@ -163,20 +176,44 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+def _group_alive(pgid: int) -> list[int]:
+    """Pids still alive in process group ``pgid`` (zombies excluded)."""
+    import psutil
+
+    alive = []
+    for proc in psutil.process_iter(["pid", "status"]):
+        try:
+            if os.getpgid(proc.pid) == pgid and proc.info["status"] != psutil.STATUS_ZOMBIE:
+                alive.append(proc.pid)
+        except (ProcessLookupError, psutil.Error):
+            continue
+    return alive
+
+
 def test_sweep_on_a_ray_start_head_cluster_through_address(tmp_path):
+    """A real `ray start --head` node, reached through --address. The node gets its own --temp-dir (short:
+    Ray's socket paths must stay under 108 bytes), so Ray's record of "the local cluster" in
+    /tmp/ray/ray_current_cluster is never touched (the conftest guard checks it), and it is stopped as
+    `ray stop` stops one: SIGTERM to its processes, then a check that none is left."""
+    import tempfile
+
     port = _free_port()
     env = cli_env(RAY_AUTH_MODE="disabled")
     ray_bin = str(Path(sys.executable).parent / "ray")
+    temp_dir = Path(tempfile.mkdtemp(prefix="fsray"))
     head = subprocess.Popen([ray_bin, "start", "--head", "--port", str(port), "--num-cpus", "2", "--include-dashboard=false",
-                             "--disable-usage-stats", "--node-ip-address", "127.0.0.1", "--block"],
-                            env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+                             "--disable-usage-stats", "--node-ip-address", "127.0.0.1", "--temp-dir", str(temp_dir),
+                             "--block"], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                            start_new_session=True)
     try:
+        record = temp_dir / "ray_current_cluster"  # written once the node is up, in its own folder
         deadline = time.monotonic() + 120
         while time.monotonic() < deadline:
             with socket.socket() as s:
-                if s.connect_ex(("127.0.0.1", port)) == 0:
+                if s.connect_ex(("127.0.0.1", port)) == 0 and record.exists():
                     break
             time.sleep(0.5)
+        assert record.read_text().endswith(f":{port}")
         spec = write_spec(tmp_path, tiny_spec(**{"name": "oncluster", "axes.freeze_depth": [0]}))
         uri = sqlite_uri(tmp_path)
         out = run_cli("launch", str(spec), "--address", f"127.0.0.1:{port}", "--tracking-uri", uri,
@@ -187,12 +224,22 @@ def test_sweep_on_a_ray_start_head_cluster_through_address(tmp_path):
         assert len(trials) == 4 and (trials["status"] == "FINISHED").all()
         assert (tmp_path / "shared" / "_pretrain_cache").is_dir()
     finally:
-        os.killpg(head.pid, signal.SIGTERM)
+        os.killpg(head.pid, signal.SIGTERM)  # what `ray stop` sends; Ray's processes treat it as a clean exit
         try:
-            head.wait(timeout=30)
+            head.wait(timeout=60)
         except subprocess.TimeoutExpired:
             os.killpg(head.pid, signal.SIGKILL)
             head.wait(timeout=30)
+        deadline = time.monotonic() + 30
+        while _group_alive(head.pid) and time.monotonic() < deadline:
+            time.sleep(0.5)
+        left = _group_alive(head.pid)
+        if left:
+            os.killpg(head.pid, signal.SIGKILL)
+        import shutil
+
+        shutil.rmtree(temp_dir, ignore_errors=True)
+    assert not left, f"processes of the test's ray node survived SIGTERM: {left}"
 
 
 def test_resources_no_local_node_has_are_refused_instead_of_hanging(tmp_path):
