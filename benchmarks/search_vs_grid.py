@@ -97,7 +97,7 @@ def run_sampler(sampler: str, budget: int, seed: int, fail_rate: float, folder: 
         else:
             acc, unf = stand_in(plan, point)
             values.append((acc, unf))
-            searcher.on_trial_complete(f"t{i}", {"accuracy": acc, "equalized_odds_difference": unf})
+            searcher.on_trial_complete(f"t{i}", {"val_accuracy": acc, "val_equalized_odds_difference": unf})
         i += 1
     return np.array(values), searcher.finished(), searcher.failed()
 

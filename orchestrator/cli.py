@@ -62,6 +62,8 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--perf", help="performance metric (default: the sweep's objective)")
     p.add_argument("--fairness", help="unfairness metric (default: the sweep's objective)")
     p.add_argument("--max-drop", type=float, default=0.01, help="budget for the summary's 'fairest within' line")
+    p.add_argument("--select-on", choices=("val", "test"), default="val",
+                   help="the split the 'fairest within' pick is made on (default val; its test metrics are reported)")
 
     p = sub.add_parser("paradigms", help="list the pretraining paradigms and their options")
     p.set_defaults(handler=lambda args: _print_paradigms())
@@ -159,9 +161,11 @@ def _print_summary(result, args: argparse.Namespace) -> int:
     plan = result.plan
     perf, fair = plan.spec.objectives.performance, plan.spec.objectives.fairness
     front = result.front[result.front["on_front"]] if not result.front.empty else result.front
-    cols = ["backbone", "paradigm", "intervention.kind", "intervention.magnitude", "freeze_depth", "n_seeds", perf, fair]
+    cols = ["backbone", "paradigm", "intervention.kind", "intervention.magnitude", "freeze_depth", "n_seeds",
+            *(f"{m}{x}" for m in (perf, fair) for x in ("", "_std", "_ci_low", "_ci_high"))]
     print(f"\nsweep {plan.spec.name!r}: {result.finished} trials finished, {len(result.failed)} failed; "
-          f"{len(front)} configurations on the Pareto front ({perf} max, {fair} min):")
+          f"{len(front)} configurations on the Pareto front ({perf} max, {fair} min; test split, means over "
+          f"seeds with their sd and 95 % t-interval):")
     if not front.empty:
         print(front[[c for c in cols if c in front]].to_string(index=False, float_format=lambda v: f"{v:.4f}"))
     where = f" --storage {args.storage}" if args.storage else ""
@@ -188,7 +192,7 @@ def _cmd_report(args: argparse.Namespace) -> int:
     try:
         client = open_client(resolve_tracking_uri(args.tracking_uri))
         report = write_report(client, args.sweep, Path(args.out), experiment=args.experiment, performance=args.perf,
-                              fairness=args.fairness, max_drop=args.max_drop)
+                              fairness=args.fairness, max_drop=args.max_drop, select_on=args.select_on)
     except (LaunchError, StoreError, SweepNotFoundError, ValueError) as exc:
         return _fail(str(exc))
     print(f"sweep {args.sweep!r}: {report.n_trials} trials, {report.front_size} configurations on the front")

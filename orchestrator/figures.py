@@ -9,15 +9,24 @@ __all__ = ["pareto_figure"]
 
 
 def pareto_figure(table: pd.DataFrame, performance: str, fairness: str, *, title: str = "") -> Any:
-    """Every configuration coloured by paradigm; the front drawn as a line through its members."""
+    """Every configuration coloured by paradigm, with its 95 % interval over seeds as error bars where the
+    table has one (``*_ci_low``/``*_ci_high``); the front drawn as a line through its members."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    def err(part: pd.DataFrame, metric: str) -> Any:
+        if f"{metric}_ci_low" not in part:
+            return None
+        low = (part[metric] - part[f"{metric}_ci_low"]).fillna(0).clip(lower=0)
+        high = (part[f"{metric}_ci_high"] - part[metric]).fillna(0).clip(lower=0)
+        return [low.to_numpy(), high.to_numpy()]
+
     fig, ax = plt.subplots(figsize=(6.4, 4.8), dpi=100)
     for paradigm, part in table.groupby("paradigm", sort=True):
-        ax.scatter(part[fairness], part[performance], label=str(paradigm), alpha=0.75, s=28)
+        ax.errorbar(part[fairness], part[performance], xerr=err(part, fairness), yerr=err(part, performance), fmt="o",
+                    label=str(paradigm), alpha=0.75, ms=5, elinewidth=0.8, capsize=2)
     front = table[table["on_front"]].sort_values(fairness)
     if not front.empty:
         ax.plot(front[fairness], front[performance], color="black", lw=1.2, marker="o", mfc="none", ms=9, label="Pareto front")

@@ -137,7 +137,9 @@ def _trial_context(plan: Plan, cache_root: str, finished: list | None = None,
     return TrialContext(dataset=s.dataset.name, dataset_options=dict(s.dataset.options), finetune=s.finetune.fixed(),
                         cache_root=cache_root, pretrained=pretrained, weight_files=dict(plan.file_weights),
                         cpus_per_trial=s.resources.cpus_per_trial, finished=tuple(finished or ()),
-                        failed_pretraining=dict(failed_pretraining or {}))
+                        failed_pretraining=dict(failed_pretraining or {}),
+                        objectives=(s.objectives.performance, s.objectives.fairness),
+                        bootstrap=s.evaluation.bootstrap, privileged=dict(s.dataset.privileged))
 
 
 def run_pretraining(plan: Plan, cache_root: str, tracker: Any) -> dict[str, str]:

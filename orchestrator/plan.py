@@ -168,6 +168,20 @@ def _with_absolute_paths(spec: SweepSpec) -> SweepSpec:
     return replace(spec, dataset=replace(spec.dataset, options=options), source=source)
 
 
+def _check_privileged(spec: SweepSpec, dataset: Any) -> None:
+    """Every named privileged group is a group of a sensitive attribute of this dataset (by name where
+    the attribute names its groups, else by integer code), so the signed metrics compare real groups."""
+    for attr, group in spec.dataset.privileged.items():
+        where = f"dataset.privileged.{attr}"
+        if attr not in dataset.group_names:
+            raise SpecError(where, group, f"the dataset has no sensitive attribute {attr!r}; it has: "
+                                          f"{', '.join(dataset.group_names)}")
+        names = list(dataset.group_names.get(attr) or ())
+        groups = names or sorted({int(c) for c in dataset.meta("test").attributes[attr]})
+        if group not in groups:
+            raise SpecError(where, group, f"not a group of {attr!r}; its groups: {', '.join(map(str, groups))}")
+
+
 def _as_spec_error(path: str, value: Any, exc: Exception) -> SpecError:
     return SpecError(path, value, str(exc))
 
@@ -200,6 +214,7 @@ def build_plan(spec: SweepSpec, *, base_dir: str | None = None) -> Plan:
         if attr is not None and attr not in dataset.group_names:
             raise SpecError(f"objectives.{field_name}", name, f"the dataset has no sensitive attribute {attr!r}; "
                             f"it has: {', '.join(dataset.group_names)}")
+    _check_privileged(spec, dataset)
     spec = _with_absolute_paths(spec)
 
     # Interventions: feasible on this pool at this size (metadata only, no pixels).

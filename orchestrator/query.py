@@ -2,11 +2,19 @@
 
 The tracker uses the same functions to write the front that users call to read it, so what MLflow
 holds and what a query answers cannot drift apart.
+
+Uncertainty: a configuration's value is the mean over its seeds, shown with the standard deviation, the
+count and a 95 % Student-t interval, mean ± t(0.975, n − 1) · sd / √n (exact for normal repeats and
+wider than paper A's 1.96 · sd / √n at the few seeds sweeps use; NaN for one seed). Signed metrics
+(``trainables.metrics.is_signed``, e.g. ``tpr_difference``) are compared by their absolute value,
+their distance from parity; the tables keep the sign. Picks (``best``, ``compare``) are made on the
+validation split by default (``val_`` metrics) and report the test metrics of what they picked.
 """
 from __future__ import annotations
 
 import contextlib
 import gc
+import math
 from typing import Any, Iterator, Mapping, Sequence
 
 import numpy as np
@@ -14,8 +22,9 @@ import pandas as pd
 
 from orchestrator import pareto as pareto_mod
 
-__all__ = ["AXIS_PARAMS", "SweepNotFoundError", "load_trials", "aggregate_seeds", "front_table", "list_sweeps",
-           "find_parent_run", "parent_run", "sweep_objectives", "sweep_trials", "pareto", "best", "compare"]
+__all__ = ["AXIS_PARAMS", "SPLITS", "SweepNotFoundError", "load_trials", "aggregate_seeds", "front_table", "list_sweeps",
+           "find_parent_run", "parent_run", "sweep_objectives", "sweep_trials", "split_metric", "t_interval", "pareto",
+           "best", "compare", "paired_tests", "holm", "relative_change"]
 
 AXIS_PARAMS = ("backbone", "paradigm", "intervention.kind", "intervention.magnitude", "freeze_depth")
 TAG = "fairsweep."
@@ -28,7 +37,34 @@ class SweepNotFoundError(LookupError):
 def _direction(metric: str) -> str:
     from trainables.metrics import direction
 
-    return direction(metric)
+    return direction(metric.removeprefix("val_"))
+
+
+def _is_signed(metric: str) -> bool:
+    from trainables.metrics import is_signed
+
+    return is_signed(metric.removeprefix("val_"))
+
+
+def _objective_values(rows: pd.DataFrame, metrics: Sequence[str]) -> np.ndarray:
+    """The columns as the objectives compare them: signed metrics by their distance from parity."""
+    values = rows[list(metrics)].to_numpy(float)
+    for j, m in enumerate(metrics):
+        if _is_signed(m):
+            values[:, j] = np.abs(values[:, j])
+    return values
+
+
+def t_interval(values: Sequence[float], confidence: float = 0.95) -> tuple[float, float]:
+    """Student-t interval of the mean of ``values`` (NaN, NaN for fewer than two finite values)."""
+    from scipy import stats
+
+    x = np.asarray(values, dtype=float)
+    x = x[np.isfinite(x)]
+    if len(x) < 2:
+        return (math.nan, math.nan)
+    half = float(stats.t.ppf(0.5 + confidence / 2, len(x) - 1) * x.std(ddof=1) / math.sqrt(len(x)))
+    return (float(x.mean() - half), float(x.mean() + half))
 
 
 @contextlib.contextmanager
@@ -80,7 +116,8 @@ def load_trials(client: Any, experiment: str, sweep: str, *, finished_only: bool
 
 
 def aggregate_seeds(trials: pd.DataFrame, metrics: Sequence[str]) -> pd.DataFrame:
-    """Mean, std and count of ``metrics`` per configuration (repeats over seeds share a config_key)."""
+    """Per configuration (repeats over seeds share a config_key): each metric's mean, ``_std``, and 95 %
+    Student-t interval ``_ci_low`` / ``_ci_high`` (see the module docstring)."""
     if trials.empty:
         return pd.DataFrame(columns=["config_key", *AXIS_PARAMS, "n_seeds", *metrics])
     keep = ["config_key", *[p for p in AXIS_PARAMS if p in trials]]
@@ -91,8 +128,12 @@ def aggregate_seeds(trials: pd.DataFrame, metrics: Sequence[str]) -> pd.DataFram
     for m in present:
         out[m] = grouped[m].mean()
         out[f"{m}_std"] = grouped[m].std(ddof=1)
-    for m in set(metrics) - set(present):
-        out[m] = np.nan
+        intervals = grouped[m].agg(lambda v: t_interval(v.to_numpy()))
+        out[f"{m}_ci_low"] = intervals.str[0]
+        out[f"{m}_ci_high"] = intervals.str[1]
+    for m in dict.fromkeys(metrics):
+        if m not in present:
+            out[m] = np.nan
     out["run_ids"] = grouped["run_id"].agg(list)
     return out.reset_index()
 
@@ -104,7 +145,7 @@ def front_table(trials: pd.DataFrame, performance: str, fairness: str) -> pd.Dat
         agg["on_front"] = pd.Series(dtype=bool)
         return agg
     directions = [_direction(performance), _direction(fairness)]
-    agg["on_front"] = pareto_mod.pareto_mask(agg[[performance, fairness]].to_numpy(float), directions)
+    agg["on_front"] = pareto_mod.pareto_mask(_objective_values(agg, [performance, fairness]), directions)
     return agg.sort_values(["on_front", performance], ascending=[False, directions[0] == "min"]).reset_index(drop=True)
 
 
@@ -212,6 +253,16 @@ def sweep_trials(client: Any, sweep: str, experiment: str | None = None, *,
     return df.reset_index(drop=True)
 
 
+SPLITS = ("test", "val")
+
+
+def split_metric(metric: str, split: str) -> str:
+    """The name ``metric`` is logged under for ``split``: test keeps its name, validation adds ``val_``."""
+    if split not in SPLITS:
+        raise ValueError(f"split {split!r}: use 'val' (the split picks are made on) or 'test' (the split that reports)")
+    return f"val_{metric}" if split == "val" and not metric.startswith("val_") else metric
+
+
 def _check_metrics(trials: pd.DataFrame, *metrics: str) -> list[str]:
     """Directions of ``metrics``; ValueError for an unknown name or one no trial logged."""
     dirs = [_direction(m) for m in metrics]  # raises ValueError listing valid names
@@ -220,27 +271,32 @@ def _check_metrics(trials: pd.DataFrame, *metrics: str) -> list[str]:
         if missing:
             logged = sorted(c for c in trials.columns if c not in _BASE_COLUMNS and pd.api.types.is_numeric_dtype(trials[c])
                             and c != "intervention.magnitude")
+            hint = ""
+            if all(m.startswith("val_") for m in missing):
+                hint = ("; these trials logged no validation metrics (sweeps before validation scoring): choose on the "
+                        "test split with --select-on test (or select_on='test'), knowing the pick is optimistic")
             raise ValueError(f"metric(s) {', '.join(map(repr, missing))} not logged by any of these trials; "
-                             f"logged metrics: {', '.join(logged) or 'none'}")
+                             f"logged metrics: {', '.join(logged) or 'none'}{hint}")
     return dirs
 
 
-def _config_rows(trials: pd.DataFrame, perf: str, fair: str) -> pd.DataFrame:
+def _config_rows(trials: pd.DataFrame, metrics: Sequence[str]) -> pd.DataFrame:
     """Seed means per config_key (aggregate_seeds) plus per-metric counts of non-missing values.
 
     ``run_ids``/``trial_keys`` list every member trial in seed order; ``run_id``/``trial_key`` name the
     first of them, so every record (JSON included) points at a concrete trial run to open.
     """
+    metrics = list(dict.fromkeys(metrics))
     if not trials.empty and "seed" in trials:
         trials = trials.sort_values("seed", key=lambda s: pd.to_numeric(s, errors="coerce"), kind="stable")
-    agg = aggregate_seeds(trials, [perf, fair])
+    agg = aggregate_seeds(trials, metrics)
     if agg.empty:
-        for col in (f"{perf}_std", f"{fair}_std", f"{perf}_count", f"{fair}_count", "run_ids", "trial_keys", "run_id",
-                    "trial_key"):
+        for col in [*(f"{m}_{x}" for m in metrics for x in ("std", "ci_low", "ci_high", "count")), "run_ids", "trial_keys",
+                    "run_id", "trial_key"]:
             agg[col] = pd.Series(dtype=object)
         return agg
     grouped = trials.groupby("config_key", sort=False)
-    for m in dict.fromkeys((perf, fair)):
+    for m in metrics:
         counts = grouped[m].count() if m in trials else pd.Series(0, index=grouped.size().index)
         agg[f"{m}_count"] = agg["config_key"].map(counts).astype(int)
     agg["trial_keys"] = agg["config_key"].map(grouped["trial_key"].agg(list))
@@ -249,28 +305,31 @@ def _config_rows(trials: pd.DataFrame, perf: str, fair: str) -> pd.DataFrame:
     return agg
 
 
-def _rows(trials: pd.DataFrame, perf: str, fair: str, by_config: bool) -> pd.DataFrame:
+def _rows(trials: pd.DataFrame, metrics: Sequence[str], by_config: bool) -> pd.DataFrame:
     if by_config:
-        return _config_rows(trials, perf, fair)
+        return _config_rows(trials, metrics)
     rows = trials.copy()
-    for m in (perf, fair):
+    for m in metrics:
         if m not in rows:
             rows[m] = np.nan
     return rows.reset_index(drop=True)
 
 
 def pareto(trials: pd.DataFrame, perf: str, fair: str, *, by_config: bool = True,
-           front_only: bool = True) -> pd.DataFrame:
-    """The Pareto front of ``perf`` (its direction) against ``fair`` (its direction).
+           front_only: bool = True, split: str = "test") -> pd.DataFrame:
+    """The Pareto front of ``perf`` (its direction) against ``fair`` (its direction; signed metrics by |value|).
 
-    ``by_config``: one row per configuration (config_key) with seed means, ``*_std``, ``*_count``
-    (non-missing values), ``n_seeds``, ``run_ids`` and ``trial_keys``; otherwise one row per trial.
-    Rows missing either metric are never on the front. ``front_only=False`` returns every row with
-    an ``on_front`` column. Sorted by performance, best first.
+    ``split``: the descriptive front of the test metrics (default) or of the validation ones (``val_``
+    columns). ``by_config``: one row per configuration (config_key) with seed means, ``*_std``,
+    ``*_ci_low``/``*_ci_high`` (95 % t-interval), ``*_count`` (non-missing values), ``n_seeds``,
+    ``run_ids`` and ``trial_keys``; otherwise one row per trial. Rows missing either metric are never on
+    the front. ``front_only=False`` returns every row with an ``on_front`` column. Sorted by
+    performance, best first.
     """
+    perf, fair = split_metric(perf, split), split_metric(fair, split)
     directions = _check_metrics(trials, perf, fair)
-    rows = _rows(trials, perf, fair, by_config)
-    rows["on_front"] = (pareto_mod.pareto_mask(rows[[perf, fair]].to_numpy(float), directions)
+    rows = _rows(trials, [perf, fair], by_config)
+    rows["on_front"] = (pareto_mod.pareto_mask(_objective_values(rows, [perf, fair]), directions)
                         if len(rows) else pd.Series(dtype=bool))
     if front_only:
         rows = rows[rows["on_front"]]
@@ -286,7 +345,7 @@ def _perf_limit(ref_perf: float, direction: str, max_drop: float | None, max_rel
 def _fairest_within(rows: pd.DataFrame, perf: str, fair: str, directions: list[str], limit: float) -> int | None:
     """Position in ``rows`` of the least unfair row whose performance reaches ``limit`` (inclusive, with
     constrained_best's tolerance); ties to better performance, then the earlier row. None if none."""
-    values = rows[[perf, fair]].to_numpy(float)
+    values = _objective_values(rows, [perf, fair])
     perf_min = values[:, 0] * (-1.0 if directions[0] == "max" else 1.0)  # minimisation form
     lim_min = -limit if directions[0] == "max" else limit
     ok = ~np.isnan(values).any(axis=1) & (perf_min <= lim_min + 1e-12 * max(1.0, abs(lim_min)))
@@ -300,20 +359,25 @@ def _fairest_within(rows: pd.DataFrame, perf: str, fair: str, directions: list[s
 
 def best(trials: pd.DataFrame, perf: str, fair: str, *, max_drop: float | None = None,
          max_rel_drop: float | None = None, reference: Mapping[str, Any] | None = None,
-         by_config: bool = False) -> pd.DataFrame:
-    """The least unfair trial whose ``perf`` is within the budget of the best trial's, as a one-row frame.
+         by_config: bool = True, select_on: str = "val") -> pd.DataFrame:
+    """The least unfair configuration (seed means; one trial with ``by_config=False``) whose ``perf`` is within
+    the budget of the best one's, as a one-row frame.
 
-    Give exactly one budget: ``max_drop`` (absolute, in the metric's units: 0.01 = one point of
-    accuracy) or ``max_rel_drop`` (a fraction of |reference performance|). The budget is measured
-    from the best trial having both metrics or, with ``reference`` (axis -> value, e.g.
-    ``{"paradigm": "supervised"}``), from the best trial of that configuration. Inclusive boundary;
-    ties go to higher performance, then to the earlier row. Adds ``reference_<perf>`` and
-    ``<perf>_limit`` columns. Empty frame if nothing qualifies. ``by_config`` uses seed means.
+    The choice is made on ``select_on`` (default ``val``: the ``val_`` metrics), never the split that
+    reports: the row carries the test metrics of its pick beside the validation ones it was chosen by
+    (choosing on test would report the luckiest noise as the result). Give exactly one budget:
+    ``max_drop`` (absolute, in the metric's units: 0.01 = one point of accuracy) or ``max_rel_drop``
+    (a fraction of |reference performance|). The budget is measured from the best row having both
+    selection metrics or, with ``reference`` (axis -> value, e.g. ``{"paradigm": "supervised"}``), from
+    the best row of that configuration. Inclusive boundary; ties go to higher performance, then to the
+    earlier row. Adds ``selected_on``, ``reference_<perf>`` and ``<perf>_limit`` (selection-split names).
+    Empty frame if nothing qualifies.
     """
-    directions = _check_metrics(trials, perf, fair)
+    sel_perf, sel_fair = split_metric(perf, select_on), split_metric(fair, select_on)
+    directions = _check_metrics(trials, sel_perf, sel_fair)
     pareto_mod.check_budget(max_drop, max_rel_drop)
-    rows = _rows(trials, perf, fair, by_config)
-    valid = rows[perf].notna() & rows[fair].notna() if len(rows) else pd.Series(dtype=bool)
+    rows = _rows(trials, [sel_perf, sel_fair, perf, fair], by_config)
+    valid = rows[sel_perf].notna() & rows[sel_fair].notna() if len(rows) else pd.Series(dtype=bool)
     if reference:
         sel = valid.copy()
         for key, value in reference.items():
@@ -326,56 +390,122 @@ def best(trials: pd.DataFrame, perf: str, fair: str, *, max_drop: float | None =
         ref_rows = rows[sel]
     else:
         ref_rows = rows[valid]
+    extra = {"selected_on": pd.Series(dtype=object), f"reference_{sel_perf}": pd.Series(dtype=float),
+             f"{sel_perf}_limit": pd.Series(dtype=float)}
     if ref_rows.empty:
-        return rows.iloc[0:0].assign(**{f"reference_{perf}": pd.Series(dtype=float), f"{perf}_limit": pd.Series(dtype=float)})
-    ref_perf = float(ref_rows[perf].max() if directions[0] == "max" else ref_rows[perf].min())
+        return rows.iloc[0:0].assign(**extra)
+    ref_perf = float(ref_rows[sel_perf].max() if directions[0] == "max" else ref_rows[sel_perf].min())
     limit = _perf_limit(ref_perf, directions[0], max_drop, max_rel_drop)
-    pos = _fairest_within(rows, perf, fair, directions, limit)
+    pos = _fairest_within(rows, sel_perf, sel_fair, directions, limit)
     out = rows.iloc[[] if pos is None else [pos]].copy()
-    out[f"reference_{perf}"] = ref_perf
-    out[f"{perf}_limit"] = limit
+    out["selected_on"] = select_on
+    out[f"reference_{sel_perf}"] = ref_perf
+    out[f"{sel_perf}_limit"] = limit
     return out.reset_index(drop=True)
 
 
-def compare(trials: pd.DataFrame, by: str, perf: str, fair: str, *, max_drop: float | None = 0.01,
-            max_rel_drop: float | None = None, reference_group: Any = None, by_config: bool = False) -> pd.DataFrame:
-    """Per value of the axis ``by``: the least unfair trial within the budget of the overall best.
+def holm(pvalues: Sequence[float]) -> list[float]:
+    """Holm's step-down adjustment (family-wise error), NaNs left out of the family and kept as NaN."""
+    p = np.asarray(pvalues, dtype=float)
+    out = np.full(len(p), np.nan)
+    idx = np.flatnonzero(np.isfinite(p))
+    order = idx[np.argsort(p[idx], kind="stable")]
+    m, running = len(order), 0.0
+    for rank, i in enumerate(order):
+        running = max(running, min(1.0, (m - rank) * p[i]))
+        out[i] = running
+    return out.tolist()
 
+
+def paired_tests(trials: pd.DataFrame, by: str, metric: str, reference_group: Any) -> pd.DataFrame:
+    """Per group of ``by`` against the reference: trials matched on every other axis and the seed, the mean
+    paired difference of ``metric`` (group − reference; signed metrics by |value|), a paired t-test and a
+    Wilcoxon signed-rank test (scipy), both two-sided with Holm-adjusted p-values across the groups."""
+    from scipy import stats
+
+    others = [c for c in (*AXIS_PARAMS, "seed") if c in trials and c != by]
+    values = trials.assign(_v=_objective_values(trials, [metric])[:, 0]) if len(trials) else trials.assign(_v=np.nan)
+    values = values[values["_v"].notna()]
+    ref = values[values[by].astype(str) == str(reference_group)][[*others, "_v"]]
+    out = []
+    for key in sorted(values[by].dropna().unique(), key=str):
+        rec = {by: key, "n_pairs": 0, "mean_diff": np.nan, "p_ttest": np.nan, "p_wilcoxon": np.nan}
+        if str(key) != str(reference_group):
+            pairs = values[values[by] == key][[*others, "_v"]].merge(ref, on=others, suffixes=("", "_ref"))
+            diff = (pairs["_v"] - pairs["_v_ref"]).to_numpy(float)
+            rec["n_pairs"], rec["mean_diff"] = len(diff), float(diff.mean()) if len(diff) else np.nan
+            if len(diff) >= 2:
+                if np.all(diff == 0):  # no difference at all: both tests are undefined; nothing to reject
+                    rec["p_ttest"] = rec["p_wilcoxon"] = 1.0
+                else:
+                    rec["p_ttest"] = float(stats.ttest_rel(pairs["_v"], pairs["_v_ref"]).pvalue)
+                    rec["p_wilcoxon"] = float(stats.wilcoxon(diff).pvalue)
+        out.append(rec)
+    table = pd.DataFrame(out, columns=[by, "n_pairs", "mean_diff", "p_ttest", "p_wilcoxon"])
+    for col in ("p_ttest", "p_wilcoxon"):
+        table[col] = holm(table[col].tolist())
+    return table
+
+
+def relative_change(value: float, reference: float) -> float:
+    """(value − reference) / |reference|. Against a perfectly fair reference (0) that is 0 for a group that is
+    fair too and +inf (infinitely worse) for any other: defined, never NaN."""
+    if not (np.isfinite(value) and np.isfinite(reference)):
+        return math.nan
+    if reference == 0:
+        return 0.0 if value == 0 else math.inf
+    return (value - reference) / abs(reference)
+
+
+def compare(trials: pd.DataFrame, by: str, perf: str, fair: str, *, max_drop: float | None = 0.01,
+            max_rel_drop: float | None = None, reference_group: Any = None, by_config: bool = True,
+            select_on: str = "val") -> pd.DataFrame:
+    """Per value of the axis ``by``: the least unfair configuration within the budget of the overall best,
+    and a paired test of each group against the reference.
+
+    The pick is made on ``select_on`` (default ``val``) as in ``best`` and reports its test metrics.
     The budget (one of ``max_drop``/``max_rel_drop``; pass ``max_drop=None`` to use the relative one)
-    is measured from the best trial of the whole sweep having both metrics, so every group faces
-    the same performance floor. Columns: ``by``, n_trials, n_within (trials reaching the floor),
-    run_id, trial_key, config_key, ``perf``, ``fair``, and ``rel_change`` = (fair - ref) / |ref|
-    against ``reference_group``'s fairness (default: the first group in sorted order); negative
-    means fairer. Groups with no trial within budget have NaN metrics.
+    is measured from the best row of the whole sweep, so every group faces the same performance floor.
+    Columns: ``by``, n_trials (rows), n_within (rows reaching the floor), run_id(s), trial_key(s),
+    config_key, the selection metrics, ``perf``, ``fair`` (with ``_ci_low``/``_ci_high`` on
+    configuration means), ``rel_change`` = (|fair| − |ref|) / |ref| of the picks against
+    ``reference_group`` (default: the first group in sorted order; see ``relative_change``), and from
+    ``paired_tests`` on ``fair`` over matched trials: n_pairs, mean_diff, p_ttest, p_wilcoxon (Holm).
+    Negative means fairer. Groups with no row within budget have NaN metrics.
     """
-    directions = _check_metrics(trials, perf, fair)
+    sel_perf, sel_fair = split_metric(perf, select_on), split_metric(fair, select_on)
+    directions = _check_metrics(trials, sel_perf, sel_fair)
+    _check_metrics(trials, perf, fair)
     pareto_mod.check_budget(max_drop, max_rel_drop)
-    rows = _rows(trials, perf, fair, by_config)
+    rows = _rows(trials, [sel_perf, sel_fair, perf, fair], by_config)
     if by not in rows:
         raise ValueError(f"cannot group by {by!r}; use one of {', '.join(c for c in AXIS_PARAMS + ('seed',) if c in rows)}")
-    cols = [by, "n_trials", "n_within", "run_id" if not by_config else "run_ids", "trial_key" if not by_config else
-            "trial_keys", "config_key", perf, fair, "rel_change"]
+    shown = list(dict.fromkeys([sel_perf, sel_fair, perf, fair]))
+    if by_config:
+        shown += [f"{m}_{x}" for m in (perf, fair) for x in ("ci_low", "ci_high")]
+    ids = ["run_ids", "trial_keys"] if by_config else ["run_id", "trial_key"]
+    tests = ["n_pairs", "mean_diff", "p_ttest", "p_wilcoxon"]
+    cols = [by, "n_trials", "n_within", *ids, "config_key", *shown, "rel_change", *tests]
     if rows.empty:
         return pd.DataFrame(columns=cols)
-    valid = rows[perf].notna() & rows[fair].notna()
+    valid = rows[sel_perf].notna() & rows[sel_fair].notna()
     if not valid.any():
-        raise ValueError(f"no trial has both {perf!r} and {fair!r}")
-    ref_perf = float(rows.loc[valid, perf].max() if directions[0] == "max" else rows.loc[valid, perf].min())
+        raise ValueError(f"no row has both {sel_perf!r} and {sel_fair!r}")
+    ref_perf = float(rows.loc[valid, sel_perf].max() if directions[0] == "max" else rows.loc[valid, sel_perf].min())
     limit = _perf_limit(ref_perf, directions[0], max_drop, max_rel_drop)
     tol = 1e-12 * max(1.0, abs(limit))
     out = []
     for key, group in rows.groupby(by, sort=True, dropna=False):
         group = group.reset_index(drop=True)
-        gp = group[perf].to_numpy(float)
+        gp = group[sel_perf].to_numpy(float)
         within = (gp >= limit - tol) if directions[0] == "max" else (gp <= limit + tol)
-        within &= group[fair].notna().to_numpy()
-        pos = _fairest_within(group, perf, fair, directions, limit)
+        within &= group[sel_fair].notna().to_numpy()
+        pos = _fairest_within(group, sel_perf, sel_fair, directions, limit)
         rec = {by: key, "n_trials": len(group), "n_within": int(within.sum())}
         pick = group.iloc[pos] if pos is not None else None
-        for c in cols[3:6]:
-            rec[c] = pick[c] if pick is not None and c in group else None
-        rec[perf] = float(pick[perf]) if pick is not None else np.nan
-        rec[fair] = float(pick[fair]) if pick is not None else np.nan
+        for c in [*ids, "config_key", *shown]:
+            value = pick[c] if pick is not None and c in group else None
+            rec[c] = value if c in (*ids, "config_key") else (np.nan if value is None else float(value))
         out.append(rec)
     table = pd.DataFrame(out)
     keys = table[by].tolist()
@@ -388,9 +518,13 @@ def compare(trials: pd.DataFrame, by: str, perf: str, fair: str, *, max_drop: fl
             raise ValueError(f"reference group {reference_group!r} not among the values of {by!r}: "
                              f"{', '.join(map(str, keys))}")
         ref_idx = matches[0]
-    ref_fair = table[fair].iloc[ref_idx]
-    table["rel_change"] = (table[fair] - ref_fair) / abs(ref_fair) if ref_fair and np.isfinite(ref_fair) else np.nan
-    table.attrs.update({"reference_group": keys[ref_idx], f"best_{perf}": ref_perf, f"{perf}_limit": limit})
+    unfair = _objective_values(table, [fair])[:, 0]
+    table["rel_change"] = [relative_change(v, unfair[ref_idx]) for v in unfair]
+    paired = paired_tests(trials, by, fair, keys[ref_idx]).set_index(by)
+    for c in tests:
+        table[c] = [paired[c].get(k, np.nan) if k in paired.index else np.nan for k in keys]
+    table.attrs.update({"reference_group": keys[ref_idx], "selected_on": select_on, f"best_{sel_perf}": ref_perf,
+                        f"{sel_perf}_limit": limit})
     return table[cols]
 
 

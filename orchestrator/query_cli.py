@@ -28,8 +28,11 @@ def add_commands(sub: Any) -> None:
     _common(p)
     p.add_argument("--per-trial", action="store_true", help="one row per trial instead of seed means per configuration")
     p.add_argument("--all", action="store_true", help="every row, with an on_front column")
+    p.add_argument("--split", choices=("test", "val"), default="test",
+                   help="the front of the test metrics (default) or of the validation ones (val_ columns)")
 
-    p = sub.add_parser("best", help="the least unfair trial within a performance budget of the best")
+    p = sub.add_parser("best", help="the least unfair configuration within a performance budget of the best, chosen "
+                                    "on validation")
     p.set_defaults(handler=_cmd_best)
     _common(p)
     budget = p.add_mutually_exclusive_group(required=True)
@@ -37,7 +40,7 @@ def add_commands(sub: Any) -> None:
     budget.add_argument("--max-rel-drop", type=float, help="relative drop (0.01 = 1%% of the reference performance)")
     p.add_argument("--reference", action="append", metavar="AXIS=VALUE",
                    help="measure the budget from this configuration's best trial (repeatable), e.g. paradigm=supervised")
-    p.add_argument("--by-config", action="store_true", help="choose among seed means per configuration")
+    _selection_flags(p)
 
     p = sub.add_parser("compare", help="per group of one axis: the best fairness within a performance budget")
     p.set_defaults(handler=_cmd_compare)
@@ -47,7 +50,15 @@ def add_commands(sub: Any) -> None:
     budget = p.add_mutually_exclusive_group()
     budget.add_argument("--max-drop", type=float, help="absolute drop from the best trial (default 0.01)")
     budget.add_argument("--max-rel-drop", type=float, help="relative drop from the best trial")
-    p.add_argument("--by-config", action="store_true", help="choose among seed means per configuration")
+    _selection_flags(p)
+
+
+def _selection_flags(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--per-trial", action="store_true",
+                   help="choose among single trials instead of seed means per configuration (the default)")
+    p.add_argument("--select-on", choices=("val", "test"), default="val",
+                   help="the split the choice is made on (default val); the test metrics of the pick are reported. "
+                        "Choosing on test reports an optimistically biased value")
 
 
 def _common(p: argparse.ArgumentParser) -> None:
@@ -143,8 +154,10 @@ def _plain(value: Any) -> Any:
         return [_plain(v) for v in value]
     if hasattr(value, "item") and not isinstance(value, (str, bytes)):
         value = value.item()
-    if isinstance(value, float) and not math.isfinite(value):
+    if isinstance(value, float) and math.isnan(value):
         return None
+    if isinstance(value, float) and math.isinf(value):
+        return "inf" if value > 0 else "-inf"  # JSON has no infinity; rel_change against a fair reference
     return value
 
 
@@ -165,7 +178,7 @@ def _cmd_pareto(args: argparse.Namespace) -> int:
     from orchestrator import query
 
     return _run(args, lambda t, perf, fair: query.pareto(t, perf, fair, by_config=not args.per_trial,
-                                                         front_only=not args.all))
+                                                         front_only=not args.all, split=args.split))
 
 
 def _cmd_best(args: argparse.Namespace) -> int:
@@ -173,7 +186,8 @@ def _cmd_best(args: argparse.Namespace) -> int:
 
     def body(t, perf, fair):
         return query.best(t, perf, fair, max_drop=args.max_drop, max_rel_drop=args.max_rel_drop,
-                          reference=_pairs(args.reference, "--reference") or None, by_config=args.by_config)
+                          reference=_pairs(args.reference, "--reference") or None, by_config=not args.per_trial,
+                          select_on=args.select_on)
 
     return _run(args, body)
 
@@ -185,6 +199,6 @@ def _cmd_compare(args: argparse.Namespace) -> int:
 
     def body(t, perf, fair):
         return query.compare(t, args.by, perf, fair, max_drop=max_drop, max_rel_drop=args.max_rel_drop,
-                             reference_group=args.reference, by_config=args.by_config)
+                             reference_group=args.reference, by_config=not args.per_trial, select_on=args.select_on)
 
     return _run(args, body)

@@ -49,7 +49,8 @@ def _per_group_tables(client: Any, front: pd.DataFrame, folder: Path) -> pd.Data
 
 
 def write_report(client: Any, sweep: str, out: Path, *, experiment: str | None = None, performance: str | None = None,
-                 fairness: str | None = None, max_drop: float = 0.01, log_to_mlflow: bool = True) -> Report:
+                 fairness: str | None = None, max_drop: float = 0.01, log_to_mlflow: bool = True,
+                 select_on: str = "val") -> Report:
     """Write the report's PNGs and ``summary.md`` into ``out`` (and log them to the parent run)."""
     import matplotlib.pyplot as plt
 
@@ -90,8 +91,8 @@ def write_report(client: Any, sweep: str, out: Path, *, experiment: str | None =
     if not groups.empty:
         save(figures.group_bars_figure(groups), "front_group_accuracy.png")
 
-    best = query.best(trials, perf, fair, max_drop=max_drop, by_config=True)
-    files.append(_write_summary(out / "summary.md", sweep, experiment, trials, table, perf, fair, best, max_drop))
+    best = query.best(trials, perf, fair, max_drop=max_drop, by_config=True, select_on=select_on)
+    files.append(_write_summary(out / "summary.md", sweep, experiment, trials, table, perf, fair, best, max_drop, select_on))
     if log_to_mlflow:
         for f in files:
             client.log_artifact(parent.info.run_id, str(f), artifact_path="report")
@@ -107,21 +108,34 @@ def _markdown_table(frame: pd.DataFrame) -> str:
     return "\n".join(f"| {r} |" for r in rows)
 
 
+def _interval(row: Any, metric: str) -> str:
+    low, high = row.get(f"{metric}_ci_low"), row.get(f"{metric}_ci_high")
+    return "n/a (one seed)" if low is None or pd.isna(low) else f"[{low:.4f}, {high:.4f}]"
+
+
 def _write_summary(path: Path, sweep: str, experiment: str, trials: pd.DataFrame, table: pd.DataFrame, perf: str,
-                   fair: str, best: pd.DataFrame, max_drop: float) -> Path:
-    cols = ["backbone", "paradigm", "intervention.kind", "intervention.magnitude", "freeze_depth", "n_seeds", perf, fair]
-    front = table[table["on_front"]][cols]
+                   fair: str, best: pd.DataFrame, max_drop: float, select_on: str) -> Path:
+    cols = ["backbone", "paradigm", "intervention.kind", "intervention.magnitude", "freeze_depth", "n_seeds"]
+    front = table[table["on_front"]]
+    shown = front[cols].copy()
+    for m in (perf, fair):
+        shown[m] = front[m]
+        shown[f"{m} sd"] = front[f"{m}_std"]
+        shown[f"{m} 95% CI"] = [_interval(r, m) for _, r in front.iterrows()]
     lines = [f"# Sweep `{sweep}`", "",
              f"- MLflow experiment: `{experiment}`; finished trials: {len(trials)}; configurations: {len(table)}",
-             f"- objectives: `{perf}` and `{fair}`, means over seeds", "",
-             f"## Pareto front ({len(front)} configurations)", "", _markdown_table(front), ""]
+             f"- objectives: `{perf}` and `{fair}` on the test split: means over seeds, their standard deviation and a "
+             f"95 % Student-t interval", "",
+             f"## Pareto front ({len(front)} configurations)", "", _markdown_table(shown), ""]
     if not best.empty:
         row = best.iloc[0]
-        lines += [f"## Fairest within {max_drop:g} of the best {perf}", "",
+        sel = f"val_{perf}" if select_on == "val" else perf
+        lines += [f"## Fairest within {max_drop:g} of the best {perf}, chosen on the {select_on} split", "",
                   f"`{row['backbone']}` / `{row['paradigm']}` / {row['intervention.kind']} {row['intervention.magnitude']:g} / "
-                  f"freeze `{row['freeze_depth']}`: {perf} {row[perf]:.4f} (best {row[f'reference_{perf}']:.4f}), "
-                  f"{fair} {row[fair]:.4f} (means over {row['n_seeds']} seed(s); `fairsweep best {sweep} --by-config "
-                  f"--max-drop {max_drop:g}` gives the same).", ""]
+                  f"freeze `{row['freeze_depth']}`: {perf} {row[perf]:.4f} {_interval(row, perf)}, "
+                  f"{fair} {row[fair]:.4f} {_interval(row, fair)} on test (means over {row['n_seeds']} seed(s); chosen "
+                  f"by {sel} {row[sel]:.4f}, best {row[f'reference_{sel}']:.4f}; `fairsweep best {sweep} "
+                  f"--select-on {select_on} --max-drop {max_drop:g}` gives the same).", ""]
     lines += ["## Figures", "", "- `pareto.png`: every configuration, coloured by paradigm, the front as a line",
               "- `vs_intervention_magnitude.png`, `vs_freeze_depth.png`: means per paradigm",
               "- `front_group_accuracy.png`: per-group accuracy of the front's members", ""]

@@ -17,7 +17,7 @@ from ray.tune.search import Searcher
 from orchestrator.plan import Plan, TrialPoint
 from orchestrator.spec import Range, freeze_label
 
-__all__ = ["StudySearcher", "make_sampler", "suggest_point", "STUDY_FILE"]
+__all__ = ["StudySearcher", "make_sampler", "suggest_point", "search_values", "STUDY_FILE"]
 
 STUDY_FILE = "optuna_study.journal"
 _KEY_ATTR, _TWIN_ATTR, _ORPHAN_ATTR = "trial_key", "duplicate_of", "orphaned"
@@ -167,12 +167,11 @@ class StudySearcher(Searcher):
             return
         if self.study.trials[number].state != TrialState.RUNNING:
             return  # told before the driver died (the trial finished after Tune's last state save)
-        s = self.plan.spec.objectives
-        values = [result.get(s.performance), result.get(s.fairness)] if result and not error else None
-        if values is None or any(v is None for v in values):
+        values = search_values(self.plan.spec.objectives, result) if result and not error else None
+        if values is None:
             self.study.tell(number, state=TrialState.FAIL)
         else:
-            self.study.tell(number, [float(v) for v in values])
+            self.study.tell(number, values)
 
     def _twin(self, key: str) -> Any:
         """The finished, in-flight or failed trial that already has this key, if any. A failed one is
@@ -214,6 +213,21 @@ class StudySearcher(Searcher):
         with open(checkpoint_path) as f:
             self._live = {k: int(v) for k, v in json.load(f)["live"].items()}
         self._study = None  # reopen from the journal, failing orphans against the restored live set
+
+
+def search_values(objectives: Any, result: Mapping[str, Any]) -> list[float] | None:
+    """What the study is told: the objectives on the VALIDATION split (``val_`` metrics), never the test
+    split, which only reports; a signed metric as its absolute value (its distance from parity). None
+    when the result lacks one of them."""
+    from trainables.metrics import is_signed
+
+    values = []
+    for metric in (objectives.performance, objectives.fairness):
+        value = result.get(f"val_{metric}")
+        if value is None:
+            return None
+        values.append(abs(float(value)) if is_signed(metric) else float(value))
+    return values
 
 
 def _dir(metric: str) -> str:

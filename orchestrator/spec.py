@@ -59,6 +59,7 @@ __all__ = [
     "SearchSpec",
     "Range",
     "SweepSpec",
+    "EvaluationSpec",
     "FreezeSpec",
     "load_spec",
     "parse_spec",
@@ -85,6 +86,7 @@ MAX_TRIALS = 100_000
 MAX_RESOURCE = 1024
 MIN_RESOURCE_FRACTION = 0.0001  # Ray's resource granularity
 MAX_FAILURES = 1000
+MAX_BOOTSTRAP = 100_000
 MAX_PATH_CHARS = 4096
 MAX_PATH_PART_BYTES = 255  # NAME_MAX: a longer part fails the lookup itself
 MAX_METRIC_CHARS = 200
@@ -134,6 +136,9 @@ class SpecError(ValueError):
 class DatasetSpec:
     name: str
     options: Mapping[str, Any] = field(default_factory=dict)
+    # sensitive attribute -> its privileged group (a group name, or a code where the attribute has no names);
+    # the signed and ratio metrics compare the other groups with it. Checked against the data in plan.
+    privileged: Mapping[str, Any] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -186,10 +191,13 @@ class FinetuneSpec:
     size: int = 2000
     epochs: int = 3
     batch_size: int = 64
-    lr: "float | Range" = 0.01  # a Range only under the optuna search
-    weight_decay: "float | Range" = 0.0
+    # A list is the inner search's candidates (each trial trains every lr x weight_decay pair and keeps the
+    # lowest validation loss); a Range only under the optuna search.
+    lr: "float | tuple[float, ...] | Range" = 0.01
+    weight_decay: "float | tuple[float, ...] | Range" = 0.0
     momentum: float = 0.9
-    threshold: float = 0.5
+    threshold: "str | float" = "calibrated"  # "calibrated" (paper A's rule, on validation) or a fixed number
+    select_epoch: str = "last"  # last | best_val_loss
 
     def ranges(self) -> dict[str, Range]:
         """The searched hyper-parameters (optuna search only)."""
@@ -200,6 +208,11 @@ class FinetuneSpec:
         from dataclasses import asdict
 
         return {k: v for k, v in asdict(self).items() if k not in self.ranges()}
+
+
+@dataclass(frozen=True)
+class EvaluationSpec:
+    bootstrap: int = 500  # stratified bootstrap resamples per trial for the test intervals; 0 turns them off
 
 
 @dataclass(frozen=True)
@@ -239,6 +252,7 @@ class SweepSpec:
     search: SearchSpec
     experiment: str  # MLflow experiment; the sweep name unless the file says otherwise
     source: Mapping[str, Any] = field(default_factory=dict, compare=False, repr=False)  # raw YAML
+    evaluation: "EvaluationSpec" = field(default_factory=lambda: EvaluationSpec())
 
     @property
     def grid_size(self) -> int:
@@ -407,9 +421,15 @@ def _range(raw: Mapping[str, Any], path: str, *, low: float | None = None, high:
 def _rate(minimum: float, open_low: bool) -> Any:
     """A finetuning rate: a number, or a range {low, high, log} for the optuna search."""
 
-    def parse(v: Any, p: str) -> "float | Range":
+    def parse(v: Any, p: str) -> "float | tuple[float, ...] | Range":
         if isinstance(v, Mapping):
             return _range(v, p, low=minimum)
+        if isinstance(v, list):
+            if not v:
+                raise SpecError(p, v, "an inner search needs at least one candidate, e.g. [0.001, 0.01, 0.1]; or give "
+                                      "one number")
+            values = [_float(x, f"{p}[{i}]", low=minimum, low_open=open_low) for i, x in enumerate(v)]
+            return values[0] if len(values) == 1 else _unique(values, p)
         return _float(v, p, low=minimum, low_open=open_low)
 
     return parse
@@ -422,7 +442,8 @@ def _section(raw: Mapping[str, Any], key: str, cls: type, parse: Mapping[str, An
     return cls(**{k: conv(sec[k], f"{key}.{k}") for k, conv in parse.items() if k in sec})
 
 
-_TOP_KEYS = ("name", "experiment", "dataset", "pretraining", "axes", "finetune", "objectives", "resources", "search")
+_TOP_KEYS = ("name", "experiment", "dataset", "pretraining", "axes", "finetune", "evaluation", "objectives", "resources",
+             "search")
 _AXES_KEYS = ("backbone", "paradigm", "intervention", "freeze_depth", "seed")
 
 
@@ -435,8 +456,9 @@ def parse_spec(raw: Any) -> SweepSpec:
     experiment = _name(raw.get("experiment", name), "experiment")
 
     ds = _mapping(raw["dataset"], "dataset")
-    _check_keys(ds, "dataset", ("name", "options"), required=("name",))
-    dataset = DatasetSpec(_name(ds["name"], "dataset.name"), _options(ds.get("options"), "dataset.options"))
+    _check_keys(ds, "dataset", ("name", "options", "privileged"), required=("name",))
+    dataset = DatasetSpec(_name(ds["name"], "dataset.name"), _options(ds.get("options"), "dataset.options"),
+                          _privileged(ds.get("privileged"), "dataset.privileged"))
 
     def _paradigm_options(v: Any, p: str) -> Mapping[str, Mapping[str, Any]]:
         v = _mapping(v, p)
@@ -472,7 +494,11 @@ def parse_spec(raw: Any) -> SweepSpec:
         "lr": _rate(0.0, True),
         "weight_decay": _rate(0.0, False),
         "momentum": lambda v, p: _float(v, p, low=0.0, high=1.0),
-        "threshold": lambda v, p: _float(v, p, low=0.0, high=1.0),
+        "threshold": _threshold,
+        "select_epoch": lambda v, p: _choice(v, p, ("last", "best_val_loss")),
+    })
+    evaluation = _section(raw, "evaluation", EvaluationSpec, {
+        "bootstrap": lambda v, p: _int(v, p, minimum=0, maximum=MAX_BOOTSTRAP, why="bootstrap resamples per trial"),
     })
     objectives = _section(raw, "objectives", Objectives, {"performance": _metric_name, "fairness": _metric_name})
     resources = _section(raw, "resources", Resources, {
@@ -488,7 +514,8 @@ def parse_spec(raw: Any) -> SweepSpec:
         "seed": _seed,
     })
     _check_search(search, axes, finetune, raw.get("search") or {})
-    return SweepSpec(name, dataset, pretraining, axes, finetune, objectives, resources, search, experiment, dict(raw))
+    return SweepSpec(name, dataset, pretraining, axes, finetune, objectives, resources, search, experiment, dict(raw),
+                     evaluation=evaluation)
 
 
 def _epochs(value: Any, path: str) -> int:
@@ -528,6 +555,32 @@ def _options(raw: Any, path: str) -> dict[str, Any]:
                 raise SpecError(at, item, "integers in options must fit in 64 bits")
         out[key] = value
     return out
+
+
+def _privileged(raw: Any, path: str) -> dict[str, Any]:
+    """``{attribute: group}``: a group name (text) or code (integer) per sensitive attribute."""
+    out = {}
+    for attr, group in _mapping(raw, path).items():
+        where = f"{path}.{excerpt(attr, 60)}"
+        if not isinstance(attr, str) or not attr:
+            raise SpecError(where, attr, "expected a sensitive attribute's name as the key")
+        if isinstance(group, bool) or not isinstance(group, (str, int)):
+            raise SpecError(where, group, "expected the privileged group's name (or its integer code)")
+        out[attr] = _int(group, where) if isinstance(group, int) else group
+    return out
+
+
+def _threshold(value: Any, path: str) -> "str | float":
+    """``calibrated`` (paper A: on validation, as many predicted positives as true positives) or a fixed
+    number strictly between 0 and 1 (0 or 1 would predict one class for every example)."""
+    if value == "calibrated":
+        return value
+    if isinstance(value, str) or isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise SpecError(path, value, "expected 'calibrated' or a number strictly between 0 and 1, e.g. 0.5")
+    number = _float(value, path)
+    if not 0.0 < number < 1.0:
+        raise SpecError(path, number, "a fixed threshold must lie strictly between 0 and 1; or use 'calibrated'")
+    return number
 
 
 def _choice(value: Any, path: str, allowed: Sequence[str]) -> str:

@@ -35,7 +35,8 @@ class TAGS:
 
 
 # Result keys that are bookkeeping, not metrics.
-_NON_METRIC = {"frozen_groups", "pretrain_ref", "device", "done_training", "trial_id", "date", "hostname", "node_ip",
+_NON_METRIC = {"frozen_groups", "pretrain_ref", "device", "done_training", "chosen_hparams", "trial_id", "date",
+               "hostname", "node_ip",
                "pid", "experiment_id", "experiment_tag", "timestamp", "time_this_iter_s", "time_total_s",
                "time_since_restore", "iterations_since_restore", "training_iteration", "checkpoint_dir_name",
                "should_checkpoint", "done", "config"}
@@ -160,6 +161,7 @@ class SweepTracker(tune.Callback):
         counts the trial as finished rather than failed. A run under another key (the finetuning
         settings or the data changed) is not this trial's result, so its point is trained again."""
         objectives = (self.spec.objectives.performance, self.spec.objectives.fairness)
+        objectives = (*objectives, *(f"val_{m}" for m in objectives))  # the search is told the val_ ones
         out = []
         for r in self._trial_runs("FINISHED"):
             if TAGS.POINT not in r.data.tags:
@@ -201,11 +203,16 @@ class SweepTracker(tune.Callback):
             if planned.pretrain_key in self._pretrain_runs:
                 tags[TAGS.PRETRAIN_RUN] = self._pretrain_runs[planned.pretrain_key]
         run = self.client.create_run(self.experiment_id, run_name=_run_name(p), tags=tags)
-        ft = self.spec.finetune
-        params = {"dataset": self.spec.dataset.name, **{f"finetune.{k}": v for k, v in ft.fixed().items()}, **p.params(),
+        fixed = self.spec.finetune.fixed()
+        # candidate lists of the inner search are logged as such; the pick becomes finetune.lr etc. at the end
+        fixed = {(f"{k}_candidates" if isinstance(v, (list, tuple)) else k): v for k, v in fixed.items()}
+        params = {"dataset": self.spec.dataset.name, **{f"finetune.{k}": v for k, v in fixed.items()}, **p.params(),
                   "frozen_groups": json.dumps(list(planned.frozen_groups)), "n_layer_groups": planned.n_groups}
         self.client.log_batch(run.info.run_id, params=[Param(k, str(v)) for k, v in params.items()])
         return run.info.run_id
+
+    def _inner_search(self) -> bool:
+        return any(isinstance(v, (list, tuple)) for v in self.spec.finetune.fixed().values())
 
     def on_trial_start(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
         self._trial_run(trial)
@@ -222,12 +229,17 @@ class SweepTracker(tune.Callback):
         for k, v in _flatten(result).items():
             if k in _NON_METRIC or not isinstance(v, (int, float)) or isinstance(v, bool) or not math.isfinite(v):
                 continue
-            if final or k in ("train_loss", "epoch"):
+            if final or k in ("train_loss", "val_loss", "epoch"):
                 metrics.append(Metric(k, float(v), int(result.get("timestamp", 0)) * 1000, step))
         for i in range(0, len(metrics), 1000):
             self.client.log_batch(run_id, metrics=metrics[i:i + 1000])
         if final:
             self.client.set_tag(run_id, "fairsweep.frozen_groups", str(result.get("frozen_groups", "")))
+            chosen = result.get("chosen_hparams") or {}
+            if self._inner_search() and chosen:  # the inner search's pick, known only now
+                from mlflow.entities import Param
+
+                self.client.log_batch(run_id, params=[Param(f"finetune.{k}", repr(float(v))) for k, v in chosen.items()])
 
     def on_trial_complete(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
         run_id = self._trial_run(trial)
@@ -235,10 +247,10 @@ class SweepTracker(tune.Callback):
             return
         ckpt = trial.checkpoint
         if ckpt is not None:
-            from trainables.finetune import PER_GROUP_FILE, PREDICTIONS_FILE
+            from trainables.finetune import INNER_SEARCH_FILE, PER_GROUP_FILE, PREDICTIONS_FILE, VAL_PREDICTIONS_FILE
 
             with ckpt.as_directory() as d:
-                for name in (PREDICTIONS_FILE, PER_GROUP_FILE):
+                for name in (PREDICTIONS_FILE, VAL_PREDICTIONS_FILE, PER_GROUP_FILE, INNER_SEARCH_FILE):
                     if (Path(d) / name).exists():
                         self.client.log_artifact(run_id, str(Path(d) / name))
         self.client.delete_tag(run_id, TAGS.ERROR) if self._has_tag(run_id, TAGS.ERROR) else None
@@ -319,6 +331,7 @@ class SweepTracker(tune.Callback):
             plt.close(fig)
             self.client.log_artifacts(self.parent_run_id, d, artifact_path="pareto")
         self.client.set_tag(self.parent_run_id, "fairsweep.front_size", str(len(front)))
+        self.client.set_tag(self.parent_run_id, "fairsweep.front_split", "test")  # descriptive; picks use val
 
 
 def driver_alive(tag: str | None) -> bool | None:

@@ -13,7 +13,7 @@ import torch
 from trainables.data import SPLITS, Dataset, DatasetError, ImageReadError, build_dataset
 from trainables.data import fixtures as F
 from trainables.data.images import IMAGENET_MEAN, IMAGENET_STD, decode_image
-from trainables.finetune import PER_GROUP_FILE, PREDICTIONS_FILE, TrialContext, train_and_evaluate
+from trainables.finetune import PER_GROUP_FILE, PREDICTIONS_FILE, VAL_PREDICTIONS_FILE, TrialContext, train_and_evaluate
 
 
 @pytest.fixture(scope="module")
@@ -270,7 +270,7 @@ def _trial(name: str, opts: dict, tmp: Path, sensitive: list[str]) -> dict:
              "freeze_depth": 1, "seed": 0}
     files: dict[int, list[str]] = {}
     result = train_and_evaluate(point, ctx, on_epoch=lambda r, d: files.__setitem__(r["epoch"], sorted(os.listdir(d))))
-    assert files[1] == ["state.pt"] and files[2] == sorted(["state.pt", PREDICTIONS_FILE, PER_GROUP_FILE])
+    assert files[1] == ["state.pt"] and files[2] == sorted(["state.pt", PREDICTIONS_FILE, VAL_PREDICTIONS_FILE, PER_GROUP_FILE])
     assert result["done_training"] and result["achieved_magnitude"] == 0.75 and result["n_finetune"] == 16
     for attr in sensitive:
         for metric in ("equalized_odds_difference", "worst_group_accuracy", "accuracy_gap"):

@@ -20,6 +20,7 @@ from tests.helpers import REPO, cli_env, run_cli, sqlite_uri
 
 PERF, FAIR = "accuracy", "equalized_odds_difference"
 TOL = 1e-12
+PER_TRIAL_ON_TEST = {"by_config": False, "select_on": "test"}  # the pick algorithm itself, checked by brute force
 
 # (paradigm, magnitude, freeze_depth, seed, accuracy, eod); None = metric not logged
 SWEEP_A = [
@@ -34,7 +35,8 @@ SWEEP_A = [
 SWEEP_B = [("scratch", 0.5, "0", 0, 0.60, 0.01), ("supervised", 0.5, "0", 0, 0.95, 0.40)]
 
 
-def _log(client, exp_id: str, sweep: str, trial, status: str = "FINISHED") -> str:
+def _log(client, exp_id: str, sweep: str, trial, status: str = "FINISHED", val: tuple | None = ()) -> str:
+    """One trial run; ``val`` = (val_accuracy, val_eod), () for the test values again, None for no val_ metrics."""
     from mlflow.entities import Metric, Param
 
     paradigm, mag, freeze, seed, acc, eod = trial
@@ -45,6 +47,8 @@ def _log(client, exp_id: str, sweep: str, trial, status: str = "FINISHED") -> st
     params = {"backbone": "test_resnet", "paradigm": paradigm, "intervention.kind": "correlation",
               "intervention.magnitude": str(mag), "freeze_depth": freeze, "seed": str(seed)}
     metrics = {"accuracy": acc, "equalized_odds_difference": eod, "auroc": None if acc is None else acc - 0.05}
+    if val is not None:
+        metrics["val_accuracy"], metrics["val_equalized_odds_difference"] = val or (acc, eod)
     now = int(time.time() * 1000)
     client.log_batch(run.info.run_id, params=[Param(k, v) for k, v in params.items()],
                      metrics=[Metric(k, v, now, 0) for k, v in metrics.items() if v is not None])
@@ -63,7 +67,7 @@ def populate(client) -> dict:
     exp_id = client.create_experiment("exp1")
     _parent(client, exp_id, "sA")
     _parent(client, exp_id, "sB")
-    ids = {"sA": [_log(client, exp_id, "sA", t) for t in SWEEP_A], "sB": [_log(client, exp_id, "sB", t) for t in SWEEP_B]}
+    ids = {"sA": [_log(client, exp_id, "sA", t) for t in SWEEP_A], "sB": [_log(client, exp_id, "sB", t, val=None) for t in SWEEP_B]}
     ids["failed"] = _log(client, exp_id, "sA", ("simclr", 0.5, "linear", 0, 0.99, 0.0), status="FAILED")
     solo = client.create_experiment("solo")
     _parent(client, solo, "solo")
@@ -186,43 +190,44 @@ def test_pareto_by_config_means_std_count(store):
 @pytest.mark.parametrize("drop", [0.0, 0.01, 0.02, 0.05, 0.2])
 def test_best_matches_brute_force(store, drop):
     trials = query.sweep_trials(store["client"], "sA", "exp1")
-    got = query.best(trials, PERF, FAIR, max_drop=drop)
+    got = query.best(trials, PERF, FAIR, max_drop=drop, **PER_TRIAL_ON_TEST)
     want = brute_best(trial_rows(SWEEP_A), drop)
     assert len(got) == 1
     assert (got[PERF][0], got[FAIR][0]) == (want[PERF], want[FAIR])
-    rel = query.best(trials, PERF, FAIR, max_rel_drop=drop / 0.87)
+    rel = query.best(trials, PERF, FAIR, max_rel_drop=drop / 0.87, **PER_TRIAL_ON_TEST)
     assert (rel[PERF][0], rel[FAIR][0]) == (want[PERF], want[FAIR])
 
 
 def test_best_ties_go_to_higher_performance(store):
     trials = query.sweep_trials(store["client"], "sA", "exp1")
     # within 0.03 of 0.87 the lowest eod, 0.12, is shared by 0.84 and two trials at 0.86: 0.86 wins
-    got = query.best(trials, PERF, FAIR, max_drop=0.03)
+    got = query.best(trials, PERF, FAIR, max_drop=0.03, **PER_TRIAL_ON_TEST)
     assert (got[PERF][0], got[FAIR][0]) == (0.86, 0.12)
 
 
 def test_best_with_reference(store):
     trials = query.sweep_trials(store["client"], "sA", "exp1")
-    got = query.best(trials, PERF, FAIR, max_drop=0.02, reference={"paradigm": "scratch"})
+    got = query.best(trials, PERF, FAIR, max_drop=0.02, reference={"paradigm": "scratch"}, **PER_TRIAL_ON_TEST)
     want = brute_best(trial_rows(SWEEP_A), 0.02, ref_perf=0.82)
     assert (got[PERF][0], got[FAIR][0]) == (want[PERF], want[FAIR]) == (0.82, 0.10)
     assert got[f"reference_{PERF}"][0] == 0.82
     with pytest.raises(ValueError, match="values present"):
-        query.best(trials, PERF, FAIR, max_drop=0.02, reference={"paradigm": "byol"})
+        query.best(trials, PERF, FAIR, max_drop=0.02, reference={"paradigm": "byol"}, **PER_TRIAL_ON_TEST)
 
 
 def test_single_trial_sweep(store):
     trials = query.sweep_trials(store["client"], "solo")
     assert len(query.pareto(trials, PERF, FAIR)) == 1
-    assert query.best(trials, PERF, FAIR, max_drop=0.0)["run_id"][0] == store["ids"]["solo"][0]
-    table = query.compare(trials, "paradigm", PERF, FAIR, max_drop=0.01)
+    assert query.best(trials, PERF, FAIR, max_drop=0.0, select_on="test")["run_id"][0] == store["ids"]["solo"][0]
+    table = query.compare(trials, "paradigm", PERF, FAIR, max_drop=0.01, select_on="test")
     assert len(table) == 1 and table["rel_change"][0] == 0.0
 
 
 @pytest.mark.parametrize("drop", [0.01, 0.05, 0.2])
 def test_compare_matches_brute_force(store, drop):
     trials = query.sweep_trials(store["client"], "sA", "exp1")
-    table = query.compare(trials, "paradigm", PERF, FAIR, max_drop=drop, reference_group="supervised").set_index("paradigm")
+    table = query.compare(trials, "paradigm", PERF, FAIR, max_drop=drop, reference_group="supervised",
+                          **PER_TRIAL_ON_TEST).set_index("paradigm")
     rows = trial_rows(SWEEP_A)
     top = max(r[PERF] for r in _valid(rows))
     want = {}
@@ -261,19 +266,22 @@ def test_cli_pareto_formats(store):
 
 
 def test_cli_best_and_compare(store):
-    js = _cli(store, "best", "sA", "--experiment", "exp1", "--max-drop", "0.02", "--format", "json")
+    js = _cli(store, "best", "sA", "--experiment", "exp1", "--max-drop", "0.02", "--format", "json", "--per-trial",
+              "--select-on", "test")
     assert js.returncode == 0, js.stderr
     (rec,) = json.loads(js.stdout)
     want = brute_best(trial_rows(SWEEP_A), 0.02)
     assert (rec[PERF], rec[FAIR]) == (want[PERF], want[FAIR]) and rec["run_id"] and rec["trial_key"]
-    tab = _cli(store, "best", "sA", "--experiment", "exp1", "--max-rel-drop", "0.01", "--reference", "paradigm=scratch")
+    tab = _cli(store, "best", "sA", "--experiment", "exp1", "--max-rel-drop", "0.01", "--reference", "paradigm=scratch",
+               "--select-on", "test")
     assert tab.returncode == 0, tab.stderr
     cmp = _cli(store, "compare", "sA", "--experiment", "exp1", "--by", "paradigm", "--reference", "supervised",
-               "--max-drop", "0.05", "--format", "json")
+               "--max-drop", "0.05", "--format", "json", "--select-on", "test")
     assert cmp.returncode == 0, cmp.stderr
     got = {r["paradigm"]: r for r in json.loads(cmp.stdout)}
     assert set(got) == {"scratch", "simclr", "supervised"} and got["supervised"]["rel_change"] == 0.0
-    csv = _cli(store, "compare", "sA", "--experiment", "exp1", "--by", "intervention.magnitude", "--format", "csv")
+    csv = _cli(store, "compare", "sA", "--experiment", "exp1", "--by", "intervention.magnitude", "--format", "csv",
+               "--select-on", "test")
     assert csv.returncode == 0, csv.stderr
     assert "rel_change" in csv.stdout and len(pd.read_csv(io.StringIO(csv.stdout))) == 2
 
@@ -346,7 +354,7 @@ def test_against_mlflow_server(server, tmp_path):
     trials = query.sweep_trials(client, "sA", "exp1")
     assert len(trials) == len(SWEEP_A)
     want = brute_best(trial_rows(SWEEP_A), 0.02)
-    got = query.best(trials, PERF, FAIR, max_drop=0.02)
+    got = query.best(trials, PERF, FAIR, max_drop=0.02, **PER_TRIAL_ON_TEST)
     assert (got[PERF][0], got[FAIR][0]) == (want[PERF], want[FAIR])
     r = run_cli("compare", "sA", "--experiment", "exp1", "--by", "paradigm", "--format", "json",
                 "--tracking-uri", server, cwd=tmp_path, timeout=120)
@@ -368,3 +376,128 @@ def test_report_summary_names_the_brute_force_fairest_configuration(store, tmp_p
     section = summary.split("## Fairest within 0.02 of the best accuracy", 1)[1]
     assert f"accuracy {want[PERF]:.4f}" in section and f"equalized_odds_difference {want[FAIR]:.4f}" in section
     assert f"`{want['key'][0]}`" in section
+
+
+# -- validation-based picks, intervals, paired tests ------------------------------------------------
+# (paradigm, seed, test accuracy, test eod, val accuracy, val eod): "lucky" looks best on test only
+SWEEP_V = [("lucky", s, 0.90 + d, 0.05 + d, 0.80 + d, 0.30 + d) for s, d in ((0, 0.0), (1, 0.01), (2, -0.01))] + \
+          [("steady", s, 0.88 + d, 0.15 + d, 0.89 + d, 0.10 + d) for s, d in ((0, 0.0), (1, 0.01), (2, -0.01))]
+
+
+@pytest.fixture(scope="module")
+def val_store(store):
+    client = store["client"]
+    exp_id = client.create_experiment("valexp")
+    _parent(client, exp_id, "sV")
+    for paradigm, seed, acc, eod, vacc, veod in SWEEP_V:
+        _log(client, exp_id, "sV", (paradigm, 0.5, "0", seed, acc, eod), val=(vacc, veod))
+    return store
+
+
+def test_best_chooses_on_validation_and_reports_the_test_metrics(val_store):
+    trials = query.sweep_trials(val_store["client"], "sV", "valexp")
+    pick = query.best(trials, PERF, FAIR, max_drop=0.02)  # defaults: configuration means, chosen on val
+    assert pick["paradigm"][0] == "steady" and pick["selected_on"][0] == "val"
+    assert pick[PERF][0] == pytest.approx(0.88) and pick[FAIR][0] == pytest.approx(0.15)  # its test metrics
+    assert pick[f"reference_val_{PERF}"][0] == pytest.approx(0.89) and pick["n_seeds"][0] == 3
+    on_test = query.best(trials, PERF, FAIR, max_drop=0.02, select_on="test")  # optimistic: the test split chooses
+    assert on_test["paradigm"][0] == "lucky"
+    front_val = query.pareto(trials, PERF, FAIR, split="val")
+    assert list(front_val["paradigm"]) == ["steady"] and f"val_{PERF}_ci_low" in front_val
+
+
+def test_configuration_means_carry_student_t_intervals(store):
+    from scipy import stats
+
+    trials = query.sweep_trials(store["client"], "sA", "exp1")
+    table = query.pareto(trials, PERF, FAIR, front_only=False)
+    for _, row in table.iterrows():
+        accs = trials[trials["config_key"] == row["config_key"]][PERF].to_numpy(float)
+        if len(accs) < 2:
+            assert math.isnan(row[f"{PERF}_ci_low"]) and math.isnan(row[f"{PERF}_ci_high"])
+            continue
+        if accs.std() == 0:  # identical repeats: a zero-width interval (scipy answers NaN for scale 0)
+            low = high = accs.mean()
+        else:
+            low, high = stats.t.interval(0.95, len(accs) - 1, loc=accs.mean(), scale=stats.sem(accs))
+        assert (row[f"{PERF}_ci_low"], row[f"{PERF}_ci_high"]) == (pytest.approx(low), pytest.approx(high))
+
+
+def _frame(rows: list[dict]) -> pd.DataFrame:
+    """Trial rows as sweep_trials returns them, for the pure query functions."""
+    df = pd.DataFrame(rows)
+    for col, default in (("backbone", "test_resnet"), ("intervention.kind", "correlation"), ("freeze_depth", "0")):
+        df[col] = df.get(col, default)
+    df["config_key"] = df[["paradigm", "intervention.magnitude"]].astype(str).agg("-".join, axis=1)
+    df["trial_key"] = df["config_key"] + "-s" + df["seed"].astype(str)
+    df["run_id"] = "r-" + df["trial_key"]
+    df["status"] = "FINISHED"
+    return df
+
+
+def test_paired_tests_equal_scipy_with_holm_correction():
+    import numpy as np
+    from scipy import stats
+
+    rng = np.random.default_rng(3)
+    rows = [{"paradigm": p, "intervention.magnitude": m, "seed": str(s), PERF: 0.8,
+             FAIR: float(shift + rng.normal(0, 0.05))}
+            for p, shift in (("supervised", 0.20), ("simclr", 0.10), ("byol", 0.19))
+            for m in (0.5, 0.7, 0.9) for s in range(4)]
+    rows.append({"paradigm": "simclr", "intervention.magnitude": 0.3, "seed": "0", PERF: 0.8, FAIR: 0.5})  # no match
+    trials = _frame(rows)
+    got = query.paired_tests(trials, "paradigm", FAIR, "supervised").set_index("paradigm")
+    ref = trials[trials["paradigm"] == "supervised"].set_index(["intervention.magnitude", "seed"])[FAIR]
+    raw = {}
+    for p in ("simclr", "byol"):
+        mine = trials[trials["paradigm"] == p].set_index(["intervention.magnitude", "seed"])[FAIR]
+        a, b = mine.align(ref, join="inner")
+        raw[p] = (stats.ttest_rel(a, b).pvalue, stats.wilcoxon(a - b).pvalue)
+        assert got.loc[p, "n_pairs"] == len(a) == 12 and got.loc[p, "mean_diff"] == pytest.approx(float((a - b).mean()))
+    for j, col in enumerate(("p_ttest", "p_wilcoxon")):
+        (lo_p, lo), (hi_p, hi) = sorted(((raw[p][j], p) for p in raw))
+        holm_lo = min(1.0, 2 * lo_p)
+        assert got.loc[lo, col] == pytest.approx(holm_lo)
+        assert got.loc[hi, col] == pytest.approx(max(holm_lo, min(1.0, hi_p)))
+    assert got.loc["simclr", "p_ttest"] < 0.05 < got.loc["byol", "p_ttest"]  # a real gap, and none
+    assert got.loc["supervised", "n_pairs"] == 0 and math.isnan(got.loc["supervised", "p_ttest"])
+
+
+def test_holm_by_hand():
+    got = query.holm([0.01, 0.04, 0.03, float("nan")])
+    assert got[:3] == pytest.approx([0.03, 0.06, 0.06]) and math.isnan(got[3])
+
+
+def test_relative_change_against_a_perfectly_fair_reference_is_defined():
+    assert query.relative_change(0.0, 0.0) == 0.0 and query.relative_change(0.1, 0.0) == math.inf
+    assert query.relative_change(0.05, 0.1) == pytest.approx(-0.5)
+    trials = _frame([{"paradigm": p, "intervention.magnitude": 0.5, "seed": "0", PERF: 0.8, FAIR: f}
+                     for p, f in (("supervised", 0.0), ("simclr", 0.0), ("byol", 0.2))])
+    table = query.compare(trials, "paradigm", PERF, FAIR, reference_group="supervised", select_on="test").set_index("paradigm")
+    assert table.loc["simclr", "rel_change"] == 0.0 and table.loc["byol", "rel_change"] == math.inf
+    assert not table["rel_change"].isna().any()
+
+
+def test_a_signed_fairness_metric_is_minimised_in_absolute_value():
+    trials = _frame([{"paradigm": "over", "intervention.magnitude": 0.5, "seed": "0", PERF: 0.9, "tpr_difference": -0.3},
+                     {"paradigm": "near", "intervention.magnitude": 0.5, "seed": "0", PERF: 0.8, "tpr_difference": 0.1}])
+    front = query.pareto(trials, PERF, "tpr_difference")
+    assert sorted(front["paradigm"]) == ["near", "over"]  # -0.3 is further from parity than 0.1: no domination
+    pick = query.best(trials, PERF, "tpr_difference", max_drop=0.2, select_on="test")
+    assert pick["paradigm"][0] == "near" and pick["tpr_difference"][0] == 0.1  # the sign is kept in the table
+
+
+def test_cli_picks_on_validation_with_intervals_and_paired_tests(val_store):
+    js = _cli(val_store, "best", "sV", "--experiment", "valexp", "--max-drop", "0.02", "--format", "json")
+    assert js.returncode == 0, js.stderr
+    (rec,) = json.loads(js.stdout)
+    assert rec["paradigm"] == "steady" and rec["selected_on"] == "val" and rec[f"{PERF}_ci_low"] < rec[PERF]
+    cmp = _cli(val_store, "compare", "sV", "--experiment", "valexp", "--by", "paradigm", "--reference", "steady",
+               "--max-drop", "0.2", "--format", "json")
+    assert cmp.returncode == 0, cmp.stderr
+    got = {r["paradigm"]: r for r in json.loads(cmp.stdout)}
+    # matched on every other axis and the seed: three pairs, lucky 0.10 fairer on test in each
+    assert got["lucky"]["n_pairs"] == 3 and got["lucky"]["mean_diff"] == pytest.approx(-0.10)
+    assert got["lucky"]["p_wilcoxon"] == pytest.approx(0.25) and "p_ttest" in got["lucky"]  # n = 3: 2/2^3 at best
+    stale = _cli(val_store, "best", "sB", "--experiment", "exp1", "--max-drop", "0.02")
+    assert stale.returncode == 2 and "--select-on test" in stale.stderr

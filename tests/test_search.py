@@ -81,7 +81,7 @@ def test_budget_counts_finished_trials_and_failures_are_replaced(tmp_path, sampl
             searcher.on_trial_complete(f"t{i}", None, error=True)
             failed += 1
         else:
-            searcher.on_trial_complete(f"t{i}", {"accuracy": 0.5 + 0.01 * i, "equalized_odds_difference": 0.3 - 0.01 * i})
+            searcher.on_trial_complete(f"t{i}", {"val_accuracy": 0.5 + 0.01 * i, "val_equalized_odds_difference": 0.3 - 0.01 * i})
             finished += 1
         i += 1
     assert finished == searcher.finished() == 6
@@ -106,7 +106,7 @@ def test_no_configuration_runs_twice_in_a_categorical_space(tmp_path):
     keys, i = [], 0
     while (config := searcher.suggest(f"t{i}")) != Searcher.FINISHED:
         keys.append(plan.trial_for(config).key)
-        searcher.on_trial_complete(f"t{i}", {"accuracy": 0.6, "equalized_odds_difference": 0.1})
+        searcher.on_trial_complete(f"t{i}", {"val_accuracy": 0.6, "val_equalized_odds_difference": 0.1})
         i += 1
     assert len(keys) == len(set(keys)) == 8
 
@@ -119,7 +119,7 @@ def test_a_restored_searcher_continues_the_same_study(tmp_path):
     searcher = StudySearcher(plan, str(journal), study_name="s")
     for i in range(3):
         searcher.suggest(f"t{i}")
-    searcher.on_trial_complete("t0", {"accuracy": 0.7, "equalized_odds_difference": 0.2})
+    searcher.on_trial_complete("t0", {"val_accuracy": 0.7, "val_equalized_odds_difference": 0.2})
     searcher.save(str(tmp_path / "state.json"))  # Tune's last save: t1, t2 in flight
     searcher.suggest("t3")  # asked after the last save, then the driver dies
     restored = pickle.loads(pickle.dumps(searcher))
@@ -127,7 +127,7 @@ def test_a_restored_searcher_continues_the_same_study(tmp_path):
     assert restored.finished() == 1
     states = sorted(t.state.name for t in restored.study.trials)
     assert states == ["COMPLETE", "FAIL", "RUNNING", "RUNNING"]  # t3 was orphaned: failed, never counted
-    restored.on_trial_complete("t1", {"accuracy": 0.6, "equalized_odds_difference": 0.1})
+    restored.on_trial_complete("t1", {"val_accuracy": 0.6, "val_equalized_odds_difference": 0.1})
     assert restored.finished() == 2
 
 
@@ -174,7 +174,7 @@ def test_a_failed_configuration_is_not_run_again(tmp_path):
         if config["point"]["paradigm"] == "supervised":  # these 4 cells always fail
             searcher.on_trial_complete(f"t{i}", None, error=True)
         else:
-            searcher.on_trial_complete(f"t{i}", {"accuracy": 0.6, "equalized_odds_difference": 0.1})
+            searcher.on_trial_complete(f"t{i}", {"val_accuracy": 0.6, "val_equalized_odds_difference": 0.1})
         i += 1
     assert len(ran) == len(set(ran))  # nothing ran twice, failed configurations included
     assert searcher.finished() == 4 and searcher.failed() <= 4
@@ -196,3 +196,23 @@ def test_an_orphaned_configuration_may_run_again_but_a_failed_one_may_not(tmp_pa
     assert restored._twin(keys["t0"]) is not None  # failed: not run again
     assert restored._twin(keys["t2"]) is None  # orphaned by the driver's death: may run
     assert restored._twin(keys["t1"]) is not None  # still in flight
+
+
+def test_the_study_is_told_validation_objectives_never_test_ones(tmp_path):
+    """Choosing on the test split would bias every pick: the study sees val_ values only, a trial that
+    reports no validation objectives counts as failed, and a signed metric enters as its distance from 0."""
+    plan = _plan(**{"search": {**OPTUNA, "budget": 3}})
+    searcher = StudySearcher(plan, str(tmp_path / "s.journal"), study_name="s")
+    searcher.suggest("t0")
+    searcher.on_trial_complete("t0", {"accuracy": 0.99, "equalized_odds_difference": 0.01,
+                                      "val_accuracy": 0.71, "val_equalized_odds_difference": 0.23})
+    searcher.suggest("t1")
+    searcher.on_trial_complete("t1", {"accuracy": 0.99, "equalized_odds_difference": 0.01})  # test metrics only
+    states = [(t.state.name, t.values) for t in searcher.study.trials]
+    assert states == [("COMPLETE", [0.71, 0.23]), ("FAIL", None)]
+
+    from orchestrator.search import search_values
+    from orchestrator.spec import Objectives
+
+    signed = Objectives(performance="auroc", fairness="tpr_difference")
+    assert search_values(signed, {"val_auroc": 0.8, "val_tpr_difference": -0.3, "tpr_difference": 0.0}) == [0.8, 0.3]

@@ -13,6 +13,7 @@ datasets (``Dataset.in_memory`` false) stream batches decoded by DataLoader work
 from __future__ import annotations
 
 import json
+import math
 import os
 import tempfile
 from dataclasses import dataclass, field
@@ -21,9 +22,15 @@ from typing import Any, Callable, Mapping
 
 import numpy as np
 
-__all__ = ["TrialContext", "finetune_trial", "train_and_evaluate", "PREDICTIONS_FILE", "PER_GROUP_FILE", "STATE_FILE"]
+__all__ = ["TrialContext", "finetune_trial", "train_and_evaluate", "PREDICTIONS_FILE", "PER_GROUP_FILE", "STATE_FILE",
+           "INNER_SEARCH_FILE", "VAL_PREDICTIONS_FILE", "HEADLINE_METRICS"]
 
 PREDICTIONS_FILE, PER_GROUP_FILE, STATE_FILE = "predictions.csv.gz", "per_group.csv", "state.pt"
+INNER_SEARCH_FILE = "inner_search.csv"  # the inner search's candidates and their validation losses
+VAL_PREDICTIONS_FILE = "val_predictions.csv.gz"
+# Test metrics that get bootstrap intervals besides the sweep's two objectives.
+HEADLINE_METRICS = ("accuracy", "balanced_accuracy", "auroc", "worst_group_accuracy", "equalized_odds_difference",
+                    "tpr_difference", "statistical_parity_difference")
 
 
 @dataclass(frozen=True)
@@ -32,7 +39,8 @@ class TrialContext:
 
     dataset: str
     dataset_options: Mapping[str, Any]
-    finetune: Mapping[str, Any]  # size, epochs, batch_size, lr, weight_decay, momentum, threshold
+    finetune: Mapping[str, Any]  # size, epochs, batch_size, lr, weight_decay (scalars or candidate lists),
+    #                              momentum, threshold ("calibrated" or a number), select_epoch
     cache_root: str
     pretrained: Mapping[str, str] = field(default_factory=dict)  # "backbone|paradigm" -> cache key
     weight_files: Mapping[str, str] = field(default_factory=dict)  # "file:..." paradigm -> checkpoint path
@@ -42,6 +50,10 @@ class TrialContext:
     finished: tuple = ()
     # pretraining key -> error, for jobs that failed in this run: their trials fail at once with it
     failed_pretraining: Mapping[str, str] = field(default_factory=dict)
+    objectives: tuple[str, ...] = ()  # the sweep's (performance, fairness) metrics: they get bootstrap intervals
+    bootstrap: int = 500  # resamples for the per-trial intervals (evaluation.bootstrap); 0 turns them off
+    privileged: Mapping[str, Any] = field(default_factory=dict)  # dataset.privileged of the spec
+    feature_cache: str | None = None  # folder of the frozen-prefix feature cache shared by a node's workers; None: off
 
 
 class PretrainingFailedError(RuntimeError):
@@ -66,14 +78,31 @@ def _load_initial_weights(model: Any, point: Mapping[str, Any], ctx: TrialContex
     return key
 
 
+def _candidates(value: Any) -> list[float]:
+    """A finetuning rate as the inner search's candidate list (a scalar is a list of one)."""
+    return [float(v) for v in value] if isinstance(value, (list, tuple)) else [float(value)]
+
+
+def _val_loss(scores: np.ndarray, labels: np.ndarray) -> float:
+    """Mean cross-entropy of the two-class softmax, from P(y = 1) (what ``predict_scores`` returns)."""
+    p = np.where(labels == 1, scores, 1.0 - scores)
+    return float(-np.mean(np.log(np.clip(p, 1e-12, 1.0))))
+
+
 def train_and_evaluate(point: Mapping[str, Any], context: TrialContext, *, state: Mapping[str, Any] | None = None,
                        on_epoch: Callable[[dict[str, Any], Path], None] | None = None) -> dict[str, Any]:
-    """One trial without Tune: finetune from ``point`` (the axis values), evaluate after the last epoch.
+    """One trial without Tune: finetune from ``point`` (the axis values), choose on validation, score both splits.
 
-    ``state`` is a saved STATE_FILE (model, optimiser, RNG, epoch) to continue from. After every epoch
-    ``on_epoch(result, folder)`` receives that epoch's result and a temporary folder holding STATE_FILE
-    (plus PREDICTIONS_FILE and PER_GROUP_FILE after the last epoch), valid only during the call.
-    Returns the last epoch's result: the metrics, the intervention's achieved value, freezing details.
+    The inner search (paper A; README, "Choosing on validation"): every (lr, weight_decay) candidate trains for the
+    configured epochs; each reports ``val_loss`` per epoch; the epoch kept is the last or the one with
+    the lowest validation loss (``select_epoch``), and the candidate kept is the one whose kept epoch
+    has the lowest validation loss (ties: the first). A scalar lr and weight decay are one candidate.
+
+    ``state`` is a saved STATE_FILE to continue from. After every epoch ``on_epoch(result, folder)``
+    receives that epoch's result and a temporary folder holding STATE_FILE (plus the predictions,
+    per-group and inner-search files after the last one), valid only during the call. Steps count
+    epochs across candidates, so an inner search of 2 candidates x 3 epochs reports steps 1..6.
+    Returns the last result: validation and test metrics at the chosen threshold, and the choices.
     """
     import torch
 
@@ -85,6 +114,9 @@ def train_and_evaluate(point: Mapping[str, Any], context: TrialContext, *, state
     ft = {**context.finetune, **(point.get("finetune") or {})}  # searched hyper-parameters (optuna) win
     seed = int(point["seed"])
     batch_size = int(ft["batch_size"])
+    epochs = int(ft["epochs"])
+    select_epoch = str(ft.get("select_epoch", "last"))
+    candidates = [(lr, wd) for lr in _candidates(ft["lr"]) for wd in _candidates(ft["weight_decay"])]
 
     dataset = build_dataset(context.dataset, context.dataset_options)
     pool = dataset.meta("finetune")
@@ -93,56 +125,138 @@ def train_and_evaluate(point: Mapping[str, Any], context: TrialContext, *, state
     y = torch.as_tensor(pool.labels[chosen.indices], dtype=torch.long, device=device)
     # Small data: the whole finetuning set on the device once. Folder data: streamed by worker processes.
     x = dataset.inputs("finetune", chosen.indices).to(device) if dataset.in_memory else None
+    val_labels = dataset.meta("val").labels
+    val_x = dataset.inputs("val").to(device) if dataset.in_memory else None
+    score_batch = max(256, batch_size)
+    # A linear probe with the feature cache on trains its classifier on the frozen part's pre-logits,
+    # computed once per content key and shared across trials (trainables/feature_cache.py).
+    features: dict[str, np.ndarray] = {}
+    feature_note = "off (resources.feature_cache: false)" if not context.feature_cache else ""
 
-    torch.manual_seed(seed)
-    model = backbones.create_backbone(point["backbone"], num_classes=2, input_shape=dataset.input_shape)
-    pretrain_ref = _load_initial_weights(model, point, context)
-    groups = backbones.layer_groups(model)
-    fd = point["freeze_depth"]
-    frozen = backbones.resolve_freeze(tuple(fd) if isinstance(fd, list) else fd, groups.n, backbone=point["backbone"])
-    info = backbones.apply_freeze(model, groups, frozen)
-    model.to(device)
-    params = [p for p in model.parameters() if p.requires_grad]
-    opt = torch.optim.SGD(params, lr=ft["lr"], momentum=ft["momentum"], weight_decay=ft["weight_decay"])
-    gen = torch.Generator().manual_seed(seed)
+    def scores(net: Any, split: str) -> np.ndarray:
+        """P(y = 1) for every example of ``split``: from cached features, in-memory inputs, or a stream."""
+        if features:
+            return loop.predict_scores(net, torch.from_numpy(np.array(features[split])).to(device),
+                                       batch_size=score_batch, device=device)
+        if split == "val" and val_x is not None:
+            return loop.predict_scores(net, val_x, batch_size=score_batch, device=device)
+        return _split_scores(net, dataset, split, score_batch, device, loop)
 
-    start_epoch = 0
-    if state is not None:  # resumed after a failure or a driver restart
-        model.load_state_dict(state["model"])
-        opt.load_state_dict(state["optimizer"])
-        gen.set_state(state["generator"])
-        if "torch_rng" in state:  # dropout draws from the global RNG; older checkpoints lack it
-            torch.set_rng_state(state["torch_rng"])
-        if "cuda_rng" in state and device.type == "cuda":
-            torch.cuda.set_rng_state(state["cuda_rng"])
-        start_epoch = int(state["epoch"])
+    def use_features(model: Any, info: Any, pretrain_ref: str | None) -> str:
+        """Fill ``features`` when this trial is a linear probe the cache can serve; returns why or why not."""
+        from trainables import feature_cache as fc
 
-    static = {"requested_magnitude": chosen.requested, "achieved_magnitude": chosen.achieved,
-              "n_finetune": int(len(chosen.indices)), "n_groups": info.n_groups,
-              "frozen_groups": json.dumps(list(info.frozen_groups)), "frozen_fraction": info.frozen_fraction,
-              "pretrain_ref": pretrain_ref or "", "device": str(device)}
-    train_mode = lambda: backbones.set_train_mode(model, info)  # noqa: E731 - frozen layers stay in eval
-    epochs = int(ft["epochs"])
+        sample = (x[:8] if x is not None else next(iter(dataset.loader("finetune", chosen.indices[:8],
+                                                                        batch_size=8)))[0].to(device))
+        plan, why = fc.probe_plan(model, info.n_groups, info.frozen_groups, info.frozen_modules, sample,
+                                  lambda: loop.autocast(device), lambda: backbones.set_train_mode(model, info))
+        if plan is None:
+            return f"off ({why})"
+        cache = fc.FeatureCache(context.feature_cache)
+        weights = pretrain_ref or f"random-init-seed-{seed}"  # random initialisation depends on the seed
+        for split in ("finetune", "val", "test"):
+            key = fc.feature_key(dataset=dataset.fingerprint(), split=split, backbone=point["backbone"],
+                                 weights=weights, frozen=list(info.frozen_groups), device=device.type)
+            n = len(dataset.meta(split))
+            features[split] = cache.get_or_compute(key, lambda: fc.compute_features(
+                model, iter(dataset.loader(split, batch_size=score_batch)), n, device, lambda: loop.autocast(device)))
+        return why
+
+    def build(lr: float, wd: float) -> tuple[Any, Any, Any, Any]:
+        torch.manual_seed(seed)
+        model = backbones.create_backbone(point["backbone"], num_classes=2, input_shape=dataset.input_shape)
+        ref = _load_initial_weights(model, point, context)
+        groups = backbones.layer_groups(model)
+        fd = point["freeze_depth"]
+        frozen = backbones.resolve_freeze(tuple(fd) if isinstance(fd, list) else fd, groups.n, backbone=point["backbone"])
+        info = backbones.apply_freeze(model, groups, frozen)
+        model.to(device)
+        opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=lr, momentum=ft["momentum"],
+                              weight_decay=wd)
+        return model, opt, info, ref
+
+    def snapshot(model: Any) -> dict:
+        return {k: v.detach().clone() for k, v in model.state_dict().items()}
+
+    # Progress of the inner search; all of it is in the checkpoint, so a resumed trial picks up mid-search.
+    progress: dict[str, Any] = {"candidate": 0, "epoch": 0, "finished": [], "kept": None, "kept_loss": math.inf,
+                                "chosen": None, "chosen_loss": math.inf}
+    if state is not None and "progress" in state:
+        progress = dict(state["progress"])
+    elif state is not None:  # a checkpoint from before the inner search: one candidate, mid-way
+        progress["epoch"] = int(state["epoch"])
+
     result: dict[str, Any] = {}
-    for epoch in range(start_epoch, epochs):
-        if x is not None:
-            loss = loop.train_epoch(model, x, y, opt, batch_size=batch_size, generator=gen, device=device,
-                                    train_mode=train_mode)
-        else:  # the order comes from (seed, epoch), so a resumed trial replays the same epoch
-            stream = dataset.loader("finetune", chosen.indices, batch_size=batch_size, shuffle=True, seed=seed,
-                                    epoch=epoch, drop_last=len(chosen.indices) > batch_size)
-            loss = loop.train_epoch_batches(model, stream, y, opt, device=device, train_mode=train_mode)
-        result = {**static, "epoch": epoch + 1, "train_loss": loss}
-        with tempfile.TemporaryDirectory() as d:
-            saved = {"model": model.state_dict(), "optimizer": opt.state_dict(), "generator": gen.get_state(),
-                     "torch_rng": torch.get_rng_state(), "epoch": epoch + 1}
-            if device.type == "cuda":
-                saved["cuda_rng"] = torch.cuda.get_rng_state()
-            torch.save(saved, Path(d) / STATE_FILE)
-            if epoch + 1 == epochs:
-                result.update(_evaluate(model, dataset, ft, device, Path(d), metrics, loop))
-            if on_epoch is not None:
-                on_epoch(result, Path(d))
+    total_steps = len(candidates) * epochs
+    for ci in range(int(progress["candidate"]), len(candidates)):
+        lr, wd = candidates[ci]
+        model, opt, info, pretrain_ref = build(lr, wd)
+        gen = torch.Generator().manual_seed(seed)
+        start_epoch = 0
+        if state is not None and int(progress["candidate"]) == ci and int(progress["epoch"]) > 0:
+            model.load_state_dict(state["model"])
+            opt.load_state_dict(state["optimizer"])
+            gen.set_state(state["generator"])
+            if "torch_rng" in state:  # dropout draws from the global RNG; older checkpoints lack it
+                torch.set_rng_state(state["torch_rng"])
+            if "cuda_rng" in state and device.type == "cuda":
+                torch.cuda.set_rng_state(state["cuda_rng"])
+            start_epoch = int(progress["epoch"])
+        if not feature_note:
+            feature_note = use_features(model, info, pretrain_ref)
+        net = model.get_classifier() if features else model
+        fit_x = torch.from_numpy(np.asarray(features["finetune"][chosen.indices])).to(device) if features else x
+        static = {"requested_magnitude": chosen.requested, "achieved_magnitude": chosen.achieved,
+                  "n_finetune": int(len(chosen.indices)), "n_groups": info.n_groups,
+                  "frozen_groups": json.dumps(list(info.frozen_groups)), "frozen_fraction": info.frozen_fraction,
+                  "pretrain_ref": pretrain_ref or "", "device": str(device), "feature_cache": feature_note}
+        train_mode = (net.train if features  # noqa: E731 - frozen layers stay in eval
+                      else lambda: backbones.set_train_mode(model, info))
+        for epoch in range(start_epoch, epochs):
+            if fit_x is not None:
+                loss = loop.train_epoch(net, fit_x, y, opt, batch_size=batch_size, generator=gen, device=device,
+                                        train_mode=train_mode)
+            else:  # the order comes from (seed, epoch), so a resumed trial replays the same epoch
+                stream = dataset.loader("finetune", chosen.indices, batch_size=batch_size, shuffle=True, seed=seed,
+                                        epoch=epoch, drop_last=len(chosen.indices) > batch_size)
+                loss = loop.train_epoch_batches(model, stream, y, opt, device=device, train_mode=train_mode)
+            val_loss = _val_loss(scores(net, "val"), val_labels)
+            if select_epoch == "best_val_loss" and val_loss < progress["kept_loss"]:  # ties: the earlier epoch
+                progress.update(kept=snapshot(model), kept_loss=val_loss, kept_epoch=epoch + 1)
+            progress["epoch"] = epoch + 1
+            if epoch + 1 == epochs:  # this candidate is done: compare its kept epoch with the best so far
+                if select_epoch == "last":
+                    progress.update(kept=snapshot(model), kept_loss=val_loss, kept_epoch=epochs)
+                progress["finished"] = [*progress["finished"], {"lr": lr, "weight_decay": wd,
+                                                                "val_loss": progress["kept_loss"],
+                                                                "epoch": progress["kept_epoch"]}]
+                if progress["kept_loss"] < progress["chosen_loss"]:  # ties: the earlier candidate
+                    progress.update(chosen=progress["kept"], chosen_loss=progress["kept_loss"], chosen_index=ci)
+                if ci + 1 < len(candidates):
+                    progress.update(candidate=ci + 1, epoch=0, kept=None, kept_loss=math.inf)
+            step = ci * epochs + epoch + 1
+            result = {**static, "epoch": step, "train_loss": loss, "val_loss": val_loss}
+            with tempfile.TemporaryDirectory() as d:
+                saved = {"model": model.state_dict(), "optimizer": opt.state_dict(), "generator": gen.get_state(),
+                         "torch_rng": torch.get_rng_state(), "epoch": step, "progress": progress}
+                if device.type == "cuda":
+                    saved["cuda_rng"] = torch.cuda.get_rng_state()
+                torch.save(saved, Path(d) / STATE_FILE)
+                if step == total_steps:
+                    model.load_state_dict(progress["chosen"])
+                    pick = progress["finished"][progress["chosen_index"]]
+                    result.update(_evaluate(lambda split: scores(net, split), dataset, ft, Path(d), metrics,
+                                            context))
+                    result.update({"chosen_hparams": {"lr": pick["lr"], "weight_decay": pick["weight_decay"]},
+                                   "selected_epoch": pick["epoch"], "selected_val_loss": pick["val_loss"]})
+                    if len(candidates) > 1:
+                        import pandas as pd
+
+                        table = pd.DataFrame(progress["finished"])
+                        table["chosen"] = [i == progress["chosen_index"] for i in range(len(table))]
+                        table.to_csv(Path(d) / INNER_SEARCH_FILE, index=False)
+                if on_epoch is not None:
+                    on_epoch(result, Path(d))
     return result
 
 
@@ -173,26 +287,54 @@ def finetune_trial(config: Mapping[str, Any], context: TrialContext) -> None:
                            on_epoch=lambda result, d: tune.report(result, checkpoint=tune.Checkpoint.from_directory(d)))
 
 
-def _evaluate(model: Any, dataset: Any, ft: Mapping[str, Any], device: Any, out: Path, metrics: Any, loop: Any) -> dict:
-    """Test-split metrics; predictions and the per-group table are written into ``out``."""
+def _split_scores(model: Any, dataset: Any, split: str, batch_size: int, device: Any, loop: Any) -> np.ndarray:
+    n = len(dataset.meta(split))
+    if dataset.in_memory:
+        return loop.predict_scores(model, dataset.inputs(split).to(device), batch_size=batch_size, device=device)
+    return loop.predict_scores_batches(model, dataset.loader(split, batch_size=batch_size), n, device=device)
+
+
+def _evaluate(score: Callable[[str], np.ndarray], dataset: Any, ft: Mapping[str, Any], out: Path, metrics: Any,
+              context: TrialContext) -> dict:
+    """Validation and test metrics at one decision threshold, chosen on validation (test only reports).
+
+    ``threshold: calibrated`` is paper A's rule: on the validation split, as many predicted positives
+    as true positives (``metrics.calibrated_threshold``). Validation metrics carry the ``val_`` prefix.
+    With ``evaluation.bootstrap`` > 0 the test split's objectives and HEADLINE_METRICS get stratified
+    bootstrap intervals ``NAME.ci_low`` / ``NAME.ci_high``. Predictions of both splits and the test
+    split's per-group table are written into ``out``.
+    """
     import pandas as pd
 
-    test = dataset.meta("test")
-    batch_size = max(256, int(ft["batch_size"]))
-    if dataset.in_memory:
-        scores = loop.predict_scores(model, dataset.inputs("test").to(device), batch_size=batch_size, device=device)
-    else:
-        scores = loop.predict_scores_batches(model, dataset.loader("test", batch_size=batch_size), len(test),
-                                             device=device)
-    threshold = float(ft.get("threshold", 0.5))
-    named = {attr: _group_labels(codes, dataset.group_names.get(attr)) for attr, codes in test.attributes.items()}
-    ev = metrics.evaluate(test.labels, scores, named, primary=dataset.primary, threshold=threshold)
-    frame = pd.DataFrame({"y_true": test.labels, "y_score": scores, "y_pred": (scores >= threshold).astype(int)})
-    for attr, labels in named.items():
-        frame["group" if attr == dataset.primary else f"group.{attr}"] = labels
-    frame.to_csv(out / PREDICTIONS_FILE, index=False, compression="gzip")
-    ev.per_group.to_csv(out / PER_GROUP_FILE, index=False)
-    return {**{k: float(v) for k, v in ev.metrics.items()}, "done_training": True}
+    scores = {split: score(split) for split in ("val", "test")}
+    rule = ft.get("threshold", "calibrated")
+    threshold = (metrics.calibrated_threshold(dataset.meta("val").labels, scores["val"]) if rule == "calibrated"
+                 else float(rule))
+    # the privileged group per attribute: the spec's, else the dataset's, else the metrics' default (the largest)
+    privileged = {**dict(dataset.privileged), **dict(context.privileged)}
+    named_privileged = {"privileged": privileged} if privileged else {}
+    result: dict[str, Any] = {"threshold": float(threshold)}
+    for split, prefix, file in (("val", "val_", VAL_PREDICTIONS_FILE), ("test", "", PREDICTIONS_FILE)):
+        meta = dataset.meta(split)
+        named = {attr: _group_labels(codes, dataset.group_names.get(attr)) for attr, codes in meta.attributes.items()}
+        ev = metrics.evaluate(meta.labels, scores[split], named, primary=dataset.primary, threshold=threshold,
+                              **named_privileged)
+        result.update({prefix + k: float(v) for k, v in ev.metrics.items()})
+        frame = pd.DataFrame({"y_true": meta.labels, "y_score": scores[split],
+                              "y_pred": (scores[split] >= threshold).astype(int)})
+        for attr, labels in named.items():
+            frame["group" if attr == dataset.primary else f"group.{attr}"] = labels
+        frame.to_csv(out / file, index=False, compression="gzip")
+        if split == "test":
+            ev.per_group.to_csv(out / PER_GROUP_FILE, index=False)
+            if context.bootstrap > 0:
+                wanted = [m for m in dict.fromkeys((*context.objectives, *HEADLINE_METRICS)) if m in ev.metrics]
+                intervals = metrics.bootstrap_ci(meta.labels, scores[split], named, primary=dataset.primary,
+                                                 metrics=wanted, n_resamples=context.bootstrap, threshold=threshold,
+                                                 seed=0, **named_privileged)
+                for m, (low, high) in intervals.items():
+                    result[f"{m}.ci_low"], result[f"{m}.ci_high"] = low, high
+    return {**result, "done_training": True}
 
 
 def _group_labels(codes: np.ndarray, names: Any) -> np.ndarray:

@@ -42,6 +42,13 @@ class Registry(Generic[T]):
 
         return deco
 
+    def unregister(self, name: str) -> T:
+        """Remove and return an entry (a plugin or test that registered it cleans up after itself)."""
+        try:
+            return self._entries.pop(name)
+        except KeyError:
+            raise UnknownNameError(self.kind, name, self.names()) from None
+
     def get(self, name: str) -> T:
         try:
             return self._entries[name]

@@ -1,0 +1,143 @@
+"""What a sweep costs beyond its training: fairsweep against the floor and against the naive script.
+
+Three ways to run the same spec, interleaved and repeated in one invocation (A B C A B C ..., medians):
+
+  floor      the same trials through ``train_and_evaluate`` (pretraining jobs first, then the trials) in a
+             pool of plain worker processes, one per trial slot: no Ray, no MLflow, no checkpoints;
+  fairsweep  ``fairsweep launch SPEC`` (Ray, MLflow, checkpoints, the shared stages);
+  naive      ``benchmarks/naive_tune.py``: a plain Tune grid with MLflowLoggerCallback and the pretraining
+             inside every trial (what a user writes instead).
+
+Prints every wall time, the medians, the ratios fairsweep/floor and naive/fairsweep, and the largest
+metric difference between floor and fairsweep trials of the same key (the orchestration must not change
+results). Usage:
+
+    .venv/bin/python benchmarks/throughput.py [SPEC] [--repeats 2] [--skip-naive]
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from concurrent.futures import ProcessPoolExecutor
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
+
+COMPARED = ("accuracy", "equalized_odds_difference", "val_accuracy", "auroc")
+
+
+def _env() -> dict[str, str]:
+    env = {**os.environ, "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0", "RAY_USAGE_STATS_ENABLED": "0"}
+    env.pop("MLFLOW_TRACKING_URI", None)
+    env.pop("RAY_ADDRESS", None)
+    return env
+
+
+def _pretrain(job: dict, cache: str, cpus: float) -> None:
+    from trainables.pretrain import run_pretrain_job
+
+    run_pretrain_job(job, cache, cpus)
+
+
+def _trial(point: dict, context: Any) -> dict:
+    from trainables.finetune import train_and_evaluate
+
+    return train_and_evaluate(point, context)
+
+
+def run_floor(spec: Path, workdir: Path) -> tuple[float, dict[str, dict]]:
+    from orchestrator.launch import _trial_context
+    from orchestrator.plan import build_plan
+    from orchestrator.spec import load_spec
+    from trainables.feature_cache import FEATURE_CACHE_DIRNAME
+
+    started = time.perf_counter()
+    plan = build_plan(load_spec(spec))
+    res = plan.spec.resources
+    slots = max(1, int((os.cpu_count() or 1) // max(res.cpus_per_trial, 1e-9)))
+    cache = str(workdir / "pretrain_cache")
+    context = _trial_context(plan, cache)
+    if context.feature_cache:  # the same trials: with the feature cache where fairsweep has it
+        from dataclasses import replace
+
+        context = replace(context, feature_cache=str(workdir / FEATURE_CACHE_DIRNAME))
+    with ProcessPoolExecutor(max_workers=slots) as pool:
+        for f in [pool.submit(_pretrain, asdict(j), cache, res.cpus_per_trial) for j in plan.pretrain_jobs]:
+            f.result()
+        futures = {t.key: pool.submit(_trial, t.point.as_config(), context) for t in plan.trials}
+        results = {key: f.result() for key, f in futures.items()}
+    return time.perf_counter() - started, results
+
+
+def run_fairsweep(spec: Path, workdir: Path) -> tuple[float, dict[str, dict]]:
+    uri = f"sqlite:///{workdir / 'mlflow.db'}"
+    started = time.perf_counter()
+    out = subprocess.run([sys.executable, "-m", "orchestrator.cli", "launch", str(spec), "--quiet", "--tracking-uri", uri,
+                          "--storage", str(workdir / "results")], cwd=workdir, env=_env(), capture_output=True, text=True)
+    wall = time.perf_counter() - started
+    if out.returncode != 0:
+        raise RuntimeError(f"fairsweep launch failed ({out.returncode}): {out.stdout[-1500:]}{out.stderr[-1500:]}")
+    from mlflow.tracking import MlflowClient
+
+    from orchestrator.plan import build_plan
+    from orchestrator.query import load_trials
+    from orchestrator.spec import load_spec
+
+    name = build_plan(load_spec(spec)).spec
+    trials = load_trials(MlflowClient(uri), name.experiment, name.name)
+    return wall, {row["trial_key"]: row.to_dict() for _, row in trials.iterrows()}
+
+
+def run_naive(spec: Path, workdir: Path) -> tuple[float, dict]:
+    started = time.perf_counter()
+    out = subprocess.run([sys.executable, str(REPO / "benchmarks" / "naive_tune.py"), str(spec), str(workdir / "naive"),
+                          f"sqlite:///{workdir / 'naive.db'}"], cwd=workdir, env=_env(), capture_output=True, text=True)
+    wall = time.perf_counter() - started
+    if out.returncode != 0:
+        raise RuntimeError(f"naive script failed ({out.returncode}): {out.stdout[-1500:]}{out.stderr[-1500:]}")
+    return wall, {}
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("spec", nargs="?", default=str(REPO / "sweeps" / "quickstart.yaml"))
+    ap.add_argument("--repeats", type=int, default=2)
+    ap.add_argument("--skip-naive", action="store_true", help="floor and fairsweep only (the naive script is slow)")
+    args = ap.parse_args()
+    spec = Path(args.spec).resolve()
+    modes = {"floor": run_floor, "fairsweep": run_fairsweep, **({} if args.skip_naive else {"naive": run_naive})}
+    times: dict[str, list[float]] = {m: [] for m in modes}
+    worst = 0.0
+    for rep in range(args.repeats):
+        outcomes = {}
+        for mode, run in modes.items():  # interleaved: A B C, A B C, ...
+            with tempfile.TemporaryDirectory() as tmp:
+                wall, outcomes[mode] = run(spec, Path(tmp))
+            times[mode].append(wall)
+            print(f"repeat {rep + 1} {mode:<9} {wall:7.1f} s", flush=True)
+        for key, want in outcomes["floor"].items():
+            got = outcomes["fairsweep"].get(key)
+            if got is None:
+                raise RuntimeError(f"trial {key} ran in the floor but has no finished fairsweep run")
+            worst = max(worst, *(abs(float(got[m]) - float(want[m])) for m in COMPARED))
+    med = {m: statistics.median(v) for m, v in times.items()}
+    print(f"\nspec: {spec.name}  cpus: {os.cpu_count()}  repeats: {args.repeats}")
+    for m, v in med.items():
+        print(f"median {m:<9} {v:7.1f} s")
+    print(f"fairsweep / floor   = {med['fairsweep'] / med['floor']:.2f}  (target <= 1.3)")
+    if "naive" in med:
+        print(f"naive / fairsweep   = {med['naive'] / med['fairsweep']:.2f}  (target >= 3)")
+    print(f"largest metric difference floor vs fairsweep over {', '.join(COMPARED)}: {worst:.2e}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

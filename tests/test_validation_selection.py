@@ -1,0 +1,227 @@
+"""Choose on validation, report on test, inside a trial: validation scoring every epoch, the calibrated
+threshold, the inner learning-rate x weight-decay search, epoch selection, bootstrap intervals; and the spec
+errors that guard them."""
+from __future__ import annotations
+
+import gzip
+from dataclasses import replace
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+
+from tests.helpers import TINY_DATA, run_cli, tiny_spec, write_spec
+from trainables import metrics
+from trainables.data import DATASETS, build_dataset
+from trainables.data.base import SplitMeta, register_dataset
+from trainables.finetune import (INNER_SEARCH_FILE, PREDICTIONS_FILE, STATE_FILE, VAL_PREDICTIONS_FILE, TrialContext,
+                                 train_and_evaluate)
+
+POINT = {"backbone": "test_resnet", "paradigm": "scratch", "intervention": "correlation", "magnitude": 0.5,
+         "freeze_depth": 0, "seed": 0}
+FT = {"size": 200, "epochs": 3, "batch_size": 50, "lr": 0.05, "weight_decay": 0.0, "momentum": 0.9,
+      "threshold": "calibrated", "select_epoch": "last"}
+
+
+def _context(**finetune) -> TrialContext:
+    return TrialContext(dataset="synthetic_images", dataset_options=dict(TINY_DATA), finetune={**FT, **finetune},
+                        cache_root="/nonexistent", objectives=("accuracy", "equalized_odds_difference"), bootstrap=200)
+
+
+def _run(context: TrialContext, **kwargs):
+    """train_and_evaluate, keeping every epoch's result and the files of the last one."""
+    results, files = [], {}
+
+    def on_epoch(result, folder: Path) -> None:
+        results.append(dict(result))
+        files.clear()
+        files.update({p.name: p.read_bytes() for p in folder.iterdir()})
+
+    final = train_and_evaluate(POINT, context, on_epoch=on_epoch, **kwargs)
+    return final, results, files
+
+
+def _frame(files: dict, name: str) -> pd.DataFrame:
+    import io
+
+    data = files[name]
+    return pd.read_csv(io.BytesIO(gzip.decompress(data) if name.endswith(".gz") else data))
+
+
+def test_a_trial_scores_validation_and_test_at_the_threshold_calibrated_on_validation():
+    final, results, files = _run(_context())
+    assert [r["epoch"] for r in results] == [1, 2, 3] and all(np.isfinite(r["val_loss"]) for r in results)
+    val, test = _frame(files, VAL_PREDICTIONS_FILE), _frame(files, PREDICTIONS_FILE)
+    # paper A's rule on the validation split, recomputed from the logged scores
+    assert final["threshold"] == metrics.calibrated_threshold(val["y_true"], val["y_score"])
+    assert (test["y_pred"] == (test["y_score"] >= final["threshold"])).all()
+    for split, frame, prefix in (("val", val, "val_"), ("test", test, "")):
+        ev = metrics.evaluate(frame["y_true"], frame["y_score"], {"group": frame["group"]}, primary="group",
+                              threshold=final["threshold"])
+        for name in ("accuracy", "auroc", "equalized_odds_difference", "tpr_difference", "disparate_impact_deviation"):
+            assert final[prefix + name] == pytest.approx(ev.metrics[name]), (split, name)
+    # intervals on the test split for the objectives and the headline metrics
+    for name in ("accuracy", "equalized_odds_difference", "auroc", "tpr_difference"):
+        assert final[f"{name}.ci_low"] <= final[name] <= final[f"{name}.ci_high"], name
+    assert final["chosen_hparams"] == {"lr": 0.05, "weight_decay": 0.0} and INNER_SEARCH_FILE not in files
+
+
+def test_a_fixed_threshold_is_used_as_given_and_no_bootstrap_when_off():
+    final, _, files = _run(replace(_context(threshold=0.7), bootstrap=0))
+    assert final["threshold"] == 0.7
+    test = _frame(files, PREDICTIONS_FILE)
+    assert (test["y_pred"] == (test["y_score"] >= 0.7)).all()
+    assert not any(k.endswith(".ci_low") for k in final)
+
+
+def test_best_val_loss_keeps_the_epoch_with_the_lowest_validation_loss():
+    final, results, _ = _run(_context(select_epoch="best_val_loss", epochs=4, lr=0.2))
+    losses = [r["val_loss"] for r in results]
+    assert final["selected_epoch"] == 1 + int(np.argmin(losses))  # ties: the first
+    assert final["selected_val_loss"] == pytest.approx(min(losses))
+
+
+# A dataset whose validation labels are the opposite of what its validation images show: whatever fits the
+# task well has a high validation loss, so a choice made on validation must differ from one made on test.
+@pytest.fixture
+def inverted_val():
+    name = "inverted_val_images"
+
+    @register_dataset(name, DATASETS.get("synthetic_images").options, doc="test only")
+    def _build(options):
+        base = build_dataset("synthetic_images", options)
+
+        class Inverted(type(base)):
+            rendering = False
+
+            def meta(self, split):
+                m = super().meta(split)
+                if split != "val" or self.rendering:  # images are drawn from the true labels
+                    return m
+                return SplitMeta(1 - m.labels, m.groups, dict(m.attributes), dict(m.extra_labels))
+
+            def inputs(self, split, indices=None):
+                self.rendering = True
+                try:
+                    return super().inputs(split, indices)
+                finally:
+                    self.rendering = False
+
+        base.__class__ = Inverted
+        return base
+
+    yield name
+    DATASETS.unregister(name)
+
+
+def test_the_inner_search_keeps_the_lowest_validation_loss_not_the_lowest_test_loss(inverted_val):
+    context = replace(_context(lr=[0.0001, 0.03], epochs=3), dataset=inverted_val)
+    final, results, files = _run(context)
+    assert [r["epoch"] for r in results] == list(range(1, 7))  # 2 candidates x 3 epochs, in one step count
+    table = _frame(files, INNER_SEARCH_FILE)
+    assert list(table["lr"]) == [0.0001, 0.03] and table["chosen"].tolist() == [True, False]
+    assert table["val_loss"][0] < table["val_loss"][1]
+    assert final["chosen_hparams"]["lr"] == 0.0001
+    # on test, the candidate the search rejected is the better one: the choice did not look at test
+    scores = {}
+    for lr in (0.0001, 0.03):
+        alone, _, alone_files = _run(replace(context, finetune={**context.finetune, "lr": lr}))
+        test = _frame(alone_files, PREDICTIONS_FILE)
+        p = np.where(test["y_true"] == 1, test["y_score"], 1 - test["y_score"])
+        scores[lr] = float(-np.mean(np.log(np.clip(p, 1e-12, 1))))
+        if lr == 0.0001:  # the pick's metrics are the ones reported
+            assert final["accuracy"] == alone["accuracy"] and final["auroc"] == alone["auroc"]
+    assert scores[0.03] < scores[0.0001]
+
+
+def test_an_inner_search_interrupted_between_candidates_resumes_to_the_same_result():
+    context = _context(lr=[0.01, 0.05], weight_decay=[0.0, 1e-3], epochs=2)
+    full, _, _ = _run(context)
+    states = []
+    train_and_evaluate(POINT, context, on_epoch=lambda r, d: states.append(torch.load(d / STATE_FILE, weights_only=True)))
+    for cut in (2, 3):  # after the first candidate ended; mid-way through the second
+        resumed = train_and_evaluate(POINT, context, state=states[cut - 1])
+        assert resumed["chosen_hparams"] == full["chosen_hparams"] and resumed["accuracy"] == full["accuracy"]
+        assert resumed["val_loss"] == pytest.approx(full["val_loss"])
+
+
+@pytest.mark.parametrize("override,field,needle", [
+    ({"finetune.threshold": 0}, "finetune.threshold", "strictly between 0 and 1"),
+    ({"finetune.threshold": 1.5}, "finetune.threshold", "strictly between 0 and 1"),
+    ({"finetune.threshold": "auto"}, "finetune.threshold", "'calibrated'"),
+    ({"finetune.select_epoch": "best"}, "finetune.select_epoch", "last, best_val_loss"),
+    ({"finetune.lr": []}, "finetune.lr", "at least one candidate"),
+    ({"finetune.lr": [0.1, -1]}, "finetune.lr[1]", "> 0"),
+    ({"evaluation": {"bootstrap": -1}}, "evaluation.bootstrap", ">= 0"),
+    ({"dataset.privileged": {"group": "purple"}}, "dataset.privileged.group", "its groups: red, green"),
+    ({"dataset.privileged": {"shoe_size": "big"}}, "dataset.privileged.shoe_size", "no sensitive attribute"),
+])
+def test_bad_selection_settings_exit_2_naming_the_field(tmp_path, override, field, needle):
+    spec = tiny_spec()
+    for path, value in override.items():
+        node = spec
+        *parents, last = path.split(".")
+        for p in parents:
+            node = node.setdefault(p, {})
+        node[last] = value
+    out = run_cli("validate", str(write_spec(tmp_path, spec)), cwd=tmp_path, timeout=120)
+    assert out.returncode == 2, out.stdout + out.stderr
+    assert f"{field}:" in out.stderr and needle in out.stderr, out.stderr
+    assert "Traceback" not in out.stderr
+
+
+def test_privileged_groups_reach_the_trial(tmp_path):
+    out = run_cli("validate", str(write_spec(tmp_path, tiny_spec(**{"dataset.privileged": {"group": "green"}}))),
+                  cwd=tmp_path, timeout=120)
+    assert out.returncode == 0, out.stderr
+    a, _, _ = _run(replace(_context(), privileged={"group": "green"}))
+    b, _, _ = _run(replace(_context(), privileged={"group": "red"}))
+    assert a["accuracy"] == b["accuracy"] and a["tpr_difference"] == pytest.approx(-b["tpr_difference"])
+
+
+@pytest.mark.slow
+def test_a_sweep_with_an_inner_search_records_its_choices_in_mlflow(tmp_path):
+    import json
+
+    import mlflow
+    from mlflow.tracking import MlflowClient
+
+    from tests.helpers import sqlite_uri
+
+    spec = tiny_spec(**{"name": "inner", "axes.paradigm": ["scratch"], "axes.freeze_depth": [0],
+                        "finetune.lr": [0.005, 0.05], "finetune.select_epoch": "best_val_loss",
+                        "evaluation": {"bootstrap": 100}})  # 2 trials x 2 candidates x 2 epochs
+    uri = sqlite_uri(tmp_path)
+    out = run_cli("launch", str(write_spec(tmp_path, spec)), "--tracking-uri", uri, "--storage", str(tmp_path / "r"),
+                  "--quiet", cwd=tmp_path)
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+    mlflow.set_tracking_uri(uri)
+    client = MlflowClient(uri)
+    trials = mlflow.search_runs(experiment_names=["inner"], filter_string="tags.`fairsweep.kind` = 'trial'")
+    assert len(trials) == 2
+    for _, run in trials.iterrows():
+        run_id = run["run_id"]
+        assert run["params.finetune.lr_candidates"] == "(0.005, 0.05)"
+        table = pd.read_csv(client.download_artifacts(run_id, INNER_SEARCH_FILE, str(tmp_path)))
+        chosen = table[table["chosen"]].iloc[0]
+        assert chosen["val_loss"] == table["val_loss"].min() and float(run["params.finetune.lr"]) == chosen["lr"]
+        assert run["metrics.selected_val_loss"] == pytest.approx(chosen["val_loss"])
+        history = client.get_metric_history(run_id, "val_loss")
+        assert sorted(m.step for m in history) == [1, 2, 3, 4]  # every epoch of every candidate
+        assert 0 < run["metrics.threshold"] < 1
+        for name in ("accuracy", "equalized_odds_difference", "tpr_difference"):
+            assert run[f"metrics.val_{name}"] == run[f"metrics.val_{name}"]  # logged (not NaN)
+            assert run[f"metrics.{name}.ci_low"] <= run[f"metrics.{name}"] <= run[f"metrics.{name}.ci_high"]
+        val = pd.read_csv(client.download_artifacts(run_id, VAL_PREDICTIONS_FILE, str(tmp_path)))
+        assert metrics.calibrated_threshold(val["y_true"], val["y_score"]) == run["metrics.threshold"]
+    best = run_cli("best", "inner", "--tracking-uri", uri, "--max-drop", "0.05", "--format", "json", cwd=tmp_path,
+                   timeout=120)
+    assert best.returncode == 0, best.stderr
+    (pick,) = json.loads(best.stdout)
+    assert pick["selected_on"] == "val" and pick["run_id"] in set(trials["run_id"])
+    signed = run_cli("pareto", "inner", "--tracking-uri", uri, "--fairness", "tpr_difference", "--format", "json",
+                     cwd=tmp_path, timeout=120)  # every registered metric is known to the queries
+    assert signed.returncode == 0, signed.stderr
+    assert {r["trial_key"] for r in json.loads(signed.stdout)} <= set(trials["tags.fairsweep.trial_key"])
