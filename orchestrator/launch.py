@@ -127,9 +127,10 @@ def init_ray(address: str | None) -> bool:
 
 
 def _trial_context(plan: Plan, cache_root: str, finished: list | None = None,
-                   failed_pretraining: dict[str, str] | None = None) -> Any:
-    from dataclasses import asdict
-
+                   failed_pretraining: dict[str, str] | None = None, feature_cache: str | None = None) -> Any:
+    """What every trial shares. ``feature_cache``: the folder of the frozen-prefix feature cache (beside
+    the sweeps in the storage path, so a node's workers share it); None, or resources.feature_cache: false,
+    turns it off."""
     from trainables.finetune import TrialContext
 
     s = plan.spec
@@ -139,7 +140,9 @@ def _trial_context(plan: Plan, cache_root: str, finished: list | None = None,
                         cpus_per_trial=s.resources.cpus_per_trial, finished=tuple(finished or ()),
                         failed_pretraining=dict(failed_pretraining or {}),
                         objectives=(s.objectives.performance, s.objectives.fairness),
-                        bootstrap=s.evaluation.bootstrap, privileged=dict(s.dataset.privileged))
+                        bootstrap=s.evaluation.bootstrap, privileged=dict(s.dataset.privileged),
+                        feature_cache=feature_cache if s.resources.feature_cache else None,
+                        checkpoint_interval_s=s.resources.checkpoint_interval_s)
 
 
 def run_pretraining(plan: Plan, cache_root: str, tracker: Any) -> dict[str, str]:
@@ -271,10 +274,11 @@ def launch(plan: Plan, options: LaunchOptions = LaunchOptions()) -> LaunchResult
 
             param_space: dict = {}
             tune_config = tune.TuneConfig(search_alg=StudySearcher(plan, f"{path}/{STUDY_FILE}", study_name=spec.name),
-                                          num_samples=-1, max_concurrent_trials=concurrency)
+                                          num_samples=-1, max_concurrent_trials=concurrency, reuse_actors=True)
         else:
             param_space = {"point": tune.grid_search([t.point.as_config() for t in plan.trials])}
-            tune_config = tune.TuneConfig(max_concurrent_trials=concurrency)
+            # long-lived workers: torch, timm and the data are imported and built once per worker, not per trial
+            tune_config = tune.TuneConfig(max_concurrent_trials=concurrency, reuse_actors=True)
         return tune.Tuner(
             trainable,
             param_space=param_space,
@@ -396,6 +400,7 @@ def _run(plan: Plan, path: str, tracking_uri: str, cache_root: str, options: Lau
     from ray import tune
 
     from orchestrator.tracking import SweepTracker
+    from trainables.feature_cache import FEATURE_CACHE_DIRNAME
     from trainables.finetune import finetune_trial
 
     spec = plan.spec
@@ -408,7 +413,8 @@ def _run(plan: Plan, path: str, tracking_uri: str, cache_root: str, options: Lau
         tracker.open()
         failed_pretraining = run_pretraining(plan, cache_root, tracker)
         context = _trial_context(plan, cache_root, finished=tracker.finished_trials(),
-                                 failed_pretraining=failed_pretraining)
+                                 failed_pretraining=failed_pretraining,
+                                 feature_cache=str(Path(path).parent / FEATURE_CACHE_DIRNAME))
         res = spec.resources
         trainable = tune.with_resources(tune.with_parameters(finetune_trial, context=context),
                                         {"cpu": res.cpus_per_trial, "gpu": res.gpus_per_trial})

@@ -87,6 +87,7 @@ MAX_RESOURCE = 1024
 MIN_RESOURCE_FRACTION = 0.0001  # Ray's resource granularity
 MAX_FAILURES = 1000
 MAX_BOOTSTRAP = 100_000
+MAX_CHECKPOINT_INTERVAL_S = 86_400.0
 MAX_PATH_CHARS = 4096
 MAX_PATH_PART_BYTES = 255  # NAME_MAX: a longer part fails the lookup itself
 MAX_METRIC_CHARS = 200
@@ -227,6 +228,12 @@ class Resources:
     gpus_per_trial: float = 0.0
     max_concurrent_trials: int | None = None
     max_failures: int = 0
+    # A linear probe trains on its frozen part's outputs, computed once per content key and shared by the
+    # trials of a node (trainables/feature_cache.py); false recomputes them in every epoch of every trial.
+    feature_cache: bool = True
+    # A trial checkpoints at most this often (and always at its end); 0 checkpoints every epoch. A trial
+    # interrupted in between continues from its last checkpoint and repeats the epochs since.
+    checkpoint_interval_s: float = 60.0
 
 
 SAMPLERS = ("tpe", "nsga2", "random")
@@ -506,6 +513,8 @@ def parse_spec(raw: Any) -> SweepSpec:
         "gpus_per_trial": lambda v, p: _resource(v, p, gpus=True),
         "max_concurrent_trials": lambda v, p: None if v is None else _int(v, p, minimum=1, maximum=MAX_TRIALS),
         "max_failures": lambda v, p: _int(v, p, minimum=0, maximum=MAX_FAILURES),
+        "feature_cache": _bool,
+        "checkpoint_interval_s": lambda v, p: _float(v, p, low=0.0, high=MAX_CHECKPOINT_INTERVAL_S),
     })
     search = _section(raw, "search", SearchSpec, {
         "type": _search_type,
@@ -568,6 +577,12 @@ def _privileged(raw: Any, path: str) -> dict[str, Any]:
             raise SpecError(where, group, "expected the privileged group's name (or its integer code)")
         out[attr] = _int(group, where) if isinstance(group, int) else group
     return out
+
+
+def _bool(value: Any, path: str) -> bool:
+    if not isinstance(value, bool):
+        raise SpecError(path, value, "expected true or false")
+    return value
 
 
 def _threshold(value: Any, path: str) -> "str | float":

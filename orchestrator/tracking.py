@@ -35,6 +35,8 @@ class TAGS:
 
 
 # Result keys that are bookkeeping, not metrics.
+FRONT_REFRESH_S = 5.0  # the front is recomputed at most this often while trials finish, and at the end
+_PER_EPOCH = {"train_loss", "val_loss", "epoch"}  # logged every epoch; everything else once, with the final result
 _NON_METRIC = {"frozen_groups", "pretrain_ref", "device", "done_training", "chosen_hparams", "trial_id", "date",
                "hostname", "node_ip",
                "pid", "experiment_id", "experiment_tag", "timestamp", "time_this_iter_s", "time_total_s",
@@ -57,6 +59,8 @@ class SweepTracker(tune.Callback):
         self._pretrain_runs: dict[str, str] = {}  # pretraining key -> MLflow run id
         self._front_state: dict[str, str] = {}  # run id -> last written pareto tag
         self._done_before: set[str] = set()  # run ids already FINISHED when their Tune trial (re)started
+        self._last_step: dict[str, int] = {}  # run id -> last epoch step logged
+        self._front_at = -math.inf  # when the front was last recomputed (time.monotonic)
 
     # -- plumbing -------------------------------------------------------------------------------
     @property
@@ -186,6 +190,9 @@ class SweepTracker(tune.Callback):
                 self._done_before.add(run_id)  # finished after Tune's last state save: leave it as it is
             else:
                 self.client.update_run(run_id, status="RUNNING")
+                # it continues from its last checkpoint and reports again the epochs since: log each once
+                history = self.client.get_metric_history(run_id, "train_loss")
+                self._last_step[run_id] = max((m.step for m in history), default=0)
         else:
             run_id = self._create_trial_run(planned, trial.trial_id)
         self._runs[trial.trial_id] = run_id
@@ -225,16 +232,21 @@ class SweepTracker(tune.Callback):
             return
         step = int(result.get("epoch", result.get("training_iteration", 0)))
         final = bool(result.get("done_training"))
+        # a trial restarted from a checkpoint older than its last report repeats those epochs: logged once
+        new_epoch = step > self._last_step.get(run_id, 0)
+        self._last_step[run_id] = max(step, self._last_step.get(run_id, 0))
         metrics = []
         for k, v in _flatten(result).items():
             if k in _NON_METRIC or not isinstance(v, (int, float)) or isinstance(v, bool) or not math.isfinite(v):
                 continue
-            if final or k in ("train_loss", "val_loss", "epoch"):
+            if (k in _PER_EPOCH and new_epoch) or (final and k not in _PER_EPOCH):
                 metrics.append(Metric(k, float(v), int(result.get("timestamp", 0)) * 1000, step))
         for i in range(0, len(metrics), 1000):
             self.client.log_batch(run_id, metrics=metrics[i:i + 1000])
         if final:
             self.client.set_tag(run_id, "fairsweep.frozen_groups", str(result.get("frozen_groups", "")))
+            if result.get("feature_cache"):  # whether it trained on cached frozen-prefix features, and why (not)
+                self.client.set_tag(run_id, "fairsweep.feature_cache", str(result["feature_cache"])[:500])
             chosen = result.get("chosen_hparams") or {}
             if self._inner_search() and chosen:  # the inner search's pick, known only now
                 from mlflow.entities import Param
@@ -255,7 +267,8 @@ class SweepTracker(tune.Callback):
                         self.client.log_artifact(run_id, str(Path(d) / name))
         self.client.delete_tag(run_id, TAGS.ERROR) if self._has_tag(run_id, TAGS.ERROR) else None
         self.client.set_terminated(run_id, "FINISHED")
-        self.refresh_front()
+        if time.monotonic() - self._front_at >= FRONT_REFRESH_S:  # at most every few seconds; always at the end
+            self.refresh_front(draw=False)
 
     def on_trial_error(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
         run_id = self._trial_run(trial)
@@ -264,7 +277,7 @@ class SweepTracker(tune.Callback):
         self.client.set_terminated(run_id, "FAILED")
 
     def on_experiment_end(self, trials: list, **info: Any) -> None:
-        self.refresh_front()
+        self.refresh_front(draw=False)  # the driver draws the final figure once Tune has returned
 
     # -- bookkeeping for the summary and interruptions --------------------------------------------
     def _trial_runs(self, status: str | None = None) -> list:
@@ -303,8 +316,11 @@ class SweepTracker(tune.Callback):
         return tag in self.client.get_run(run_id).data.tags
 
     # -- Pareto front ---------------------------------------------------------------------------
-    def refresh_front(self) -> pd.DataFrame:
-        """Recompute the front over finished trials (seed means); tag children, log artifacts on the parent."""
+    def refresh_front(self, *, draw: bool = True) -> pd.DataFrame:
+        """Recompute the front over finished trials (seed means); tag children, log the tables (and with
+        ``draw``, the figure) on the parent. During a sweep it runs at most every FRONT_REFRESH_S, without
+        the figure, so the driver's cost per trial does not grow with the sweep; the end draws it."""
+        self._front_at = time.monotonic()
         perf, fair = self.spec.objectives.performance, self.spec.objectives.fairness
         table = front_table(load_trials(self.client, self.spec.experiment, self.spec.name), perf, fair)
         for _, row in table.iterrows():
@@ -314,10 +330,10 @@ class SweepTracker(tune.Callback):
                     self.client.set_tag(run_id, TAGS.FRONT, value)
                     self._front_state[run_id] = value
         if not table.empty:
-            self._log_front_artifacts(table, perf, fair)
+            self._log_front_artifacts(table, perf, fair, draw)
         return table
 
-    def _log_front_artifacts(self, table: pd.DataFrame, perf: str, fair: str) -> None:
+    def _log_front_artifacts(self, table: pd.DataFrame, perf: str, fair: str, draw: bool) -> None:
         import matplotlib.pyplot as plt
 
         from orchestrator.figures import pareto_figure
@@ -326,9 +342,10 @@ class SweepTracker(tune.Callback):
             front = table[table["on_front"]].drop(columns=["run_ids"])
             front.to_csv(Path(d) / "front.csv", index=False)
             table.drop(columns=["run_ids"]).to_csv(Path(d) / "all_configs.csv", index=False)
-            fig = pareto_figure(table, perf, fair, title=f"{self.spec.name}: {len(front)} of {len(table)} on the front")
-            fig.savefig(Path(d) / "front.png")
-            plt.close(fig)
+            if draw:
+                fig = pareto_figure(table, perf, fair, title=f"{self.spec.name}: {len(front)} of {len(table)} on the front")
+                fig.savefig(Path(d) / "front.png")
+                plt.close(fig)
             self.client.log_artifacts(self.parent_run_id, d, artifact_path="pareto")
         self.client.set_tag(self.parent_run_id, "fairsweep.front_size", str(len(front)))
         self.client.set_tag(self.parent_run_id, "fairsweep.front_split", "test")  # descriptive; picks use val

@@ -16,6 +16,7 @@ import json
 import math
 import os
 import tempfile
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Mapping
@@ -54,6 +55,7 @@ class TrialContext:
     bootstrap: int = 500  # resamples for the per-trial intervals (evaluation.bootstrap); 0 turns them off
     privileged: Mapping[str, Any] = field(default_factory=dict)  # dataset.privileged of the spec
     feature_cache: str | None = None  # folder of the frozen-prefix feature cache shared by a node's workers; None: off
+    checkpoint_interval_s: float = 0.0  # resources.checkpoint_interval_s: at most one checkpoint this often, and the last
 
 
 class PretrainingFailedError(RuntimeError):
@@ -65,16 +67,15 @@ def _pretrain_key(point: Mapping[str, Any], ctx: TrialContext) -> str | None:
 
 
 def _load_initial_weights(model: Any, point: Mapping[str, Any], ctx: TrialContext) -> str | None:
-    from trainables import backbones
-    from trainables.pretrain import PretrainCache
+    from trainables import backbones, worker_cache
 
     paradigm = point["paradigm"]
     if paradigm in ctx.weight_files:
         backbones.load_backbone_state(model, backbones.load_weights_file(ctx.weight_files[paradigm]))
         return paradigm
     key = _pretrain_key(point, ctx)
-    if key:
-        backbones.load_backbone_state(model, PretrainCache(ctx.cache_root).load(key))
+    if key:  # read once per worker process: later trials on the same base reuse it
+        backbones.load_backbone_state(model, worker_cache.pretrained_state(ctx.cache_root, key))
     return key
 
 
@@ -90,7 +91,8 @@ def _val_loss(scores: np.ndarray, labels: np.ndarray) -> float:
 
 
 def train_and_evaluate(point: Mapping[str, Any], context: TrialContext, *, state: Mapping[str, Any] | None = None,
-                       on_epoch: Callable[[dict[str, Any], Path], None] | None = None) -> dict[str, Any]:
+                       on_epoch: Callable[[dict[str, Any], Path], None] | None = None,
+                       checkpoint_interval_s: float = 0.0) -> dict[str, Any]:
     """One trial without Tune: finetune from ``point`` (the axis values), choose on validation, score both splits.
 
     The inner search (paper A; README, "Choosing on validation"): every (lr, weight_decay) candidate trains for the
@@ -99,15 +101,15 @@ def train_and_evaluate(point: Mapping[str, Any], context: TrialContext, *, state
     has the lowest validation loss (ties: the first). A scalar lr and weight decay are one candidate.
 
     ``state`` is a saved STATE_FILE to continue from. After every epoch ``on_epoch(result, folder)``
-    receives that epoch's result and a temporary folder holding STATE_FILE (plus the predictions,
-    per-group and inner-search files after the last one), valid only during the call. Steps count
+    receives that epoch's result and a temporary folder, valid only during the call, holding STATE_FILE
+    when a checkpoint is due (at most every ``checkpoint_interval_s`` seconds, 0 = every epoch, and always
+    after the last epoch, with the predictions, per-group and inner-search files). Steps count
     epochs across candidates, so an inner search of 2 candidates x 3 epochs reports steps 1..6.
     Returns the last result: validation and test metrics at the chosen threshold, and the choices.
     """
     import torch
 
-    from trainables import backbones, interventions, loop, metrics
-    from trainables.data import build_dataset
+    from trainables import backbones, interventions, loop, metrics, worker_cache
 
     loop.set_threads(context.cpus_per_trial)
     device = loop.select_device()
@@ -118,15 +120,17 @@ def train_and_evaluate(point: Mapping[str, Any], context: TrialContext, *, state
     select_epoch = str(ft.get("select_epoch", "last"))
     candidates = [(lr, wd) for lr in _candidates(ft["lr"]) for wd in _candidates(ft["weight_decay"])]
 
-    dataset = build_dataset(context.dataset, context.dataset_options)
+    dataset = worker_cache.dataset(context.dataset, context.dataset_options)
     pool = dataset.meta("finetune")
     chosen = interventions.apply_intervention(point["intervention"], pool.labels, pool.groups,
                                               float(point["magnitude"]), int(ft["size"]), seed)
     y = torch.as_tensor(pool.labels[chosen.indices], dtype=torch.long, device=device)
     # Small data: the whole finetuning set on the device once. Folder data: streamed by worker processes.
-    x = dataset.inputs("finetune", chosen.indices).to(device) if dataset.in_memory else None
+    # (the whole pool is rendered once per worker process; each trial indexes its own examples out of it)
+    x = (worker_cache.split_inputs(dataset, "finetune")[torch.from_numpy(np.asarray(chosen.indices))].to(device)
+         if dataset.in_memory else None)
     val_labels = dataset.meta("val").labels
-    val_x = dataset.inputs("val").to(device) if dataset.in_memory else None
+    val_x = worker_cache.split_inputs(dataset, "val").to(device) if dataset.in_memory else None
     score_batch = max(256, batch_size)
     # A linear probe with the feature cache on trains its classifier on the frozen part's pre-logits,
     # computed once per content key and shared across trials (trainables/feature_cache.py).
@@ -188,6 +192,7 @@ def train_and_evaluate(point: Mapping[str, Any], context: TrialContext, *, state
 
     result: dict[str, Any] = {}
     total_steps = len(candidates) * epochs
+    last_checkpoint = time.monotonic()
     for ci in range(int(progress["candidate"]), len(candidates)):
         lr, wd = candidates[ci]
         model, opt, info, pretrain_ref = build(lr, wd)
@@ -237,11 +242,13 @@ def train_and_evaluate(point: Mapping[str, Any], context: TrialContext, *, state
             step = ci * epochs + epoch + 1
             result = {**static, "epoch": step, "train_loss": loss, "val_loss": val_loss}
             with tempfile.TemporaryDirectory() as d:
-                saved = {"model": model.state_dict(), "optimizer": opt.state_dict(), "generator": gen.get_state(),
-                         "torch_rng": torch.get_rng_state(), "epoch": step, "progress": progress}
-                if device.type == "cuda":
-                    saved["cuda_rng"] = torch.cuda.get_rng_state()
-                torch.save(saved, Path(d) / STATE_FILE)
+                if step == total_steps or time.monotonic() - last_checkpoint >= checkpoint_interval_s:
+                    saved = {"model": model.state_dict(), "optimizer": opt.state_dict(), "generator": gen.get_state(),
+                             "torch_rng": torch.get_rng_state(), "epoch": step, "progress": progress}
+                    if device.type == "cuda":
+                        saved["cuda_rng"] = torch.cuda.get_rng_state()
+                    torch.save(saved, Path(d) / STATE_FILE)
+                    last_checkpoint = time.monotonic()
                 if step == total_steps:
                     model.load_state_dict(progress["chosen"])
                     pick = progress["finished"][progress["chosen_index"]]
@@ -263,7 +270,7 @@ def train_and_evaluate(point: Mapping[str, Any], context: TrialContext, *, state
 def finetune_trial(config: Mapping[str, Any], context: TrialContext) -> None:
     """Function trainable for ``tune.with_parameters(finetune_trial, context=...)``; the axis values
     arrive under ``config["point"]`` (one grid cell). A thin wrapper: Tune's checkpoint in, one report
-    with a checkpoint per epoch out; the work is ``train_and_evaluate``."""
+    per epoch out, with a checkpoint when one was due; the work is ``train_and_evaluate``."""
     import torch
     from ray import tune
 
@@ -283,14 +290,18 @@ def finetune_trial(config: Mapping[str, Any], context: TrialContext) -> None:
     from trainables import loop
 
     with loop.memory_hint(loop.select_device(), int(context.finetune["batch_size"])):
-        train_and_evaluate(point, context, state=state,
-                           on_epoch=lambda result, d: tune.report(result, checkpoint=tune.Checkpoint.from_directory(d)))
+        train_and_evaluate(point, context, state=state, checkpoint_interval_s=context.checkpoint_interval_s,
+                           on_epoch=lambda result, d: tune.report(result, checkpoint=tune.Checkpoint.from_directory(d)
+                                                                  if (d / STATE_FILE).exists() else None))
 
 
 def _split_scores(model: Any, dataset: Any, split: str, batch_size: int, device: Any, loop: Any) -> np.ndarray:
     n = len(dataset.meta(split))
     if dataset.in_memory:
-        return loop.predict_scores(model, dataset.inputs(split).to(device), batch_size=batch_size, device=device)
+        from trainables import worker_cache
+
+        return loop.predict_scores(model, worker_cache.split_inputs(dataset, split).to(device), batch_size=batch_size,
+                                   device=device)
     return loop.predict_scores_batches(model, dataset.loader(split, batch_size=batch_size), n, device=device)
 
 
