@@ -60,6 +60,8 @@ class SweepTracker(tune.Callback):
         self._front_state: dict[str, str] = {}  # run id -> last written pareto tag
         self._done_before: set[str] = set()  # run ids already FINISHED when their Tune trial (re)started
         self._last_step: dict[str, int] = {}  # run id -> last epoch step logged
+        self._known: dict[str, tuple[str, str, bool]] = {}  # trial key -> (run id, status, has an error tag), at open
+        self._errored: set[str] = set()  # run ids carrying an error tag (cleared when they finish)
         self._front_at = -math.inf  # when the front was last recomputed (time.monotonic)
 
     # -- plumbing -------------------------------------------------------------------------------
@@ -89,9 +91,15 @@ class SweepTracker(tune.Callback):
         else:
             self.experiment_id = exp.experiment_id
         existing = find_parent_run(self.client, self.experiment_id, self.spec.name)
+        self._known = {}
         if existing is not None:
             self.parent_run_id = existing.info.run_id
             self.client.update_run(self.parent_run_id, status="RUNNING")
+            # the runs a resumed sweep already has, read once: a trial then finds its own run without a search
+            for r in self._trial_runs():
+                key = r.data.tags.get(TAGS.TRIAL_KEY)
+                if key and (key not in self._known or r.info.status == "FINISHED"):
+                    self._known[key] = (r.info.run_id, r.info.status, TAGS.ERROR in r.data.tags)
         else:
             run = self.client.create_run(self.experiment_id, run_name=self.spec.name,
                                          tags={TAGS.SWEEP: self.spec.name, TAGS.KIND: "sweep"})
@@ -183,10 +191,12 @@ class SweepTracker(tune.Callback):
         if trial.trial_id in self._runs:
             return self._runs[trial.trial_id]
         planned = self.plan.trial_for(trial.config["point"])
-        found = self._find_runs(f"tags.`{TAGS.SWEEP}` = '{self.spec.name}' AND tags.`{TAGS.TRIAL_KEY}` = '{planned.key}'")
+        found = self._known.get(planned.key)
         if found:  # a resumed trial continues its own run
-            run_id = found[0].info.run_id
-            if found[0].info.status == "FINISHED":
+            run_id, status, had_error = found
+            if had_error:
+                self._errored.add(run_id)
+            if status == "FINISHED":
                 self._done_before.add(run_id)  # finished after Tune's last state save: leave it as it is
             else:
                 self.client.update_run(run_id, status="RUNNING")
@@ -241,17 +251,20 @@ class SweepTracker(tune.Callback):
                 continue
             if (k in _PER_EPOCH and new_epoch) or (final and k not in _PER_EPOCH):
                 metrics.append(Metric(k, float(v), int(result.get("timestamp", 0)) * 1000, step))
-        for i in range(0, len(metrics), 1000):
-            self.client.log_batch(run_id, metrics=metrics[i:i + 1000])
-        if final:
-            self.client.set_tag(run_id, "fairsweep.frozen_groups", str(result.get("frozen_groups", "")))
+        tags, params = [], []
+        if final:  # one write with the metrics: the driver's cost per trial is a few store calls
+            from mlflow.entities import Param, RunTag
+
+            tags.append(RunTag("fairsweep.frozen_groups", str(result.get("frozen_groups", ""))))
             if result.get("feature_cache"):  # whether it trained on cached frozen-prefix features, and why (not)
-                self.client.set_tag(run_id, "fairsweep.feature_cache", str(result["feature_cache"])[:500])
+                tags.append(RunTag("fairsweep.feature_cache", str(result["feature_cache"])[:500]))
             chosen = result.get("chosen_hparams") or {}
             if self._inner_search() and chosen:  # the inner search's pick, known only now
-                from mlflow.entities import Param
-
-                self.client.log_batch(run_id, params=[Param(f"finetune.{k}", repr(float(v))) for k, v in chosen.items()])
+                params = [Param(f"finetune.{k}", repr(float(v))) for k, v in chosen.items()]
+        for i in range(0, max(len(metrics), 1), 1000):
+            if metrics[i:i + 1000] or (i == 0 and (tags or params)):
+                self.client.log_batch(run_id, metrics=metrics[i:i + 1000], tags=tags if i == 0 else [],
+                                      params=params if i == 0 else [])
 
     def on_trial_complete(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
         run_id = self._trial_run(trial)
@@ -265,7 +278,9 @@ class SweepTracker(tune.Callback):
                 for name in (PREDICTIONS_FILE, VAL_PREDICTIONS_FILE, PER_GROUP_FILE, INNER_SEARCH_FILE):
                     if (Path(d) / name).exists():
                         self.client.log_artifact(run_id, str(Path(d) / name))
-        self.client.delete_tag(run_id, TAGS.ERROR) if self._has_tag(run_id, TAGS.ERROR) else None
+        if run_id in self._errored:  # a retried trial that failed before: its old error no longer holds
+            self.client.delete_tag(run_id, TAGS.ERROR)
+            self._errored.discard(run_id)
         self.client.set_terminated(run_id, "FINISHED")
         if time.monotonic() - self._front_at >= FRONT_REFRESH_S:  # at most every few seconds; always at the end
             self.refresh_front(draw=False)
@@ -274,6 +289,7 @@ class SweepTracker(tune.Callback):
         run_id = self._trial_run(trial)
         error = _error_text(trial)
         self.client.set_tag(run_id, TAGS.ERROR, error[-4000:])
+        self._errored.add(run_id)
         self.client.set_terminated(run_id, "FAILED")
 
     def on_experiment_end(self, trials: list, **info: Any) -> None:
@@ -311,9 +327,6 @@ class SweepTracker(tune.Callback):
                 self.client.set_tag(run_id, TAGS.ERROR, reason)
             self.client.set_terminated(run_id, "KILLED")
         return len(run_ids)
-
-    def _has_tag(self, run_id: str, tag: str) -> bool:
-        return tag in self.client.get_run(run_id).data.tags
 
     # -- Pareto front ---------------------------------------------------------------------------
     def refresh_front(self, *, draw: bool = True) -> pd.DataFrame:
