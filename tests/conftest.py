@@ -2,10 +2,10 @@
 
 - Tests that start Ray in this process bind it to 127.0.0.1: Ray reads the variable once, at its first
   import, so it is set here, before any test module imports ray.
-- No test may leave /tmp/ray/ray_current_cluster naming another cluster: a bare ``ray.init()`` anywhere
-  on the machine (another user's sweep, another test run) joins whatever cluster that file names. A
-  test after which it names a new address fails, and the file is put back as it was. A file that
-  disappeared is left so (its cluster shut down; another program's, on a shared machine).
+- No test may leave /tmp/ray/ray_current_cluster naming a cluster it started: a bare ``ray.init()``
+  anywhere on the machine (another user's sweep, another test run) joins whatever cluster that file
+  names. Such a test fails, and the file is put back as it was. Changes made by other programs on a
+  shared machine (a cluster of theirs starting or stopping) are theirs: never failed, never undone.
 """
 from __future__ import annotations
 
@@ -26,16 +26,33 @@ def _current_cluster() -> bytes | None:
         return None
 
 
+def _started_here(address: bytes) -> bool:
+    """Whether a process of this test session (this process or a descendant) listens on the address's port."""
+    import psutil
+
+    port = address.decode(errors="replace").strip().rpartition(":")[2]
+    if not port.isdigit():
+        return False
+    me = psutil.Process()
+    for proc in [me, *me.children(recursive=True)]:
+        try:
+            if any(c.status == psutil.CONN_LISTEN and c.laddr.port == int(port) for c in proc.net_connections("inet")):
+                return True
+        except psutil.Error:
+            continue
+    return False
+
+
 @pytest.fixture(autouse=True)
 def _ray_current_cluster_unchanged():
     before = _current_cluster()
     yield
     after = _current_cluster()
-    if after is None or after == before:
-        return  # gone: a cluster that wrote it shut down (maybe another program's); never write a stale address back
+    if after is None or after == before or not _started_here(after):
+        return
     if before is None:
         CURRENT_CLUSTER.unlink(missing_ok=True)
     else:
         CURRENT_CLUSTER.write_bytes(before)
-    pytest.fail(f"the test left {CURRENT_CLUSTER} changed ({before!r} -> {after!r}); restored it. Start test clusters "
-                f"with their own temp dir, or put the file back")
+    pytest.fail(f"the test left {CURRENT_CLUSTER} naming a cluster it started and did not stop ({before!r} -> "
+                f"{after!r}); restored it. Start test clusters with their own temp dir, and shut them down")
