@@ -1,8 +1,10 @@
+# PYTHON_ARGCOMPLETE_OK  (argcomplete's marker: tab completion, see README "Shell completion")
 """The ``fairsweep`` command. Heavy libraries (Ray, MLflow, torch, timm) are imported only by the
 subcommands that need them, so ``--help`` and ``validate`` answer at once.
 
 Exit codes: 0 success, 1 a sweep that ran but had failed trials, 2 bad input or an environment the user
-can fix (spec, names, paths, an unreachable or unusable tracking store, a sweep another driver runs).
+can fix (spec, names, paths, an unreachable or unusable tracking store, a sweep another driver runs), and
+nothing was started; 130 interrupted (resume it). ``fairsweep --help`` lists them (``_EPILOG``).
 """
 from __future__ import annotations
 
@@ -13,7 +15,58 @@ from typing import Sequence
 
 __all__ = ["main"]
 
-EXIT_OK, EXIT_TRIALS_FAILED, EXIT_USAGE = 0, 1, 2
+EXIT_OK, EXIT_TRIALS_FAILED, EXIT_USAGE, EXIT_INTERRUPTED = 0, 1, 2, 130
+
+_EPILOG = """\
+exit codes:
+  0    done
+  1    the sweep ran but some trials failed (retry them: fairsweep resume NAME --retry-errored)
+  2    bad input or an environment to fix (spec, names, paths, tracking or study store, a sweep
+       another driver runs, cache clear not confirmed); nothing was started
+  130  interrupted (Ctrl-C); continue with: fairsweep resume NAME
+
+environment:
+  MLFLOW_TRACKING_URI     default of --tracking-uri (else sqlite:///mlflow.db in this folder)
+  MLFLOW_EXPERIMENT_NAME  MLflow experiment of a spec without `experiment:`, and the default of
+                          --experiment (spec `experiment:` > MLFLOW_EXPERIMENT_NAME > the sweep's name)
+  RAY_ADDRESS             default of --address (else a local Ray listening on 127.0.0.1)
+
+a command's own flags: fairsweep COMMAND --help
+"""
+
+
+def _version() -> str:
+    """The installed package's version; pyproject.toml's when the source tree runs uninstalled."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("fairsweep")
+    except PackageNotFoundError:
+        import tomllib
+        from pathlib import Path
+
+        try:
+            with open(Path(__file__).resolve().parent.parent / "pyproject.toml", "rb") as f:
+                return str(tomllib.load(f)["project"]["version"])
+        except (OSError, KeyError, tomllib.TOMLDecodeError):
+            return "unknown"
+
+
+class _VersionAction(argparse.Action):
+    """``--version``, looked up only when asked (argparse's own needs the string when the parser is built)."""
+
+    def __init__(self, option_strings: Sequence[str], dest: str = argparse.SUPPRESS, **kwargs) -> None:
+        super().__init__(option_strings, dest=dest, default=argparse.SUPPRESS, nargs=0,
+                         help="print fairsweep's version and exit")
+
+    def __call__(self, parser: argparse.ArgumentParser, namespace: argparse.Namespace, values, option_string=None) -> None:
+        print(f"fairsweep {_version()}")
+        parser.exit()
+
+
+def _add_format(p: argparse.ArgumentParser, what: str) -> None:
+    p.add_argument("--format", choices=("table", "json"), default="table",
+                   help=f"table: for reading (the default); json: {what}, for programs")
 
 
 def _add_run_flags(p: argparse.ArgumentParser) -> None:
@@ -32,8 +85,10 @@ def _add_target_flags(p: argparse.ArgumentParser) -> None:
 
 def _parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="fairsweep", description="Sweeps of pretraining x interventions x freezing on "
-                                 "Ray Tune, tracked in MLflow with a Pareto front of performance vs fairness.")
-    sub = ap.add_subparsers(dest="command", required=True)
+                                 "Ray Tune, tracked in MLflow with a Pareto front of performance vs fairness.",
+                                 epilog=_EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--version", action=_VersionAction)
+    sub = ap.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     p = sub.add_parser("launch", help="run a sweep file end to end")
     p.set_defaults(handler=_cmd_launch)
@@ -49,15 +104,16 @@ def _parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("status", help="finished / running / pending / errored trials and the front size")
     p.set_defaults(handler=_cmd_status)
-    p.add_argument("name")
-    p.add_argument("--storage")
-    p.add_argument("--tracking-uri")
+    p.add_argument("name", help="the sweep's name (its folder under --storage)")
+    p.add_argument("--storage", help="the Tune storage path the sweep was launched with (default: ./fairsweep_results)")
+    p.add_argument("--tracking-uri", help="MLflow tracking URI (default: the one the sweep was launched with)")
+    _add_format(p, "one record of the counts, the driver's state and the resume command")
 
     p = sub.add_parser("report", help="figures and a Markdown summary of a sweep, also logged to its parent run")
     p.set_defaults(handler=_cmd_report)
     p.add_argument("sweep", help="the sweep's name")
     p.add_argument("--out", required=True, help="folder for the PNGs and summary.md")
-    p.add_argument("--experiment", help="MLflow experiment, where it differs from the sweep's name")
+    p.add_argument("--experiment", help="MLflow experiment (default: $MLFLOW_EXPERIMENT_NAME, else the sweep's name)")
     p.add_argument("--tracking-uri", help="MLflow tracking URI (default: $MLFLOW_TRACKING_URI, else sqlite:///mlflow.db here)")
     p.add_argument("--perf", help="performance metric (default: the sweep's objective)")
     p.add_argument("--fairness", help="unfairness metric (default: the sweep's objective)")
@@ -66,7 +122,8 @@ def _parser() -> argparse.ArgumentParser:
                    help="the split the 'fairest within' pick is made on (default val; its test metrics are reported)")
 
     p = sub.add_parser("paradigms", help="list the pretraining paradigms and their options")
-    p.set_defaults(handler=lambda args: _print_paradigms())
+    p.set_defaults(handler=_print_paradigms)
+    _add_format(p, "a list of paradigms, each with its options, defaults and bounds")
 
     from orchestrator import query_cli
 
@@ -74,14 +131,20 @@ def _parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("validate", help="check a sweep file and print its plan")
     p.set_defaults(handler=_cmd_validate)
-    p.add_argument("spec")
+    p.add_argument("spec", help="path to a sweep YAML file, e.g. sweeps/quickstart.yaml")
+    _add_format(p, "one record of the plan: the spec's settings, the pretraining jobs and every grid trial")
 
     p = sub.add_parser("cache", help="list or clear the pretraining cache")
     p.set_defaults(handler=_cmd_cache)
-    p.add_argument("action", choices=("list", "clear"))
-    p.add_argument("--storage")
-    p.add_argument("--cache-dir")
+    p.add_argument("action", choices=("list", "clear"),
+                   help="list: every entry with its status and size; clear: delete entries (all of them unless --key)")
+    p.add_argument("--storage", help="Tune storage path whose cache to use (default: ./fairsweep_results)")
+    p.add_argument("--cache-dir", help="the cache folder itself (default: STORAGE/_pretrain_cache)")
     p.add_argument("--key", action="append", help="only this key (repeatable; clear only)")
+    p.add_argument("--yes", "-y", action="store_true",
+                   help="clear without asking (needed when clearing every entry from a script or CI, where no one "
+                        "can answer)")
+    _add_format(p, "list only: a list of entries (key, status, bytes, backbone, paradigm, created, path)")
     return ap
 
 
@@ -90,11 +153,18 @@ def _fail(message: str) -> int:
     return EXIT_USAGE
 
 
-def _plan(path: str):
-    from orchestrator.plan import build_plan
+def _spec(path: str):
+    """The spec file, its experiment defaulting to $MLFLOW_EXPERIMENT_NAME (spec > environment > name)."""
+    from orchestrator.query_cli import env_experiment
     from orchestrator.spec import load_spec
 
-    return build_plan(load_spec(path))
+    return load_spec(path, default_experiment=env_experiment())
+
+
+def _plan(path: str):
+    from orchestrator.plan import build_plan
+
+    return build_plan(_spec(path))
 
 
 def _launch_options(args: argparse.Namespace):
@@ -106,13 +176,22 @@ def _launch_options(args: argparse.Namespace):
 
 def _cmd_launch(args: argparse.Namespace) -> int:
     from orchestrator.launch import LaunchError, launch, resolve_tracking_uri
+    from orchestrator.plan import build_plan
     from orchestrator.spec import SpecError
     from orchestrator.store import StoreError, check_store
 
     try:
+        spec = _spec(args.spec)
         if not args.dry_run:  # in seconds, before the plan loads torch and the launch starts Ray
+            if spec.search.type == "optuna" and spec.search.storage:  # the study's database, before anything is written
+                from orchestrator.search import StudyStorageError, check_study_storage
+
+                try:
+                    check_study_storage(spec)
+                except StudyStorageError as exc:
+                    return _fail(f"{args.spec}: {exc}")
             check_store(resolve_tracking_uri(args.tracking_uri), create=True)
-        plan = _plan(args.spec)
+        plan = build_plan(spec)
         if args.dry_run:
             print(plan.summary())
             return EXIT_OK
@@ -143,10 +222,17 @@ def _cmd_status(args: argparse.Namespace) -> int:
 
     _fail_fast_http()
     try:
-        print(sweep_status(args.name, args.storage, args.tracking_uri).render())
+        status = sweep_status(args.name, args.storage, args.tracking_uri)
     except (LaunchError, StoreError) as exc:
         return _fail(str(exc))
+    print(_json(status.to_dict()) if args.format == "json" else status.render())
     return EXIT_OK
+
+
+def _json(value) -> str:
+    import json
+
+    return json.dumps(value, indent=1, default=str)
 
 
 def _fail_fast_http() -> None:
@@ -176,7 +262,7 @@ def _print_summary(result, args: argparse.Namespace) -> int:
     print(f"open it with: mlflow ui --backend-store-uri {result.tracking_uri}")
     if result.interrupted:
         print(f"\ninterrupted before every trial ended; continue with: fairsweep resume {plan.spec.name}{where}", file=sys.stderr)
-        return 130
+        return EXIT_INTERRUPTED
     return EXIT_TRIALS_FAILED if result.failed else EXIT_OK
 
 
@@ -190,9 +276,12 @@ def _cmd_report(args: argparse.Namespace) -> int:
 
     _fail_fast_http()
     try:
+        from orchestrator.query_cli import env_experiment
+
         client = open_client(resolve_tracking_uri(args.tracking_uri))
-        report = write_report(client, args.sweep, Path(args.out), experiment=args.experiment, performance=args.perf,
-                              fairness=args.fairness, max_drop=args.max_drop, select_on=args.select_on)
+        report = write_report(client, args.sweep, Path(args.out), experiment=args.experiment or env_experiment(),
+                              performance=args.perf, fairness=args.fairness, max_drop=args.max_drop,
+                              select_on=args.select_on)
     except (LaunchError, StoreError, SweepNotFoundError, ValueError) as exc:
         return _fail(str(exc))
     print(f"sweep {args.sweep!r}: {report.n_trials} trials, {report.front_size} configurations on the front")
@@ -202,10 +291,21 @@ def _cmd_report(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
-def _print_paradigms() -> int:
-    from trainables.pretrain import describe_paradigms
+def _print_paradigms(args: argparse.Namespace) -> int:
+    from trainables.pretrain import PARADIGMS, describe_paradigms
 
-    print(describe_paradigms())
+    if args.format == "table":
+        print(describe_paradigms())
+        return EXIT_OK
+    records = []
+    for name in PARADIGMS.names():
+        p = PARADIGMS.get(name)
+        records.append({"name": name, "doc": p.doc, "pretrains": p.pretrains, "modalities": list(p.modalities),
+                        "options": [{"name": k, "default": o.default, "type": type(o.default).__name__, "doc": o.doc,
+                                     "low": o.low, "high": o.high, "low_open": o.low_open} for k, o in p.options.items()]})
+    records.append({"name": "file:PATH", "doc": "weights-only load of a local .safetensors/.pt/.pth/.bin/.ckpt state "
+                    "dict", "pretrains": False, "modalities": [], "options": []})
+    print(_json(records))
     return EXIT_OK
 
 
@@ -216,8 +316,26 @@ def _cmd_validate(args: argparse.Namespace) -> int:
         plan = _plan(args.spec)
     except SpecError as exc:
         return _fail(f"{args.spec}: {exc}")
-    print(plan.summary())
+    print(_json(_plan_record(plan)) if args.format == "json" else plan.summary())
     return EXIT_OK
+
+
+def _plan_record(plan) -> dict:
+    """``validate --format json``: what ``Plan.summary`` shows, complete (every grid trial; none under the
+    optuna search, whose sampler proposes them while it runs)."""
+    from dataclasses import asdict
+
+    s = plan.spec
+    return {"name": s.name, "experiment": s.experiment,
+            "dataset": {"name": s.dataset.name, "options": dict(s.dataset.options)},
+            "search": asdict(s.search) if s.search.type == "optuna" else {"type": s.search.type},
+            "objectives": asdict(s.objectives),
+            "n_trials": s.n_trials, "grid_size": s.grid_size, "layer_groups": dict(plan.layer_groups),
+            "pretrain_jobs": [{"key": j.key, "backbone": j.backbone, "paradigm": j.paradigm, "hparams": dict(j.hparams)}
+                              for j in plan.pretrain_jobs],
+            "trials": [{"key": t.key, "config_key": t.config_key, "pretrain_key": t.pretrain_key,
+                        "config": t.point.as_config(), "frozen_groups": list(t.frozen_groups), "n_groups": t.n_groups}
+                       for t in plan.trials]}
 
 
 def _cmd_cache(args: argparse.Namespace) -> int:
@@ -231,18 +349,51 @@ def _cmd_cache(args: argparse.Namespace) -> int:
     cache = PretrainCache(root)
     if args.action == "list":
         entries = cache.entries()
+        if args.format == "json":
+            print(_json([{**e, "path": os.path.join(root, e["key"])} for e in entries]))
+            return EXIT_OK
         print(f"{len(entries)} entries in {root}")
         for e in entries:
             print(f"  {e['key']}  {e['status']:<8} {e.get('backbone') or '?':<24} {e.get('paradigm') or '?':<12} "
                   f"{e['bytes'] / 1e6:.1f} MB  {e.get('created') or ''}")
         return EXIT_OK
+    if args.format != "table":
+        return _fail("cache clear --format: only `cache list` has a json form; drop --format")
+    if not args.key and not args.yes:
+        refused = _confirm_clear_all(cache, root)
+        if refused is not None:
+            return refused
     removed = cache.clear(args.key)
     print(f"removed {len(removed)} entries from {root}")
     return EXIT_OK
 
 
+def _confirm_clear_all(cache, root: str) -> int | None:
+    """``cache clear`` without --key deletes every pretrained model, hours of work: ask on a terminal;
+    elsewhere (CI, a pipe) no one can answer, so refuse unless --yes. None: go ahead."""
+    n = len(cache.entries())
+    if not sys.stdin.isatty():
+        return _fail(f"cache clear without --key deletes every entry in {root} ({n} now); stdin is not a terminal, so "
+                     f"nothing was asked and nothing removed: pass --yes to clear them all, or --key KEY for one")
+    if n == 0:
+        return None
+    print(f"delete all {n} entries in {root}? [y/N] ", end="", file=sys.stderr, flush=True)
+    answer = sys.stdin.readline().strip().lower()
+    if answer not in ("y", "yes"):
+        return _fail("nothing removed (not confirmed); pass --yes to clear without asking, or --key KEY for one entry")
+    return None
+
+
 def main(argv: Sequence[str] | None = None) -> int:
-    args = _parser().parse_args(argv)
+    parser = _parser()
+    if "_ARGCOMPLETE" in os.environ:  # a shell asking for completions (argcomplete, the [completion] extra)
+        try:
+            import argcomplete
+        except ImportError:
+            pass
+        else:
+            argcomplete.autocomplete(parser)  # prints the candidates and exits
+    args = parser.parse_args(argv)
     from orchestrator import raylocal  # before any command imports ray: a local Ray listens on 127.0.0.1 only
 
     raylocal.loopback_default(getattr(args, "address", None))
@@ -250,7 +401,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return args.handler(args)
     except KeyboardInterrupt:
         print("fairsweep: interrupted", file=sys.stderr)
-        return 130
+        return EXIT_INTERRUPTED
 
 
 if __name__ == "__main__":

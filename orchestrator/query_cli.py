@@ -15,10 +15,17 @@ import sys
 from typing import Any
 from urllib.parse import urlparse
 
-__all__ = ["add_commands"]
+__all__ = ["add_commands", "env_experiment"]
 
 EXIT_OK, EXIT_USAGE = 0, 2
 PROBE_TIMEOUT_S = 3.0
+EXPERIMENT_ENV = "MLFLOW_EXPERIMENT_NAME"
+
+
+def env_experiment() -> str | None:
+    """MLflow's own default experiment variable, honoured as users of MLflow expect: the experiment of a
+    spec without ``experiment:`` and of a query without ``--experiment`` (empty counts as unset)."""
+    return os.environ.get(EXPERIMENT_ENV) or None
 
 
 def add_commands(sub: Any) -> None:
@@ -63,12 +70,13 @@ def _selection_flags(p: argparse.ArgumentParser) -> None:
 
 def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument("sweep", help="the sweep's name")
-    p.add_argument("--experiment", help="MLflow experiment, where it differs from the sweep's name")
+    p.add_argument("--experiment", help="MLflow experiment (default: $MLFLOW_EXPERIMENT_NAME, else the sweep's name)")
     p.add_argument("--tracking-uri", help="MLflow tracking URI (default: $MLFLOW_TRACKING_URI, else sqlite:///mlflow.db here)")
     p.add_argument("--perf", help="performance metric (default: the sweep's objective)")
     p.add_argument("--fairness", help="unfairness metric (default: the sweep's objective)")
     p.add_argument("--filter", action="append", metavar="COLUMN=VALUE", help="keep only matching trials (repeatable)")
-    p.add_argument("--format", choices=("table", "csv", "json"), default="table")
+    p.add_argument("--format", choices=("table", "csv", "json"), default="table",
+                   help="table: for reading (the default); csv; json: a list of records, for programs")
 
 
 class _Usage(Exception):
@@ -123,7 +131,7 @@ def _session(args: argparse.Namespace):
     from orchestrator import query
 
     client = MlflowClient(tracking_uri=uri)
-    experiment = args.experiment or args.sweep
+    experiment = args.experiment or env_experiment() or args.sweep
     perf, fair = args.perf, args.fairness
     if not perf or not fair:
         dperf, dfair = query.sweep_objectives(client, args.sweep, experiment)

@@ -1,15 +1,18 @@
 """Multi-objective search with Optuna, as a Ray Tune searcher.
 
 Optuna's samplers (TPE, NSGA-II, random) propose points of the sweep's space; Tune runs them. The
-study lives in a journal file beside the sweep's Tune state, written at every ask and tell, so a
-driver killed at any moment resumes the same study: the sampler continues from everything it was
-told, and no configuration runs twice. This is a thin adapter over Optuna's ask/tell rather than
-Ray's ``OptunaSearch`` because the budget counts *finished* trials (a failed trial is reported and
+study lives in a journal file beside the sweep's Tune state (or in the database ``search.storage``
+names), written at every ask and tell, so a driver killed at any moment resumes the same study: the
+sampler continues from everything it was told, and no configuration runs twice. The study names its
+objectives (``study.set_metric_names``), so Optuna's plots and optuna-dashboard show ``val_accuracy``
+rather than "Objective 0". This is a thin adapter over Optuna's ask/tell rather than Ray's ``OptunaSearch`` because the budget counts *finished* trials (a failed trial is reported and
 replaced, never counted) and because the study must outlive a pickled searcher.
 """
 from __future__ import annotations
 
 import json
+import os
+import uuid
 from typing import Any, Mapping
 
 from ray.tune.search import Searcher
@@ -17,10 +20,12 @@ from ray.tune.search import Searcher
 from orchestrator.plan import Plan, TrialPoint
 from orchestrator.spec import Range, freeze_label
 
-__all__ = ["StudySearcher", "make_sampler", "suggest_point", "search_values", "STUDY_FILE"]
+__all__ = ["StudySearcher", "make_sampler", "suggest_point", "search_values", "objective_names", "STUDY_FILE",
+           "StudyStorageError", "resolve_storage_url", "open_rdb_storage", "check_study_storage"]
 
 STUDY_FILE = "optuna_study.journal"
 _KEY_ATTR, _TWIN_ATTR, _ORPHAN_ATTR = "trial_key", "duplicate_of", "orphaned"
+_SWEEP_ATTR = "fairsweep_sweep_id"  # which launch created the study: a shared database may hold an older one
 _MAX_DUPLICATE_DRAWS = 50
 _ENQUEUE_AFTER = 10  # duplicate draws in a row before a categorical space's unseen cell is enqueued
 
@@ -60,7 +65,14 @@ def suggest_point(trial: Any, plan: Plan) -> TrialPoint:
 
 
 class StudySearcher(Searcher):
-    """Asks Optuna for points until ``budget`` trials have finished (COMPLETE in the study)."""
+    """Asks Optuna for points until ``budget`` trials have finished (COMPLETE in the study).
+
+    The study is kept in ``journal_path``, unless the spec's ``search.storage`` names a database: then
+    there (an optuna ``RDBStorage``) and ``journal_path`` is unused, so the caller needs no change.
+    """
+
+    storage_url: str | None = None  # class defaults: a searcher pickled by an older fairsweep lacks them
+    sweep_id: str | None = None
 
     def __init__(self, plan: Plan, journal_path: str, *, study_name: str):
         s = plan.spec
@@ -71,8 +83,15 @@ class StudySearcher(Searcher):
         self.study_name = study_name
         self.directions = directions
         self.budget = int(s.search.budget)
+        # resolved now, in the launch directory: the pickled searcher resumes from anywhere
+        self.storage_url = resolve_storage_url(s.search.storage)
+        self.sweep_id = uuid.uuid4().hex
         self._live: dict[str, int] = {}  # Tune trial id -> Optuna trial number
         self._study = None
+
+    @property
+    def metric_names(self) -> list[str]:
+        return objective_names(self.plan.spec.objectives)
 
     # -- the study, reopened from its journal after unpickling ------------------------------------
     @property
@@ -83,10 +102,21 @@ class StudySearcher(Searcher):
             from optuna.storages.journal import JournalFileBackend
 
             optuna.logging.set_verbosity(optuna.logging.WARNING)
-            storage = JournalStorage(JournalFileBackend(self.journal_path))
+            if self.storage_url:
+                storage = open_rdb_storage(self.storage_url)
+            else:
+                storage = JournalStorage(JournalFileBackend(self.journal_path))
             search = self.plan.spec.search
-            self._study = optuna.create_study(study_name=self.study_name, storage=storage, directions=self.directions,
-                                              sampler=make_sampler(search.sampler, search.seed), load_if_exists=True)
+            study = optuna.create_study(study_name=self.study_name, storage=storage, directions=self.directions,
+                                        sampler=make_sampler(search.sampler, search.seed), load_if_exists=True)
+            self._claim(study)
+            if study.metric_names is None:
+                import warnings
+
+                with warnings.catch_warnings():  # "experimental" since Optuna 3.2; what its plots and dashboard read
+                    warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+                    study.set_metric_names(self.metric_names)
+            self._study = study
             asked = len(self._study.get_trials(deepcopy=False))
             if asked:  # a resumed study: a sampler seeded as at the start would replay its first draws
                 self._study.sampler = make_sampler(search.sampler, search.seed + asked)
@@ -97,6 +127,20 @@ class StudySearcher(Searcher):
         state = dict(self.__dict__)
         state["_study"] = None
         return state
+
+    def _claim(self, study: Any) -> None:
+        """Mark a new study as this sweep's; refuse one another launch created (a shared database that
+        already held a study of this name), rather than silently counting its trials toward the budget."""
+        if self.sweep_id is None:
+            return
+        owner = study.user_attrs.get(_SWEEP_ATTR)
+        if owner is None:
+            study.set_user_attr(_SWEEP_ATTR, self.sweep_id)
+        elif owner != self.sweep_id:
+            where = _masked(self.storage_url) if self.storage_url else self.journal_path
+            raise StudyStorageError(f"the Optuna storage {where} already holds a study named {self.study_name!r} "
+                                    f"from another launch; give the sweep another name, or delete that study "
+                                    f"(optuna delete-study --storage URL --study-name {self.study_name})")
 
     def _fail_orphans(self) -> None:
         """Trials asked before a driver died but unknown to the restored Tune run will never report."""
@@ -228,6 +272,104 @@ def search_values(objectives: Any, result: Mapping[str, Any]) -> list[float] | N
             return None
         values.append(abs(float(value)) if is_signed(metric) else float(value))
     return values
+
+
+def objective_names(objectives: Any) -> list[str]:
+    """The names the study gives its values (what ``search_values`` tells it): ``val_accuracy``, or
+    ``abs(val_tpr_difference)`` for a signed metric, whose distance from parity is what is minimised."""
+    from trainables.metrics import is_signed
+
+    return [f"abs(val_{m})" if is_signed(m) else f"val_{m}" for m in (objectives.performance, objectives.fairness)]
+
+
+class StudyStorageError(ValueError):
+    """The study's database cannot be used; the message names ``search.storage``, the URL and the fix."""
+
+
+def _masked(url: str) -> str:
+    """The URL with any password hidden (the spec refuses one, but a library caller may pass one)."""
+    from urllib.parse import urlsplit
+
+    try:
+        password = urlsplit(url).password
+    except ValueError:
+        return url
+    return url.replace(f":{password}@", ":***@", 1) if password else url
+
+
+def resolve_storage_url(url: str | None, base_dir: str | None = None) -> str | None:
+    """A relative SQLite path made absolute against ``base_dir`` (default: the working directory), so
+    the study is the same file whichever directory a resume runs from; other URLs are unchanged."""
+    prefix = "sqlite:///"
+    if not url or not url.startswith(prefix) or url.startswith(prefix + "/"):
+        return url
+    return prefix + os.path.abspath(os.path.join(base_dir or os.getcwd(), os.path.expanduser(url[len(prefix):])))
+
+
+def _sqlite_file(url: str) -> str | None:
+    for prefix in ("sqlite:///", "sqlite+pysqlite:///"):
+        if url.startswith(prefix):
+            return url[len(prefix):].split("?")[0]
+    return None
+
+
+def open_rdb_storage(url: str) -> Any:
+    """Optuna's ``RDBStorage`` for ``url``; ``StudyStorageError`` saying what to do when it cannot open
+    (a database driver that is not installed, a server that does not answer, a file that cannot be written)."""
+    import optuna
+
+    try:
+        return optuna.storages.RDBStorage(url)
+    except ImportError as exc:
+        raise StudyStorageError(f"search.storage {_masked(url)}: its database driver is not installed ({exc}); "
+                                f"install it in this environment (postgresql: pip install psycopg2-binary; "
+                                f"mysql: pip install PyMySQL and write mysql+pymysql://)") from None
+    except Exception as exc:  # noqa: BLE001 - SQLAlchemy's errors: an unreachable server, bad credentials
+        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:300]
+        raise StudyStorageError(f"search.storage {_masked(url)}: cannot open the Optuna storage ({first}); check "
+                                f"the URL, that the database answers from this machine, and its credentials") from None
+
+
+def check_study_storage(spec: Any) -> None:
+    """Before a launch (nothing started yet): the database of ``search.storage`` opens, is an Optuna
+    storage or a new file (never another program's database, e.g. MLflow's), and holds no study of
+    this sweep's name, which the sweep would otherwise continue. Nothing to check for the journal."""
+    url = resolve_storage_url(spec.search.storage)
+    if spec.search.type != "optuna" or not url:
+        return
+    path = _sqlite_file(url)
+    if path is not None:
+        folder = os.path.dirname(path) or "."
+        if not os.path.isdir(folder):
+            raise StudyStorageError(f"search.storage {url}: the folder {folder} does not exist; create it or point "
+                                    f"the URL at an existing folder")
+        if not os.path.exists(path):
+            return  # a new file: the searcher creates it, and it holds no study yet
+        import sqlite3
+
+        try:
+            with sqlite3.connect(f"file:{path}?mode=ro", uri=True) as db:
+                tables = {r[0] for r in db.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
+        except sqlite3.Error as exc:
+            raise StudyStorageError(f"search.storage {url}: cannot read {path} as SQLite ({exc}); point it at "
+                                    f"another file") from None
+        if tables and "studies" not in tables:
+            raise StudyStorageError(f"search.storage {url}: {path} is an SQLite database but not an Optuna storage "
+                                    f"(its tables: {', '.join(sorted(tables)[:8])}); use a file of its own, e.g. "
+                                    f"sqlite:///{os.path.join(folder, 'optuna.db')}")
+    storage = open_rdb_storage(url)
+    try:
+        try:
+            study_id = storage.get_study_id_from_name(spec.name)
+        except KeyError:
+            return
+        n = len(storage.get_all_trials(study_id, deepcopy=False))
+    finally:
+        storage.engine.dispose()
+    raise StudyStorageError(f"search.storage {_masked(url)}: already holds an Optuna study named {spec.name!r} ({n} "
+                            f"trials), from an earlier sweep of that name; continue that sweep with `fairsweep resume "
+                            f"{spec.name}`, give this one another `name:`, or delete the study (optuna delete-study "
+                            f"--storage URL --study-name {spec.name})")
 
 
 def _dir(metric: str) -> str:

@@ -245,6 +245,10 @@ class SearchSpec:
     sampler: str = "tpe"  # optuna only: tpe | nsga2 | random
     budget: int | None = None  # optuna only: trials that must finish
     seed: int = 0  # optuna only: the sampler's seed
+    # optuna only: an RDB URL (sqlite:///PATH, postgresql://USER@HOST/DB) for the study, where a journal file on
+    # the storage path will not do (a network filesystem with unreliable locks, one database for many sweeps);
+    # None keeps the journal file beside the sweep's Tune state.
+    storage: str | None = None
 
 
 @dataclass(frozen=True)
@@ -454,13 +458,27 @@ _TOP_KEYS = ("name", "experiment", "dataset", "pretraining", "axes", "finetune",
 _AXES_KEYS = ("backbone", "paradigm", "intervention", "freeze_depth", "seed")
 
 
-def parse_spec(raw: Any) -> SweepSpec:
-    """Validate a loaded YAML document and return the typed spec (raises ``SpecError``)."""
+def parse_spec(raw: Any, *, default_experiment: str | None = None) -> SweepSpec:
+    """Validate a loaded YAML document and return the typed spec (raises ``SpecError``).
+
+    The MLflow experiment is the file's ``experiment:``, else ``default_experiment`` (the CLI passes
+    $MLFLOW_EXPERIMENT_NAME; this module never reads the environment), else the sweep's name. A default
+    that is used is written into the spec's ``source``, so the recorded spec resumes into the same one.
+    """
     if not isinstance(raw, Mapping):
         raise SpecError("<root>", raw, "a sweep file is a YAML mapping with keys " + ", ".join(_TOP_KEYS))
     _check_keys(raw, "", _TOP_KEYS, required=("name", "dataset", "axes"))
     name = _name(raw["name"], "name")
-    experiment = _name(raw.get("experiment", name), "experiment")
+    if "experiment" in raw or not default_experiment:
+        experiment = _name(raw.get("experiment", name), "experiment")
+    else:
+        try:
+            experiment = _name(default_experiment, "experiment")
+        except SpecError as exc:
+            raise SpecError("experiment", default_experiment, f"{exc.allowed}; the file sets no experiment, so this "
+                            "default was used (MLFLOW_EXPERIMENT_NAME for the fairsweep command): set `experiment:` "
+                            "in the file or change that default") from None
+        raw = {**raw, "experiment": experiment}
 
     ds = _mapping(raw["dataset"], "dataset")
     _check_keys(ds, "dataset", ("name", "options", "privileged"), required=("name",))
@@ -521,6 +539,7 @@ def parse_spec(raw: Any) -> SweepSpec:
         "sampler": lambda v, p: _choice(v, p, SAMPLERS),
         "budget": lambda v, p: _int(v, p, minimum=1, maximum=MAX_TRIALS, why="trials a sweep may hold"),
         "seed": _seed,
+        "storage": _storage_url,
     })
     _check_search(search, axes, finetune, raw.get("search") or {})
     return SweepSpec(name, dataset, pretraining, axes, finetune, objectives, resources, search, experiment, dict(raw),
@@ -615,7 +634,7 @@ def _check_search(search: SearchSpec, axes: Axes, finetune: FinetuneSpec, raw: M
             counts = " x ".join(f"{n} {k}" for k, n in sizes.items())
             raise SpecError("axes", f"{cells:,} trials ({counts})", f"a grid may hold at most {MAX_TRIALS:,} trials; "
                             "shorten the axes, or use search type optuna with a budget")
-        for key in ("sampler", "budget", "seed"):
+        for key in ("sampler", "budget", "seed", "storage"):
             if key in raw:
                 raise SpecError(f"search.{key}", raw[key], "only used with type: optuna")
         for i, axis in enumerate(axes.intervention):
@@ -656,6 +675,41 @@ def _metric_name(value: Any, path: str) -> str:
 
 def _search_type(value: Any, path: str) -> str:
     return _choice(value, path, ("grid", "optuna"))
+
+
+_RDB_URL = re.compile(r"(sqlite|postgresql|mysql)(\+[A-Za-z0-9_]+)?://(.*)")
+_RDB_FORMS = ("expected a database URL in SQLAlchemy's form: sqlite:////ABSOLUTE/PATH.db (sqlite:///PATH.db is relative "
+              "to where launch runs), postgresql://USER@HOST/DB or mysql://USER@HOST/DB; leave search.storage out to "
+              "keep the study in a journal file beside the sweep")
+
+
+def _storage_url(value: Any, path: str) -> str | None:
+    """The optuna study's RDB storage: only its form is checked here (nothing is opened); a database
+    that does not answer fails at launch. A password in the URL is refused: the spec is copied into
+    MLflow and the sweep record, so credentials belong in ~/.pgpass / PGPASSWORD or the driver's config."""
+    if value is None:
+        return None
+    if not isinstance(value, str) or len(value) > MAX_PATH_CHARS or not value.isprintable():
+        raise SpecError(path, value, _RDB_FORMS)
+    match = _RDB_URL.fullmatch(value)
+    if match is None:
+        raise SpecError(path, value, _RDB_FORMS)
+    scheme, rest = match.group(1), match.group(3)
+    if scheme == "sqlite":
+        if not rest.startswith("/") or rest[1:] in ("", ":memory:") or rest.endswith("/"):
+            raise SpecError(path, value, "an SQLite study lives in a file, sqlite:///PATH (an in-memory database "
+                                         "would not survive a resume); " + _RDB_FORMS)
+        return value
+    netloc, _, database = rest.partition("/")
+    userinfo = netloc.rpartition("@")[0]
+    if ":" in userinfo:
+        masked = value.replace(userinfo, userinfo.partition(":")[0] + ":***", 1)
+        raise SpecError(path, masked, "the URL holds a password, which would be copied with the spec into MLflow and "
+                                      "the sweep record; leave it out (postgresql://USER@HOST/DB) and give it "
+                                      "through ~/.pgpass or PGPASSWORD (MySQL: an option file)")
+    if not database.split("?")[0]:
+        raise SpecError(path, value, "the URL names no database; " + _RDB_FORMS)
+    return value
 
 
 class _BoundedLoader(yaml.SafeLoader):
@@ -739,9 +793,9 @@ def _check_expansion(root: Any) -> None:
         stack.extend((c, False) for c in children if id(c) not in size)
 
 
-def load_spec(path: str | Path) -> SweepSpec:
+def load_spec(path: str | Path, *, default_experiment: str | None = None) -> SweepSpec:
     """Read a sweep file (UTF-8, at most MAX_FILE_BYTES, bounded YAML: see the module docstring) and
-    validate it."""
+    validate it. ``default_experiment``: the MLflow experiment where the file sets none (see parse_spec)."""
     p = Path(path)
     try:
         if not p.is_file():
@@ -766,4 +820,4 @@ def load_spec(path: str | Path) -> SweepSpec:
             loader.dispose()
     except yaml.YAMLError as exc:
         raise SpecError("<file>", str(path), f"not valid YAML: {exc}") from None
-    return parse_spec(raw)
+    return parse_spec(raw, default_experiment=default_experiment)

@@ -5,7 +5,7 @@ Tune's saved state tells which trials were in flight when it was last written.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from typing import Any, Mapping
 
 __all__ = ["SweepStatus", "sweep_status"]
@@ -26,6 +26,15 @@ class SweepStatus:
     tune_states: Mapping[str, int] = field(default_factory=dict)
     driver: str = "none"  # running | stopped (its process is gone: stale RUNNING runs) | unknown (another host)
     storage_flag: str = ""  # " --storage PATH" where the sweep is not under the default storage
+
+    def to_dict(self) -> dict[str, Any]:
+        """The record ``fairsweep status --format json`` prints: every field, plus the commands ``render``
+        suggests (``resume``, ``retry``: null when there is nothing to continue or retry)."""
+        record = {k: (dict(v) if isinstance(v, Mapping) else v) for k, v in asdict(self).items() if k != "storage_flag"}
+        resumable = self.pending + self.running > 0 and self.driver not in ("running", "unknown")
+        record["resume"] = f"fairsweep resume {self.name}{self.storage_flag}" if resumable else None
+        record["retry"] = f"fairsweep resume {self.name}{self.storage_flag} --retry-errored" if self.errored else None
+        return record
 
     def render(self) -> str:
         front = "unknown" if self.front_size is None else str(self.front_size)

@@ -168,7 +168,7 @@ def test_cli_cache_list_and_clear(tmp_path):
     assert out.returncode == 0 and "removed 1 entries" in out.stdout
     assert [e["key"] for e in cache.entries()] == ["aaaa", "cccc"]
 
-    out = run_cli("cache", "clear", "--cache-dir", str(root), cwd=tmp_path, timeout=120)
+    out = run_cli("cache", "clear", "--cache-dir", str(root), "--yes", cwd=tmp_path, timeout=120)  # every entry: confirmed
     assert out.returncode == 0 and "removed 2 entries" in out.stdout
     assert cache.entries() == [] and not [p for p in root.iterdir() if p.name != ".locks"]
 
