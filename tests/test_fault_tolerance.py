@@ -245,6 +245,9 @@ def test_sweep_on_a_ray_start_head_cluster_through_address(tmp_path):
 
         shutil.rmtree(temp_dir, ignore_errors=True)
     assert not left, f"processes of the test's ray node survived SIGTERM: {left}"
+    # and Ray's machine-wide record of "the local cluster" never named it, so a user's plain ray.init() is unaffected
+    default_record = Path("/tmp/ray/ray_current_cluster")
+    assert not (default_record.exists() and default_record.read_text().strip().endswith(f":{port}"))
 
 
 def test_resources_no_local_node_has_are_refused_instead_of_hanging(tmp_path):

@@ -291,8 +291,15 @@ def finetune_trial(config: Mapping[str, Any], context: TrialContext) -> None:
 
     with loop.memory_hint(loop.select_device(), int(context.finetune["batch_size"])):
         train_and_evaluate(point, context, state=state, checkpoint_interval_s=context.checkpoint_interval_s,
-                           on_epoch=lambda result, d: tune.report(result, checkpoint=tune.Checkpoint.from_directory(d)
+                           on_epoch=lambda result, d: tune.report(_reportable(result),
+                                                                  checkpoint=tune.Checkpoint.from_directory(d)
                                                                   if (d / STATE_FILE).exists() else None))
+
+
+def _reportable(result: Mapping[str, Any]) -> dict[str, Any]:
+    """The result with undefined values (a NaN interval, an infinite ratio against a zero rate) left out:
+    Tune's loggers warn on every one, and MLflow cannot hold them; the predictions artifact can recompute them."""
+    return {k: v for k, v in result.items() if not (isinstance(v, float) and not math.isfinite(v))}
 
 
 def _split_scores(model: Any, dataset: Any, split: str, batch_size: int, device: Any, loop: Any) -> np.ndarray:
