@@ -297,7 +297,8 @@ def build_plan(spec: SweepSpec, *, base_dir: str | None = None) -> Plan:
                 continue
             hparams = {"epochs": pt.epochs, "batch_size": pt.batch_size, "lr": pt.lr,
                        "weight_decay": pt.weight_decay, "momentum": pt.momentum, "seed": pt.seed,
-                       "options": paradigm.resolve_options(pt.paradigms.get(p, {}))}  # defaults filled: part of the key
+                       "options": paradigm.resolve_options(pt.paradigms.get(p, {})),  # defaults filled: part of the key
+                       **pretrain.preprocessing_part(dataset, b)}  # folder images: the model's own mean/std/crop
             job = PretrainJob("", b, p, spec.dataset.name, dict(spec.dataset.options), hparams)
             identity = {"fingerprint": dataset.fingerprint(), **job.identity(), **paradigm.key_parts(b)}
             job = PretrainJob(canonical_hash(identity), b, p, spec.dataset.name, dict(spec.dataset.options), hparams)

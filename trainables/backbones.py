@@ -18,6 +18,7 @@ groups before freezing and build the optimizer after.
 from __future__ import annotations
 
 import difflib
+import functools
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -39,6 +40,7 @@ __all__ = [
     "backbone_state_dict",
     "count_layer_groups",
     "create_backbone",
+    "data_config",
     "layer_groups",
     "load_backbone_state",
     "load_weights_file",
@@ -115,6 +117,46 @@ def create_backbone(name: str, *, num_classes: int, input_shape: tuple[int, ...]
     return timm.create_model(name, pretrained=False, num_classes=num_classes, in_chans=shape[0], **kwargs)
 
 
+@functools.lru_cache(maxsize=64)
+def _data_config(name: str, input_shape: tuple[int, ...]) -> Any:
+    from timm.data import resolve_model_data_config
+
+    from trainables.data.preprocessing import Preprocessing
+
+    model = _meta_model(name, input_shape)
+    if not getattr(model, "pretrained_cfg", None):
+        return None
+    return Preprocessing.from_config(resolve_model_data_config(model)).with_size(input_shape)
+
+
+def data_config(name: str, input_shape: tuple[int, ...]) -> Any:
+    """The model's own preprocessing (``trainables.data.preprocessing.Preprocessing``) at ``input_shape``.
+
+    Mean, std, interpolation, crop fraction and mode come from timm's ``resolve_model_data_config`` of
+    the model as ``create_backbone`` builds it (never downloading; a tag such as ``.clip`` picks its
+    config); the size stays ``input_shape``, the size the sweep builds the model for. None for models
+    without a timm data config (the 1-D backbones, custom ones lacking ``pretrained_cfg``): their
+    datasets keep their own preprocessing. Pass it to ``Dataset.for_model``.
+    """
+    shape = tuple(input_shape)
+    if len(shape) != 3:  # time series: nothing to resize or normalise from a model config
+        return None
+    return _data_config(name, shape)
+
+
+def _meta_model(name: str, input_shape: tuple[int, ...]) -> nn.Module:
+    """The backbone on the meta device (no memory for weights) when its constructor allows."""
+    import torch
+
+    try:
+        with torch.device("meta"):
+            return create_backbone(name, num_classes=2, input_shape=input_shape)
+    except BackboneError:
+        raise
+    except Exception:  # some constructors compute on tensors (e.g. .item()); real weights then
+        return create_backbone(name, num_classes=2, input_shape=input_shape)
+
+
 # ----------------------------------------------------------------------------------- layer groups
 
 
@@ -188,16 +230,7 @@ def layer_groups(model: nn.Module) -> LayerGroups:
 
 def count_layer_groups(name: str, input_shape: tuple[int, ...]) -> int:
     """Number of non-head groups, built on the meta device so large models count without weights."""
-    import torch
-
-    try:
-        with torch.device("meta"):
-            model = create_backbone(name, num_classes=2, input_shape=input_shape)
-    except BackboneError:
-        raise
-    except Exception:  # some constructors compute on tensors (e.g. .item()); real weights then
-        model = create_backbone(name, num_classes=2, input_shape=input_shape)
-    return layer_groups(model).n
+    return layer_groups(_meta_model(name, input_shape)).n
 
 
 # ------------------------------------------------------------------------------------------ freezing

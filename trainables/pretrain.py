@@ -38,7 +38,8 @@ if TYPE_CHECKING:  # torch is imported lazily so that plan-time imports stay che
     from torch import nn
 
 __all__ = ["Option", "Paradigm", "PARADIGMS", "PretrainCache", "CacheError", "TimmWeightsMissing",
-           "run_pretrain_job", "PretrainOutcome", "timm_weights_file", "check_weights_fit", "describe_paradigms"]
+           "run_pretrain_job", "PretrainOutcome", "timm_weights_file", "check_weights_fit", "describe_paradigms",
+           "model_view", "preprocessing_part"]
 
 WEIGHTS, META = "weights.safetensors", "meta.json"
 _log = logging.getLogger(__name__)
@@ -329,6 +330,27 @@ _register(Paradigm("timm", "timm's own pretrained weights for the backbone (e.g.
                    "A plan-time error names the files to fetch when they are absent. The classifier is dropped and "
                    "timm adapts input channels and ViT position embeddings to the dataset.", pretrains=True,
                    trainer=_materialise_timm, modalities=("image",), weights_file=lambda b: timm_weights_file(b)))
+
+
+# ----------------------------------------------------------------------------- the model's preprocessing
+
+
+def model_view(dataset: Any, backbone: str) -> Any:
+    """``dataset`` as ``backbone`` expects its pixels (its timm data config: mean, std, interpolation,
+    crop); generated data, which has no preprocessing, is returned as is without building anything."""
+    if dataset.preprocessing is None:
+        return dataset
+    from trainables import backbones
+
+    return dataset.for_model(backbones.data_config(backbone, dataset.input_shape))
+
+
+def preprocessing_part(dataset: Any, backbone: str) -> dict[str, str]:
+    """``{"preprocessing": canonical text}`` for a pretraining job's hyper-parameters, so its key (and its
+    MLflow run) name the preprocessing its base was trained under; ``{}`` for generated data, whose keys
+    stay as they were."""
+    record = model_view(dataset, backbone).preprocessing_record()
+    return {"preprocessing": record} if record else {}
 
 
 # ----------------------------------------------------------------------------- timm's cached weights
@@ -632,7 +654,12 @@ def run_pretrain_job(job: Mapping[str, Any], cache_root: str, cpus: float = 1.0)
         hp = dict(job["hparams"])
         paradigm = PARADIGMS.get(job["paradigm"])
         options = paradigm.resolve_options(hp.get("options", {}))
-        dataset = build_dataset(job["dataset"], job["dataset_options"])
+        dataset = model_view(build_dataset(job["dataset"], job["dataset_options"]), job["backbone"])
+        planned = hp.get("preprocessing")
+        if planned is not None and planned != dataset.preprocessing_record():
+            raise ValueError(f"pretraining job {key} was planned with preprocessing {planned} but this worker resolves "
+                             f"{dataset.preprocessing_record() or 'none'} for {job['backbone']!r}; install the same "
+                             "timm version on the driver and every worker")
         torch.manual_seed(hp["seed"])
         gen = torch.Generator().manual_seed(hp["seed"])
         ctx = TrainContext(job["backbone"], dataset, hp, MappingProxyType(options), device, gen)

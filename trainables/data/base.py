@@ -155,6 +155,9 @@ class Dataset(abc.ABC):
     # trainables.metrics' default (the largest group of the evaluated split). Read-only and shared:
     # a subclass that names groups assigns its own mapping in ``__init__``.
     privileged: Mapping[str, Any] = MappingProxyType({})
+    # How files become pixels (trainables.data.preprocessing.Preprocessing) for datasets that read image
+    # files; None where inputs are generated, already normalised, the same for every model.
+    preprocessing: Any = None
 
     @abc.abstractmethod
     def meta(self, split: str) -> SplitMeta:
@@ -183,6 +186,17 @@ class Dataset(abc.ABC):
         order = batch_order(n, batch_size, shuffle=shuffle, seed=seed, epoch=epoch, drop_last=drop_last)
         x = self.inputs(split, indices)
         return ((x[torch.from_numpy(b)], torch.from_numpy(b)) for b in order)
+
+    def for_model(self, data_config: Any) -> Dataset:
+        """This dataset as a model with ``data_config`` expects its inputs (timm's data config dict, a
+        ``Preprocessing``, or None for no preference), so pretrained weights see pixels normalised as in
+        their own training. Generated data has no files to preprocess: it is returned as is, and so are
+        its fingerprint and cache keys. Folder datasets return a view with that preprocessing."""
+        return self
+
+    def preprocessing_record(self) -> str:
+        """The preprocessing applied to inputs as canonical text for results and keys; "" when none."""
+        return "" if self.preprocessing is None else self.preprocessing.canonical()
 
     def __repr__(self) -> str:
         return f"<{type(self).__name__} {self.fingerprint()}>"

@@ -2,14 +2,18 @@
 
 The layouts (CelebA, Waterbirds, a CSV) only differ in how they list files and metadata; this module
 does the rest once: it checks at construction that every listed file exists (a missing file fails the
-plan, naming it), decodes with PIL (JPEG draft mode, so large photos decode at reduced scale), resizes
-the shorter side to ``image_size`` and centre-crops a square, and normalises with ImageNet's mean and
-standard deviation (what timm's pretrained weights expect). A file that cannot be decoded raises
-``ImageReadError`` naming it; nothing is skipped.
+plan, naming it), decodes with PIL (JPEG draft mode, so large photos decode at reduced scale) and turns
+the image into pixels with a ``Preprocessing`` through timm's evaluation transform. Without a model that
+is the shorter side resized to ``image_size``, a centre square and ImageNet's mean and std;
+``for_model(data_config)`` returns a view with the model's own statistics, interpolation and crop (a
+CLIP or 0.5/0.5 model fed ImageNet statistics runs, silently worse). A file that cannot be decoded
+raises ``ImageReadError`` naming it; nothing is skipped.
 """
 from __future__ import annotations
 
+import copy
 import hashlib
+import math
 import os
 from pathlib import Path
 from typing import Any, Iterable, Iterator, Mapping, Sequence
@@ -19,13 +23,16 @@ import torch
 
 from trainables.data.base import (PATH, Batches, Dataset, DatasetError, Option, SplitMeta, batch_order,
                                   canonical_options, check_indices, check_split)
+from trainables.data.preprocessing import IMAGENET_MEAN as _MEAN
+from trainables.data.preprocessing import IMAGENET_STD as _STD
+from trainables.data.preprocessing import Preprocessing
 from trainables.data.tables import Table
 
 __all__ = ["FolderImages", "ImageReadError", "decode_image", "image_options", "check_files", "resolve_root",
            "file_digest", "IMAGENET_MEAN", "IMAGENET_STD"]
 
-IMAGENET_MEAN = np.array([0.485, 0.456, 0.406], dtype=np.float32)
-IMAGENET_STD = np.array([0.229, 0.224, 0.225], dtype=np.float32)
+IMAGENET_MEAN = np.array(_MEAN, dtype=np.float32)
+IMAGENET_STD = np.array(_STD, dtype=np.float32)
 _SHOWN = 5
 
 
@@ -90,40 +97,36 @@ def check_files(paths: Sequence[str], where: str) -> None:
                            "remove their rows (nothing is skipped silently)")
 
 
-def decode_image(path: str, size: int) -> np.ndarray:
-    """float32 (3, size, size): shorter side resized to ``size``, centre square, ImageNet-normalised."""
+def decode_image(path: str, preprocessing: Preprocessing | int) -> np.ndarray:
+    """float32 (3, H, W) pixels of the file as ``preprocessing`` makes them; an int ``size`` means
+    ``Preprocessing.imagenet(size)`` (shorter side to size, centre square, ImageNet statistics)."""
     from PIL import Image
 
+    pre = Preprocessing.imagenet(preprocessing) if isinstance(preprocessing, int) else preprocessing
+    scale = math.floor(max(pre.input_size[1:]) / min(pre.crop_pct, 1.0))  # the resize before the crop
     try:
         with Image.open(path) as im:
-            im.draft("RGB", (size, size))  # JPEG decodes at the smallest scale still >= size
-            rgb = im.convert("RGB")
-        w, h = rgb.size
-        scale = size / min(w, h)
-        nw, nh = max(size, round(w * scale)), max(size, round(h * scale))
-        rgb = rgb.resize((nw, nh), Image.Resampling.BILINEAR)
-        left, top = (nw - size) // 2, (nh - size) // 2
-        arr = np.asarray(rgb.crop((left, top, left + size, top + size)), dtype=np.float32)
+            im.draft("RGB", (scale, scale))  # JPEG decodes at the smallest scale still >= what is resized to
+            arr = pre(im.convert("RGB"))
     except Exception as exc:  # PIL raises OSError, ValueError, SyntaxError, DecompressionBombError, ...
         raise ImageReadError(f"cannot read image {path} ({type(exc).__name__}: {exc}); replace the file or remove "
                              "its row from the metadata") from None
-    arr = (arr / 255.0 - IMAGENET_MEAN) / IMAGENET_STD
-    return np.ascontiguousarray(arr.transpose(2, 0, 1))
+    return np.ascontiguousarray(arr, dtype=np.float32)
 
 
 class _Decoder(torch.utils.data.Dataset):
     """Decodes a whole batch of positions per call, so each worker returns one stacked tensor."""
 
-    def __init__(self, paths: np.ndarray, size: int):
-        self.paths, self.size = paths, size
+    def __init__(self, paths: np.ndarray, pre: Preprocessing):
+        self.paths, self.pre = paths, pre
 
     def __len__(self) -> int:
         return len(self.paths)
 
     def __getitem__(self, pos: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
         pos = np.atleast_1d(np.asarray(pos, dtype=np.int64))
-        x = np.stack([decode_image(self.paths[i], self.size) for i in pos.tolist()]) if len(pos) else \
-            np.zeros((0, 3, self.size, self.size), dtype=np.float32)
+        x = np.stack([decode_image(self.paths[i], self.pre) for i in pos.tolist()]) if len(pos) else \
+            np.zeros((0, *self.pre.input_size), dtype=np.float32)
         return torch.from_numpy(x), torch.from_numpy(pos)
 
 
@@ -159,13 +162,15 @@ class FolderImages(Dataset):
         self.options = dict(options)
         size = int(options["image_size"])
         self.input_shape = (3, size, size)
+        self.preprocessing = Preprocessing.imagenet(size)  # until for_model names a model's own
         self.primary = table.primary
         self.group_names = dict(table.group_names)
         self._table = table
         self._paths = {split: paths[table.rows[split]] for split in table.rows}
         self._num_workers = int(options["num_workers"])
         # root is left out: the same files moved elsewhere are the same data; the digest covers the metadata
-        self._fingerprint = f"{name}/v{version}:{canonical_options(options, schema, leave_out=('root',))}:{digest}"
+        identity = canonical_options(options, schema, leave_out=("root",))
+        self._files_fingerprint = f"{name}/v{version}:{identity}:{digest}"
         check_files(paths.tolist(), where)
         if options.get("verify_images"):
             for p in paths.tolist():
@@ -182,16 +187,30 @@ class FolderImages(Dataset):
 
     def inputs(self, split: str, indices: np.ndarray | None = None) -> torch.Tensor:
         idx = check_indices(indices, len(self.meta(split)), split)
-        return _Decoder(self._paths[split][idx], self.input_shape[-1])[np.arange(len(idx))][0]
+        return _Decoder(self._paths[split][idx], self.preprocessing)[np.arange(len(idx))][0]
 
     def loader(self, split: str, indices: np.ndarray | None = None, *, batch_size: int, shuffle: bool = False,
                seed: int = 0, epoch: int = 0, drop_last: bool = False, num_workers: int | None = None) -> Batches:
         idx = check_indices(indices, len(self.meta(split)), split)
         order = batch_order(len(idx), batch_size, shuffle=shuffle, seed=seed, epoch=epoch, drop_last=drop_last)
         workers = self._num_workers if num_workers is None else int(num_workers)
-        return _Stream(torch.utils.data.DataLoader(_Decoder(self._paths[split][idx], self.input_shape[-1]),
+        return _Stream(torch.utils.data.DataLoader(_Decoder(self._paths[split][idx], self.preprocessing),
                                                    batch_size=None, sampler=order, num_workers=min(workers, len(order)),
                                                    pin_memory=torch.cuda.is_available()))
 
+    def for_model(self, data_config: Any) -> Dataset:
+        """A view whose ``inputs``/``loader`` make pixels as ``data_config`` says (timm's data config dict
+        or a ``Preprocessing``; its input_size becomes ``input_shape``); None or the current one: self.
+        The view shares files and metadata; its fingerprint names the preprocessing."""
+        if data_config is None:
+            return self
+        pre = Preprocessing.from_config(data_config)
+        if pre == self.preprocessing:
+            return self
+        view = copy.copy(self)
+        view.preprocessing, view.input_shape = pre, pre.input_size
+        return view
+
     def fingerprint(self) -> str:
-        return self._fingerprint
+        # the pixels depend on the preprocessing as much as on the files, so every cache keyed by this knows it
+        return f"{self._files_fingerprint}|preprocessing:{self.preprocessing.canonical()}"
