@@ -10,15 +10,12 @@ import argparse
 import json
 import math
 import os
-import socket
 import sys
 from typing import Any
-from urllib.parse import urlparse
 
 __all__ = ["add_commands", "env_experiment"]
 
 EXIT_OK, EXIT_USAGE = 0, 2
-PROBE_TIMEOUT_S = 3.0
 EXPERIMENT_ENV = "MLFLOW_EXPERIMENT_NAME"
 
 
@@ -99,20 +96,6 @@ def _pairs(items: list[str] | None, flag: str) -> dict[str, str]:
     return {k: v[0] if len(v) == 1 else v for k, v in out.items()}  # type: ignore[index,misc]
 
 
-def _probe(uri: str) -> None:
-    """Fail fast when an http(s) tracking server does not accept connections."""
-    parsed = urlparse(uri)
-    if parsed.scheme not in ("http", "https"):
-        return
-    port = parsed.port or (443 if parsed.scheme == "https" else 80)
-    try:
-        with socket.create_connection((parsed.hostname or "localhost", port), timeout=PROBE_TIMEOUT_S):
-            pass
-    except OSError as exc:
-        raise _Usage(f"cannot reach the MLflow tracking server at {uri} ({exc}); start it (mlflow server ...) or "
-                     f"pass --tracking-uri / set MLFLOW_TRACKING_URI") from None
-
-
 def _session(args: argparse.Namespace):
     """(client, trials, perf, fair) for the command's sweep; raises _Usage for bad input."""
     os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
@@ -123,14 +106,13 @@ def _session(args: argparse.Namespace):
         uri = resolve_tracking_uri(args.tracking_uri)
     except LaunchError as exc:
         raise _Usage(str(exc)) from None
-    if uri.startswith("sqlite:///") and not os.path.exists(uri[len("sqlite:///"):]):
-        raise _Usage(f"no MLflow database at {uri[len('sqlite:///'):]}; run a sweep first or pass --tracking-uri")
-    _probe(uri)
-    from mlflow.tracking import MlflowClient
-
     from orchestrator import query
+    from orchestrator.store import StoreError, open_client
 
-    client = MlflowClient(tracking_uri=uri)
+    try:  # the one probe every command uses: a missing, damaged or locked store, a server that is down
+        client = open_client(uri)
+    except StoreError as exc:
+        raise _Usage(str(exc)) from None
     experiment = args.experiment or env_experiment() or args.sweep
     perf, fair = args.perf, args.fairness
     if not perf or not fair:

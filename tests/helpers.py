@@ -61,6 +61,7 @@ def cli_env(**extra: str) -> dict[str, str]:
     env.update({"RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0", "RAY_USAGE_STATS_ENABLED": "0", "PYTHONUNBUFFERED": "1"})
     env.pop("RAY_ADDRESS", None)
     env.pop("MLFLOW_TRACKING_URI", None)
+    env.pop("MLFLOW_EXPERIMENT_NAME", None)  # the sweep name is the experiment unless a test says otherwise
     env.update(extra)
     return env
 
