@@ -256,6 +256,8 @@ class SweepTracker(tune.Callback):
             from mlflow.entities import Param, RunTag
 
             tags.append(RunTag("fairsweep.frozen_groups", str(result.get("frozen_groups", ""))))
+            if result.get("preprocessing"):  # folder images: the mean/std/size/crop the backbone was fed
+                tags.append(RunTag("fairsweep.preprocessing", str(result["preprocessing"])[:500]))
             if result.get("feature_cache"):  # whether it trained on cached frozen-prefix features, and why (not)
                 tags.append(RunTag("fairsweep.feature_cache", str(result["feature_cache"])[:500]))
             chosen = result.get("chosen_hparams") or {}

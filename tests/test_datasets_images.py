@@ -287,6 +287,11 @@ def test_a_real_trial_runs_on_each_image_adapter(layouts, tmp_path, layout: str,
     name, opts = layouts[layout]
     result = _trial(name, opts, tmp_path, sensitive)
     assert 0.0 <= result["accuracy"] <= 1.0 and result["device"] == "cpu"
+    # the trial fed the backbone its own preprocessing (test_resnet's data config: mean and std 0.5)
+    import json
+
+    record = json.loads(result["preprocessing"])
+    assert record["mean"] == [0.5, 0.5, 0.5] and record["std"] == [0.5, 0.5, 0.5]
 
 
 def test_folder_datasets_pickle_for_ray_workers(layouts) -> None:

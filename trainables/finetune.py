@@ -108,7 +108,7 @@ def train_and_evaluate(point: Mapping[str, Any], context: TrialContext, *, state
     """
     import torch
 
-    from trainables import backbones, interventions, loop, metrics, worker_cache
+    from trainables import backbones, interventions, loop, metrics, pretrain, worker_cache
 
     loop.set_threads(context.cpus_per_trial)
     device = loop.select_device()
@@ -120,6 +120,7 @@ def train_and_evaluate(point: Mapping[str, Any], context: TrialContext, *, state
     candidates = [(lr, wd) for lr in _candidates(ft["lr"]) for wd in _candidates(ft["weight_decay"])]
 
     dataset = worker_cache.dataset(context.dataset, context.dataset_options)
+    dataset = pretrain.model_view(dataset, point["backbone"])  # folder images: the backbone's own mean/std/crop
     pool = dataset.meta("finetune")
     chosen = interventions.apply_intervention(point["intervention"], pool.labels, pool.groups,
                                               float(point["magnitude"]), int(ft["size"]), seed)
@@ -213,7 +214,8 @@ def train_and_evaluate(point: Mapping[str, Any], context: TrialContext, *, state
         static = {"requested_magnitude": chosen.requested, "achieved_magnitude": chosen.achieved,
                   "n_finetune": int(len(chosen.indices)), "n_groups": info.n_groups,
                   "frozen_groups": json.dumps(list(info.frozen_groups)), "frozen_fraction": info.frozen_fraction,
-                  "pretrain_ref": pretrain_ref or "", "device": str(device), "feature_cache": feature_note}
+                  "pretrain_ref": pretrain_ref or "", "device": str(device), "feature_cache": feature_note,
+                  "preprocessing": dataset.preprocessing_record()}
         train_mode = (net.train if features  # noqa: E731 - frozen layers stay in eval
                       else lambda: backbones.set_train_mode(model, info))
         for epoch in range(start_epoch, epochs):
