@@ -254,6 +254,9 @@ def _print_summary(result, args: argparse.Namespace) -> int:
           f"seeds with their sd and 95 % t-interval):")
     if not front.empty:
         print(front[[c for c in cols if c in front]].to_string(index=False, float_format=lambda v: f"{v:.4f}"))
+        story = _front_story(result, perf, fair)
+        if story:
+            print(f"\nwhat it shows: {story}")
     where = f" --storage {args.storage}" if args.storage else ""
     if result.failed:
         print(f"failed trial runs: {', '.join(result.failed)} (see the fairsweep.error tag of each)")
@@ -264,6 +267,16 @@ def _print_summary(result, args: argparse.Namespace) -> int:
         print(f"\ninterrupted before every trial ended; continue with: fairsweep resume {plan.spec.name}{where}", file=sys.stderr)
         return EXIT_INTERRUPTED
     return EXIT_TRIALS_FAILED if result.failed else EXIT_OK
+
+
+def _front_story(result, perf: str, fair: str) -> str:
+    """The one-line reading of the finished sweep (orchestrator.report.front_story), from MLflow."""
+    from orchestrator.query import sweep_trials
+    from orchestrator.report import front_story
+    from orchestrator.store import open_client
+
+    spec = result.plan.spec
+    return front_story(sweep_trials(open_client(result.tracking_uri), spec.name, spec.experiment), perf, fair)
 
 
 def _cmd_report(args: argparse.Namespace) -> int:

@@ -220,9 +220,14 @@ def read_sweep_record(path: str) -> dict:
     import json
 
     try:
-        return json.loads((Path(path) / SWEEP_RECORD).read_text())
+        record = json.loads((Path(path) / SWEEP_RECORD).read_text())
     except (OSError, ValueError):
         raise LaunchError(f"no fairsweep sweep at {path} (no {SWEEP_RECORD}); check the sweep name and --storage") from None
+    if not isinstance(record, dict) or not isinstance(record.get("spec"), dict) or "tracking_uri" not in record:
+        raise LaunchError(f"{Path(path) / SWEEP_RECORD} is not a sweep record this fairsweep can read (damaged, or "
+                          f"from another version): it lacks the spec or the tracking URI; launch the sweep again "
+                          f"under another name")
+    return record
 
 
 def _refuse_tracked_sweep(spec: Any, tracking_uri: str, storage: str) -> None:

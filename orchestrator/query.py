@@ -426,20 +426,30 @@ def paired_tests(trials: pd.DataFrame, by: str, metric: str, reference_group: An
     others = [c for c in (*AXIS_PARAMS, "seed") if c in trials and c != by]
     values = trials.assign(_v=_objective_values(trials, [metric])[:, 0]) if len(trials) else trials.assign(_v=np.nan)
     values = values[values["_v"].notna()]
-    ref = values[values[by].astype(str) == str(reference_group)][[*others, "_v"]]
+
+    def cells(frame: pd.DataFrame) -> pd.DataFrame:
+        """One value per matched cell (a cell an optuna search ran twice, e.g. at two learning rates, is
+        averaged): pairs are one-to-one, never a cross product."""
+        return frame.groupby(others, dropna=False, as_index=False)["_v"].mean() if others else frame[["_v"]]
+
+    ref = cells(values[values[by].astype(str) == str(reference_group)])
     out = []
     for key in sorted(values[by].dropna().unique(), key=str):
         rec = {by: key, "n_pairs": 0, "mean_diff": np.nan, "p_ttest": np.nan, "p_wilcoxon": np.nan}
         if str(key) != str(reference_group):
-            pairs = values[values[by] == key][[*others, "_v"]].merge(ref, on=others, suffixes=("", "_ref"))
+            pairs = cells(values[values[by] == key]).merge(ref, on=others, suffixes=("", "_ref"))
             diff = (pairs["_v"] - pairs["_v_ref"]).to_numpy(float)
             rec["n_pairs"], rec["mean_diff"] = len(diff), float(diff.mean()) if len(diff) else np.nan
             if len(diff) >= 2:
                 if np.all(diff == 0):  # no difference at all: both tests are undefined; nothing to reject
                     rec["p_ttest"] = rec["p_wilcoxon"] = 1.0
                 else:
-                    rec["p_ttest"] = float(stats.ttest_rel(pairs["_v"], pairs["_v_ref"]).pvalue)
-                    rec["p_wilcoxon"] = float(stats.wilcoxon(diff).pvalue)
+                    import warnings
+
+                    with warnings.catch_warnings():  # identical differences: scipy warns, the p-value stands
+                        warnings.simplefilter("ignore", RuntimeWarning)
+                        rec["p_ttest"] = float(stats.ttest_rel(pairs["_v"], pairs["_v_ref"]).pvalue)
+                        rec["p_wilcoxon"] = float(stats.wilcoxon(diff).pvalue)
         out.append(rec)
     table = pd.DataFrame(out, columns=[by, "n_pairs", "mean_diff", "p_ttest", "p_wilcoxon"])
     for col in ("p_ttest", "p_wilcoxon"):
@@ -481,8 +491,8 @@ def compare(trials: pd.DataFrame, by: str, perf: str, fair: str, *, max_drop: fl
     if by not in rows:
         raise ValueError(f"cannot group by {by!r}; use one of {', '.join(c for c in AXIS_PARAMS + ('seed',) if c in rows)}")
     shown = list(dict.fromkeys([sel_perf, sel_fair, perf, fair]))
-    if by_config:
-        shown += [f"{m}_{x}" for m in (perf, fair) for x in ("ci_low", "ci_high")]
+    if by_config:  # the pick's uncertainty over seeds: sd, count and 95 % t-interval
+        shown += ["n_seeds", *(f"{m}_{x}" for m in (perf, fair) for x in ("std", "count", "ci_low", "ci_high"))]
     ids = ["run_ids", "trial_keys"] if by_config else ["run_id", "trial_key"]
     tests = ["n_pairs", "mean_diff", "p_ttest", "p_wilcoxon"]
     cols = [by, "n_trials", "n_within", *ids, "config_key", *shown, "rel_change", *tests]

@@ -91,8 +91,14 @@ def write_report(client: Any, sweep: str, out: Path, *, experiment: str | None =
     if not groups.empty:
         save(figures.group_bars_figure(groups), "front_group_accuracy.png")
 
-    best = query.best(trials, perf, fair, max_drop=max_drop, by_config=True, select_on=select_on)
-    files.append(_write_summary(out / "summary.md", sweep, experiment, trials, table, perf, fair, best, max_drop, select_on))
+    try:
+        best = query.best(trials, perf, fair, max_drop=max_drop, by_config=True, select_on=select_on)
+    except ValueError as exc:  # e.g. a sweep from before validation scoring: the figures still stand
+        best, skipped = pd.DataFrame(), str(exc)
+    else:
+        skipped = ""
+    files.append(_write_summary(out / "summary.md", sweep, experiment, trials, table, perf, fair, best, max_drop, select_on,
+                                skipped))
     if log_to_mlflow:
         for f in files:
             client.log_artifact(parent.info.run_id, str(f), artifact_path="report")
@@ -114,7 +120,7 @@ def _interval(row: Any, metric: str) -> str:
 
 
 def _write_summary(path: Path, sweep: str, experiment: str, trials: pd.DataFrame, table: pd.DataFrame, perf: str,
-                   fair: str, best: pd.DataFrame, max_drop: float, select_on: str) -> Path:
+                   fair: str, best: pd.DataFrame, max_drop: float, select_on: str, skipped: str = "") -> Path:
     cols = ["backbone", "paradigm", "intervention.kind", "intervention.magnitude", "freeze_depth", "n_seeds"]
     front = table[table["on_front"]]
     shown = front[cols].copy()
@@ -136,8 +142,34 @@ def _write_summary(path: Path, sweep: str, experiment: str, trials: pd.DataFrame
                   f"{fair} {row[fair]:.4f} {_interval(row, fair)} on test (means over {row['n_seeds']} seed(s); chosen "
                   f"by {sel} {row[sel]:.4f}, best {row[f'reference_{sel}']:.4f}; `fairsweep best {sweep} "
                   f"--select-on {select_on} --max-drop {max_drop:g}` gives the same).", ""]
+    if skipped:
+        lines += [f"## Fairest within {max_drop:g} of the best {perf}", "", f"Not chosen: {skipped}", ""]
     lines += ["## Figures", "", "- `pareto.png`: every configuration, coloured by paradigm, the front as a line",
               "- `vs_intervention_magnitude.png`, `vs_freeze_depth.png`: means per paradigm",
               "- `front_group_accuracy.png`: per-group accuracy of the front's members", ""]
     path.write_text("\n".join(lines))
     return path
+
+
+def front_story(trials: pd.DataFrame, perf: str, fair: str, *, max_drop: float = 0.01) -> str:
+    """One line on what a finished sweep shows: the fairest configuration within ``max_drop`` of the best
+    ``perf`` (chosen on validation when the trials have val_ metrics; test metrics reported, with their
+    interval over seeds) and, where the sweep has one, the biased base under a linear probe against the
+    other pretrained bases under one (paper A's inheritance). Empty when nothing finished."""
+    if trials.empty or perf not in trials or fair not in trials:
+        return ""
+    select_on = "val" if f"val_{perf}" in trials and f"val_{fair}" in trials else "test"
+    pick = query.best(trials, perf, fair, max_drop=max_drop, select_on=select_on)
+    parts = []
+    if not pick.empty:
+        row = pick.iloc[0]
+        parts.append(f"fairest within {max_drop:g} of the best {perf} (chosen on {select_on}): {row['paradigm']} / "
+                     f"freeze {row['freeze_depth']} / {row['intervention.kind']} {row['intervention.magnitude']:g}, "
+                     f"{perf} {row[perf]:.3f} {_interval(row, perf)}, {fair} {row[fair]:.3f} {_interval(row, fair)}")
+    probes = trials[trials["freeze_depth"].astype(str) == "linear"]
+    if "biased" in set(probes["paradigm"]):
+        means = probes.groupby("paradigm")[fair].mean()
+        others = ", ".join(f"{p} {v:.3f}" for p, v in means.items() if p not in ("biased", "scratch"))
+        parts.append(f"{fair} of a linear probe on the biased base {means['biased']:.3f}"
+                     + (f" (other bases: {others})" if others else "") + ", means over magnitudes and seeds")
+    return "; ".join(parts)

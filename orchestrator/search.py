@@ -11,6 +11,7 @@ replaced, never counted) and because the study must outlive a pickled searcher.
 from __future__ import annotations
 
 import json
+import math
 import os
 import uuid
 from typing import Any, Mapping
@@ -265,9 +266,12 @@ def search_values(objectives: Any, result: Mapping[str, Any]) -> list[float] | N
     when the result lacks one of them."""
     from trainables.metrics import is_signed
 
+    infinite = set(str(result.get("infinite_metrics") or "").split(","))
     values = []
     for metric in (objectives.performance, objectives.fairness):
         value = result.get(f"val_{metric}")
+        if value is None and f"val_{metric}" in infinite:  # a ratio against a zero rate: as unfair as it gets
+            value = math.inf
         if value is None:
             return None
         values.append(abs(float(value)) if is_signed(metric) else float(value))

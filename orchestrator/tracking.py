@@ -37,7 +37,8 @@ class TAGS:
 # Result keys that are bookkeeping, not metrics.
 FRONT_REFRESH_S = 5.0  # the front is recomputed at most this often while trials finish, and at the end
 _PER_EPOCH = {"train_loss", "val_loss", "epoch"}  # logged every epoch; everything else once, with the final result
-_NON_METRIC = {"frozen_groups", "pretrain_ref", "device", "done_training", "chosen_hparams", "trial_id", "date",
+_NON_METRIC = {"frozen_groups", "pretrain_ref", "device", "done_training", "chosen_hparams", "infinite_metrics",
+               "feature_cache", "preprocessing", "trial_id", "date",
                "hostname", "node_ip",
                "pid", "experiment_id", "experiment_tag", "timestamp", "time_this_iter_s", "time_total_s",
                "time_since_restore", "iterations_since_restore", "training_iteration", "checkpoint_dir_name",
@@ -247,7 +248,8 @@ class SweepTracker(tune.Callback):
         self._last_step[run_id] = max(step, self._last_step.get(run_id, 0))
         metrics = []
         for k, v in _flatten(result).items():
-            if k in _NON_METRIC or not isinstance(v, (int, float)) or isinstance(v, bool) or not math.isfinite(v):
+            if (k.split("/", 1)[0] in _NON_METRIC or not isinstance(v, (int, float)) or isinstance(v, bool)
+                    or not math.isfinite(v)):  # Tune's own config/..., the inner search's chosen_hparams/...
                 continue
             if (k in _PER_EPOCH and new_epoch) or (final and k not in _PER_EPOCH):
                 metrics.append(Metric(k, float(v), int(result.get("timestamp", 0)) * 1000, step))
@@ -256,6 +258,8 @@ class SweepTracker(tune.Callback):
             from mlflow.entities import Param, RunTag
 
             tags.append(RunTag("fairsweep.frozen_groups", str(result.get("frozen_groups", ""))))
+            if result.get("infinite_metrics"):  # ratios against a zero rate: +inf, which MLflow cannot hold
+                tags.append(RunTag("fairsweep.infinite_metrics", str(result["infinite_metrics"])[:5000]))
             if result.get("preprocessing"):  # folder images: the mean/std/size/crop the backbone was fed
                 tags.append(RunTag("fairsweep.preprocessing", str(result["preprocessing"])[:500]))
             if result.get("feature_cache"):  # whether it trained on cached frozen-prefix features, and why (not)

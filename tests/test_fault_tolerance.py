@@ -151,9 +151,24 @@ def test_worker_node_failure_retries_trials(tmp_path, monkeypatch):
         killed.set()
         thread.join(timeout=30)
         ray.shutdown()
+        node_pids = [info.process.pid for node in (cluster.head_node, *cluster.worker_nodes)
+                     for infos in node.all_processes.values() for info in infos if info.process is not None]
         cluster.shutdown()
         if recorded is not None:
             address_file.write_text(recorded)
+    # the test cluster is gone: none of its processes (GCS, raylets, their workers' parents) outlives the test
+    import psutil
+
+    def alive(pid: int) -> bool:
+        try:
+            return psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
+        except psutil.NoSuchProcess:
+            return False
+
+    deadline = time.monotonic() + 30
+    while any(alive(p) for p in node_pids) and time.monotonic() < deadline:
+        time.sleep(0.5)
+    assert node_pids and not [p for p in node_pids if alive(p)]
     assert was_killed, "the worker node was never removed"
     assert result.failed == [] and result.finished == 4 and not result.interrupted
     from ray.tune import ExperimentAnalysis

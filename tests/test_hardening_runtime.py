@@ -178,6 +178,22 @@ def _hold_lock(folder: Path) -> subprocess.Popen:
     return proc
 
 
+@pytest.mark.parametrize("record,needle", [
+    ({"spec": {**tiny_spec(), "axes": {**tiny_spec()["axes"], "seed": [2**40]}}, "tracking_uri": "sqlite:///x.db",
+      "cache_root": "c"}, "holds a spec this fairsweep refuses"),  # written when the bounds were looser
+    ({"tracking_uri": "sqlite:///x.db"}, "not a sweep record this fairsweep can read"),  # damaged
+])
+def test_status_and_resume_of_an_unreadable_sweep_record_exit_2(tmp_path, record, needle):
+    folder = tmp_path / "results" / "tiny"
+    folder.mkdir(parents=True)
+    (folder / SWEEP_RECORD).write_text(json.dumps(record))
+    for command in ("status", "resume"):
+        out = run_cli(command, "tiny", "--storage", str(tmp_path / "results"), cwd=tmp_path, timeout=120)
+        assert out.returncode == 2 and "Traceback" not in out.stderr, (command, out.stderr[-2000:])
+        if command == "status" or "spec" not in record:
+            assert needle in out.stderr, (command, out.stderr)
+
+
 def test_a_held_sweep_refuses_resume_naming_the_holder_but_not_status(tmp_path):
     spec = tiny_spec()
     folder = _record(tmp_path / "results", spec, sqlite_uri(tmp_path))

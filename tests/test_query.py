@@ -495,8 +495,39 @@ def test_cli_picks_on_validation_with_intervals_and_paired_tests(val_store):
                "--max-drop", "0.2", "--format", "json")
     assert cmp.returncode == 0, cmp.stderr
     got = {r["paradigm"]: r for r in json.loads(cmp.stdout)}
+    assert got["steady"]["n_seeds"] == 3 and got["steady"][f"{FAIR}_std"] == pytest.approx(0.01)  # the pick's spread
+    assert got["steady"][f"{FAIR}_ci_low"] < got["steady"][FAIR] < got["steady"][f"{FAIR}_ci_high"]
     # matched on every other axis and the seed: three pairs, lucky 0.10 fairer on test in each
     assert got["lucky"]["n_pairs"] == 3 and got["lucky"]["mean_diff"] == pytest.approx(-0.10)
     assert got["lucky"]["p_wilcoxon"] == pytest.approx(0.25) and "p_ttest" in got["lucky"]  # n = 3: 2/2^3 at best
     stale = _cli(val_store, "best", "sB", "--experiment", "exp1", "--max-drop", "0.02")
     assert stale.returncode == 2 and "--select-on test" in stale.stderr
+
+
+def test_the_launch_summary_line_names_the_fairest_pick_and_the_biased_probe():
+    from orchestrator.report import front_story
+
+    rows = []
+    for seed in ("0", "1"):
+        for paradigm, freeze, acc, eod, vacc, veod in (("biased", "linear", 0.70, 0.90, 0.70, 0.90),
+                                                       ("supervised", "linear", 0.85, 0.10, 0.85, 0.10),
+                                                       ("supervised", "0", 0.86, 0.30, 0.86, 0.30),
+                                                       ("scratch", "0", 0.845, 0.05, 0.80, 0.02)):
+            rows.append({"paradigm": paradigm, "freeze_depth": freeze, "intervention.magnitude": 0.5, "seed": seed,
+                         PERF: acc, FAIR: eod, f"val_{PERF}": vacc, f"val_{FAIR}": veod})
+    trials = _frame(rows)
+    trials["config_key"] = trials["config_key"] + "-" + trials["freeze_depth"]
+    line = front_story(trials, PERF, FAIR)
+    # on validation scratch is 6 points behind, so the pick is supervised's probe, not the test-fairer scratch
+    assert line.startswith("fairest within 0.01 of the best accuracy (chosen on val): supervised / freeze linear")
+    assert "accuracy 0.850" in line and f"{FAIR} 0.100" in line
+    assert f"{FAIR} of a linear probe on the biased base 0.900 (other bases: supervised 0.100)" in line
+    assert front_story(trials.iloc[0:0], PERF, FAIR) == ""
+
+
+def test_paired_tests_pair_each_matched_cell_once():
+    """An optuna search may run one cell twice (two learning rates): its values are averaged, never crossed."""
+    rows = [{"paradigm": p, "intervention.magnitude": 0.5, "seed": s, PERF: 0.8, FAIR: f}
+            for p, fs in (("supervised", (0.30, 0.40)), ("simclr", (0.10, 0.20))) for s in ("0", "1") for f in fs]
+    got = query.paired_tests(_frame(rows), "paradigm", FAIR, "supervised").set_index("paradigm")
+    assert got.loc["simclr", "n_pairs"] == 2 and got.loc["simclr", "mean_diff"] == pytest.approx(-0.2)

@@ -216,3 +216,15 @@ def test_the_study_is_told_validation_objectives_never_test_ones(tmp_path):
 
     signed = Objectives(performance="auroc", fairness="tpr_difference")
     assert search_values(signed, {"val_auroc": 0.8, "val_tpr_difference": -0.3, "tpr_difference": 0.0}) == [0.8, 0.3]
+
+
+def test_an_infinite_validation_objective_reaches_the_study_as_infinite_not_as_a_failure():
+    """A parity deviation against a zero privileged rate is +inf: left out of the report (MLflow cannot hold it)
+    but named in infinite_metrics, so the study is told the worst value instead of failing a finished trial."""
+    from orchestrator.search import search_values
+    from orchestrator.spec import Objectives
+
+    obj = Objectives(performance="accuracy", fairness="fdr_ratio_deviation")
+    got = search_values(obj, {"val_accuracy": 0.8, "infinite_metrics": "fdr_ratio_deviation,val_fdr_ratio_deviation"})
+    assert got == [0.8, float("inf")]
+    assert search_values(obj, {"val_accuracy": 0.8}) is None  # missing for another reason: a failure

@@ -214,8 +214,12 @@ def test_a_sweep_with_an_inner_search_records_its_choices_in_mlflow(tmp_path):
         for name in ("accuracy", "equalized_odds_difference", "tpr_difference"):
             assert run[f"metrics.val_{name}"] == run[f"metrics.val_{name}"]  # logged (not NaN)
             assert run[f"metrics.{name}.ci_low"] <= run[f"metrics.{name}"] <= run[f"metrics.{name}.ci_high"]
+        junk = [c for c in trials.columns if c.startswith(("metrics.config/", "metrics.chosen_hparams/"))]
+        assert not junk, junk  # Tune's config and the inner search's pick are params and tags, not metrics
         val = pd.read_csv(client.download_artifacts(run_id, VAL_PREDICTIONS_FILE, str(tmp_path)))
         assert metrics.calibrated_threshold(val["y_true"], val["y_score"]) == run["metrics.threshold"]
+    parent = mlflow.search_runs(experiment_names=["inner"], filter_string="tags.`fairsweep.kind` = 'sweep'").iloc[0]
+    assert parent["tags.fairsweep.front_split"] == "test"  # the descriptive front says which split it is of
     best = run_cli("best", "inner", "--tracking-uri", uri, "--max-drop", "0.05", "--format", "json", cwd=tmp_path,
                    timeout=120)
     assert best.returncode == 0, best.stderr
@@ -225,3 +229,30 @@ def test_a_sweep_with_an_inner_search_records_its_choices_in_mlflow(tmp_path):
                      cwd=tmp_path, timeout=120)  # every registered metric is known to the queries
     assert signed.returncode == 0, signed.stderr
     assert {r["trial_key"] for r in json.loads(signed.stdout)} <= set(trials["tags.fairsweep.trial_key"])
+
+
+def test_the_default_privileged_group_is_the_same_on_validation_and_test(tmp_path):
+    """The largest group is the default privileged one; it is worked out once (on test) and used on validation
+    too, so a signed metric compares the same two groups on both splits even when their sizes differ."""
+    from types import SimpleNamespace
+
+    from trainables.data.base import SplitMeta
+    from trainables.finetune import _evaluate
+
+    rng = np.random.default_rng(0)
+
+    def split(n_red: int, n_green: int) -> SplitMeta:
+        groups = np.array([0] * n_red + [1] * n_green)
+        labels = np.array([0, 1] * ((n_red + n_green) // 2))
+        return SplitMeta(labels, groups, {"group": groups})
+
+    metas = {"test": split(60, 40), "val": split(40, 60)}  # red is largest on test, green on validation
+    data = SimpleNamespace(meta=metas.__getitem__, group_names={"group": ("red", "green")}, primary="group",
+                           privileged={})
+    scores = {s: rng.uniform(size=len(m.labels)) for s, m in metas.items()}
+    out = _evaluate(scores.__getitem__, data, {"threshold": 0.5}, tmp_path, metrics,
+                    TrialContext(dataset="-", dataset_options={}, finetune={}, cache_root="-", bootstrap=0))
+    val = metrics.evaluate(metas["val"].labels, scores["val"], {"group": np.array(["red", "green"], dtype=object)[
+        metas["val"].groups]}, primary="group", threshold=0.5, privileged={"group": "red"})
+    assert out["val_tpr_difference"] == pytest.approx(val.metrics["tpr_difference"])
+    assert pd.read_csv(tmp_path / "per_group.csv").query("privileged")["group"].tolist() == ["red"]

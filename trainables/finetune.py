@@ -298,9 +298,14 @@ def finetune_trial(config: Mapping[str, Any], context: TrialContext) -> None:
 
 
 def _reportable(result: Mapping[str, Any]) -> dict[str, Any]:
-    """The result with undefined values (a NaN interval, an infinite ratio against a zero rate) left out:
-    Tune's loggers warn on every one, and MLflow cannot hold them; the predictions artifact can recompute them."""
-    return {k: v for k, v in result.items() if not (isinstance(v, float) and not math.isfinite(v))}
+    """The result with non-finite values left out (Tune's loggers warn on every one; MLflow cannot hold them):
+    undefined ones (NaN: an interval of one value) are dropped, and the names of infinite ones (a ratio
+    against a zero rate) are listed in ``infinite_metrics``, so the search can still be told the value."""
+    out = {k: v for k, v in result.items() if not (isinstance(v, float) and not math.isfinite(v))}
+    infinite = sorted(k for k, v in result.items() if isinstance(v, float) and math.isinf(v) and v > 0)
+    if infinite:
+        out["infinite_metrics"] = ",".join(infinite)
+    return out
 
 
 def _split_scores(model: Any, dataset: Any, split: str, batch_size: int, device: Any, loop: Any) -> np.ndarray:
@@ -329,15 +334,17 @@ def _evaluate(score: Callable[[str], np.ndarray], dataset: Any, ft: Mapping[str,
     rule = ft.get("threshold", "calibrated")
     threshold = (metrics.calibrated_threshold(dataset.meta("val").labels, scores["val"]) if rule == "calibrated"
                  else float(rule))
-    # the privileged group per attribute: the spec's, else the dataset's, else the metrics' default (the largest)
+    # the privileged group per attribute: the spec's, else the dataset's, else the metrics' default (the
+    # largest group), worked out once on the test split and then used for both splits and the bootstrap, so
+    # a signed metric compares the same groups on validation and test
     privileged = {**dict(dataset.privileged), **dict(context.privileged)}
-    named_privileged = {"privileged": privileged} if privileged else {}
     result: dict[str, Any] = {"threshold": float(threshold)}
-    for split, prefix, file in (("val", "val_", VAL_PREDICTIONS_FILE), ("test", "", PREDICTIONS_FILE)):
+    for split, prefix, file in (("test", "", PREDICTIONS_FILE), ("val", "val_", VAL_PREDICTIONS_FILE)):
         meta = dataset.meta(split)
         named = {attr: _group_labels(codes, dataset.group_names.get(attr)) for attr, codes in meta.attributes.items()}
         ev = metrics.evaluate(meta.labels, scores[split], named, primary=dataset.primary, threshold=threshold,
-                              **named_privileged)
+                              **({"privileged": privileged} if privileged else {}))
+        privileged = {**dict(ev.privileged), **privileged}
         result.update({prefix + k: float(v) for k, v in ev.metrics.items()})
         frame = pd.DataFrame({"y_true": meta.labels, "y_score": scores[split],
                               "y_pred": (scores[split] >= threshold).astype(int)})
@@ -350,7 +357,7 @@ def _evaluate(score: Callable[[str], np.ndarray], dataset: Any, ft: Mapping[str,
                 wanted = [m for m in dict.fromkeys((*context.objectives, *HEADLINE_METRICS)) if m in ev.metrics]
                 intervals = metrics.bootstrap_ci(meta.labels, scores[split], named, primary=dataset.primary,
                                                  metrics=wanted, n_resamples=context.bootstrap, threshold=threshold,
-                                                 seed=0, **named_privileged)
+                                                 seed=0, privileged=privileged)
                 for m, (low, high) in intervals.items():
                     result[f"{m}.ci_low"], result[f"{m}.ci_high"] = low, high
     return {**result, "done_training": True}

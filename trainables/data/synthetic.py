@@ -13,6 +13,11 @@ Image of split s, index i (C=3, S=image_size):
   * group (primary attribute "group"): the top 3 rows of channel 0 (red, group 0) or 1 (green,
     group 1) raised by group_strength;
   * stripes (extra label "stripes", unrelated to both): vertical stripes of period 4 on all channels.
+
+The source split has P(group == label) = source_correlation; val and test have eval_correlation (0.5,
+balanced, by default; paper A evaluates at a fixed skew, where a model using the group cue gains accuracy
+at fairness's expense, so performance and fairness trade off); the finetuning pool is balanced and the
+interventions choose from it.
 """
 from __future__ import annotations
 
@@ -38,6 +43,8 @@ OPTIONS: Mapping[str, Option] = {
     "n_val": Option(1000, int, 4, MAX_EXAMPLES, why=_CELL_MIN),
     "n_test": Option(2000, int, 4, MAX_EXAMPLES, why=_CELL_MIN),
     "source_correlation": Option(0.5, float, 0.0, 1.0, why="P(group == label) in the source split"),
+    "eval_correlation": Option(0.5, float, 0.05, 0.95, why="P(group == label) in the val and test splits (paper A "
+                               "evaluates at a fixed skew); every (label, group) cell keeps examples"),
     "image_size": Option(32, int, 16, 1024, why="the border, margins and square need 16 pixels; at most 1024 "
                          "like folder images"),
     "noise": Option(0.6, float, 0.0),
@@ -106,6 +113,8 @@ class SyntheticImages(Dataset):
         rng = np.random.default_rng([int(o["seed"]), SPLITS.index(split), _META_STREAM])
         if split == "source":
             counts = _cell_counts(n, float(o["source_correlation"]))
+        elif split in ("val", "test") and float(o["eval_correlation"]) != 0.5:
+            counts = _cell_counts(n, float(o["eval_correlation"]))
         else:
             counts = dict(zip(_CELL_ORDER, _split_counts(n, len(_CELL_ORDER))))
         labels, groups, stripes = _layout(counts, rng)
@@ -150,7 +159,10 @@ class SyntheticImages(Dataset):
         return out
 
     def fingerprint(self) -> str:
-        canonical = json.dumps(dict(self.options), sort_keys=True, separators=(",", ":"))
+        options = dict(self.options)
+        if options.get("eval_correlation") == 0.5:  # the default, balanced: keys from before the option stay valid
+            del options["eval_correlation"]
+        canonical = json.dumps(options, sort_keys=True, separators=(",", ":"))
         return f"{self.name}/v{GENERATOR_VERSION}:{canonical}"
 
 
