@@ -87,6 +87,8 @@ MAX_RESOURCE = 1024
 MIN_RESOURCE_FRACTION = 0.0001  # Ray's resource granularity
 MAX_FAILURES = 1000
 MAX_BOOTSTRAP = 100_000
+MAX_RATE = 10.0  # finetune.lr / weight_decay: larger values only diverge
+MAX_CANDIDATES = 16  # per inner-search list
 MAX_CHECKPOINT_INTERVAL_S = 86_400.0
 MAX_PATH_CHARS = 4096
 MAX_PATH_PART_BYTES = 255  # NAME_MAX: a longer part fails the lookup itself
@@ -430,18 +432,22 @@ def _range(raw: Mapping[str, Any], path: str, *, low: float | None = None, high:
 
 
 def _rate(minimum: float, open_low: bool) -> Any:
-    """A finetuning rate: a number, or a range {low, high, log} for the optuna search."""
+    """A finetuning rate: a number, a list of candidates for the inner search (each trial trains every one,
+    so the list is bounded), or a range {low, high, log} for the optuna search. At most MAX_RATE."""
 
     def parse(v: Any, p: str) -> "float | tuple[float, ...] | Range":
         if isinstance(v, Mapping):
-            return _range(v, p, low=minimum)
+            return _range(v, p, low=minimum, high=MAX_RATE)
         if isinstance(v, list):
             if not v:
                 raise SpecError(p, v, "an inner search needs at least one candidate, e.g. [0.001, 0.01, 0.1]; or give "
                                       "one number")
-            values = [_float(x, f"{p}[{i}]", low=minimum, low_open=open_low) for i, x in enumerate(v)]
+            if len(v) > MAX_CANDIDATES:
+                raise SpecError(p, v, f"at most {MAX_CANDIDATES} candidates: every trial trains each lr x weight_decay "
+                                      f"pair; search wider spaces with search type optuna and a range")
+            values = [_float(x, f"{p}[{i}]", low=minimum, high=MAX_RATE, low_open=open_low) for i, x in enumerate(v)]
             return values[0] if len(values) == 1 else _unique(values, p)
-        return _float(v, p, low=minimum, low_open=open_low)
+        return _float(v, p, low=minimum, high=MAX_RATE, low_open=open_low)
 
     return parse
 

@@ -154,6 +154,8 @@ def test_an_inner_search_interrupted_between_candidates_resumes_to_the_same_resu
     ({"finetune.select_epoch": "best"}, "finetune.select_epoch", "last, best_val_loss"),
     ({"finetune.lr": []}, "finetune.lr", "at least one candidate"),
     ({"finetune.lr": [0.1, -1]}, "finetune.lr[1]", "> 0"),
+    ({"finetune.lr": [0.001 * i for i in range(1, 18)]}, "finetune.lr", "at most 16 candidates"),
+    ({"finetune.lr": 50}, "finetune.lr", "<= 10.0"),
     ({"evaluation": {"bootstrap": -1}}, "evaluation.bootstrap", ">= 0"),
     ({"dataset.privileged": {"group": "purple"}}, "dataset.privileged.group", "its groups: red, green"),
     ({"dataset.privileged": {"shoe_size": "big"}}, "dataset.privileged.shoe_size", "no sensitive attribute"),
