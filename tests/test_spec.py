@@ -13,11 +13,12 @@ from tests.helpers import REPO, tiny_spec, write_spec
 def test_quickstart_file_parses_into_frozen_typed_spec():
     spec = load_spec(REPO / "sweeps" / "quickstart.yaml")
     assert spec.name == "quickstart" and spec.experiment == "quickstart"
-    assert spec.axes.backbone == ("test_resnet", "test_convnext")
+    assert spec.axes.backbone == ("test_convnext",)
+    assert spec.axes.paradigm == ("scratch", "supervised", "biased")  # the story needs a biased base
     assert spec.axes.intervention[0].kind == "correlation"
     assert spec.axes.intervention[0].magnitudes == (0.5, 0.7, 0.9)
-    assert spec.axes.freeze_depth == (0, 2, "linear")
-    assert spec.n_trials == 2 * 2 * 3 * 3 * 1 == 36
+    assert spec.axes.freeze_depth == (0, "linear")
+    assert spec.n_trials == 1 * 3 * 3 * 2 * 2 == 36
     with pytest.raises(dataclasses.FrozenInstanceError):
         spec.name = "other"  # type: ignore[misc]
 
