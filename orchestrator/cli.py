@@ -72,7 +72,10 @@ def _add_format(p: argparse.ArgumentParser, what: str) -> None:
 def _add_run_flags(p: argparse.ArgumentParser) -> None:
     """Flags of the commands that run trials (launch, resume)."""
     p.add_argument("--max-concurrent", type=int, help="at most this many trials at once")
-    p.add_argument("--quiet", action="store_true", help="no Tune progress table")
+    p.add_argument("--quiet", action="store_true", help="no Tune progress table and no fairsweep progress lines")
+    p.add_argument("--verbose", action="store_true", help="also show the trials' own output (their prints and warnings)")
+    p.add_argument("--dashboard", action="store_true",
+                   help="start Ray's dashboard (a local Ray serves it on http://127.0.0.1:8265)")
     _add_target_flags(p)
 
 
@@ -170,8 +173,12 @@ def _plan(path: str):
 def _launch_options(args: argparse.Namespace):
     from orchestrator.launch import LaunchOptions
 
+    def progress(line: str) -> None:
+        print(f"[fairsweep] {line}", file=sys.stderr, flush=True)
+
     return LaunchOptions(tracking_uri=args.tracking_uri, address=args.address, storage=args.storage,
-                         cache_dir=args.cache_dir, max_concurrent_trials=args.max_concurrent, verbose=0 if args.quiet else 1)
+                         cache_dir=args.cache_dir, max_concurrent_trials=args.max_concurrent, verbose=0 if args.quiet else 1,
+                         progress=None if args.quiet else progress, trial_output=args.verbose, dashboard=args.dashboard)
 
 
 def _cmd_launch(args: argparse.Namespace) -> int:

@@ -38,6 +38,11 @@ class LaunchOptions:
     cache_dir: str | None = None
     max_concurrent_trials: int | None = None
     verbose: int = 1
+    # one line per event of the long phases (a pretraining job done; the sweep's counts, front and ETA every
+    # few seconds): the CLI prints them, plain lines whether or not the output is a terminal
+    progress: Callable[[str], None] | None = None
+    trial_output: bool = False  # forward the workers' stdout/stderr (the trials' own prints and warnings)
+    dashboard: bool = False  # start Ray's dashboard (on 127.0.0.1 for a local Ray)
 
 
 @dataclass(frozen=True)
@@ -108,21 +113,22 @@ def quiet_tune_restore_logs() -> None:
     logging.getLogger("ray.tune.analysis.experiment_analysis").setLevel(logging.ERROR)
 
 
-def init_ray(address: str | None) -> bool:
-    """Connect to ``address`` (or RAY_ADDRESS), else start a private local Ray on loopback.
-    Returns True when this call started Ray (and so should shut it down)."""
+def init_ray(address: str | None, *, trial_output: bool = False, dashboard: bool = False) -> bool:
+    """Connect to ``address`` (or RAY_ADDRESS), else start a private local Ray on loopback (its dashboard,
+    when asked for, on 127.0.0.1 too). Returns True when this call started Ray (and so should shut it down)."""
     import ray
 
     if ray.is_initialized():
         return False
     address = address or os.environ.get("RAY_ADDRESS")
     if address:
-        ray.init(address=address, log_to_driver=False)
+        ray.init(address=address, log_to_driver=trial_output)
         return True
     # bound to 127.0.0.1 because raylocal set RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0 before ray was imported;
     # "local" always starts a private instance: a bare ray.init() would join whatever cluster
     # /tmp/ray/ray_current_cluster names, even a dead one, and hang there.
-    ray.init(address="local", include_dashboard=False, log_to_driver=False, configure_logging=False)
+    ray.init(address="local", include_dashboard=dashboard, dashboard_host="127.0.0.1", log_to_driver=trial_output,
+             configure_logging=False)
     return True
 
 
@@ -145,7 +151,8 @@ def _trial_context(plan: Plan, cache_root: str, finished: list | None = None,
                         checkpoint_interval_s=s.resources.checkpoint_interval_s)
 
 
-def run_pretraining(plan: Plan, cache_root: str, tracker: Any) -> dict[str, str]:
+def run_pretraining(plan: Plan, cache_root: str, tracker: Any,
+                    progress: Callable[[str], None] | None = None) -> dict[str, str]:
     """Phase 1: each pretraining key once, as Ray tasks on the trials' resources; logged to MLflow.
 
     A job that raises is logged as a FAILED pretrain run and returned as {key: error}; the trials
@@ -161,11 +168,20 @@ def run_pretraining(plan: Plan, cache_root: str, tracker: Any) -> dict[str, str]
     refs = {task.remote(asdict(job), cache_root, res.cpus_per_trial): job for job in plan.pretrain_jobs}
     failed: dict[str, str] = {}
     pending = list(refs)
+    total = len(refs)
+    if progress and total:
+        progress(f"pretraining: {total} job(s) ({', '.join(f'{j.backbone}/{j.paradigm}' for j in plan.pretrain_jobs)})")
     while pending:
         done, pending = ray.wait(pending, num_returns=1)
         job = refs[done[0]]
         try:
-            tracker.log_pretrain(job, ray.get(done[0]))
+            outcome = ray.get(done[0])
+            tracker.log_pretrain(job, outcome)
+            if progress:
+                how = ("from the cache" if outcome.reused else
+                       f"{len(outcome.losses)} epochs, last loss {outcome.losses[-1]:.4f}" if outcome.losses else "built")
+                progress(f"pretraining {total - len(pending)}/{total} done: {job.backbone}/{job.paradigm} ({how}, "
+                         f"{outcome.seconds:.0f} s)")
         except (ray.exceptions.RayTaskError, ray.exceptions.WorkerCrashedError, ray.exceptions.NodeDiedError) as exc:
             cause = getattr(exc, "cause", None) or exc
             error = f"{type(cause).__name__}: {cause}"
@@ -388,7 +404,7 @@ def _ray_session(spec: Any, options: LaunchOptions) -> Iterator[None]:
     import ray
 
     cluster = bool(options.address or os.environ.get("RAY_ADDRESS"))
-    started = init_ray(options.address)
+    started = init_ray(options.address, trial_output=options.trial_output, dashboard=options.dashboard)
     try:
         _check_resources(spec.resources, local=started and not cluster)
         yield
@@ -412,11 +428,12 @@ def _run(plan: Plan, path: str, tracking_uri: str, cache_root: str, options: Lau
     quiet_tune_restore_logs()
     # num_to_keep forces a state snapshot after checkpoints; that is what keeps resume exact here
     os.environ.setdefault("TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S", "0")
-    tracker = SweepTracker(plan, tracking_uri, artifact_location=_artifact_location(tracking_uri))
+    tracker = SweepTracker(plan, tracking_uri, artifact_location=_artifact_location(tracking_uri),
+                           progress=options.progress)
     status, store_failed = "FAILED", False
     try:
         tracker.open()
-        failed_pretraining = run_pretraining(plan, cache_root, tracker)
+        failed_pretraining = run_pretraining(plan, cache_root, tracker, options.progress)
         context = _trial_context(plan, cache_root, finished=tracker.finished_trials(),
                                  failed_pretraining=failed_pretraining,
                                  feature_cache=str(Path(path).parent / FEATURE_CACHE_DIRNAME))

@@ -48,7 +48,8 @@ _NON_METRIC = {"frozen_groups", "pretrain_ref", "device", "done_training", "chos
 class SweepTracker(tune.Callback):
     """Writes one sweep into one MLflow experiment and keeps its Pareto front current."""
 
-    def __init__(self, plan: Plan, tracking_uri: str, *, artifact_location: str | None = None):
+    def __init__(self, plan: Plan, tracking_uri: str, *, artifact_location: str | None = None,
+                 progress: Any = None):
         self.plan = plan
         self.tracking_uri = tracking_uri
         self.artifact_location = artifact_location
@@ -64,6 +65,10 @@ class SweepTracker(tune.Callback):
         self._known: dict[str, tuple[str, str, bool]] = {}  # trial key -> (run id, status, has an error tag), at open
         self._errored: set[str] = set()  # run ids carrying an error tag (cleared when they finish)
         self._front_at = -math.inf  # when the front was last recomputed (time.monotonic)
+        self.progress = progress  # Callable[[str], None]: one line on the sweep every few seconds (the CLI's)
+        self._progress_at = -math.inf
+        self._started_at = time.monotonic()
+        self._front_size = 0
 
     # -- plumbing -------------------------------------------------------------------------------
     @property
@@ -78,6 +83,7 @@ class SweepTracker(tune.Callback):
     def __getstate__(self) -> dict:  # Tune pickles callbacks into its experiment state
         state = dict(self.__dict__)
         state["_client"] = None
+        state["progress"] = None  # a function of this driver's terminal: not part of the sweep's state
         return state
 
     def _find_runs(self, filter_string: str) -> list:
@@ -290,6 +296,7 @@ class SweepTracker(tune.Callback):
         self.client.set_terminated(run_id, "FINISHED")
         if time.monotonic() - self._front_at >= FRONT_REFRESH_S:  # at most every few seconds; always at the end
             self.refresh_front(draw=False)
+        self._report_progress(trials)
 
     def on_trial_error(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
         run_id = self._trial_run(trial)
@@ -297,6 +304,21 @@ class SweepTracker(tune.Callback):
         self.client.set_tag(run_id, TAGS.ERROR, error[-4000:])
         self._errored.add(run_id)
         self.client.set_terminated(run_id, "FAILED")
+        self._report_progress(trials)
+
+    def _report_progress(self, trials: list) -> None:
+        """At most every FRONT_REFRESH_S: finished / running / failed of the sweep's trials, the front's size
+        and an estimate of the time left (elapsed per ended trial, times the trials left)."""
+        if self.progress is None or time.monotonic() - self._progress_at < FRONT_REFRESH_S:
+            return
+        self._progress_at = time.monotonic()
+        status = [getattr(t, "status", "") for t in trials]
+        finished, failed, running = status.count("TERMINATED"), status.count("ERROR"), status.count("RUNNING")
+        total = self.spec.n_trials
+        ended, elapsed = finished + failed, time.monotonic() - self._started_at
+        eta = f", about {elapsed / ended * max(total - ended, 0):.0f} s left" if ended and total > ended else ""
+        self.progress(f"trials: {finished}/{total} finished, {running} running, {failed} failed; Pareto front: "
+                      f"{self._front_size} configurations; {elapsed:.0f} s{eta}")
 
     def on_experiment_end(self, trials: list, **info: Any) -> None:
         self.refresh_front(draw=False)  # the driver draws the final figure once Tune has returned
@@ -350,7 +372,51 @@ class SweepTracker(tune.Callback):
                     self._front_state[run_id] = value
         if not table.empty:
             self._log_front_artifacts(table, perf, fair, draw)
+        self._log_front_progress(table, perf, fair)
         return table
+
+    def _log_front_progress(self, table: pd.DataFrame, perf: str, fair: str) -> None:
+        """What the MLflow UI shows on the parent run as the sweep goes: ``front_size``, ``hypervolume`` and
+        ``trials_finished``, stepped by finished trials (a chart of the front growing), and the run's
+        description (Markdown): the axes, the current front and how to query it."""
+        from mlflow.entities import Metric, RunTag
+
+        from orchestrator import pareto as pareto_mod
+        from orchestrator.query import _direction, _objective_values
+
+        finished = int(table["n_seeds"].sum()) if len(table) else 0
+        front = table[table["on_front"]] if len(table) else table
+        self._front_size = len(front)
+        volume = 0.0
+        if len(table):  # reference: no performance, full unfairness (objectives in [0, 1], signed ones by |value|)
+            volume = pareto_mod.hypervolume(_objective_values(table, [perf, fair]), [_direction(perf), _direction(fair)],
+                                            [0.0 if _direction(perf) == "max" else 1.0,
+                                             1.0 if _direction(fair) == "min" else 0.0])
+        now = int(time.time() * 1000)
+        metrics = [Metric("front_size", float(len(front)), now, finished), Metric("hypervolume", volume, now, finished),
+                   Metric("trials_finished", float(finished), now, finished)]
+        self.client.log_batch(self.parent_run_id, metrics=metrics,
+                              tags=[RunTag("mlflow.note.content", self._description(front, perf, fair, finished))])
+
+    def _description(self, front: pd.DataFrame, perf: str, fair: str, finished: int) -> str:
+        s, name = self.spec, self.spec.name
+        axes = s.axes
+        lines = [f"**fairsweep sweep `{name}`**: {s.n_trials} trials of {', '.join(axes.backbone)} x "
+                 f"{', '.join(axes.paradigm)} x {'; '.join(f'{a.kind} {list(a.endpoints())}' for a in axes.intervention)}"
+                 f" x freeze {[str(f) for f in axes.freeze_depth]} x seeds {list(axes.seed)} on `{s.dataset.name}`.",
+                 "", f"Pareto front after {finished} finished trials ({perf} max, {fair} min; test split, means over "
+                 f"seeds): {len(front)} configurations.", ""]
+        if len(front):
+            cols = ["paradigm", "intervention.magnitude", "freeze_depth", "n_seeds", perf, fair]
+            lines += ["| " + " | ".join(cols) + " |", "|" + " --- |" * len(cols)]
+            for _, row in front.head(20).iterrows():
+                lines.append("| " + " | ".join(f"{row[c]:.4f}" if isinstance(row[c], float) else str(row[c])
+                                               for c in cols) + " |")
+            lines.append("")
+        lines += [f"Front members: filter the child runs with `tags.fairsweep.pareto_front = 'true'`. Ask more with "
+                  f"`fairsweep pareto {name}`, `fairsweep best {name} --max-drop 0.01`, `fairsweep compare {name} "
+                  f"--by paradigm` (choices on the validation split, intervals over seeds)."]
+        return "\n".join(lines)
 
     def _log_front_artifacts(self, table: pd.DataFrame, perf: str, fair: str, draw: bool) -> None:
         import matplotlib.pyplot as plt

@@ -222,6 +222,14 @@ def test_a_sweep_with_an_inner_search_records_its_choices_in_mlflow(tmp_path):
         assert metrics.calibrated_threshold(val["y_true"], val["y_score"]) == run["metrics.threshold"]
     parent = mlflow.search_runs(experiment_names=["inner"], filter_string="tags.`fairsweep.kind` = 'sweep'").iloc[0]
     assert parent["tags.fairsweep.front_split"] == "test"  # the descriptive front says which split it is of
+    # the MLflow UI tells the story on the parent run: the front's size and hypervolume as trials finish,
+    # and a description with the front and how to query it
+    assert parent["metrics.trials_finished"] == 2 and parent["metrics.front_size"] >= 1
+    assert 0 < parent["metrics.hypervolume"] <= 1
+    steps = [m.step for m in client.get_metric_history(parent["run_id"], "trials_finished")]
+    assert steps == sorted(steps) and steps[-1] == 2
+    note = parent["tags.mlflow.note.content"]
+    assert "Pareto front after 2 finished trials" in note and "tags.fairsweep.pareto_front = 'true'" in note
     best = run_cli("best", "inner", "--tracking-uri", uri, "--max-drop", "0.05", "--format", "json", cwd=tmp_path,
                    timeout=120)
     assert best.returncode == 0, best.stderr
