@@ -2,7 +2,7 @@
 
 Everything that can be known before a GPU is touched is checked here: registry names, intervention
 feasibility on the pool's metadata, freeze depths against each backbone's layer groups, metric names.
-A trial's identity is the hash of its canonical config (DESIGN decision 1); the pretraining key hashes
+A trial's identity is the hash of its canonical config (docs/architecture.md, decision 1); the pretraining key hashes
 everything that determines the pretrained weights (decision 3).
 """
 from __future__ import annotations

@@ -1,6 +1,6 @@
 """Driver-side MLflow writer: a parent run per sweep, a child run per trial, a run per pretraining job.
 
-Only the driver writes MLflow (DESIGN decision 2). Runs are found again by their tags (sweep name,
+Only the driver writes MLflow (docs/architecture.md, decision 2). Runs are found again by their tags (sweep name,
 trial key, pretraining key), never remembered only in memory, so a restarted driver continues the
 same runs instead of opening duplicates — the failure of Ray's stock MLflowLoggerCallback.
 """

@@ -1,6 +1,6 @@
 """Backbones (timm or registered custom ones), their layer groups, and architecture-neutral freezing.
 
-Freezing depth k means "the first k non-head coarse layer groups" (DESIGN.md decision 6), so one
+Freezing depth k means "the first k non-head coarse layer groups" (docs/architecture.md, decision 6), so one
 ``freeze_depth`` axis means the same thing for a ResNet (5 groups) and a ViT (13 groups). Groups come
 from the model's own ``group_matcher(coarse=True)``; freezing is by parameter, so root-level
 parameters (a ViT's ``pos_embed``, ``cls_token``) are covered, and BatchNorm layers inside fully

@@ -4,7 +4,7 @@ data -> intervention -> backbone (+ pretrained weights) -> freezing -> train -> 
 It checkpoints every epoch (model, optimiser, RNG) so a trial interrupted by a node failure or a
 killed driver continues where it stopped. The last checkpoint also carries the test predictions and
 the per-group table, which the driver-side tracker turns into MLflow artifacts: workers never write
-MLflow (DESIGN decision 2).
+MLflow (docs/architecture.md, decision 2).
 
 ``train_and_evaluate`` is the trial itself and runs without a Tune session (tests, notebooks);
 ``finetune_trial`` adapts it to Tune. Small datasets are finetuned from one on-device tensor; folder

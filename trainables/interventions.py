@@ -2,7 +2,7 @@
 
 An intervention picks exactly ``size`` examples of the finetuning pool from its labels and groups,
 a magnitude and a seed, so every trial of a sweep finetunes on the same amount of data and only its
-composition moves (DESIGN.md decision 4). The realised value is measured and reported next to the
+composition moves (docs/architecture.md, decision 4). The realised value is measured and reported next to the
 requested one.
 
 * ``correlation``: magnitude c = share of examples whose label equals their group code (aligned);

@@ -1,4 +1,4 @@
-"""Pretraining paradigms and the pretraining cache (DESIGN decision 3).
+"""Pretraining paradigms and the pretraining cache (docs/architecture.md, decision 3).
 
 A paradigm turns a freshly initialised backbone into a pretrained one, usually by training on the
 dataset's *source* split. Its result is keyed by everything that determines the weights, trained once

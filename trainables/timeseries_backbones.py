@@ -5,7 +5,7 @@ like any timm model: ``forward_features`` (unpooled features), ``forward_head(x,
 (pool, then the classifier unless ``pre_logits``), ``get_classifier()`` and
 ``group_matcher(coarse)`` with the stem and each later layer as its own group.
 
-* ``cnn1d_paperb``: paper B's encoder (SCIENCE.md): conv 32/64/96 filters with kernels 24/16/8
+* ``cnn1d_paperb``: paper B's encoder (docs/architecture.md): conv 32/64/96 filters with kernels 24/16/8
   ('valid' padding, ReLU, dropout 0.1), global max pooling, then a dense head 128 -> classes. Its three
   layer groups are the three conv layers, so paper B's freezing setups read: nothing = ``full`` or 0,
   first conv = 1 (or [0]), middle conv = [1], first two = 2, first and last = [0, 2], all three

@@ -1,8 +1,7 @@
 """``synthetic_images``: coloured-border images where the sensitive attribute out-shouts the target.
 
-Paper A's effects appear when the group cue is far more salient than the target (gender in CelebA);
-SCIENCE.md ("A synthetic design that shows paper A's effects") tried this design and saw them, so the
-salience of every cue is an option. Each image is rendered from its own (seed, split, index) RNG, so
+Paper A's effects appear when the group cue is far more salient than the target (gender in CelebA;
+docs/architecture.md, "The science"), so the salience of every cue is an option. Each image is rendered from its own (seed, split, index) RNG, so
 rendering index i alone or inside any batch yields the same pixels, in any process, and a trial pays
 only for the rows it asks for.
 
