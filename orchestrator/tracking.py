@@ -233,7 +233,32 @@ class SweepTracker(tune.Callback):
         params = {"dataset": self.spec.dataset.name, **{f"finetune.{k}": v for k, v in fixed.items()}, **p.params(),
                   "frozen_groups": json.dumps(list(planned.frozen_groups)), "n_layer_groups": planned.n_groups}
         self.client.log_batch(run.info.run_id, params=[Param(k, str(v)) for k, v in params.items()])
+        self.client.log_inputs(run.info.run_id, datasets=self._dataset_inputs(planned))
         return run.info.run_id
+
+    def _dataset_inputs(self, planned: PlannedTrial) -> list:
+        """The trial's data as MLflow dataset inputs (the run page's "Datasets used"): its finetuning set,
+        named by the intervention that chose it, and the fixed validation and test splits. Metadata only
+        (name, source, digest): the digest is the data's fingerprint, so equal data shows as one dataset."""
+        from mlflow.data.code_dataset_source import CodeDatasetSource
+        from mlflow.data.meta_dataset import MetaDataset
+        from mlflow.entities import DatasetInput, InputTag
+
+        from orchestrator.plan import canonical_hash
+
+        p, name = planned.point, self.spec.dataset.name
+        source = CodeDatasetSource({"fairsweep.dataset": name, "options": json.dumps(dict(self.spec.dataset.options),
+                                                                                     sort_keys=True, default=str)})
+        finetune = {"split": "finetune", "intervention": p.intervention, "magnitude": p.magnitude, "seed": p.seed,
+                    "size": self.spec.finetune.size}
+        inputs = []
+        for context, ident in (("training", finetune), ("validation", {"split": "val"}), ("testing", {"split": "test"})):
+            digest = canonical_hash({"data": self.plan.dataset_fingerprint, **ident}, length=8)
+            label = f"{name}:{ident['split']}" + (f":{p.intervention}={p.magnitude:g},seed={p.seed}"
+                                                   if ident is finetune else "")
+            dataset = MetaDataset(source, name=label, digest=digest)
+            inputs.append(DatasetInput(dataset._to_mlflow_entity(), tags=[InputTag("mlflow.data.context", context)]))
+        return inputs
 
     def _inner_search(self) -> bool:
         return any(isinstance(v, (list, tuple)) for v in self.spec.finetune.fixed().values())

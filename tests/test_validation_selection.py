@@ -216,6 +216,9 @@ def test_a_sweep_with_an_inner_search_records_its_choices_in_mlflow(tmp_path):
         for name in ("accuracy", "equalized_odds_difference", "tpr_difference"):
             assert run[f"metrics.val_{name}"] == run[f"metrics.val_{name}"]  # logged (not NaN)
             assert run[f"metrics.{name}.ci_low"] <= run[f"metrics.{name}"] <= run[f"metrics.{name}.ci_high"]
+        contexts = {i.dataset.name: [t.value for t in i.tags] for i in client.get_run(run_id).inputs.dataset_inputs}
+        assert contexts["synthetic_images:val"] == ["validation"] and contexts["synthetic_images:test"] == ["testing"]
+        assert [c for name, c in contexts.items() if name.startswith("synthetic_images:finetune:")] == [["training"]]
         junk = [c for c in trials.columns if c.startswith(("metrics.config/", "metrics.chosen_hparams/"))]
         assert not junk, junk  # Tune's config and the inner search's pick are params and tags, not metrics
         val = pd.read_csv(client.download_artifacts(run_id, VAL_PREDICTIONS_FILE, str(tmp_path)))
