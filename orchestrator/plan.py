@@ -130,7 +130,7 @@ class Plan:
         search = s.search.type if s.search.type == "grid" else f"optuna ({s.search.sampler}, budget {s.search.budget}, seed {s.search.seed}) over {s.grid_size} grid cells"
         lines = [f"sweep {s.name!r} (MLflow experiment {s.experiment!r}), search: {search}",
                  f"dataset: {s.dataset.name} {dict(s.dataset.options) or ''}".rstrip(),
-                 f"layer groups: " + ", ".join(f"{b}={n}" for b, n in self.layer_groups.items()),
+                 "layer groups: " + ", ".join(f"{b}={n}" for b, n in self.layer_groups.items()),
                  f"pretraining jobs: {len(self.pretrain_jobs)}"]
         for job in self.pretrain_jobs:
             lines.append(f"  {job.key}  {job.backbone:<24} {job.paradigm}  epochs={job.hparams['epochs']}")

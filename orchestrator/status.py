@@ -43,7 +43,7 @@ class SweepStatus:
                  f"pending {self.pending} | errored {self.errored}",
                  f"  Pareto front: {front} configurations | parent run: {self.parent_status or 'none'} | "
                  f"driver: {self.driver}",
-                 f"  Tune's last saved state: " + (", ".join(f"{k} {v}" for k, v in sorted(self.tune_states.items())) or "none"),
+                 "  Tune's last saved state: " + (", ".join(f"{k} {v}" for k, v in sorted(self.tune_states.items())) or "none"),
                  f"  MLflow: {self.tracking_uri}"]
         if self.driver == "stopped":
             lines.append("  the driver stopped without closing the sweep (killed?); its RUNNING runs are stale")

@@ -10,7 +10,6 @@ import subprocess
 import sys
 import tomllib
 from functools import lru_cache
-from pathlib import Path
 
 import pytest
 import yaml
