@@ -17,7 +17,6 @@ of what determines the bytes: the dataset's fingerprint, the split, the backbone
 from __future__ import annotations
 
 import contextlib
-import fcntl
 import os
 import tempfile
 import time
@@ -28,6 +27,8 @@ from typing import Any, Callable, Iterator
 import numpy as np
 import torch
 from torch import nn
+
+from trainables.locks import key_lock
 
 __all__ = ["FeatureCache", "ProbePlan", "probe_plan", "compute_features", "feature_key", "DEFAULT_BUDGET_BYTES",
            "FEATURE_CACHE_DIRNAME"]
@@ -56,21 +57,10 @@ class FeatureCache:
     def path(self, key: str) -> Path:
         return self.root / f"{key}.npy"
 
-    @contextlib.contextmanager
-    def _lock(self, key: str) -> Iterator[None]:
-        locks = self.root / ".locks"
-        locks.mkdir(parents=True, exist_ok=True)
-        with open(locks / f"{key}.lock", "w") as handle:
-            fcntl.flock(handle, fcntl.LOCK_EX)
-            try:
-                yield
-            finally:
-                fcntl.flock(handle, fcntl.LOCK_UN)
-
     def get_or_compute(self, key: str, compute: Callable[[], np.ndarray]) -> np.ndarray:
         """The features under ``key`` (memory-mapped, read-only), computing and storing them first if absent."""
         target = self.path(key)
-        with self._lock(key):
+        with key_lock(self.root, key):
             if not target.exists():
                 features = np.ascontiguousarray(compute(), dtype=np.float32)
                 self.root.mkdir(parents=True, exist_ok=True)

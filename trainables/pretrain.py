@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import contextlib
 import difflib
-import fcntl
 import hashlib
 import json
 import logging
@@ -27,10 +26,11 @@ from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
 from types import MappingProxyType
-from typing import TYPE_CHECKING, Any, Callable, Iterator, Mapping
+from typing import TYPE_CHECKING, Any, Callable, Mapping
 
 import numpy as np
 
+from trainables.locks import key_lock
 from trainables.registry import Registry
 
 if TYPE_CHECKING:  # torch is imported lazily so that plan-time imports stay cheap
@@ -559,18 +559,9 @@ class PretrainCache:
         for p in self.root.glob(f".tmp-{key}-*"):
             shutil.rmtree(p, ignore_errors=True)
 
-    @contextlib.contextmanager
-    def lock(self, key: str) -> Iterator[None]:
-        """An exclusive lock per key (``flock``, released if the holder dies), so concurrent jobs and
-        sweeps sharing a cache train each key once."""
-        lock_dir = self.root / ".locks"
-        lock_dir.mkdir(parents=True, exist_ok=True)
-        with open(lock_dir / f"{key}.lock", "w") as fh:
-            fcntl.flock(fh, fcntl.LOCK_EX)
-            try:
-                yield
-            finally:
-                fcntl.flock(fh, fcntl.LOCK_UN)
+    def lock(self, key: str) -> contextlib.AbstractContextManager:
+        """An exclusive lock per key, so concurrent jobs and sweeps sharing a cache train each key once."""
+        return key_lock(self.root, key)
 
     def entries(self) -> list[dict]:
         """Every entry with its status and metadata (for ``fairsweep cache list``)."""
