@@ -35,6 +35,7 @@ class TAGS:
 
 
 # Result keys that are bookkeeping, not metrics.
+FRONT_MARK = "[front] "  # prefixed to the run names of the front's members (the MLflow UI's run list)
 FRONT_REFRESH_S = 5.0  # the front is recomputed at most this often while trials finish, and at the end
 _PER_EPOCH = {"train_loss", "val_loss", "epoch"}  # logged every epoch; everything else once, with the final result
 _NON_METRIC = {"frozen_groups", "pretrain_ref", "device", "done_training", "chosen_hparams", "infinite_metrics",
@@ -64,6 +65,7 @@ class SweepTracker(tune.Callback):
         self._last_step: dict[str, int] = {}  # run id -> last epoch step logged
         self._known: dict[str, tuple[str, str, bool]] = {}  # trial key -> (run id, status, has an error tag), at open
         self._errored: set[str] = set()  # run ids carrying an error tag (cleared when they finish)
+        self._run_names: dict[str, str] = {}  # run id -> its name without the front marker
         self._front_at = -math.inf  # when the front was last recomputed (time.monotonic)
         self.progress = progress  # Callable[[str], None]: one line on the sweep every few seconds (the CLI's)
         self._progress_at = -math.inf
@@ -107,6 +109,7 @@ class SweepTracker(tune.Callback):
                 key = r.data.tags.get(TAGS.TRIAL_KEY)
                 if key and (key not in self._known or r.info.status == "FINISHED"):
                     self._known[key] = (r.info.run_id, r.info.status, TAGS.ERROR in r.data.tags)
+                self._run_names[r.info.run_id] = (r.info.run_name or "").removeprefix(FRONT_MARK)
         else:
             run = self.client.create_run(self.experiment_id, run_name=self.spec.name,
                                          tags={TAGS.SWEEP: self.spec.name, TAGS.KIND: "sweep"})
@@ -227,6 +230,7 @@ class SweepTracker(tune.Callback):
             if planned.pretrain_key in self._pretrain_runs:
                 tags[TAGS.PRETRAIN_RUN] = self._pretrain_runs[planned.pretrain_key]
         run = self.client.create_run(self.experiment_id, run_name=_run_name(p), tags=tags)
+        self._run_names[run.info.run_id] = _run_name(p)
         fixed = self.spec.finetune.fixed()
         # candidate lists of the inner search are logged as such; the pick becomes finetune.lr etc. at the end
         fixed = {(f"{k}_candidates" if isinstance(v, (list, tuple)) else k): v for k, v in fixed.items()}
@@ -393,7 +397,13 @@ class SweepTracker(tune.Callback):
             value = "true" if row["on_front"] else "false"
             for run_id in row["run_ids"]:
                 if self._front_state.get(run_id) != value:
-                    self.client.set_tag(run_id, TAGS.FRONT, value)
+                    from mlflow.entities import RunTag
+
+                    tags = [RunTag(TAGS.FRONT, value)]
+                    if run_id in self._run_names:  # front members stand out in the UI's run list
+                        mark = FRONT_MARK if value == "true" else ""
+                        tags.append(RunTag("mlflow.runName", mark + self._run_names[run_id]))
+                    self.client.log_batch(run_id, tags=tags)
                     self._front_state[run_id] = value
         if not table.empty:
             self._log_front_artifacts(table, perf, fair, draw)

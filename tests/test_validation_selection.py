@@ -223,6 +223,10 @@ def test_a_sweep_with_an_inner_search_records_its_choices_in_mlflow(tmp_path):
         assert not junk, junk  # Tune's config and the inner search's pick are params and tags, not metrics
         val = pd.read_csv(client.download_artifacts(run_id, VAL_PREDICTIONS_FILE, str(tmp_path)))
         assert metrics.calibrated_threshold(val["y_true"], val["y_score"]) == run["metrics.threshold"]
+    trials = mlflow.search_runs(experiment_names=["inner"], filter_string="tags.`fairsweep.kind` = 'trial'")
+    on_front = trials["tags.fairsweep.pareto_front"] == "true"
+    assert on_front.any() and trials.loc[on_front, "tags.mlflow.runName"].str.startswith("[front] ").all()
+    assert not trials.loc[~on_front, "tags.mlflow.runName"].str.startswith("[front]").any()
     parent = mlflow.search_runs(experiment_names=["inner"], filter_string="tags.`fairsweep.kind` = 'sweep'").iloc[0]
     assert parent["tags.fairsweep.front_split"] == "test"  # the descriptive front says which split it is of
     # the MLflow UI tells the story on the parent run: the front's size and hypervolume as trials finish,
