@@ -7,6 +7,7 @@ directory); ``address`` / ``storage`` / ``tracking_uri`` point the same plan at 
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -442,6 +443,10 @@ def _run(plan: Plan, path: str, tracking_uri: str, cache_root: str, options: Lau
                                         {"cpu": res.cpus_per_trial, "gpu": res.gpus_per_trial})
         make_tuner(trainable, tracker).fit()
         front = tracker.refresh_front()
+        try:  # a convenience at the end: a sweep whose models cannot be logged has still finished
+            tracker.log_front_models(front)
+        except Exception as exc:  # noqa: BLE001 - e.g. a checkpoint on storage this driver cannot read
+            logging.getLogger(__name__).warning("the front's models were not logged to MLflow: %s", exc)
         counts = tracker.trial_status_counts()
         failed = tracker.trial_run_ids("FAILED")
         finished = counts.get("FINISHED", 0)

@@ -66,6 +66,8 @@ class SweepTracker(tune.Callback):
         self._known: dict[str, tuple[str, str, bool]] = {}  # trial key -> (run id, status, has an error tag), at open
         self._errored: set[str] = set()  # run ids carrying an error tag (cleared when they finish)
         self._run_names: dict[str, str] = {}  # run id -> its name without the front marker
+        self._final_checkpoints: dict[str, tuple[str, str]] = {}  # run id -> (backbone, final checkpoint path)
+        self._models_logged: set[str] = set()
         self._front_at = -math.inf  # when the front was last recomputed (time.monotonic)
         self.progress = progress  # Callable[[str], None]: one line on the sweep every few seconds (the CLI's)
         self._progress_at = -math.inf
@@ -315,6 +317,8 @@ class SweepTracker(tune.Callback):
         if ckpt is not None:
             from trainables.finetune import INNER_SEARCH_FILE, PER_GROUP_FILE, PREDICTIONS_FILE, VAL_PREDICTIONS_FILE
 
+            self._final_checkpoints[run_id] = (trial.config["point"]["backbone"], ckpt.path)  # for log_front_models
+
             with ckpt.as_directory() as d:
                 for name in (PREDICTIONS_FILE, VAL_PREDICTIONS_FILE, PER_GROUP_FILE, INNER_SEARCH_FILE):
                     if (Path(d) / name).exists():
@@ -409,6 +413,37 @@ class SweepTracker(tune.Callback):
             self._log_front_artifacts(table, perf, fair, draw)
         self._log_front_progress(table, perf, fair)
         return table
+
+    def log_front_models(self, table: pd.DataFrame) -> list[str]:
+        """Each front member's finetuned model as an MLflow model (``runs:/RUN_ID/model``, flavour pytorch),
+        so the fairest one loads in one call: ``mlflow.pytorch.load_model("runs:/RUN_ID/model")``. Members
+        that finished under this driver (their final checkpoint is at hand); returns the run ids logged.
+        The weights are the ones the trial reported: the inner search's and epoch selection's pick."""
+        members = [r for ids in (table[table["on_front"]]["run_ids"] if len(table) else []) for r in ids]
+        todo = [r for r in members if r in self._final_checkpoints and r not in self._models_logged]
+        if not todo:
+            return []
+        import mlflow.pytorch
+        import torch
+
+        from trainables import backbones
+        from trainables.data import build_dataset
+        from trainables.finetune import STATE_FILE
+
+        shape = build_dataset(self.spec.dataset.name, self.spec.dataset.options).input_shape
+        for run_id in todo:
+            backbone, path = self._final_checkpoints[run_id]
+            state = torch.load(Path(path) / STATE_FILE, map_location="cpu", weights_only=True)
+            chosen = (state.get("progress") or {}).get("chosen")
+            model = backbones.create_backbone(backbone, num_classes=2, input_shape=shape)
+            model.load_state_dict(chosen if chosen is not None else state["model"])
+            model.eval()
+            with tempfile.TemporaryDirectory() as d:
+                # pickle: the whole module object, whatever its forward does (pt2 would trace it on an example)
+                mlflow.pytorch.save_model(model, str(Path(d) / "model"), serialization_format="pickle")
+                self.client.log_artifacts(run_id, str(Path(d) / "model"), artifact_path="model")
+            self._models_logged.add(run_id)
+        return todo
 
     def _log_front_progress(self, table: pd.DataFrame, perf: str, fair: str) -> None:
         """What the MLflow UI shows on the parent run as the sweep goes: ``front_size``, ``hypervolume`` and

@@ -227,6 +227,19 @@ def test_a_sweep_with_an_inner_search_records_its_choices_in_mlflow(tmp_path):
     on_front = trials["tags.fairsweep.pareto_front"] == "true"
     assert on_front.any() and trials.loc[on_front, "tags.mlflow.runName"].str.startswith("[front] ").all()
     assert not trials.loc[~on_front, "tags.mlflow.runName"].str.startswith("[front]").any()
+    # the fairest front member's model loads in one call, and predicts what its trial reported
+    import mlflow.pytorch
+    import torch
+
+    member = trials[on_front].sort_values("metrics.equalized_odds_difference").iloc[0]
+    model = mlflow.pytorch.load_model(f"runs:/{member['run_id']}/model")
+    test = pd.read_csv(client.download_artifacts(member["run_id"], PREDICTIONS_FILE, str(tmp_path / "m")))
+    from trainables.data import build_dataset
+
+    with torch.no_grad():
+        x = build_dataset("synthetic_images", tiny_spec()["dataset"]["options"]).inputs("test")
+        scores = torch.softmax(model.eval()(x), dim=1)[:, 1].numpy()
+    assert np.allclose(scores, test["y_score"], atol=1e-5)
     parent = mlflow.search_runs(experiment_names=["inner"], filter_string="tags.`fairsweep.kind` = 'sweep'").iloc[0]
     assert parent["tags.fairsweep.front_split"] == "test"  # the descriptive front says which split it is of
     # the MLflow UI tells the story on the parent run: the front's size and hypervolume as trials finish,
