@@ -109,8 +109,6 @@ def _artifact_location(tracking_uri: str) -> str | None:
 def quiet_tune_restore_logs() -> None:
     """Tune warns once per trial that never wrote result.json (trials interrupted before their first
     report); on restore that is expected and drowns the useful output."""
-    import logging
-
     logging.getLogger("ray.tune.analysis.experiment_analysis").setLevel(logging.ERROR)
 
 
@@ -195,8 +193,6 @@ def run_pretraining(plan: Plan, cache_root: str, tracker: Any,
 def _check_resources(res: Any, *, local: bool) -> None:
     """A trial that asks for more CPUs or GPUs than any node has would wait forever. On the local
     instance that is certain, so it is an error; a cluster may be autoscaling, so there it is a warning."""
-    import logging
-
     import ray
 
     nodes = [n["Resources"] for n in ray.nodes() if n.get("Alive")]
