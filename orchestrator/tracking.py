@@ -65,6 +65,7 @@ class SweepTracker(tune.Callback):
         self._last_step: dict[str, int] = {}  # run id -> last epoch step logged
         self._known: dict[str, tuple[str, str, bool]] = {}  # trial key -> (run id, status, has an error tag), at open
         self._errored: set[str] = set()  # run ids carrying an error tag (cleared when they finish)
+        self._key_of: dict[str, str] = {}  # run id -> its trial key
         self._run_names: dict[str, str] = {}  # run id -> its name without the front marker
         self._final_checkpoints: dict[str, tuple[str, str]] = {}  # run id -> (backbone, final checkpoint path)
         self._models_logged: set[str] = set()
@@ -217,8 +218,17 @@ class SweepTracker(tune.Callback):
                 self._last_step[run_id] = max((m.step for m in history), default=0)
         else:
             run_id = self._create_trial_run(planned, trial.trial_id)
+            # another trial of this key in this driver (a search proposing it again) finds this run
+            self._known[planned.key] = (run_id, "RUNNING", False)
         self._runs[trial.trial_id] = run_id
+        self._key_of[run_id] = planned.key
         return run_id
+
+    def _settle(self, run_id: str, status: str) -> None:
+        """Record how a run ended, for later trials of the same key in this driver."""
+        key = self._key_of.get(run_id)
+        if key is not None:
+            self._known[key] = (run_id, status, status == "FAILED")
 
     def _create_trial_run(self, planned: PlannedTrial, tune_id: str) -> str:
         from mlflow.entities import Param
@@ -327,6 +337,7 @@ class SweepTracker(tune.Callback):
             self.client.delete_tag(run_id, TAGS.ERROR)
             self._errored.discard(run_id)
         self.client.set_terminated(run_id, "FINISHED")
+        self._settle(run_id, "FINISHED")
         if time.monotonic() - self._front_at >= FRONT_REFRESH_S:  # at most every few seconds; always at the end
             self.refresh_front(draw=False)
         self._report_progress(trials)
@@ -337,6 +348,7 @@ class SweepTracker(tune.Callback):
         self.client.set_tag(run_id, TAGS.ERROR, error[-4000:])
         self._errored.add(run_id)
         self.client.set_terminated(run_id, "FAILED")
+        self._settle(run_id, "FAILED")
         self._report_progress(trials)
 
     def _report_progress(self, trials: list) -> None:
