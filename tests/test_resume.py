@@ -212,7 +212,7 @@ def test_optuna_search_survives_sigkill_with_exactly_budget_trials(tmp_path):
     before = _finished_histories(uri, "study")
     out = run_cli("resume", "study", "--storage", str(tmp_path / "results"), "--quiet", cwd=tmp_path)
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
-    assert "6 trials finished, 0 failed" in out.stdout
+    assert "6 trials finished, 0 failed" in out.stdout, [line for line in out.stdout.splitlines() if "finished" in line]
 
     mlflow.set_tracking_uri(uri)
     runs = mlflow.search_runs(experiment_names=["study"])

@@ -65,5 +65,7 @@ def test_long_phases_print_progress_lines(tmp_path):
     assert "[fairsweep] pretraining: 1 job(s) (test_resnet/supervised)" in lines
     assert any(line.startswith("[fairsweep] pretraining 1/1 done: test_resnet/supervised (1 epochs, last loss ")
                for line in lines), lines
+    # Tune's own progress table shows the objectives on validation (what the choices are made on)
+    assert "val_accuracy" in out.stdout and "val_equalized_odds_difference" in out.stdout
     trial_lines = [line for line in lines if line.startswith("[fairsweep] trials: ")]
     assert trial_lines and "/4 finished" in trial_lines[0] and "Pareto front:" in trial_lines[0], lines

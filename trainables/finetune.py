@@ -226,7 +226,8 @@ def train_and_evaluate(point: Mapping[str, Any], context: TrialContext, *, state
                 stream = dataset.loader("finetune", chosen.indices, batch_size=batch_size, shuffle=True, seed=seed,
                                         epoch=epoch, drop_last=len(chosen.indices) > batch_size)
                 loss = loop.train_epoch_batches(model, stream, y, opt, device=device, train_mode=train_mode)
-            val_loss = _val_loss(scores(net, "val"), val_labels)
+            val_scores = scores(net, "val")
+            val_loss = _val_loss(val_scores, val_labels)
             if select_epoch == "best_val_loss" and val_loss < progress["kept_loss"]:  # ties: the earlier epoch
                 progress.update(kept=snapshot(model), kept_loss=val_loss, kept_epoch=epoch + 1)
             progress["epoch"] = epoch + 1
@@ -241,7 +242,9 @@ def train_and_evaluate(point: Mapping[str, Any], context: TrialContext, *, state
                 if ci + 1 < len(candidates):
                     progress.update(candidate=ci + 1, epoch=0, kept=None, kept_loss=math.inf)
             step = ci * epochs + epoch + 1
-            result = {**static, "epoch": step, "train_loss": loss, "val_loss": val_loss}
+            # the objectives on validation first: Tune's progress table shows a trial's first metrics
+            result = {**_validation_objectives(val_scores, dataset, ft, context, metrics), **static, "epoch": step,
+                      "train_loss": loss, "val_loss": val_loss}
             with tempfile.TemporaryDirectory() as d:
                 if step == total_steps or time.monotonic() - last_checkpoint >= checkpoint_interval_s:
                     saved = {"model": model.state_dict(), "optimizer": opt.state_dict(), "generator": gen.get_state(),
@@ -306,6 +309,22 @@ def _reportable(result: Mapping[str, Any]) -> dict[str, Any]:
     if infinite:
         out["infinite_metrics"] = ",".join(infinite)
     return out
+
+
+def _validation_objectives(scores: np.ndarray, dataset: Any, ft: Mapping[str, Any], context: TrialContext,
+                            metrics: Any) -> dict[str, float]:
+    """The sweep's objectives on the validation split at this epoch (``val_NAME``, at the trial's threshold
+    rule), so progress shows what the choice will be made on; the final result replaces them."""
+    if not context.objectives:
+        return {}
+    meta = dataset.meta("val")
+    rule = ft.get("threshold", "calibrated")
+    threshold = metrics.calibrated_threshold(meta.labels, scores) if rule == "calibrated" else float(rule)
+    named = {attr: _group_labels(codes, dataset.group_names.get(attr)) for attr, codes in meta.attributes.items()}
+    privileged = {**dict(dataset.privileged), **dict(context.privileged)}
+    values = metrics.evaluate(meta.labels, scores, named, primary=dataset.primary, threshold=threshold,
+                              **({"privileged": privileged} if privileged else {})).metrics
+    return {f"val_{m}": float(values[m]) for m in context.objectives if m in values}
 
 
 def _split_scores(model: Any, dataset: Any, split: str, batch_size: int, device: Any, loop: Any) -> np.ndarray:
