@@ -112,23 +112,31 @@ def quiet_tune_restore_logs() -> None:
     logging.getLogger("ray.tune.analysis.experiment_analysis").setLevel(logging.ERROR)
 
 
-def init_ray(address: str | None, *, trial_output: bool = False, dashboard: bool = False) -> bool:
+def init_ray(address: str | None, *, trial_output: bool = False, dashboard: bool = False) -> tuple[bool, str]:
     """Connect to ``address`` (or RAY_ADDRESS), else start a private local Ray on loopback (its dashboard,
-    when asked for, on 127.0.0.1 too). Returns True when this call started Ray (and so should shut it down)."""
+    when asked for, on 127.0.0.1 too). Returns whether this call started Ray (and so should shut it down),
+    and the dashboard's address ("" when none runs)."""
     import ray
 
     if ray.is_initialized():
-        return False
+        return False, ""
     address = address or os.environ.get("RAY_ADDRESS")
     if address:
-        ray.init(address=address, log_to_driver=trial_output)
-        return True
+        context = ray.init(address=address, log_to_driver=trial_output)
+        return True, context.dashboard_url or ""
     # bound to 127.0.0.1 because raylocal set RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0 before ray was imported;
     # "local" always starts a private instance: a bare ray.init() would join whatever cluster
     # /tmp/ray/ray_current_cluster names, even a dead one, and hang there.
-    ray.init(address="local", include_dashboard=dashboard, dashboard_host="127.0.0.1", log_to_driver=trial_output,
-             configure_logging=False)
-    return True
+    try:
+        context = ray.init(address="local", include_dashboard=dashboard, dashboard_host="127.0.0.1",
+                           log_to_driver=trial_output, configure_logging=False)
+    except Exception as exc:
+        if dashboard and "missing packages" in str(exc):  # Ray's words when ray[default] is not installed
+            ray.shutdown()
+            raise LaunchError("--dashboard needs Ray's dashboard packages (ray[default]); install them with "
+                              "`pip install -e '.[cluster]'`, or leave out --dashboard") from None
+        raise
+    return True, (context.dashboard_url or "") if dashboard else ""
 
 
 def _trial_context(plan: Plan, cache_root: str, finished: list | None = None,
@@ -401,7 +409,10 @@ def _ray_session(spec: Any, options: LaunchOptions) -> Iterator[None]:
     import ray
 
     cluster = bool(options.address or os.environ.get("RAY_ADDRESS"))
-    started = init_ray(options.address, trial_output=options.trial_output, dashboard=options.dashboard)
+    started, dashboard_url = init_ray(options.address, trial_output=options.trial_output, dashboard=options.dashboard)
+    if options.dashboard and options.progress:
+        options.progress(f"Ray dashboard: http://{dashboard_url}" if dashboard_url else
+                         "Ray dashboard: not running (it needs ray[default]: pip install -e '.[cluster]')")
     try:
         _check_resources(spec.resources, local=started and not cluster)
         yield
