@@ -307,13 +307,13 @@ class SweepTracker(tune.Callback):
             tags.append(RunTag("fairsweep.frozen_groups", str(result.get("frozen_groups", ""))))
             if result.get("infinite_metrics"):  # ratios against a zero rate: +inf, which MLflow cannot hold
                 tags.append(RunTag("fairsweep.infinite_metrics", str(result["infinite_metrics"])[:5000]))
-            if result.get("preprocessing"):  # folder images: the mean/std/size/crop the backbone was fed
-                tags.append(RunTag("fairsweep.preprocessing", str(result["preprocessing"])[:500]))
             if result.get("feature_cache"):  # whether it trained on cached frozen-prefix features, and why (not)
                 tags.append(RunTag("fairsweep.feature_cache", str(result["feature_cache"])[:500]))
             chosen = result.get("chosen_hparams") or {}
             if self._inner_search() and chosen:  # the inner search's pick, known only now
                 params = [Param(f"finetune.{k}", repr(float(v))) for k, v in chosen.items()]
+            if result.get("preprocessing"):  # folder images: the mean/std/size/crop the backbone was fed
+                params.append(Param("preprocessing", str(result["preprocessing"])[:500]))
         for i in range(0, max(len(metrics), 1), 1000):
             if metrics[i:i + 1000] or (i == 0 and (tags or params)):
                 self.client.log_batch(run_id, metrics=metrics[i:i + 1000], tags=tags if i == 0 else [],
