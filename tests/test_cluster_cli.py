@@ -49,6 +49,7 @@ def test_the_cli_runs_a_sweep_on_a_multi_node_cluster_through_a_lost_node(tmp_pa
     address_file = Path("/tmp/ray/ray_current_cluster")  # Cluster writes it and deletes it on shutdown
     recorded = address_file.read_text() if address_file.exists() else None
     cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 0})
+    gcs_address = cluster.address
     doomed = cluster.add_node(num_cpus=1)
     cluster.add_node(num_cpus=1)
     killed = threading.Event()
@@ -67,6 +68,8 @@ def test_the_cli_runs_a_sweep_on_a_multi_node_cluster_through_a_lost_node(tmp_pa
         if recorded is not None:
             address_file.write_text(recorded)
     assert was_killed, "the worker node was never removed"
+    record = address_file.read_text() if address_file.exists() else ""
+    assert gcs_address not in record  # Ray's machine-wide record never names the stopped test cluster
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
     assert "4 trials finished, 0 failed" in out.stdout
     from ray.tune import ExperimentAnalysis

@@ -117,6 +117,7 @@ def test_worker_node_failure_retries_trials(tmp_path, monkeypatch):
     address_file = Path("/tmp/ray/ray_current_cluster")
     recorded = address_file.read_text() if address_file.exists() else None
     cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 0})  # trials can only run on workers
+    gcs_address = cluster.address
     doomed = cluster.add_node(num_cpus=1)
     cluster.add_node(num_cpus=1)  # the survivor
     killed = threading.Event()
@@ -169,6 +170,8 @@ def test_worker_node_failure_retries_trials(tmp_path, monkeypatch):
     while any(alive(p) for p in node_pids) and time.monotonic() < deadline:
         time.sleep(0.5)
     assert node_pids and not [p for p in node_pids if alive(p)]
+    record = address_file.read_text() if address_file.exists() else ""
+    assert gcs_address not in record  # Ray's machine-wide record never names the stopped test cluster
     assert was_killed, "the worker node was never removed"
     assert result.failed == [] and result.finished == 4 and not result.interrupted
     from ray.tune import ExperimentAnalysis
