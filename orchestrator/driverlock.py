@@ -14,13 +14,15 @@ import time
 from datetime import datetime, timezone
 from pathlib import Path
 
+from trainables.errors import UserError
+
 __all__ = ["LOCK_FILE", "DriverLock", "SweepBusyError", "driver_id", "lock_holder"]
 
 LOCK_FILE = ".driver.lock"
 SETTLE_S = 2.0  # how long a refused acquire retries: a holder writes its name just after locking
 
 
-class SweepBusyError(RuntimeError):
+class SweepBusyError(UserError, RuntimeError):
     """Another live driver holds the sweep (the message names it)."""
 
 

@@ -19,6 +19,7 @@ from orchestrator import raylocal  # before anything imports ray: a local Ray bi
 from orchestrator.driverlock import LOCK_FILE, DriverLock, SweepBusyError, lock_holder
 from orchestrator.plan import Plan
 from orchestrator.store import StoreError, check_store, open_client, store_cause
+from trainables.errors import UserError
 
 __all__ = ["LaunchOptions", "LaunchResult", "LaunchError", "StoreError", "resolve_tracking_uri", "resolve_storage", "launch",
            "resume", "experiment_path", "read_sweep_record"]
@@ -27,7 +28,7 @@ DEFAULT_STORAGE = "fairsweep_results"
 CACHE_DIRNAME = "_pretrain_cache"
 
 
-class LaunchError(RuntimeError):
+class LaunchError(UserError, RuntimeError):
     """A sweep that cannot start as asked (the message says what to do instead)."""
 
 

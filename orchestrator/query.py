@@ -21,6 +21,7 @@ import numpy as np
 import pandas as pd
 
 from orchestrator import pareto as pareto_mod
+from trainables.errors import UserError
 
 __all__ = ["AXIS_PARAMS", "SPLITS", "SweepNotFoundError", "load_trials", "aggregate_seeds", "front_table", "list_sweeps",
            "find_parent_run", "parent_run", "sweep_objectives", "sweep_trials", "split_metric", "t_interval", "pareto",
@@ -30,7 +31,7 @@ AXIS_PARAMS = ("backbone", "paradigm", "intervention.kind", "intervention.magnit
 TAG = "fairsweep."
 
 
-class SweepNotFoundError(LookupError):
+class SweepNotFoundError(UserError, LookupError):
     """No runs for the requested sweep/experiment; the message lists what exists."""
 
 

@@ -20,6 +20,7 @@ from ray.tune.search import Searcher
 
 from orchestrator.plan import Plan, TrialPoint
 from orchestrator.spec import Range, freeze_label
+from trainables.errors import UserError
 
 __all__ = ["StudySearcher", "make_sampler", "suggest_point", "search_values", "objective_names", "STUDY_FILE",
            "StudyStorageError", "resolve_storage_url", "open_rdb_storage", "check_study_storage"]
@@ -286,7 +287,7 @@ def objective_names(objectives: Any) -> list[str]:
     return [f"abs(val_{m})" if is_signed(m) else f"val_{m}" for m in (objectives.performance, objectives.fairness)]
 
 
-class StudyStorageError(ValueError):
+class StudyStorageError(UserError, ValueError):
     """The study's database cannot be used; the message names ``search.storage``, the URL and the fix."""
 
 

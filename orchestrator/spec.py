@@ -47,6 +47,8 @@ from typing import Any, Mapping, Sequence, Union
 
 import yaml
 
+from trainables.errors import UserError
+
 __all__ = [
     "SpecError",
     "DatasetSpec",
@@ -123,7 +125,7 @@ def _clip(text: str, limit: int) -> str:
     return text if len(text) <= limit else text[: limit - 1] + "\u2026"
 
 
-class SpecError(ValueError):
+class SpecError(UserError, ValueError):
     """A sweep file that cannot run; ``path`` is the dotted field path (e.g. ``axes.seed[1]``).
 
     The message holds an excerpt of the value and a bounded ``allowed`` text (it may quote other

@@ -19,6 +19,8 @@ from pathlib import Path
 from typing import Any, Callable, Iterator, TypeVar
 from urllib.parse import urlparse
 
+from trainables.errors import UserError
+
 __all__ = ["StoreError", "StoreLockedError", "LOCK_WAIT_ENV", "check_store", "open_client", "sqlite_path",
            "lock_wait_s", "store_cause"]
 
@@ -32,7 +34,7 @@ _SCHEMA_RACE = ("already exists", "duplicate column", "no such table", "out-of-d
 T = TypeVar("T")
 
 
-class StoreError(RuntimeError):
+class StoreError(UserError, RuntimeError):
     """The tracking store cannot be used as asked; the message says what to do (exit 2)."""
 
 

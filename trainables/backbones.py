@@ -24,6 +24,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, Mapping, Union
 
+from trainables.errors import UserError
 from trainables.registry import Registry
 
 if TYPE_CHECKING:  # torch and timm are imported lazily so that importing this module stays cheap
@@ -62,7 +63,7 @@ _WEIGHT_SUFFIXES = (".safetensors", ".pt", ".pth", ".bin", ".ckpt")
 _MAX_LISTED = 5
 
 
-class BackboneError(ValueError):
+class BackboneError(UserError, ValueError):
     """Unknown backbone, bad freeze spec, or weights that do not fit the model."""
 
 

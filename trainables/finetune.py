@@ -22,6 +22,8 @@ from typing import Any, Callable, Mapping
 
 import numpy as np
 
+from trainables.errors import FairsweepError
+
 __all__ = ["TrialContext", "finetune_trial", "train_and_evaluate", "PREDICTIONS_FILE", "PER_GROUP_FILE", "STATE_FILE",
            "INNER_SEARCH_FILE", "VAL_PREDICTIONS_FILE", "HEADLINE_METRICS"]
 
@@ -57,7 +59,7 @@ class TrialContext:
     checkpoint_interval_s: float = 0.0  # resources.checkpoint_interval_s: at most one checkpoint this often, and the last
 
 
-class PretrainingFailedError(RuntimeError):
+class PretrainingFailedError(FairsweepError, RuntimeError):
     """The pretrained base this trial starts from could not be built; the message says why."""
 
 

@@ -23,6 +23,7 @@ from typing import Callable, Iterable
 
 import numpy as np
 
+from trainables.errors import UserError
 from trainables.registry import Registry
 
 __all__ = [
@@ -51,7 +52,7 @@ class InterventionResult:
     weights: np.ndarray | None = None
 
 
-class InterventionError(ValueError):
+class InterventionError(UserError, ValueError):
     """An intervention that cannot be carried out on this pool (the message gives the feasible range)."""
 
 

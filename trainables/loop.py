@@ -17,17 +17,19 @@ import numpy as np
 import torch
 from torch import nn
 
+from trainables.errors import FairsweepError
+
 __all__ = ["select_device", "autocast", "batches", "train_epoch", "train_epoch_batches", "predict_scores",
            "predict_scores_batches", "set_threads", "NonFiniteLossError", "TrialOutOfMemoryError", "memory_hint"]
 
 Loss = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
 
-class NonFiniteLossError(FloatingPointError):
+class NonFiniteLossError(FairsweepError, FloatingPointError):
     """Training diverged; the trial fails with this message instead of logging NaN metrics."""
 
 
-class TrialOutOfMemoryError(MemoryError):
+class TrialOutOfMemoryError(FairsweepError, MemoryError):
     """A trial ran out of GPU or host memory; the message says which knobs lower its footprint."""
 
 

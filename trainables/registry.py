@@ -8,12 +8,14 @@ from __future__ import annotations
 import difflib
 from typing import Callable, Generic, Iterator, TypeVar
 
+from trainables.errors import UserError
+
 T = TypeVar("T")
 
 __all__ = ["Registry", "UnknownNameError"]
 
 
-class UnknownNameError(KeyError):
+class UnknownNameError(UserError, KeyError):
     """A name that no registry entry carries."""
 
     def __init__(self, kind: str, name: object, valid: list[str]):

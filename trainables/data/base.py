@@ -22,6 +22,7 @@ from typing import Any, Callable, Iterable, Mapping
 import numpy as np
 import torch
 
+from trainables.errors import UserError
 from trainables.registry import Registry
 
 __all__ = [
@@ -98,7 +99,7 @@ class SplitMeta:
         return (SplitMeta, (self.labels, self.groups, dict(self.attributes), dict(self.extra_labels)))
 
 
-class DatasetError(ValueError):
+class DatasetError(UserError, ValueError):
     """Data on disk that cannot be used as configured (missing root, file, column or value, unreadable
     image, a group absent from an evaluation split). A ValueError, so the planner reports it as a spec
     error on ``dataset.options``."""
@@ -205,7 +206,7 @@ class Dataset(abc.ABC):
 # ----------------------------------------------------------------------------- options
 
 
-class DatasetOptionError(ValueError):
+class DatasetOptionError(UserError, ValueError):
     """An unknown or invalid ``dataset.options`` entry; names the key, the value and the fix."""
 
     def __init__(self, key: str, value: Any, message: str):
