@@ -45,6 +45,7 @@ __all__ = [
     "layer_groups",
     "load_backbone_state",
     "load_weights_file",
+    "param_groups",
     "resolve_freeze",
     "set_train_mode",
 ]
@@ -325,6 +326,18 @@ def set_train_mode(model: nn.Module, info: FreezeInfo) -> None:
     model.train()
     for name in info.frozen_modules:
         model.get_submodule(name).eval()
+
+
+def param_groups(model: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
+    """The trainable parameters as optimiser groups: ``weight_decay`` for each, plus 2λ where the model
+    declares a Keras-style L2 penalty λ (``l2_penalties()``, e.g. ``cnn1d_paperb``): λ·Σw² in the loss has
+    the gradient 2λ·w, which is what SGD's (coupled) weight decay adds. Groups keep the parameters' order."""
+    l2 = model.l2_penalties() if hasattr(model, "l2_penalties") else {}
+    groups: dict[float, list] = {}
+    for name, p in model.named_parameters():
+        if p.requires_grad:
+            groups.setdefault(weight_decay + 2.0 * l2.get(name, 0.0), []).append(p)
+    return [{"params": params, "weight_decay": wd} for wd, params in groups.items()]
 
 
 # ------------------------------------------------------------------------------------------- weights

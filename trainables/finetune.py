@@ -177,8 +177,8 @@ def train_and_evaluate(point: Mapping[str, Any], context: TrialContext, *, state
         frozen = backbones.resolve_freeze(tuple(fd) if isinstance(fd, list) else fd, groups.n, backbone=point["backbone"])
         info = backbones.apply_freeze(model, groups, frozen)
         model.to(device)
-        opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=lr, momentum=ft["momentum"],
-                              weight_decay=wd)
+        # the trainable parameters; a backbone's own L2 penalties (cnn1d_paperb: paper B's) add to the decay
+        opt = torch.optim.SGD(backbones.param_groups(model, wd), lr=lr, momentum=ft["momentum"])
         return model, opt, info, ref
 
     def snapshot(model: Any) -> dict:

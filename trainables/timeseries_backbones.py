@@ -5,12 +5,34 @@ like any timm model: ``forward_features`` (unpooled features), ``forward_head(x,
 (pool, then the classifier unless ``pre_logits``), ``get_classifier()`` and
 ``group_matcher(coarse)`` with the stem and each later layer as its own group.
 
-* ``cnn1d_paperb``: paper B's encoder (docs/architecture.md): conv 32/64/96 filters with kernels 24/16/8
-  ('valid' padding, ReLU, dropout 0.1), global max pooling, then a dense head 128 -> classes. Its three
-  layer groups are the three conv layers, so paper B's freezing setups read: nothing = ``full`` or 0,
-  first conv = 1 (or [0]), middle conv = [1], first two = 2, first and last = [0, 2], all three
-  (a probe of the dense head) = 3 or ``linear``. The dense head is the classifier, so it is rebuilt
-  for every finetuning, as in paper B.
+* ``cnn1d_paperb``: paper B's encoder and finetuning head, as its public code builds them
+  (Nokia-Bell-Labs/SSLfairness, ``code/baselines/SimCLR/simclr_models.py``: ``create_base_model`` and
+  ``create_full_classification_model_from_base_model``; the supervised baseline,
+  ``code/baselines/Supervised/supervised_models.py``, has the same encoder):
+
+  - three conv blocks of 32/64/96 filters with kernels 24/16/8, each Conv1D -> ReLU -> Dropout(0.1),
+    ``padding='same'`` (module constants ``padding='same'``, ``dropout=0.1``), then global max pooling;
+  - the head the freezing experiments attach (``create_full_classification_model_from_base_model``):
+    Dense(128, ReLU) -> Dropout(0.6) -> Dense(classes). (The supervised baseline's head drops 0.1; the
+    freezing setups are paper B's question, so their head is the one kept.)
+  - L2 regularisation ``kernel_regularizer=l2(1e-4)`` on every conv kernel and ``l2(1e-2)`` on the
+    Dense(128) kernel, none on biases or the last Dense (``l2_penalties``). Keras adds them to the loss
+    in ``fit`` (supervised training, finetuning); paper B's SimCLR loop takes gradients of NT-Xent alone
+    (``simclr_utitlities.simclr_train_model``), so SimCLR pretraining runs without them, here as there.
+
+  Translated from Keras to torch: Keras' 'same' pads an even kernel with (k - 1) // 2 samples on the
+  left and the rest on the right (``_SameConv1d``, identical to torch's ``padding='same'``, without its
+  warning and copy on even kernels); Keras initialises kernels glorot-uniform and biases with zeros
+  (torch: kaiming-uniform and uniform biases), so both are set explicitly; ``l2(λ)`` adds λ·Σw² to the
+  loss, which is a per-parameter SGD weight decay of 2λ (``backbones.param_groups``). Inputs are
+  (channels, time), Keras' (time, channels) transposed. Frozen blocks keep their dropout off while
+  training (decision 6); Keras leaves a frozen Dropout layer active.
+
+  Its three layer groups are the three conv blocks, so paper B's freezing setups
+  (``train_model_freeze_alternatives.py``: ``frozen_layers`` 0-3, ``middle``, ``first_last``) read:
+  nothing = ``full`` or 0, first conv = 1 (or [0]), middle conv = [1], first two = 2, first and last
+  = [0, 2], all three (a probe of the dense head) = 3 or ``linear``. The head is the classifier, so it
+  is rebuilt for every finetuning, as in paper B.
 * ``cnn1d_tiny``: the same family with 8/16/16 filters, 'same' padding (any length) - for tests.
 * ``transformer1d_tiny``: patch embedding (a strided conv) + learned position embedding, two
   pre-norm transformer blocks, a final norm, mean pooling and a linear head; groups: stem (patches and
@@ -35,20 +57,45 @@ def _sequence_shape(name: str, in_chans: int, input_shape: tuple[int, ...]) -> i
     return int(input_shape[1])
 
 
+class _SameConv1d(nn.Conv1d):
+    """A stride-1 convolution with Keras' 'same' padding: (k - 1) // 2 zeros on the left, the rest on the
+    right, so the output is as long as the input for any kernel (torch's ``padding='same'`` does the same,
+    but warns and copies the input on every call when the kernel is even)."""
+
+    def __init__(self, cin: int, cout: int, k: int):
+        super().__init__(cin, cout, k)
+        self.pad = ((k - 1) // 2, k - 1 - (k - 1) // 2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return super().forward(nn.functional.pad(x, self.pad))
+
+
 class CNN1d(nn.Module):
-    """Conv blocks (conv, ReLU, dropout), global max pooling and a dense head (paper B's family)."""
+    """Conv blocks (conv with 'same' padding, ReLU, dropout), global max pooling and a dense head (paper B's
+    family).
+
+    ``head_dropout`` > 0 adds a dropout between the head's two layers; ``l2`` maps parameter names to
+    Keras-style L2 coefficients (``l2_penalties``); ``keras_init`` initialises as Keras does."""
 
     def __init__(self, in_chans: int, num_classes: int, *, filters: tuple[int, ...], kernels: tuple[int, ...],
-                 dropout: float, hidden: int, padding: str):
+                 dropout: float, hidden: int, head_dropout: float = 0.0,
+                 l2: dict[str, float] | None = None, keras_init: bool = False):
         super().__init__()
 
         def block(cin: int, cout: int, k: int) -> nn.Sequential:
-            return nn.Sequential(nn.Conv1d(cin, cout, k, padding=padding), nn.ReLU(), nn.Dropout(dropout))
+            return nn.Sequential(_SameConv1d(cin, cout, k), nn.ReLU(), nn.Dropout(dropout))
 
         self.stem = block(in_chans, filters[0], kernels[0])
         self.blocks = nn.Sequential(*[block(filters[i - 1], filters[i], kernels[i]) for i in range(1, len(filters))])
         self.num_features = filters[-1]
-        self.head = nn.Sequential(nn.Linear(self.num_features, hidden), nn.ReLU(), nn.Linear(hidden, num_classes))
+        drop = [nn.Dropout(head_dropout)] if head_dropout > 0 else []
+        self.head = nn.Sequential(nn.Linear(self.num_features, hidden), nn.ReLU(), *drop, nn.Linear(hidden, num_classes))
+        self._l2 = dict(l2 or {})
+        if keras_init:  # glorot-uniform kernels, zero biases (Keras' Conv1D and Dense defaults)
+            for m in self.modules():
+                if isinstance(m, (nn.Conv1d, nn.Linear)):
+                    nn.init.xavier_uniform_(m.weight)
+                    nn.init.zeros_(m.bias)
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
         return self.blocks(self.stem(x))
@@ -65,6 +112,10 @@ class CNN1d(nn.Module):
 
     def get_classifier(self) -> nn.Module:
         return self.head
+
+    def l2_penalties(self) -> dict[str, float]:
+        """Parameter name -> λ of a Keras ``l2(λ)`` regulariser (λ·Σw² added to the training loss)."""
+        return dict(self._l2)
 
 
 class Transformer1d(nn.Module):
@@ -103,19 +154,17 @@ class Transformer1d(nn.Module):
 
 @BACKBONES.register("cnn1d_paperb")
 def cnn1d_paperb(num_classes: int, in_chans: int, input_shape: tuple[int, ...]) -> nn.Module:
-    length = _sequence_shape("cnn1d_paperb", in_chans, input_shape)
-    if length < 46:  # three 'valid' convolutions shorten the sequence by 23 + 15 + 7 samples
-        raise BackboneError(f"backbone 'cnn1d_paperb' needs sequences of at least 46 samples (its 'valid' "
-                            f"convolutions have kernels 24, 16, 8); got length {length} - use cnn1d_tiny")
+    _sequence_shape("cnn1d_paperb", in_chans, input_shape)
+    conv_kernels = ("stem.0.weight", "blocks.0.0.weight", "blocks.1.0.weight")
     return CNN1d(in_chans, num_classes, filters=(32, 64, 96), kernels=(24, 16, 8), dropout=0.1, hidden=128,
-                 padding="valid")
+                 head_dropout=0.6, keras_init=True,
+                 l2={**{k: 1e-4 for k in conv_kernels}, "head.0.weight": 1e-2})
 
 
 @BACKBONES.register("cnn1d_tiny")
 def cnn1d_tiny(num_classes: int, in_chans: int, input_shape: tuple[int, ...]) -> nn.Module:
     _sequence_shape("cnn1d_tiny", in_chans, input_shape)
-    return CNN1d(in_chans, num_classes, filters=(8, 16, 16), kernels=(7, 5, 3), dropout=0.1, hidden=16,
-                 padding="same")
+    return CNN1d(in_chans, num_classes, filters=(8, 16, 16), kernels=(7, 5, 3), dropout=0.1, hidden=16)
 
 
 @BACKBONES.register("transformer1d_tiny")
