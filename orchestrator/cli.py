@@ -312,7 +312,7 @@ def _cmd_report(args: argparse.Namespace) -> int:
 
 
 def _print_paradigms(args: argparse.Namespace) -> int:
-    from trainables.pretrain import PARADIGMS, describe_paradigms
+    from trainables.paradigms import PARADIGMS, describe_paradigms
 
     if args.format == "table":
         print(describe_paradigms())
@@ -360,7 +360,7 @@ def _plan_record(plan) -> dict:
 
 def _cmd_cache(args: argparse.Namespace) -> int:
     from orchestrator.launch import CACHE_DIRNAME, LaunchError, resolve_storage
-    from trainables.pretrain import PretrainCache
+    from trainables.pretrain_cache import PretrainCache
 
     try:
         root = args.cache_dir or os.path.join(resolve_storage(args.storage), CACHE_DIRNAME)

@@ -192,7 +192,7 @@ def build_plan(spec: SweepSpec, *, base_dir: str | None = None) -> Plan:
     Relative ``file:`` checkpoints resolve against ``base_dir`` (default: the working directory);
     resume passes the directory the sweep was launched from, so it may run from anywhere.
     """
-    from trainables import backbones, interventions, metrics, pretrain
+    from trainables import backbones, interventions, metrics, paradigms, pretrain
     from trainables.data import build_dataset
     from trainables.registry import UnknownNameError
 
@@ -244,7 +244,7 @@ def build_plan(spec: SweepSpec, *, base_dir: str | None = None) -> Plan:
             file_weights[name] = str(ckpt)
             continue
         try:
-            paradigm = pretrain.PARADIGMS.get(name)
+            paradigm = paradigms.PARADIGMS.get(name)
         except UnknownNameError as exc:
             raise _as_spec_error(path, name, f"{exc} (or 'file:PATH' for a local checkpoint)") from None
         options = spec.pretraining.paradigms.get(name, {})
@@ -276,9 +276,9 @@ def build_plan(spec: SweepSpec, *, base_dir: str | None = None) -> Plan:
         for j, p in enumerate(spec.axes.paradigm):
             try:
                 if p in file_weights:
-                    pretrain.check_weights_fit(file_weights[p], name, dataset.input_shape)
-                elif p in pretrain.PARADIGMS:
-                    pretrain.PARADIGMS.get(p).check_backbone(name, dataset)
+                    paradigms.check_weights_fit(file_weights[p], name, dataset.input_shape)
+                elif p in paradigms.PARADIGMS:
+                    paradigms.PARADIGMS.get(p).check_backbone(name, dataset)
             except ValueError as exc:
                 raise _as_spec_error(f"axes.paradigm[{j}]", p, f"{exc} (backbone {name!r})") from None
 
@@ -291,7 +291,7 @@ def build_plan(spec: SweepSpec, *, base_dir: str | None = None) -> Plan:
             if p in file_weights:
                 pretrain_keys[(b, p)] = _file_key(file_weights[p])
                 continue
-            paradigm = pretrain.PARADIGMS.get(p)
+            paradigm = paradigms.PARADIGMS.get(p)
             if not paradigm.pretrains:
                 pretrain_keys[(b, p)] = None
                 continue

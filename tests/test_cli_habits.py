@@ -134,7 +134,7 @@ def test_status_json_is_one_record_with_the_resume_command(tmp_path):
 
 
 def test_paradigms_json_lists_every_paradigm_with_its_options(in_process, capsys):
-    from trainables.pretrain import PARADIGMS
+    from trainables.paradigms import PARADIGMS
 
     assert in_process(["paradigms", "--format", "json"]) == 0
     records = json.loads(capsys.readouterr().out)
@@ -152,7 +152,7 @@ def test_paradigms_json_lists_every_paradigm_with_its_options(in_process, capsys
 def _cache_with_two_entries(tmp_path: Path):
     import torch
 
-    from trainables.pretrain import PretrainCache
+    from trainables.pretrain_cache import PretrainCache
 
     root = tmp_path / "cache"
     cache = PretrainCache(root)

@@ -14,9 +14,11 @@ from sklearn.preprocessing import StandardScaler
 
 from orchestrator.plan import build_plan
 from orchestrator.spec import SpecError, parse_spec
-from trainables import backbones, pretrain
+from trainables import backbones, paradigms, timm_weights
 from trainables.data import build_dataset
-from trainables.pretrain import PARADIGMS, PretrainCache, run_pretrain_job
+from trainables.paradigms import PARADIGMS
+from trainables.pretrain import run_pretrain_job
+from trainables.pretrain_cache import PretrainCache
 from trainables.ssl import embed
 from tests.helpers import run_cli, tiny_spec, write_spec
 
@@ -120,7 +122,7 @@ def test_every_paradigm_is_documented_with_its_options():
         assert len(p.doc) > 40, name
         assert all(o.doc for o in p.options.values()), name
         assert set(p.resolve_options({})) == set(p.options), name  # defaults fill every option
-    text = pretrain.describe_paradigms()
+    text = paradigms.describe_paradigms()
     assert "temperature" in text and "mask_ratio" in text and "file:PATH" in text
 
 
@@ -277,8 +279,8 @@ def test_timm_weights_missing_is_a_plan_time_error_naming_the_fix(tmp_path, monk
 
 
 def test_timm_weights_of_an_unknown_model_are_refused():
-    with pytest.raises(pretrain.TimmWeightsMissing, match="no timm pretrained weights"):
-        pretrain.timm_weights_file("not_a_model_anywhere")
+    with pytest.raises(timm_weights.TimmWeightsMissing, match="no timm pretrained weights"):
+        timm_weights.timm_weights_file("not_a_model_anywhere")
 
 
 def test_timm_weights_found_in_the_cache_are_keyed_and_materialised(tmp_path, monkeypatch):

@@ -8,7 +8,8 @@ import multiprocessing as mp
 import pytest
 import torch
 
-from trainables.pretrain import META, WEIGHTS, CacheError, PretrainCache, run_pretrain_job
+from trainables.pretrain import run_pretrain_job
+from trainables.pretrain_cache import META, WEIGHTS, CacheError, PretrainCache
 from tests.helpers import run_cli
 
 DATA = {"n_source": 64, "n_finetune": 8, "n_val": 4, "n_test": 8, "image_size": 32, "seed": 0}

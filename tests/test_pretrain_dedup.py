@@ -10,7 +10,8 @@ import torch
 
 from orchestrator.plan import build_plan
 from orchestrator.spec import parse_spec
-from trainables.pretrain import PretrainCache, run_pretrain_job
+from trainables.pretrain import run_pretrain_job
+from trainables.pretrain_cache import PretrainCache
 from tests.helpers import cli_env, run_cli, sqlite_uri, tiny_spec, write_spec
 
 pytestmark = pytest.mark.slow

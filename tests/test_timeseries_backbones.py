@@ -7,7 +7,9 @@ from torch import nn
 
 from trainables import backbones as B
 from trainables.finetune import TrialContext, train_and_evaluate
-from trainables.pretrain import PARADIGMS, PretrainCache, run_pretrain_job
+from trainables.paradigms import PARADIGMS
+from trainables.pretrain import run_pretrain_job
+from trainables.pretrain_cache import PretrainCache
 
 NAMES = ("cnn1d_paperb", "cnn1d_tiny", "transformer1d_tiny")
 SHAPE = (5, 101)  # MESA's windows in paper B: 101 samples of 5 channels

@@ -9,7 +9,7 @@ vertical flip would invert the label the finetuning stage learns.
 
 Each method builds an ``Objective``: the trainable modules it adds beside the backbone and the loss of
 one batch. Option values arrive resolved and validated by the paradigm that names the method
-(``trainables.pretrain``), so this module holds no defaults of its own.
+(``trainables.paradigms``), so this module holds no defaults of its own.
 """
 from __future__ import annotations
 

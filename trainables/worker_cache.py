@@ -62,6 +62,6 @@ def split_inputs(ds: Any, split: str) -> Any:
 
 def pretrained_state(cache_root: str, key: str) -> Mapping[str, Any]:
     """A pretraining cache entry's weights, read (and checksummed) once per process."""
-    from trainables.pretrain import PretrainCache
+    from trainables.pretrain_cache import PretrainCache
 
     return _WEIGHTS.get((cache_root, key), lambda: PretrainCache(cache_root).load(key))

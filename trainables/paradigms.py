@@ -1,0 +1,320 @@
+"""Pretraining paradigms: their options, their trainers and the registry (docs/architecture.md, decision 3).
+
+A paradigm turns a freshly initialised backbone into a pretrained one, usually by training on the
+dataset's *source* split. Every paradigm is a ``PARADIGMS`` entry whose ``doc`` says what it does and
+whose ``options`` are the keys accepted under ``pretraining.paradigms.NAME`` in a sweep file (unknown
+keys are errors). Checks that need only names and metadata (``check``, ``check_backbone``) run at plan
+time, before anything trains; ``file:PATH`` paradigms are checked by ``check_weights_fit``. Running a
+job and caching its result live in ``trainables.pretrain`` and ``trainables.pretrain_cache``.
+"""
+from __future__ import annotations
+
+import difflib
+import os
+from dataclasses import dataclass, field
+from functools import partial
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Callable, Mapping
+
+import numpy as np
+
+from trainables.registry import Registry
+from trainables.timm_weights import content_id, timm_model_from_cache, timm_weights_file
+
+if TYPE_CHECKING:  # torch is imported lazily so that plan-time imports stay cheap
+    from torch import nn
+
+__all__ = ["Option", "Paradigm", "PARADIGMS", "TrainContext", "check_weights_fit", "describe_paradigms"]
+
+
+# ----------------------------------------------------------------------------- options
+
+
+@dataclass(frozen=True)
+class Option:
+    """One paradigm hyper-parameter: its default (whose type is the option's type), meaning and bounds."""
+
+    default: bool | int | float | str
+    doc: str
+    low: float | None = None
+    high: float | None = None
+    low_open: bool = False  # True: the value must be > low
+
+    def parse(self, paradigm: str, key: str, value: Any) -> bool | int | float | str:
+        where = f"pretraining.paradigms.{paradigm}.{key}"
+        kind = type(self.default)
+        if kind is bool:
+            if not isinstance(value, bool):
+                raise ValueError(f"{where}: got {value!r}; expected true or false ({self.doc})")
+            return value
+        if kind is str:
+            if not isinstance(value, str) or not value:
+                raise ValueError(f"{where}: got {value!r}; expected a non-empty string ({self.doc})")
+            return value
+        ok = isinstance(value, (int, float)) and not isinstance(value, bool) and np.isfinite(value)
+        if ok and kind is int:
+            ok = float(value).is_integer()
+        if ok:
+            v = float(value)
+            ok = (self.low is None or (v > self.low if self.low_open else v >= self.low)) and (self.high is None or v <= self.high)
+        if not ok:
+            bounds = [f"{'>' if self.low_open else '>='} {self.low:g}"] if self.low is not None else []
+            bounds += [f"<= {self.high:g}"] if self.high is not None else []
+            expected = " ".join(["an integer" if kind is int else "a number", " and ".join(bounds)]).strip()
+            raise ValueError(f"{where}: got {value!r}; expected {expected} ({self.doc})")
+        return int(value) if kind is int else float(value)
+
+
+# ----------------------------------------------------------------------------- paradigms
+
+
+@dataclass(frozen=True)
+class TrainContext:
+    """What a paradigm's trainer receives inside ``run_pretrain_job``."""
+
+    backbone: str
+    dataset: Any  # trainables.data.Dataset
+    hparams: Mapping[str, Any]  # epochs, batch_size, lr, weight_decay, momentum, seed
+    options: Mapping[str, Any]  # resolved paradigm options
+    device: Any  # torch.device from loop.select_device()
+    generator: Any  # torch.Generator seeded with hparams["seed"]
+
+
+Trainer = Callable[["Paradigm", TrainContext], "tuple[nn.Module, list[float]]"]
+
+
+@dataclass(frozen=True, eq=False)
+class Paradigm:
+    """A registered pretraining procedure; ``doc`` is its user-facing documentation.
+
+    ``labels(meta, options)`` picks the source-split target of supervised-style paradigms;
+    ``ssl_method`` names a ``trainables.ssl`` method for self-supervised ones.
+    """
+
+    name: str
+    doc: str
+    pretrains: bool
+    trainer: Trainer | None = None
+    labels: Callable[[Any, Mapping[str, Any]], np.ndarray] | None = None
+    ssl_method: str | None = None
+    options: Mapping[str, Option] = field(default_factory=dict)
+    modalities: tuple[str, ...] = ("image", "timeseries")
+    constraint: Callable[[Mapping[str, Any]], None] | None = None  # checks across options; raises ValueError
+    weights_file: Callable[[str], Path] | None = None  # backbone -> local file the weights come from (timm)
+
+    @property
+    def option_names(self) -> tuple[str, ...]:
+        return tuple(self.options)
+
+    def resolve_options(self, options: Mapping[str, Any] | None) -> dict[str, Any]:
+        """Every option, typed and bounds-checked, defaults filled (so keys change when defaults do)."""
+        options = dict(options or {})
+        unknown = sorted(set(options) - set(self.options))
+        if unknown:
+            allowed = ", ".join(self.options) or "none"
+            close = difflib.get_close_matches(unknown[0], list(self.options), n=1)
+            hint = f"; did you mean {close[0]!r}?" if close else ""
+            raise ValueError(f"unknown option(s) {unknown} under pretraining.paradigms.{self.name}; "
+                             f"allowed: {allowed}{hint}")
+        resolved = {k: o.parse(self.name, k, options.get(k, o.default)) for k, o in self.options.items()}
+        if self.constraint is not None:
+            self.constraint(resolved)
+        return resolved
+
+    def check(self, dataset: Any, options: Mapping[str, Any]) -> None:
+        """Raise ValueError when this paradigm cannot run on ``dataset`` with ``options``."""
+        resolved = self.resolve_options(options)
+        if dataset.modality not in self.modalities:
+            raise ValueError(f"paradigm {self.name!r} supports {', '.join(self.modalities)} data, not "
+                             f"{dataset.modality}; pick another paradigm for this dataset")
+        if self.labels is not None:
+            self.labels(dataset.meta("source"), resolved)  # raises if the dataset lacks what the paradigm needs
+
+    def check_backbone(self, backbone: str, dataset: Any) -> None:
+        """Raise ValueError when this paradigm cannot serve ``backbone`` (plan time, nothing trains)."""
+        if self.weights_file is not None:
+            self.weights_file(backbone)  # raises, naming what to fetch, when the file is not on disk
+        if self.ssl_method is None:
+            return
+        from trainables.ssl import SSL_METHODS
+
+        model = _build_for_check(backbone, dataset.input_shape)
+        reason = SSL_METHODS.get(self.ssl_method).serves(model, tuple(dataset.input_shape))
+        if reason:
+            raise ValueError(f"paradigm {self.name!r} cannot pretrain backbone {backbone!r}: {reason}")
+
+    def key_parts(self, backbone: str) -> dict[str, str]:
+        """Identity of inputs outside the spec that determine the weights (timm's cached file)."""
+        if self.weights_file is not None:
+            return {"weights_file": content_id(self.weights_file(backbone))}
+        return {}
+
+    def describe(self) -> str:
+        lines = [f"{self.name}: {self.doc}"]
+        lines += [f"    {k} (default {o.default!r}): {o.doc}" for k, o in self.options.items()]
+        return "\n".join(lines)
+
+
+def _build_for_check(backbone: str, input_shape: tuple[int, ...]) -> nn.Module:
+    """The backbone on the meta device when its constructor allows (no memory for weights)."""
+    import torch
+
+    from trainables import backbones
+
+    try:
+        with torch.device("meta"):
+            return backbones.create_backbone(backbone, num_classes=2, input_shape=input_shape)
+    except backbones.BackboneError:
+        raise
+    except Exception:  # noqa: BLE001 - some constructors compute on tensors; build real weights then
+        return backbones.create_backbone(backbone, num_classes=2, input_shape=input_shape)
+
+
+PARADIGMS: Registry[Paradigm] = Registry("paradigm")
+
+
+def _register(p: Paradigm) -> Paradigm:
+    return PARADIGMS.register(p.name)(p)
+
+
+def describe_paradigms() -> str:
+    """Every paradigm with its options: the text a user reads to write ``pretraining.paradigms``."""
+    return "\n".join(PARADIGMS.get(n).describe() for n in PARADIGMS.names()) + \
+        "\nfile:PATH: weights-only load of a local .safetensors/.pt/.pth/.bin/.ckpt state dict (no options)."
+
+
+def _mae_constraint(options: Mapping[str, Any]) -> None:
+    if options["decoder_dim"] % options["decoder_heads"]:
+        raise ValueError(f"pretraining.paradigms.mae: decoder_heads {options['decoder_heads']} must divide decoder_dim "
+                         f"{options['decoder_dim']}; e.g. decoder_dim 64 with decoder_heads 4")
+
+
+def _control_label(meta: Any, options: Mapping[str, Any]) -> np.ndarray:
+    name = options["label"]
+    if name not in meta.extra_labels:
+        raise ValueError(f"pretraining.paradigms.control.label {name!r}: the dataset's source split has no such "
+                         f"label (has: {', '.join(sorted(meta.extra_labels)) or 'none'})")
+    return meta.extra_labels[name]
+
+
+# ----------------------------------------------------------------------------- trainers
+
+
+def _source_stream(ctx: TrainContext, epoch: int) -> Any:
+    """One epoch of the source split streamed by the dataset's worker processes (folder data)."""
+    n, bs = len(ctx.dataset.meta("source")), int(ctx.hparams["batch_size"])
+    return ctx.dataset.loader("source", batch_size=bs, shuffle=True, seed=int(ctx.hparams["seed"]), epoch=epoch,
+                              drop_last=n > bs)
+
+
+def _train_supervised(paradigm: Paradigm, ctx: TrainContext) -> tuple[nn.Module, list[float]]:
+    """Cross-entropy on the paradigm's source labels; returns the model and its per-epoch losses."""
+    import torch
+
+    from trainables import backbones, loop
+
+    labels = paradigm.labels(ctx.dataset.meta("source"), ctx.options)
+    hp = ctx.hparams
+    model = backbones.create_backbone(ctx.backbone, num_classes=max(2, int(labels.max()) + 1),
+                                      input_shape=ctx.dataset.input_shape).to(ctx.device)
+    y = torch.tensor(labels, dtype=torch.long, device=ctx.device)
+    smoothing = float(ctx.options.get("label_smoothing", 0.0))
+    loss_fn = lambda logits, target: torch.nn.functional.cross_entropy(logits, target, label_smoothing=smoothing)  # noqa: E731
+    opt = torch.optim.SGD(model.parameters(), lr=hp["lr"], momentum=hp["momentum"], weight_decay=hp["weight_decay"])
+    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=hp["epochs"])
+    # Small data: the whole source split on the device once. Folder data: streamed by worker processes.
+    x = ctx.dataset.inputs("source").to(ctx.device) if ctx.dataset.in_memory else None
+    losses = []
+    for epoch in range(hp["epochs"]):
+        if x is not None:
+            losses.append(loop.train_epoch(model, x, y, opt, batch_size=hp["batch_size"], generator=ctx.generator,
+                                           device=ctx.device, loss_fn=loss_fn))
+        else:
+            losses.append(loop.train_epoch_batches(model, _source_stream(ctx, epoch), y, opt, device=ctx.device,
+                                                   loss_fn=loss_fn))
+        sched.step()
+    return model, losses
+
+
+def _train_ssl(paradigm: Paradigm, ctx: TrainContext) -> tuple[nn.Module, list[float]]:
+    from trainables import backbones
+    from trainables.ssl import train_ssl
+
+    model = backbones.create_backbone(ctx.backbone, num_classes=2, input_shape=ctx.dataset.input_shape).to(ctx.device)
+    # folder data: each epoch's shuffled batches decoded by worker processes
+    data = ctx.dataset.inputs("source").to(ctx.device) if ctx.dataset.in_memory else partial(_source_stream, ctx)
+    losses = train_ssl(model, data, method=paradigm.ssl_method, options=ctx.options, modality=ctx.dataset.modality,
+                       hparams=ctx.hparams, device=ctx.device, generator=ctx.generator)
+    return model, losses
+
+
+def _materialise_timm(paradigm: Paradigm, ctx: TrainContext) -> tuple[nn.Module, list[float]]:
+    """timm's own weights from the local cache, adapted by timm (classifier dropped, input channels,
+    ViT position embeddings resized) and stored like any other pretrained backbone. Nothing trains."""
+    model = timm_model_from_cache(ctx.backbone, ctx.dataset.input_shape)
+    return model.to(ctx.device), []
+
+
+# ----------------------------------------------------------------------------- the registry
+
+_SUPERVISED_OPTS = {"label_smoothing": Option(0.0, "cross-entropy label smoothing", 0.0, 0.5)}
+_PROJ = "output width of the projection head"
+
+_register(Paradigm("scratch", "Random initialisation; no pretraining (the trial's own seed initialises it).",
+                   pretrains=False))
+_register(Paradigm("supervised", "Cross-entropy on the source split's target label: the ordinary supervised base. "
+                   "With dataset option source_correlation 0.5 the group carries no information about the label, "
+                   "so the model has no reason to encode it.", pretrains=True, trainer=_train_supervised,
+                   labels=lambda m, o: m.labels, options=_SUPERVISED_OPTS))
+_register(Paradigm("biased", "Cross-entropy on the source split's sensitive attribute, so the representation encodes "
+                   "the group as a shortcut: paper A's controlled 'biased pretrained model' (its gendered base).",
+                   pretrains=True, trainer=_train_supervised, labels=lambda m, o: m.groups, options=_SUPERVISED_OPTS))
+_register(Paradigm("control", "Cross-entropy on an attribute unrelated to both target and group (paper A's control "
+                   "bases); the attribute is an extra label of the source split.", pretrains=True,
+                   trainer=_train_supervised, labels=_control_label,
+                   options={**_SUPERVISED_OPTS, "label": Option("stripes", "which extra source label to predict")}))
+_register(Paradigm("simclr", "Contrastive self-supervised pretraining: NT-Xent between two augmented views (lightly), "
+                   "paper B's SSL method. Uses no labels.", pretrains=True, trainer=_train_ssl, ssl_method="simclr",
+                   options={"temperature": Option(0.1, "NT-Xent temperature", 0.0, low_open=True),
+                            "projection_dim": Option(64, _PROJ, 1)}))
+_register(Paradigm("vicreg", "Non-contrastive self-supervised pretraining: variance-invariance-covariance "
+                   "regularisation between two augmented views (lightly). Uses no labels.", pretrains=True,
+                   trainer=_train_ssl, ssl_method="vicreg",
+                   options={"projection_dim": Option(256, _PROJ + " (also its hidden width)", 1),
+                            "invariance": Option(25.0, "weight of the invariance (MSE) term", 0.0),
+                            "variance": Option(25.0, "weight of the variance term", 0.0),
+                            "covariance": Option(1.0, "weight of the covariance term", 0.0)}))
+_register(Paradigm("byol", "Non-contrastive self-supervised pretraining without negatives: an online network with a "
+                   "predictor regresses a momentum (EMA) copy of itself across two augmented views (lightly heads "
+                   "and loss). Uses no labels.", pretrains=True, trainer=_train_ssl, ssl_method="byol",
+                   options={"projection_dim": Option(64, _PROJ, 1), "hidden_dim": Option(256, "hidden width of the heads", 1),
+                            "ema": Option(0.99, "momentum of the target network", 0.0, 1.0)}))
+_register(Paradigm("mae", "Masked autoencoding for ViT backbones: most patch tokens are dropped, the backbone encodes "
+                   "the rest and a small transformer decoder reconstructs the missing pixels (lightly's masked ViT "
+                   "modules). Images only; a plan-time error for non-ViT backbones.", pretrains=True,
+                   trainer=_train_ssl, ssl_method="mae", modalities=("image",),
+                   options={"mask_ratio": Option(0.75, "share of patch tokens hidden from the encoder", 0.0, 1.0, low_open=True),
+                            "decoder_dim": Option(64, "decoder token width", 8),
+                            "decoder_depth": Option(1, "decoder transformer blocks", 1),
+                            "decoder_heads": Option(4, "decoder attention heads (must divide decoder_dim)", 1),
+                            "norm_pix_loss": Option(True, "normalise each target patch (MAE's default)")},
+                   constraint=_mae_constraint))
+_register(Paradigm("timm", "timm's own pretrained weights for the backbone (e.g. resnet50.a1_in1k; the tag picks "
+                   "which), read only from the local Hugging Face / torch hub cache - fairsweep never downloads. "
+                   "A plan-time error names the files to fetch when they are absent. The classifier is dropped and "
+                   "timm adapts input channels and ViT position embeddings to the dataset.", pretrains=True,
+                   trainer=_materialise_timm, modalities=("image",), weights_file=lambda b: timm_weights_file(b)))
+
+
+
+# ----------------------------------------------------------------------------- file: checkpoints
+
+
+def check_weights_fit(path: str | os.PathLike, backbone: str, input_shape: tuple[int, ...]) -> None:
+    """Raise ValueError unless the weights-only checkpoint at ``path`` loads into ``backbone``."""
+    from trainables import backbones
+
+    state = backbones.load_weights_file(path)
+    model = backbones.create_backbone(backbone, num_classes=2, input_shape=input_shape)
+    backbones.load_backbone_state(model, state)
+
