@@ -15,7 +15,7 @@ SCHEMA = {
     "verify": Option(False, bool),
     "workers": Option(2, int, 0, identity=False),
     "size": Option(32, int, 8),
-    "needed": Option(REQUIRED, str, why="e.g. 'x'"),
+    "needed": Option(REQUIRED, str, doc="e.g. 'x'"),
 }
 
 
@@ -53,7 +53,7 @@ def test_bad_values_name_the_option_and_the_value(key: str, value: object, fragm
 
 
 def test_required_option_is_named() -> None:
-    with pytest.raises(DatasetOptionError, match=r"dataset.options.needed: is required.*e.g. 'x'"):
+    with pytest.raises(DatasetOptionError, match=r"dataset.options.needed: got None; this field is required: a non-empty string \(e.g. 'x'\)"):
         parse_options({}, SCHEMA)
 
 

@@ -34,11 +34,11 @@ __all__ = ["OPTIONS", "TimeseriesArrays", "array_header"]
 VERSION = 1
 
 OPTIONS: Mapping[str, Option] = {
-    "root": Option(None, PATH, why="the folder holding the array file and the metadata table"),
-    "arrays": Option("arrays.npz", PATH, why="the .npz, .npy or .parquet file, relative to root", under_root=True),
-    "array_key": Option("X", str, why="the array's name inside the .npz, or its column in the .parquet"),
-    "metadata": Option("metadata.csv", PATH, why="the .csv or .parquet table, relative to root", under_root=True),
-    "channels_last": Option(False, bool, why="true when the array is (N, T, C) rather than (N, C, T)"),
+    "root": Option(None, PATH, doc="the folder holding the array file and the metadata table"),
+    "arrays": Option("arrays.npz", PATH, doc="the .npz, .npy or .parquet file, relative to root", under_root=True),
+    "array_key": Option("X", str, doc="the array's name inside the .npz, or its column in the .parquet"),
+    "metadata": Option("metadata.csv", PATH, doc="the .csv or .parquet table, relative to root", under_root=True),
+    "channels_last": Option(False, bool, doc="true when the array is (N, T, C) rather than (N, C, T)"),
     **table_options(target="label", sensitive=("group",), user_table=True),
 }
 

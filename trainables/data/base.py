@@ -10,12 +10,8 @@ decoded by worker processes, and trials use ``loader`` for them (``trainables.fi
 from __future__ import annotations
 
 import abc
-import difflib
 import json
-import math
-import os
 from dataclasses import dataclass, field
-from pathlib import Path
 from types import MappingProxyType
 from typing import Any, Callable, Iterable, Mapping
 
@@ -24,6 +20,7 @@ import torch
 
 from trainables.errors import UserError
 from trainables.registry import Registry
+from trainables.schema import NAMES, PATH, REQUIRED, Option, SchemaError, Section
 
 __all__ = [
     "SPLITS",
@@ -206,147 +203,27 @@ class Dataset(abc.ABC):
 # ----------------------------------------------------------------------------- options
 
 
-class DatasetOptionError(UserError, ValueError):
+class DatasetOptionError(SchemaError):
     """An unknown or invalid ``dataset.options`` entry; names the key, the value and the fix."""
 
     def __init__(self, key: str, value: Any, message: str):
-        self.key, self.value = key, value
-        path = f"dataset.options.{key}" if key else "dataset.options"
-        super().__init__(f"{path}: {message} (got {value!r})")
+        self.key = key
+        super().__init__(f"{OPTIONS_PATH}.{key}" if key else OPTIONS_PATH, value, message)
 
 
-class _Required:
-    def __repr__(self) -> str:
-        return "REQUIRED"
-
-
-REQUIRED: Any = _Required()
-"""Default of an option the user must give (e.g. ``root``)."""
-PATH = "path"
-"""Option kind: a filesystem path (a non-empty string; ``~`` expanded)."""
-NAMES = "names"
-"""Option kind: one name or a list of distinct names (columns, attributes); parsed to a tuple."""
-
-
-@dataclass(frozen=True)
-class Option:
-    """One dataset option: default, kind (int, float, bool, str, PATH or NAMES) and inclusive bounds.
-
-    A default of None makes the option optional (None = not set); REQUIRED makes it mandatory.
-    ``identity=False`` marks options that do not change the data (e.g. loader workers): they are left
-    out of fingerprints, so changing them reuses cached pretrained bases. ``under_root=True`` marks a
-    PATH option that a relative value places inside ``root`` rather than the working directory.
-    """
-
-    default: Any
-    kind: type | str = float
-    low: float | None = None
-    high: float | None = None
-    why: str = ""  # appended to errors, e.g. why a minimum exists or an example value
-    identity: bool = True
-    under_root: bool = False
-
-
-def _describe(opt: Option) -> str:
-    words = {int: "an integer", float: "a number", bool: "true or false", str: "a non-empty string",
-             PATH: "a path (absolute, or relative as documented)", NAMES: "a name or a list of distinct names"}
-    word = words.get(opt.kind, str(opt.kind))
-    bounds = []
-    if opt.low is not None:
-        bounds.append(f">= {opt.low}")
-    if opt.high is not None:
-        bounds.append(f"<= {opt.high}")
-    return f"{word} {' and '.join(bounds)}".rstrip() + (f" ({opt.why})" if opt.why else "")
-
-
-def _coerce_number(key: str, value: Any, opt: Option) -> int | float:
-    if isinstance(value, (bool, np.bool_)):
-        raise DatasetOptionError(key, value, f"must be {_describe(opt)}, not a boolean")
-    if opt.kind is int:
-        if isinstance(value, (int, np.integer)):
-            out: int | float = int(value)
-        elif isinstance(value, (float, np.floating)) and float(value).is_integer():
-            out = int(value)
-        else:
-            raise DatasetOptionError(key, value, f"must be {_describe(opt)}")
-    else:
-        if not isinstance(value, (int, float, np.integer, np.floating)) or not math.isfinite(float(value)):
-            raise DatasetOptionError(key, value, f"must be {_describe(opt)}")
-        out = float(value)
-    if (opt.low is not None and out < opt.low) or (opt.high is not None and out > opt.high):
-        raise DatasetOptionError(key, value, f"must be {_describe(opt)}")
-    return out
-
-
-def _coerce_names(key: str, value: Any, opt: Option) -> tuple[str, ...]:
-    items = [value] if isinstance(value, str) else value
-    if not isinstance(items, (list, tuple)) or not items:
-        raise DatasetOptionError(key, value, f"must be {_describe(opt)}")
-    bad = [v for v in items if not isinstance(v, str) or not v.strip()]
-    if bad:
-        raise DatasetOptionError(key, value, f"entries {bad!r} are not names; must be {_describe(opt)}")
-    dupes = sorted({v for v in items if items.count(v) > 1})
-    if dupes:
-        raise DatasetOptionError(key, value, f"names {dupes} appear more than once; list each once")
-    return tuple(items)
-
-
-MAX_PATH_BYTES, MAX_PATH_PART_BYTES = 4096, 255  # Linux's PATH_MAX and NAME_MAX
-
-
-def _check_path_shape(key: str, value: str) -> None:
-    """A path the filesystem can look up: no NUL, within PATH_MAX, each part within NAME_MAX (a longer
-    one makes the lookup itself fail with OSError instead of "does not exist")."""
-    try:
-        raw = os.fsencode(value) if "\x00" not in value else None
-    except UnicodeError:  # a lone surrogate (YAML's "\ud800" escape)
-        raw = None
-    if raw is None or len(raw) > MAX_PATH_BYTES or any(len(part) > MAX_PATH_PART_BYTES for part in raw.split(b"/")):
-        raise DatasetOptionError(key, value, f"must be a path without NUL or unencodable characters, at most {MAX_PATH_BYTES} "
-                                             f"bytes long, each folder or file name at most {MAX_PATH_PART_BYTES}")
-
-
-def _coerce(key: str, value: Any, opt: Option) -> Any:
-    if value is None and opt.default is None:
-        return None
-    if value is REQUIRED:
-        raise DatasetOptionError(key, None, f"is required: {_describe(opt)}")
-    if opt.kind in (int, float):
-        return _coerce_number(key, value, opt)
-    if opt.kind is bool:
-        if not isinstance(value, (bool, np.bool_)):
-            raise DatasetOptionError(key, value, f"must be {_describe(opt)}")
-        return bool(value)
-    if opt.kind is str:
-        if not isinstance(value, str) or not value.strip():
-            raise DatasetOptionError(key, value, f"must be {_describe(opt)}")
-        return value
-    if opt.kind == PATH:
-        if isinstance(value, os.PathLike):
-            value = os.fspath(value)
-        if not isinstance(value, str) or not value.strip():
-            raise DatasetOptionError(key, value, f"must be {_describe(opt)}")
-        _check_path_shape(key, value)
-        return str(Path(os.path.expanduser(value)))  # an unknown ~user stays as written (pathlib raises)
-    if opt.kind == NAMES:
-        return _coerce_names(key, value, opt)
-    raise TypeError(f"Option kind {opt.kind!r} of {key!r} is not supported")  # a bug in a schema, not user input
+OPTIONS_PATH = "dataset.options"
 
 
 def parse_options(options: Mapping[str, Any] | None, schema: Mapping[str, Option]) -> dict[str, Any]:
-    """Validate ``options`` against ``schema``; return every option (defaults filled), typed, key-sorted."""
-    if options is None:
-        options = {}
-    if not isinstance(options, Mapping):
-        raise DatasetOptionError("", options, "must be a mapping of option names to values")
-    allowed = sorted(schema)
-    for key in options:
-        if key not in schema:
-            close = difflib.get_close_matches(str(key), allowed, n=1)
-            hint = f"; did you mean {close[0]!r}?" if close else ""
-            raise DatasetOptionError(str(key), options[key],
-                                     f"unknown option; allowed: {', '.join(allowed)}{hint}")
-    return {key: _coerce(key, options.get(key, schema[key].default), schema[key]) for key in allowed}
+    """Validate ``options`` against ``schema`` (trainables.schema's dialect, like the whole sweep file);
+    return every option (defaults filled), typed, key-sorted."""
+    try:
+        return Section({key: schema[key] for key in sorted(schema)}).complete(options, OPTIONS_PATH)
+    except DatasetOptionError:
+        raise
+    except SchemaError as exc:
+        key = exc.path[len(OPTIONS_PATH) + 1:] if exc.path.startswith(OPTIONS_PATH + ".") else ""
+        raise DatasetOptionError(key, exc.value, exc.allowed) from None
 
 
 def canonical_options(parsed: Mapping[str, Any], schema: Mapping[str, Option], *, leave_out: Iterable[str] = ()) -> str:

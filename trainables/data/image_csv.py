@@ -29,8 +29,8 @@ VERSION = 1
 OPTIONS: Mapping[str, Option] = {
     **image_options(64),
     **table_options(target="label", sensitive=("group",), user_table=True),
-    "csv": Option("metadata.csv", PATH, why="the CSV, relative to root (or absolute)", under_root=True),
-    "path_column": Option("path", str, why="the column holding image paths, relative to the CSV's folder"),
+    "csv": Option("metadata.csv", PATH, doc="the CSV, relative to root (or absolute)", under_root=True),
+    "path_column": Option("path", str, doc="the column holding image paths, relative to the CSV's folder"),
 }
 
 

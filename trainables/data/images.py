@@ -43,12 +43,12 @@ class ImageReadError(DatasetError):
 def image_options(image_size: int = 64) -> dict[str, Option]:
     """Options every image-folder adapter shares (besides the table options)."""
     return {
-        "root": Option(None, PATH, why="the dataset's folder; relative paths resolve against the working "
+        "root": Option(None, PATH, doc="the dataset's folder; relative paths resolve against the working "
                                        "directory, so prefer an absolute path"),
-        "image_size": Option(image_size, int, 8, 1024, why="images are resized and centre-cropped to this square"),
-        "num_workers": Option(2, int, 0, 64, why="DataLoader worker processes decoding images; 0 decodes in "
+        "image_size": Option(image_size, int, 8, 1024, doc="images are resized and centre-cropped to this square"),
+        "num_workers": Option(2, int, 0, 64, doc="DataLoader worker processes decoding images; 0 decodes in "
                                                  "the trial's process", identity=False),
-        "verify_images": Option(False, bool, why="decode every image once at construction, so an unreadable "
+        "verify_images": Option(False, bool, doc="decode every image once at construction, so an unreadable "
                                                  "file fails the plan rather than a trial (slow for large "
                                                  "datasets)", identity=False),
     }

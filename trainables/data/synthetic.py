@@ -37,20 +37,20 @@ MAX_EXAMPLES = 1_000_000  # per split: metadata is built for every split at plan
 MAX_SEED = 2**32 - 1  # numpy's seed range
 
 OPTIONS: Mapping[str, Option] = {
-    "n_source": Option(4000, int, 4, MAX_EXAMPLES, why=_CELL_MIN),
-    "n_finetune": Option(6000, int, 4, MAX_EXAMPLES, why=_CELL_MIN),
-    "n_val": Option(1000, int, 4, MAX_EXAMPLES, why=_CELL_MIN),
-    "n_test": Option(2000, int, 4, MAX_EXAMPLES, why=_CELL_MIN),
-    "source_correlation": Option(0.5, float, 0.0, 1.0, why="P(group == label) in the source split"),
-    "eval_correlation": Option(0.5, float, 0.05, 0.95, why="P(group == label) in the val and test splits (paper A "
+    "n_source": Option(4000, int, 4, MAX_EXAMPLES, doc=_CELL_MIN),
+    "n_finetune": Option(6000, int, 4, MAX_EXAMPLES, doc=_CELL_MIN),
+    "n_val": Option(1000, int, 4, MAX_EXAMPLES, doc=_CELL_MIN),
+    "n_test": Option(2000, int, 4, MAX_EXAMPLES, doc=_CELL_MIN),
+    "source_correlation": Option(0.5, float, 0.0, 1.0, doc="P(group == label) in the source split"),
+    "eval_correlation": Option(0.5, float, 0.05, 0.95, doc="P(group == label) in the val and test splits (paper A "
                                "evaluates at a fixed skew); every (label, group) cell keeps examples"),
-    "image_size": Option(32, int, 16, 1024, why="the border, margins and square need 16 pixels; at most 1024 "
+    "image_size": Option(32, int, 16, 1024, doc="the border, margins and square need 16 pixels; at most 1024 "
                          "like folder images"),
     "noise": Option(0.6, float, 0.0),
     "target_strength": Option(0.8, float, 0.0),
     "group_strength": Option(1.5, float, 0.0),
     "stripe_strength": Option(0.5, float, 0.0),
-    "seed": Option(0, int, 0, MAX_SEED, why="numpy's seed range"),
+    "seed": Option(0, int, 0, MAX_SEED, doc="numpy's seed range"),
 }
 
 # Stream tags keep the metadata RNG and the per-example RNGs of a split apart.

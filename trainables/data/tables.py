@@ -54,26 +54,26 @@ def table_options(*, target: Any, sensitive: Any, user_table: bool) -> dict[str,
     """The options of every table-backed adapter. ``user_table`` (image_csv, timeseries_arrays) adds the
     split column, the positive value and the fractions used when the table has no split column."""
     opts = {
-        "target": Option(target, str, why="the column holding the binary label"),
-        "sensitive": Option(sensitive, NAMES, why="sensitive-attribute columns; the first drives interventions"),
-        "intersect": Option(None, NAMES, why="two or more of the sensitive attributes; adds the attribute "
+        "target": Option(target, str, doc="the column holding the binary label"),
+        "sensitive": Option(sensitive, NAMES, doc="sensitive-attribute columns; the first drives interventions"),
+        "intersect": Option(None, NAMES, doc="two or more of the sensitive attributes; adds the attribute "
                                              "A_x_B whose groups are their combinations"),
-        "extra_labels": Option(None, NAMES, why="further columns exposed as extra labels, e.g. for the "
+        "extra_labels": Option(None, NAMES, doc="further columns exposed as extra labels, e.g. for the "
                                                 "control paradigm"),
-        "source_fraction": Option(0.5, float, 0.05, 0.95, why="share of the training partition that becomes "
+        "source_fraction": Option(0.5, float, 0.05, 0.95, doc="share of the training partition that becomes "
                                                               "the source (pretraining) pool; the rest is the "
                                                               "finetuning pool"),
-        "seed": Option(0, int, 0, 2**32 - 1, why="seed of the deterministic, stratified splits; numpy's seed range"),
+        "seed": Option(0, int, 0, 2**32 - 1, doc="seed of the deterministic, stratified splits; numpy's seed range"),
     }
     if user_table:
         opts.update({
-            "split_column": Option(None, str, why="the column holding each row's split; unset: a column named "
+            "split_column": Option(None, str, doc="the column holding each row's split; unset: a column named "
                                                   "'split' if there is one, else the rows are split by the fractions"),
-            "positive": Option(None, str, why="the target value that is label 1; unset: 1 for 0/1 and -1/1 "
+            "positive": Option(None, str, doc="the target value that is label 1; unset: 1 for 0/1 and -1/1 "
                                               "columns, else the later value in sorted order"),
-            "val_fraction": Option(0.1, float, 0.01, 0.5, why="share of rows held out for validation when the "
+            "val_fraction": Option(0.1, float, 0.01, 0.5, doc="share of rows held out for validation when the "
                                                               "table has no split column"),
-            "test_fraction": Option(0.2, float, 0.01, 0.5, why="share of rows held out for testing when the "
+            "test_fraction": Option(0.2, float, 0.01, 0.5, doc="share of rows held out for testing when the "
                                                                "table has no split column"),
         })
     return opts

@@ -43,22 +43,22 @@ _CELLS = "every (label, sex, age band) cell needs an example"
 _META_STREAM, _SIGNAL_STREAM = 0, 1
 
 OPTIONS: Mapping[str, Option] = {
-    "n_source": Option(2000, int, 12, MAX_EXAMPLES, why=_CELLS),
-    "n_finetune": Option(3000, int, 12, MAX_EXAMPLES, why=_CELLS),
-    "n_val": Option(600, int, 12, MAX_EXAMPLES, why=_CELLS),
-    "n_test": Option(1200, int, 12, MAX_EXAMPLES, why=_CELLS),
+    "n_source": Option(2000, int, 12, MAX_EXAMPLES, doc=_CELLS),
+    "n_finetune": Option(3000, int, 12, MAX_EXAMPLES, doc=_CELLS),
+    "n_val": Option(600, int, 12, MAX_EXAMPLES, doc=_CELLS),
+    "n_test": Option(1200, int, 12, MAX_EXAMPLES, doc=_CELLS),
     "channels": Option(3, int, 1, 64),
-    "length": Option(128, int, 16, 100_000, why="samples per window"),
-    "source_correlation": Option(0.5, float, 0.0, 1.0, why="P(sex code == label) in the source split"),
+    "length": Option(128, int, 16, 100_000, doc="samples per window"),
+    "source_correlation": Option(0.5, float, 0.0, 1.0, doc="P(sex code == label) in the source split"),
     "noise": Option(1.0, float, 0.0),
     "target_strength": Option(1.0, float, 0.0),
     "sex_strength": Option(1.5, float, 0.0),
     "age_strength": Option(0.5, float, 0.0),
-    "age_attenuation": Option(0.5, float, 0.0, 1.0, why="share of the activity amplitude the oldest band loses"),
+    "age_attenuation": Option(0.5, float, 0.0, 1.0, doc="share of the activity amplitude the oldest band loses"),
     "device_strength": Option(0.5, float, 0.0),
-    "sensitive": Option(("sex", "age"), NAMES, why="of sex, age; the first drives interventions"),
-    "intersect": Option(None, NAMES, why="[sex, age] adds the attribute sex_x_age (6 groups)"),
-    "seed": Option(0, int, 0, MAX_SEED, why="numpy's seed range"),
+    "sensitive": Option(("sex", "age"), NAMES, doc="of sex, age; the first drives interventions"),
+    "intersect": Option(None, NAMES, doc="[sex, age] adds the attribute sex_x_age (6 groups)"),
+    "seed": Option(0, int, 0, MAX_SEED, doc="numpy's seed range"),
 }
 
 
