@@ -1,9 +1,9 @@
-"""Pure multi-objective logic over plain arrays: fronts, ranks, hypervolume, knee, constrained best.
+"""Pure multi-objective logic over plain arrays: fronts, hypervolume, constrained best.
 
 No MLflow, no Ray: the tracker and the queries pass in numbers and directions ("max"/"min" per
 column), so this logic is tested on its own. Internally every objective is turned into
 minimisation. A row with any NaN (a failed or unfinished trial) is never on the front and never
-dominates another row; identical rows do not dominate each other, so duplicates share their rank.
+dominates another row; identical rows do not dominate each other, so duplicates are on the front together.
 """
 from __future__ import annotations
 
@@ -11,9 +11,15 @@ from typing import Any, Sequence
 
 import numpy as np
 
-__all__ = ["pareto_mask", "pareto_ranks", "hypervolume", "knee_index", "constrained_best", "check_budget"]
+from trainables.errors import UserError
+
+__all__ = ["pareto_mask", "hypervolume", "constrained_best", "check_budget", "BudgetError"]
 
 _CHUNK_ELEMENTS = 4_000_000  # bounds the pairwise comparison blocks of the m > 2 fallback to a few MB
+
+
+class BudgetError(UserError, ValueError):
+    """A performance budget that is missing, given twice, negative or not finite (the message names it)."""
 
 
 def _as_min(values: Any, directions: Sequence[str]) -> np.ndarray:
@@ -93,23 +99,6 @@ def pareto_mask(values: Any, directions: Sequence[str]) -> np.ndarray:
     return _mask_min(_as_min(values, directions))
 
 
-def pareto_ranks(values: Any, directions: Sequence[str]) -> np.ndarray:
-    """Non-dominated sorting: 0 for the front, 1 for the front of the rest, ...; -1 for NaN rows.
-
-    Peels one front at a time, so the cost is the number of layers times one ``pareto_mask``.
-    """
-    pts = _as_min(values, directions)
-    ranks = np.full(len(pts), -1, dtype=int)
-    remaining = np.flatnonzero(~np.isnan(pts).any(axis=1))
-    rank = 0
-    while remaining.size:
-        front = _mask_min(pts[remaining])
-        ranks[remaining[front]] = rank
-        remaining = remaining[~front]
-        rank += 1
-    return ranks
-
-
 def hypervolume(values: Any, directions: Sequence[str], reference: Sequence[float]) -> float:
     """Volume dominated by the points and bounded by ``reference`` (given in the original units).
 
@@ -144,28 +133,13 @@ def hypervolume(values: Any, directions: Sequence[str], reference: Sequence[floa
 
 
 def check_budget(max_drop: float | None, max_rel_drop: float | None) -> None:
-    """Exactly one performance budget, finite and >= 0; ValueError naming the bad one otherwise."""
+    """Exactly one performance budget, finite and >= 0; ``BudgetError`` naming the bad one otherwise."""
     if (max_drop is None) == (max_rel_drop is None):
-        raise ValueError(f"give exactly one of max_drop (absolute) or max_rel_drop (relative); got "
-                         f"max_drop={max_drop!r}, max_rel_drop={max_rel_drop!r}")
+        raise BudgetError(f"give exactly one of max_drop (absolute) or max_rel_drop (relative); got "
+                          f"max_drop={max_drop!r}, max_rel_drop={max_rel_drop!r}")
     name, value = ("max_drop", max_drop) if max_drop is not None else ("max_rel_drop", max_rel_drop)
     if not np.isfinite(value) or value < 0:
-        raise ValueError(f"{name} = {value!r}; use a finite number >= 0")
-
-
-def knee_index(values: Any, directions: Sequence[str]) -> int | None:
-    """Row index of the front member closest to the ideal point, after min-max scaling each
-    objective over the front (so units do not matter). Ties go to the lower index; None without a front.
-    """
-    pts = _as_min(values, directions)
-    mask = _mask_min(pts)
-    if not mask.any():
-        return None
-    front = pts[mask]
-    lo, hi = front.min(axis=0), front.max(axis=0)
-    span = hi - lo
-    scaled = (front - lo) / np.where(span > 0, span, 1.0)  # a constant objective scales to 0
-    return int(np.flatnonzero(mask)[int(np.argmin(np.linalg.norm(scaled, axis=1)))])
+        raise BudgetError(f"{name} = {value!r}; use a finite number >= 0")
 
 
 def constrained_best(values: Any, directions: Sequence[str], *, performance_col: int = 0,

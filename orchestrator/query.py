@@ -25,7 +25,7 @@ from trainables.errors import UserError
 
 __all__ = ["AXIS_PARAMS", "SPLITS", "SweepNotFoundError", "load_trials", "aggregate_seeds", "front_table", "list_sweeps",
            "find_parent_run", "parent_run", "sweep_objectives", "sweep_trials", "split_metric", "t_interval", "pareto",
-           "best", "compare", "paired_tests", "holm", "relative_change"]
+           "best", "compare", "paired_tests", "holm", "relative_change", "QueryError"]
 
 AXIS_PARAMS = ("backbone", "paradigm", "intervention.kind", "intervention.magnitude", "freeze_depth")
 TAG = "fairsweep."
@@ -33,6 +33,11 @@ TAG = "fairsweep."
 
 class SweepNotFoundError(UserError, LookupError):
     """No runs for the requested sweep/experiment; the message lists what exists."""
+
+
+class QueryError(UserError, ValueError):
+    """A question the trials cannot answer as asked (an unknown column, group, split or metric, a filter of
+    the wrong type); the message says what exists."""
 
 
 def _direction(metric: str) -> str:
@@ -160,7 +165,7 @@ _BASE_COLUMNS = ("run_id", "status", "trial_key", "config_key", "seed", *AXIS_PA
 
 def _sweep_tag_filter(sweep: str, kind: str) -> str:
     if "'" in sweep:
-        raise ValueError(f"sweep name {sweep!r} contains a quote; sweep names are plain identifiers")
+        raise QueryError(f"sweep name {sweep!r} contains a quote; sweep names are plain identifiers")
     return f"tags.`{TAG}sweep` = '{sweep}' AND tags.`{TAG}kind` = '{kind}'"
 
 
@@ -222,7 +227,7 @@ def _matches(column: pd.Series, value: Any) -> pd.Series:
         try:
             nums = [float(v) for v in values]
         except (TypeError, ValueError):
-            raise ValueError(f"filter on numeric column {column.name!r} needs numbers; got {value!r}") from None
+            raise QueryError(f"filter on numeric column {column.name!r} needs numbers; got {value!r}") from None
         return column.astype(float).isin(nums)
     return column.astype(str).isin([str(v) for v in values])
 
@@ -249,7 +254,7 @@ def sweep_trials(client: Any, sweep: str, experiment: str | None = None, *,
             df[col] = pd.Series(dtype=float if col == "intervention.magnitude" else object)
     for key, value in (filters or {}).items():
         if key not in df:
-            raise ValueError(f"cannot filter on {key!r}: not a column of the trials; columns: {', '.join(df.columns)}")
+            raise QueryError(f"cannot filter on {key!r}: not a column of the trials; columns: {', '.join(df.columns)}")
         df = df[_matches(df[key], value)]
     return df.reset_index(drop=True)
 
@@ -260,7 +265,7 @@ SPLITS = ("test", "val")
 def split_metric(metric: str, split: str) -> str:
     """The name ``metric`` is logged under for ``split``: test keeps its name, validation adds ``val_``."""
     if split not in SPLITS:
-        raise ValueError(f"split {split!r}: use 'val' (the split picks are made on) or 'test' (the split that reports)")
+        raise QueryError(f"split {split!r}: use 'val' (the split picks are made on) or 'test' (the split that reports)")
     return f"val_{metric}" if split == "val" and not metric.startswith("val_") else metric
 
 
@@ -276,7 +281,7 @@ def _check_metrics(trials: pd.DataFrame, *metrics: str) -> list[str]:
             if all(m.startswith("val_") for m in missing):
                 hint = ("; these trials logged no validation metrics (sweeps before validation scoring): choose on the "
                         "test split with --select-on test (or select_on='test'), knowing the pick is optimistic")
-            raise ValueError(f"metric(s) {', '.join(map(repr, missing))} not logged by any of these trials; "
+            raise QueryError(f"metric(s) {', '.join(map(repr, missing))} not logged by any of these trials; "
                              f"logged metrics: {', '.join(logged) or 'none'}{hint}")
     return dirs
 
@@ -383,11 +388,11 @@ def best(trials: pd.DataFrame, perf: str, fair: str, *, max_drop: float | None =
         sel = valid.copy()
         for key, value in reference.items():
             if key not in rows:
-                raise ValueError(f"reference key {key!r} is not a column; use one of {', '.join(AXIS_PARAMS)}")
+                raise QueryError(f"reference key {key!r} is not a column; use one of {', '.join(AXIS_PARAMS)}")
             sel &= _matches(rows[key], value)
         if not sel.any():
             values = {k: sorted(map(str, rows[k].dropna().unique())) for k in reference if k in rows}
-            raise ValueError(f"no trial with both metrics matches reference {dict(reference)}; values present: {values}")
+            raise QueryError(f"no trial with both metrics matches reference {dict(reference)}; values present: {values}")
         ref_rows = rows[sel]
     else:
         ref_rows = rows[valid]
@@ -490,7 +495,7 @@ def compare(trials: pd.DataFrame, by: str, perf: str, fair: str, *, max_drop: fl
     pareto_mod.check_budget(max_drop, max_rel_drop)
     rows = _rows(trials, [sel_perf, sel_fair, perf, fair], by_config)
     if by not in rows:
-        raise ValueError(f"cannot group by {by!r}; use one of {', '.join(c for c in AXIS_PARAMS + ('seed',) if c in rows)}")
+        raise QueryError(f"cannot group by {by!r}; use one of {', '.join(c for c in AXIS_PARAMS + ('seed',) if c in rows)}")
     shown = list(dict.fromkeys([sel_perf, sel_fair, perf, fair]))
     if by_config:  # the pick's uncertainty over seeds: sd, count and 95 % t-interval
         shown += ["n_seeds", *(f"{m}_{x}" for m in (perf, fair) for x in ("std", "count", "ci_low", "ci_high"))]
@@ -501,7 +506,7 @@ def compare(trials: pd.DataFrame, by: str, perf: str, fair: str, *, max_drop: fl
         return pd.DataFrame(columns=cols)
     valid = rows[sel_perf].notna() & rows[sel_fair].notna()
     if not valid.any():
-        raise ValueError(f"no row has both {sel_perf!r} and {sel_fair!r}")
+        raise QueryError(f"no row has both {sel_perf!r} and {sel_fair!r}")
     ref_perf = float(rows.loc[valid, sel_perf].max() if directions[0] == "max" else rows.loc[valid, sel_perf].min())
     limit = _perf_limit(ref_perf, directions[0], max_drop, max_rel_drop)
     tol = 1e-12 * max(1.0, abs(limit))
@@ -526,7 +531,7 @@ def compare(trials: pd.DataFrame, by: str, perf: str, fair: str, *, max_drop: fl
         matches = [i for i, k in enumerate(keys) if str(k) == str(reference_group) or
                    (isinstance(k, (int, float)) and _is_number(reference_group) and float(k) == float(reference_group))]
         if not matches:
-            raise ValueError(f"reference group {reference_group!r} not among the values of {by!r}: "
+            raise QueryError(f"reference group {reference_group!r} not among the values of {by!r}: "
                              f"{', '.join(map(str, keys))}")
         ref_idx = matches[0]
     unfair = _objective_values(table, [fair])[:, 0]

@@ -107,3 +107,12 @@ def kill_session(proc: subprocess.Popen) -> None:
         os.killpg(proc.pid, signal.SIGKILL)
     except ProcessLookupError:
         pass
+
+
+def batch_metrics(y: Any, scores: Any, groups: Any, primary: str, threshold: float,
+                  privileged: Any = None) -> dict[str, Any]:
+    """Every ``evaluate`` key for each row of ``scores`` (B, n) by the computation ``evaluate`` (B = 1) and
+    the bootstrap (B resamples) share: the tests compare the two through it."""
+    from trainables.metrics import _attributes, _compute
+
+    return _compute(y, scores, _attributes(groups, privileged), primary, threshold)[0]

@@ -8,10 +8,8 @@ from trainables.interventions import (
     INTERVENTIONS,
     InterventionError,
     InterventionResult,
-    achieved_value,
     apply_intervention,
     check_feasible,
-    feasible_range,
 )
 from trainables.registry import UnknownNameError
 
@@ -41,12 +39,12 @@ def test_exact_size_no_repeats_and_achieved(kind: str, size: int) -> None:
     labels, groups = BALANCED
     for m in MAGNITUDES:
         r = apply_intervention(kind, labels, groups, m, size, seed=3)
-        assert isinstance(r, InterventionResult) and r.kind == kind and r.weights is None
+        assert isinstance(r, InterventionResult) and r.kind == kind
         assert r.indices.dtype == np.int64 and len(r.indices) == size
         assert len(np.unique(r.indices)) == size
         assert r.indices.min() >= 0 and r.indices.max() < len(labels)
         y, g = labels[r.indices], groups[r.indices]
-        assert r.achieved == pytest.approx(achieved_value(kind, y, g))
+        assert r.achieved == pytest.approx(INTERVENTIONS.get(kind).measure(y, g))
         # labels stay balanced (off by at most one example when size is odd)
         if kind != "none":
             assert abs(int(y.sum()) - size / 2) <= 0.5
@@ -90,11 +88,13 @@ def test_inputs_are_not_mutated() -> None:
 
 def test_feasible_range_on_a_balanced_pool() -> None:
     labels, groups = BALANCED
-    assert feasible_range("correlation", labels, groups, 600) == (0.0, 1.0)
+    check_feasible("correlation", labels, groups, MAGNITUDES, 600)  # every magnitude fits 600 of 1200
     # 900 examples: each aligned cell holds 300, so aligned <= 600 -> c <= 2/3; symmetric below
-    lo, hi = feasible_range("correlation", labels, groups, 900)
-    assert lo == pytest.approx(300 / 900) and hi == pytest.approx(600 / 900)
-    assert feasible_range("none", labels, groups, 1200) == (0.0, 1.0)
+    check_feasible("correlation", labels, groups, [300 / 900, 0.5, 600 / 900], 900)
+    for outside in (0.3, 0.7):
+        with pytest.raises(InterventionError, match="minimum feasible magnitude is 0.3333 and the maximum 0.6667"):
+            check_feasible("correlation", labels, groups, [outside], 900)
+    check_feasible("none", labels, groups, MAGNITUDES, 1200)  # a uniform subset ignores the magnitude
 
 
 def test_infeasible_magnitude_names_the_range() -> None:
@@ -112,14 +112,13 @@ def test_infeasible_magnitude_names_the_range() -> None:
 
 def test_skewed_pool_limits_representation() -> None:
     labels, groups = _pool({(0, 0): 500, (1, 0): 500, (0, 1): 50, (1, 1): 50})
-    lo, hi = feasible_range("representation", labels, groups, 400)
-    assert lo == 0.0 and hi == pytest.approx(100 / 400)
+    hi = 100 / 400  # the minority group's 100 examples
     for m in MAGNITUDES:
         if m <= hi:
             r = apply_intervention("representation", labels, groups, m, 400, seed=1)
             assert abs(r.achieved - m) <= 1 / 400
         else:
-            with pytest.raises(InterventionError, match="maximum 0.25"):
+            with pytest.raises(InterventionError, match="minimum feasible magnitude is 0 and the maximum 0.25"):
                 apply_intervention("representation", labels, groups, m, 400, seed=1)
 
 
@@ -128,13 +127,13 @@ def test_size_larger_than_pool() -> None:
         with pytest.raises(InterventionError, match="at most 1200"):
             apply_intervention(kind, *BALANCED, 0.5, 1201, seed=0)
         with pytest.raises(InterventionError, match="at most 1200"):
-            feasible_range(kind, *BALANCED, 1201)
+            check_feasible(kind, *BALANCED, [0.5], 1201)
 
 
 def test_no_feasible_magnitude_at_all() -> None:
     labels, groups = _pool({(0, 0): 10, (1, 1): 10, (0, 1): 10, (1, 0): 500})
     with pytest.raises(InterventionError, match="no correlation magnitude is feasible"):
-        feasible_range("correlation", labels, groups, 100)
+        check_feasible("correlation", labels, groups, [0.5], 100)
 
 
 @pytest.mark.parametrize("magnitude", [-0.1, 1.01, float("nan"), "0.5"])
@@ -157,7 +156,6 @@ def test_correlation_needs_a_binary_group() -> None:
     labels, groups = BALANCED
     three = groups + (np.arange(len(groups)) % 3 == 0)  # codes 0, 1, 2
     for call in (lambda: apply_intervention("correlation", labels, three, 0.5, 100, seed=0),
-                 lambda: feasible_range("correlation", labels, three, 100),
                  lambda: check_feasible("correlation", labels, three, [0.5], 100)):
         with pytest.raises(InterventionError, match="binary group"):
             call()
@@ -165,12 +163,13 @@ def test_correlation_needs_a_binary_group() -> None:
     assert len(apply_intervention("none", labels, three, 0.0, 100, seed=0).indices) == 100
 
 
-def test_achieved_value_measures() -> None:
+def test_the_measures_of_the_achieved_value() -> None:
     y = np.array([1, 1, 0, 0])
     g = np.array([1, 0, 0, 1])
-    assert achieved_value("correlation", y, g) == 0.5
-    assert achieved_value("representation", y, np.array([1, 0, 0, 0])) == 0.25
-    assert np.isnan(achieved_value("correlation", np.array([], dtype=np.int64), np.array([], dtype=np.int64)))
+    assert INTERVENTIONS.get("correlation").measure(y, g) == 0.5
+    assert INTERVENTIONS.get("representation").measure(y, np.array([1, 0, 0, 0])) == 0.25
+    empty = np.array([], dtype=np.int64)
+    assert np.isnan(INTERVENTIONS.get("correlation").measure(empty, empty))
 
 
 def test_works_on_the_synthetic_pool() -> None:

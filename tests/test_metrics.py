@@ -9,8 +9,9 @@ from fairlearn.metrics import (MetricFrame, demographic_parity_difference, equal
                                false_positive_rate, true_positive_rate)
 from sklearn.metrics import average_precision_score, f1_score, roc_auc_score
 
+from tests.helpers import batch_metrics
 from trainables.metrics import (FAIRNESS_METRICS, GROUP_METRICS, METRIC_DIRECTIONS, OVERALL_METRICS,
-                                PERFORMANCE_METRICS, REPORTED_METRICS, _batch_metrics, _cells, _resample_indices,
+                                PERFORMANCE_METRICS, REPORTED_METRICS, _cells, _resample_indices,
                                 bootstrap_ci, direction, evaluate, is_signed)
 
 # Two groups with string labels, 8 examples each. Scores >= 0.5 predict 1.
@@ -233,7 +234,7 @@ def test_batch_metrics_equal_evaluate():
     for seed in range(3):
         y, s, attrs = _random_case(300, seed)
         ref = evaluate(y, s, attrs, primary="age").metrics
-        got = _batch_metrics(y, s[None, :], attrs, "age", 0.5)
+        got = batch_metrics(y, s[None, :], attrs, "age", 0.5)
         assert set(got) == set(ref)
         for key, value in ref.items():
             assert got[key][0] == pytest.approx(value, abs=1e-12), key
@@ -314,6 +315,6 @@ def test_bootstrap_chunks_follow_one_random_stream(monkeypatch):
     rng, cells = np.random.default_rng(4), _cells(y, attrs)
     idx = np.concatenate([_resample_indices(cells, k, rng) for k in (3, 3, 3, 1)])
     order = np.concatenate(cells)
-    draws = _batch_metrics(y[order], s[idx], {"sex": attrs["sex"][order]}, "sex", 0.5)
+    draws = batch_metrics(y[order], s[idx], {"sex": attrs["sex"][order]}, "sex", 0.5)
     for name in ("auroc", "accuracy_gap"):
         assert ci[name] == pytest.approx(tuple(np.quantile(draws[name], [0.025, 0.975])), abs=1e-12)

@@ -5,8 +5,9 @@ import numpy as np
 import pytest
 
 import trainables.metrics as M
+from tests.helpers import batch_metrics
 from trainables.metrics import (FAIRNESS_METRICS, GROUP_METRICS, METRIC_DIRECTIONS, METRICS, OVERALL_METRICS,
-                                PERFORMANCE_METRICS, _batch_metrics, _cells, _resample_indices, bootstrap_ci,
+                                PERFORMANCE_METRICS, _cells, _resample_indices, bootstrap_ci,
                                 direction, evaluate, is_signed, register_metric, temporary_metric,
                                 unregister_metric)
 
@@ -124,7 +125,7 @@ def test_every_registered_metric_bootstrap_row_equals_evaluate():
     y, s, attrs = _case(300, seed=4)
     for privileged in (None, {"age": 0, "sex": "f"}):
         ref = evaluate(y, s, attrs, primary="age", privileged=privileged).metrics
-        got = _batch_metrics(y, s[None, :], attrs, "age", 0.5, privileged)
+        got = batch_metrics(y, s[None, :], attrs, "age", 0.5, privileged)
         assert set(got) == set(ref)
         assert {k.split("/")[0].removeprefix("worst:") for k in ref} == set(METRICS)
         for key, value in ref.items():

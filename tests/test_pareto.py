@@ -6,7 +6,8 @@ import itertools
 import numpy as np
 import pytest
 
-from orchestrator.pareto import constrained_best, hypervolume, knee_index, pareto_mask, pareto_ranks
+from orchestrator.pareto import BudgetError, constrained_best, hypervolume, pareto_mask
+from trainables.errors import UserError
 
 DIRECTION_SETS = [("max", "min"), ("min", "min"), ("max", "max"), ("min", "max")]
 
@@ -26,19 +27,6 @@ def brute_mask(pts, directions):
     return out
 
 
-def brute_ranks(pts, directions):
-    ranks = np.full(len(pts), -1)
-    remaining = ~np.isnan(np.asarray(pts, dtype=float)).any(axis=1)
-    r = 0
-    while remaining.any():
-        idx = np.flatnonzero(remaining)
-        front = idx[brute_mask(pts[idx], directions)]
-        ranks[front] = r
-        remaining[front] = False
-        r += 1
-    return ranks
-
-
 def random_points(seed, n, m, integer):
     rng = np.random.default_rng(seed)
     pts = rng.integers(0, 5, (n, m)).astype(float) if integer else rng.random((n, m))
@@ -48,16 +36,12 @@ def random_points(seed, n, m, integer):
 
 @pytest.mark.parametrize("seed, m, integer", list(itertools.product(range(5), [1, 2, 3, 4], [True, False])))
 @pytest.mark.parametrize("directions", DIRECTION_SETS)
-def test_mask_and_ranks_match_brute_force(seed, m, integer, directions):
+def test_mask_matches_brute_force(seed, m, integer, directions):
     pts = random_points(seed, 50, m, integer)
     dirs = (directions * 2)[:m]
     mask = pareto_mask(pts, dirs)
     assert mask.dtype == bool and mask.shape == (50,)
     assert (mask == brute_mask(pts, dirs)).all()
-    ranks = pareto_ranks(pts, dirs)
-    assert ranks.dtype.kind == "i"
-    assert (ranks == brute_ranks(pts, dirs)).all()
-    assert (ranks == 0).tolist() == mask.tolist()
 
 
 def test_integer_points_have_ties_and_duplicates():
@@ -66,10 +50,9 @@ def test_integer_points_have_ties_and_duplicates():
     assert len(np.unique(valid, axis=0)) < len(valid)  # the brute-force comparison above did see duplicates
 
 
-def test_duplicates_share_the_front_and_their_rank():
+def test_duplicates_share_the_front():
     pts = [[0.9, 0.1], [0.9, 0.1], [0.8, 0.2], [0.8, 0.2], [0.9, 0.3]]
     assert pareto_mask(pts, ["max", "min"]).tolist() == [True, True, False, False, False]
-    assert pareto_ranks(pts, ["max", "min"]).tolist() == [0, 0, 1, 1, 1]
     # same first objective: only the better second one is on the front
     assert pareto_mask([[1, 5], [1, 3], [1, 3]], ["min", "min"]).tolist() == [False, True, True]
 
@@ -77,9 +60,8 @@ def test_duplicates_share_the_front_and_their_rank():
 def test_nan_rows_never_on_front_and_never_dominate():
     pts = [[np.nan, 0.0], [0.5, 0.5], [1.0, np.nan], [0.4, 0.3]]  # a NaN row would dominate if it counted
     assert pareto_mask(pts, ["max", "min"]).tolist() == [False, True, False, True]
-    assert pareto_ranks(pts, ["max", "min"]).tolist() == [-1, 0, -1, 0]
     assert pareto_mask([[np.nan, np.nan]], ["max", "min"]).tolist() == [False]
-    assert pareto_ranks([[np.nan, 1.0]], ["max", "min"]).tolist() == [-1]
+    assert pareto_mask([[np.nan, 1.0]], ["max", "min"]).tolist() == [False]
 
 
 def test_infinite_values_are_ordinary_numbers():
@@ -94,8 +76,6 @@ def test_infinite_values_are_ordinary_numbers():
 def test_empty_input():
     for m in (2, 3):
         assert pareto_mask(np.zeros((0, m)), ["max"] * m).tolist() == []
-        assert pareto_ranks(np.zeros((0, m)), ["max"] * m).tolist() == []
-        assert knee_index(np.zeros((0, m)), ["max"] * m) is None
         assert hypervolume(np.zeros((0, m)), ["max"] * m, [0] * m) == 0.0
     assert pareto_mask([], ["max", "min"]).tolist() == []
     assert constrained_best(np.zeros((0, 2)), ["max", "min"], max_drop=0.1) is None
@@ -107,11 +87,11 @@ def test_validation_names_the_problem():
     with pytest.raises(ValueError, match=r"2 objective columns but 1 directions \['max'\]"):
         pareto_mask([[1, 2]], ["max"])
     with pytest.raises(ValueError, match="got the string 'maxmin'"):
-        pareto_ranks([[1, 2]], "maxmin")
+        pareto_mask([[1, 2]], "maxmin")
     with pytest.raises(ValueError, match=r"must be a 2-D array .* got shape \(2,\)"):
         pareto_mask([1, 2], ["max", "min"])
     with pytest.raises(ValueError, match=r"must be a 2-D array .* got shape \(1, 1, 2\)"):
-        knee_index([[[1, 2]]], ["max", "min"])
+        hypervolume([[[1, 2]]], ["max", "min"], [0, 0])
     with pytest.raises(ValueError, match="reference must be 2 finite numbers"):
         hypervolume([[1, 2]], ["max", "min"], [0, 1, 2])
     with pytest.raises(ValueError, match="reference must be 2 finite numbers"):
@@ -179,29 +159,6 @@ def test_hypervolume_against_monte_carlo():
     assert hypervolume(three, ["min"] * 3, [1, 1, 1]) == pytest.approx(dom3.mean(), abs=0.01)
 
 
-def brute_knee(pts, directions):
-    mask = brute_mask(pts, directions)
-    if not mask.any():
-        return None
-    p = _to_min(pts, directions)[mask]
-    span = p.max(axis=0) - p.min(axis=0)
-    scaled = (p - p.min(axis=0)) / np.where(span > 0, span, 1)
-    dist = np.sqrt((scaled ** 2).sum(axis=1))
-    best = min(zip(dist, np.flatnonzero(mask)))  # smallest distance, then lowest index
-    return int(best[1])
-
-
-def test_knee_against_brute_force():
-    for seed, integer, dirs in itertools.product(range(10), (True, False), DIRECTION_SETS):
-        pts = random_points(seed, 30, 2, integer)
-        assert knee_index(pts, dirs) == brute_knee(pts, dirs)
-    # (max, min) front (1.0, 0.5), (0.8, 0.1), (0.0, 0.0); ideal (1.0, 0.0). Scaled to [0, 1] per objective as
-    # distances from the ideal: (0, 1), (0.2, 0.2), (1, 0) -> lengths 1, 0.28, 1: the middle one
-    pts = [[1.0, 0.5], [0.8, 0.1], [0.0, 0.0]]
-    assert knee_index(pts, ["max", "min"]) == 1
-    assert knee_index([[0.5, 0.5], [0.5, 0.5]], ["max", "min"]) == 0  # tie -> lower index
-    assert knee_index([[np.nan, 0.0], [0.1, 0.2]], ["max", "min"]) == 1
-    assert knee_index([[np.nan, 0.0]], ["max", "min"]) is None
 
 
 def brute_constrained(pts, directions, performance_col, drop, rel):
@@ -248,15 +205,21 @@ def test_constrained_best_hand_cases():
 
 
 def test_constrained_best_validation():
+    """A bad budget is the user's to fix (BudgetError, a UserError: the CLI exits 2); a malformed array or
+    column index is a caller's bug and stays a plain ValueError."""
     pts = [[0.9, 0.1]]
-    with pytest.raises(ValueError, match="exactly one of max_drop"):
+    with pytest.raises(BudgetError, match="exactly one of max_drop"):
         constrained_best(pts, ["max", "min"])
-    with pytest.raises(ValueError, match="exactly one of max_drop"):
+    with pytest.raises(BudgetError, match="exactly one of max_drop"):
         constrained_best(pts, ["max", "min"], max_drop=0.1, max_rel_drop=0.1)
-    with pytest.raises(ValueError, match="max_drop = -0.1; use a finite number >= 0"):
+    with pytest.raises(BudgetError, match="max_drop = -0.1; use a finite number >= 0"):
         constrained_best(pts, ["max", "min"], max_drop=-0.1)
-    with pytest.raises(ValueError, match="performance_col = 2"):
+    with pytest.raises(BudgetError, match="max_rel_drop = nan"):
+        constrained_best(pts, ["max", "min"], max_rel_drop=float("nan"))
+    assert issubclass(BudgetError, UserError) and issubclass(BudgetError, ValueError)
+    with pytest.raises(ValueError, match="performance_col = 2") as info:
         constrained_best(pts, ["max", "min"], performance_col=2, max_drop=0.1)
+    assert not isinstance(info.value, UserError)
     with pytest.raises(ValueError, match="two columns .* got 3"):
         constrained_best([[0.9, 0.1, 0.2]], ["max", "min", "min"], max_drop=0.1)
 

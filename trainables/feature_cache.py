@@ -88,9 +88,6 @@ class FeatureCache:
                 path.unlink()
                 total -= size
 
-    def size_bytes(self) -> int:
-        return sum(p.stat().st_size for p in self.root.glob("*.npy")) if self.root.exists() else 0
-
 
 @dataclass(frozen=True)
 class ProbePlan:

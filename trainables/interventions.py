@@ -32,9 +32,7 @@ __all__ = [
     "Intervention",
     "INTERVENTIONS",
     "apply_intervention",
-    "feasible_range",
     "check_feasible",
-    "achieved_value",
 ]
 
 Cell = tuple[int, int]  # (label, group)
@@ -49,7 +47,6 @@ class InterventionResult:
     requested: float
     achieved: float
     indices: np.ndarray  # int64 into the pool, sorted, no repeats, length == size
-    weights: np.ndarray | None = None
 
 
 class InterventionError(UserError, ValueError):
@@ -179,19 +176,6 @@ def _range_or_raise(kind: str, entry: Intervention, size: int, y: np.ndarray, g:
 # ----------------------------------------------------------------------------- public functions
 
 
-def feasible_range(kind: str, labels: object, groups: object, size: int) -> tuple[float, float]:
-    """(min, max) magnitude that ``kind`` can realise with ``size`` examples of this pool.
-
-    Every magnitude in between is feasible (cell counts are monotone in the magnitude). Raises
-    InterventionError when none is, or when ``size`` exceeds the pool.
-    """
-    entry, y, g = _pool(kind, labels, groups)
-    size = _check_size(size, len(y))
-    if entry.counts is None:
-        return 0.0, 1.0
-    return _range_or_raise(kind, entry, size, y, g)
-
-
 def _largest_feasible_size(entry: Intervention, magnitude: float, avail: dict[Cell, int], upto: int) -> int:
     sizes = np.arange(1, upto + 1, dtype=np.int64)
     ks = np.minimum(sizes, np.floor(magnitude * sizes + 0.5 + 1e-9).astype(np.int64))
@@ -200,7 +184,9 @@ def _largest_feasible_size(entry: Intervention, magnitude: float, avail: dict[Ce
 
 
 def check_feasible(kind: str, labels: object, groups: object, magnitudes: Iterable[float], size: int) -> None:
-    """Raise InterventionError naming the first magnitude this pool cannot realise at ``size``."""
+    """Raise InterventionError naming the first magnitude this pool cannot realise at ``size``, with the
+    feasible range (cell counts are monotone in the magnitude, so every magnitude between its ends is
+    feasible), or when ``size`` exceeds the pool."""
     entry, y, g = _pool(kind, labels, groups)
     size = _check_size(size, len(y))
     if entry.counts is None:  # a uniform subset: any magnitude is ignored
@@ -216,12 +202,6 @@ def check_feasible(kind: str, labels: object, groups: object, magnitudes: Iterab
                 f"(cells: {_describe_pool(avail)}); for this pool and size the minimum feasible magnitude is "
                 f"{lo:.4g} and the maximum {hi:.4g}. Use magnitudes in [{lo:.4g}, {hi:.4g}]"
                 + (f" or a size of at most {biggest}" if biggest else ""))
-
-
-def achieved_value(kind: str, labels: object, groups: object) -> float:
-    """The magnitude measured on a selected subset (NaN when it is empty)."""
-    entry = INTERVENTIONS.get(kind)
-    return entry.measure(_codes("labels", labels), _codes("groups", groups))
 
 
 def apply_intervention(kind: str, labels: object, groups: object, magnitude: float, size: int,

@@ -84,10 +84,12 @@ from typing import Any, Callable, Iterator, Mapping, Sequence
 import numpy as np
 import pandas as pd
 
+from trainables.errors import UserError
+
 __all__ = ["METRIC_DIRECTIONS", "PERFORMANCE_METRICS", "FAIRNESS_METRICS", "GROUP_METRICS", "OVERALL_METRICS",
-           "REPORTED_METRICS", "METRICS", "MetricSpec", "OverallCounts", "GroupCounts", "register_metric",
-           "unregister_metric", "temporary_metric", "Evaluation", "evaluate", "direction", "is_signed",
-           "bootstrap_ci", "calibrated_threshold"]
+           "REPORTED_METRICS", "METRICS", "MetricSpec", "MetricError", "OverallCounts", "GroupCounts",
+           "register_metric", "unregister_metric", "temporary_metric", "Evaluation", "evaluate", "direction",
+           "is_signed", "bootstrap_ci", "calibrated_threshold"]
 
 _BOOTSTRAP_CHUNK_ELEMENTS = 2_000_000  # resamples x examples per batch: bounds the bootstrap's memory to ~100 MB
 _PER_GROUP_COLUMNS = ("attribute", "group", "n", "n_pos", "accuracy", "tpr", "fpr", "selection_rate", "auroc",
@@ -95,6 +97,11 @@ _PER_GROUP_COLUMNS = ("attribute", "group", "n", "n_pos", "accuracy", "tpr", "fp
 
 
 # --- registry --------------------------------------------------------------------------------------------------
+
+
+class MetricError(UserError, ValueError):
+    """A metric name that is not registered or cannot be an objective, or a registration that cannot be
+    accepted; the message names the metric and what to write instead."""
 
 
 @dataclass(frozen=True)
@@ -138,28 +145,28 @@ def register_metric(name: str, *, direction: str | None, per_attribute: bool = T
     ``use_instead``. ``signed=True`` (only with 'min'): best at 0, sign kept, queries minimise |value|.
     """
     if not isinstance(name, str) or not name.isidentifier():
-        raise ValueError(f"metric name must be an identifier such as 'tpr_difference' (it becomes the keys NAME, "
-                         f"NAME/attr and worst:NAME); got {name!r}")
+        raise MetricError(f"metric name must be an identifier such as 'tpr_difference' (it becomes the keys NAME, "
+                          f"NAME/attr and worst:NAME); got {name!r}")
     if name in _REGISTRY:
-        raise ValueError(f"metric {name!r} is already registered; call unregister_metric({name!r}) first or "
-                         f"choose another name")
+        raise MetricError(f"metric {name!r} is already registered; call unregister_metric({name!r}) first or "
+                          f"choose another name")
     if direction not in ("max", "min", None):
-        raise ValueError(f"direction of metric {name!r} must be 'max', 'min' or None (reported, not optimised); "
-                         f"got {direction!r}")
+        raise MetricError(f"direction of metric {name!r} must be 'max', 'min' or None (reported, not optimised); "
+                          f"got {direction!r}")
     if signed and direction != "min":
-        raise ValueError(f"metric {name!r}: signed=True means best at 0 with the sign kept, which needs "
-                         f"direction='min' (objectives minimise |value|); got direction={direction!r}")
+        raise MetricError(f"metric {name!r}: signed=True means best at 0 with the sign kept, which needs "
+                          f"direction='min' (objectives minimise |value|); got direction={direction!r}")
     if direction is None and (not isinstance(target, numbers.Real) or isinstance(target, bool)):
-        raise ValueError(f"metric {name!r} has direction=None (reported only), so it needs target=<its best "
-                         f"value> (e.g. 1.0 for a ratio); got target={target!r}")
+        raise MetricError(f"metric {name!r} has direction=None (reported only), so it needs target=<its best "
+                          f"value> (e.g. 1.0 for a ratio); got target={target!r}")
     if direction is not None and target is not None:
-        raise ValueError(f"metric {name!r}: target={target!r} is only for reported metrics (direction=None); "
-                         f"a '{direction}' metric is best at its {'largest' if direction == 'max' else 'smallest'} "
-                         f"value; drop target")
+        raise MetricError(f"metric {name!r}: target={target!r} is only for reported metrics (direction=None); "
+                          f"a '{direction}' metric is best at its {'largest' if direction == 'max' else 'smallest'} "
+                          f"value; drop target")
 
     def deco(fn: Callable) -> Callable:
         if not callable(fn):
-            raise ValueError(f"metric {name!r} must be registered on a function; got {fn!r}")
+            raise MetricError(f"metric {name!r} must be registered on a function; got {fn!r}")
         _REGISTRY[name] = MetricSpec(name, fn, direction, bool(per_attribute), bool(signed), bool(vectorised),
                                      None if target is None else float(target), use_instead)
         return fn
@@ -170,10 +177,10 @@ def register_metric(name: str, *, direction: str | None, per_attribute: bool = T
 def unregister_metric(name: str) -> None:
     """Remove a metric registered after import; built-in metrics stay (other modules rely on them)."""
     if name not in _REGISTRY:
-        raise ValueError(f"metric {name!r} is not registered; registered: {', '.join(_REGISTRY)}")
+        raise MetricError(f"metric {name!r} is not registered; registered: {', '.join(_REGISTRY)}")
     if name in _BUILTIN:
-        raise ValueError(f"metric {name!r} is built in and cannot be unregistered; register yours under "
-                         f"another name")
+        raise MetricError(f"metric {name!r} is built in and cannot be unregistered; register yours under "
+                          f"another name")
     del _REGISTRY[name]
 
 
@@ -252,7 +259,7 @@ METRIC_DIRECTIONS: Mapping[str, str] = _Directions()
 def _lookup(metric: Any) -> tuple[MetricSpec, str]:
     """The spec behind a key ``NAME``, ``NAME/attribute`` or ``worst:NAME``, and its form."""
     if not isinstance(metric, str):
-        raise ValueError(f"metric name must be a string; got {metric!r} ({type(metric).__name__})")
+        raise MetricError(f"metric name must be a string; got {metric!r} ({type(metric).__name__})")
     base, form = metric, ""
     if metric.startswith("worst:"):
         base, form = metric[len("worst:"):], "worst:"
@@ -260,18 +267,18 @@ def _lookup(metric: Any) -> tuple[MetricSpec, str]:
         base, attr = metric.split("/", 1)
         form = "/attr"
         if not attr:
-            raise ValueError(f"metric {metric!r} has an empty attribute after '/'; write NAME/ATTRIBUTE, "
-                             f"e.g. 'equalized_odds_difference/sex'")
+            raise MetricError(f"metric {metric!r} has an empty attribute after '/'; write NAME/ATTRIBUTE, "
+                              f"e.g. 'equalized_odds_difference/sex'")
     spec = _REGISTRY.get(base)
     if spec is None:
         valid = list(GROUP_METRICS) if form else list(_REGISTRY)
         close = difflib.get_close_matches(base, valid, n=1)
         hint = f" Did you mean {close[0]!r}?" if close else ""
-        raise ValueError(f"unknown metric {metric!r}; valid names: {', '.join(_REGISTRY)}; the per-attribute "
-                         f"ones ({', '.join(GROUP_METRICS)}) also as NAME/ATTRIBUTE and worst:NAME.{hint}")
+        raise MetricError(f"unknown metric {metric!r}; valid names: {', '.join(_REGISTRY)}; the per-attribute "
+                          f"ones ({', '.join(GROUP_METRICS)}) also as NAME/ATTRIBUTE and worst:NAME.{hint}")
     if form and not spec.per_attribute:
-        raise ValueError(f"metric {metric!r}: {base!r} is computed over all examples, so it has no {form} form; "
-                         f"use {base!r}, or one of the per-attribute metrics {', '.join(GROUP_METRICS)}")
+        raise MetricError(f"metric {metric!r}: {base!r} is computed over all examples, so it has no {form} form; "
+                          f"use {base!r}, or one of the per-attribute metrics {', '.join(GROUP_METRICS)}")
     return spec, form
 
 
@@ -285,8 +292,8 @@ def direction(metric: str) -> str:
     spec, _ = _lookup(metric)
     if spec.direction is None:
         instead = f"; optimise {spec.use_instead!r} instead" if spec.use_instead else ""
-        raise ValueError(f"metric {metric!r} is reported, not optimised: it is best at {spec.target:g}, neither "
-                         f"its largest nor its smallest value, so it has no direction{instead}")
+        raise MetricError(f"metric {metric!r} is reported, not optimised: it is best at {spec.target:g}, neither "
+                          f"its largest nor its smallest value, so it has no direction{instead}")
     return spec.direction
 
 
@@ -791,15 +798,6 @@ def _compute(y: np.ndarray, scores: np.ndarray, attrs: Mapping[str, _Attribute],
     for spec in per_attr_specs:  # written for one attribute too, so a worst: objective works on every dataset
         out[f"worst:{spec.name}"] = _worst(np.stack([per_attr[a][spec.name] for a in per_attr]), spec)
     return out, counts
-
-
-def _batch_metrics(y: np.ndarray, scores: np.ndarray, groups: Mapping[str, np.ndarray], primary: str,
-                   threshold: float, privileged: Mapping[str, Any] | None = None,
-                   names: Sequence[str] | None = None) -> dict[str, np.ndarray]:
-    """Every ``evaluate`` key for each row of ``scores`` (B, n): what ``evaluate`` (B = 1) and the bootstrap
-    (B resamples) both compute. Resampling within (label, group) cells keeps each column's label and
-    groups, so only the scores differ between rows."""
-    return _compute(y, scores, _attributes(groups, privileged), primary, threshold, names)[0]
 
 
 def _per_group_table(counts: Mapping[str, GroupCounts]) -> pd.DataFrame:
