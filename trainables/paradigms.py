@@ -18,16 +18,22 @@ from typing import TYPE_CHECKING, Any, Callable, Mapping
 
 import numpy as np
 
+from trainables.errors import UserError
 from trainables.registry import Registry
 from trainables.timm_weights import content_id, timm_model_from_cache, timm_weights_file
 
 if TYPE_CHECKING:  # torch is imported lazily so that plan-time imports stay cheap
     from torch import nn
 
-__all__ = ["Option", "Paradigm", "PARADIGMS", "TrainContext", "check_weights_fit", "describe_paradigms"]
+__all__ = ["Option", "Paradigm", "ParadigmError", "PARADIGMS", "TrainContext", "check_weights_fit", "describe_paradigms"]
 
 
 # ----------------------------------------------------------------------------- options
+
+
+class ParadigmError(UserError, ValueError):
+    """A paradigm that cannot run as the sweep file asks (an option, the data's modality or labels, the
+    backbone); the message names the field and what is allowed."""
 
 
 @dataclass(frozen=True)
@@ -45,11 +51,11 @@ class Option:
         kind = type(self.default)
         if kind is bool:
             if not isinstance(value, bool):
-                raise ValueError(f"{where}: got {value!r}; expected true or false ({self.doc})")
+                raise ParadigmError(f"{where}: got {value!r}; expected true or false ({self.doc})")
             return value
         if kind is str:
             if not isinstance(value, str) or not value:
-                raise ValueError(f"{where}: got {value!r}; expected a non-empty string ({self.doc})")
+                raise ParadigmError(f"{where}: got {value!r}; expected a non-empty string ({self.doc})")
             return value
         ok = isinstance(value, (int, float)) and not isinstance(value, bool) and np.isfinite(value)
         if ok and kind is int:
@@ -61,7 +67,7 @@ class Option:
             bounds = [f"{'>' if self.low_open else '>='} {self.low:g}"] if self.low is not None else []
             bounds += [f"<= {self.high:g}"] if self.high is not None else []
             expected = " ".join(["an integer" if kind is int else "a number", " and ".join(bounds)]).strip()
-            raise ValueError(f"{where}: got {value!r}; expected {expected} ({self.doc})")
+            raise ParadigmError(f"{where}: got {value!r}; expected {expected} ({self.doc})")
         return int(value) if kind is int else float(value)
 
 
@@ -99,7 +105,7 @@ class Paradigm:
     ssl_method: str | None = None
     options: Mapping[str, Option] = field(default_factory=dict)
     modalities: tuple[str, ...] = ("image", "timeseries")
-    constraint: Callable[[Mapping[str, Any]], None] | None = None  # checks across options; raises ValueError
+    constraint: Callable[[Mapping[str, Any]], None] | None = None  # checks across options; raises ParadigmError
     weights_file: Callable[[str], Path] | None = None  # backbone -> local file the weights come from (timm)
 
     @property
@@ -114,24 +120,25 @@ class Paradigm:
             allowed = ", ".join(self.options) or "none"
             close = difflib.get_close_matches(unknown[0], list(self.options), n=1)
             hint = f"; did you mean {close[0]!r}?" if close else ""
-            raise ValueError(f"unknown option(s) {unknown} under pretraining.paradigms.{self.name}; "
-                             f"allowed: {allowed}{hint}")
+            raise ParadigmError(f"unknown option(s) {unknown} under pretraining.paradigms.{self.name}; "
+                                f"allowed: {allowed}{hint}")
         resolved = {k: o.parse(self.name, k, options.get(k, o.default)) for k, o in self.options.items()}
         if self.constraint is not None:
             self.constraint(resolved)
         return resolved
 
     def check(self, dataset: Any, options: Mapping[str, Any]) -> None:
-        """Raise ValueError when this paradigm cannot run on ``dataset`` with ``options``."""
+        """Raise ParadigmError when this paradigm cannot run on ``dataset`` with ``options``."""
         resolved = self.resolve_options(options)
         if dataset.modality not in self.modalities:
-            raise ValueError(f"paradigm {self.name!r} supports {', '.join(self.modalities)} data, not "
-                             f"{dataset.modality}; pick another paradigm for this dataset")
+            raise ParadigmError(f"paradigm {self.name!r} supports {', '.join(self.modalities)} data, not "
+                                f"{dataset.modality}; pick another paradigm for this dataset")
         if self.labels is not None:
             self.labels(dataset.meta("source"), resolved)  # raises if the dataset lacks what the paradigm needs
 
     def check_backbone(self, backbone: str, dataset: Any) -> None:
-        """Raise ValueError when this paradigm cannot serve ``backbone`` (plan time, nothing trains)."""
+        """Raise a UserError (ParadigmError, TimmWeightsMissing) when this paradigm cannot serve ``backbone``
+        (plan time, nothing trains)."""
         if self.weights_file is not None:
             self.weights_file(backbone)  # raises, naming what to fetch, when the file is not on disk
         if self.ssl_method is None:
@@ -141,7 +148,7 @@ class Paradigm:
         model = _build_for_check(backbone, dataset.input_shape)
         reason = SSL_METHODS.get(self.ssl_method).serves(model, tuple(dataset.input_shape))
         if reason:
-            raise ValueError(f"paradigm {self.name!r} cannot pretrain backbone {backbone!r}: {reason}")
+            raise ParadigmError(f"paradigm {self.name!r} cannot pretrain backbone {backbone!r}: {reason}")
 
     def key_parts(self, backbone: str) -> dict[str, str]:
         """Identity of inputs outside the spec that determine the weights (timm's cached file)."""
@@ -185,15 +192,15 @@ def describe_paradigms() -> str:
 
 def _mae_constraint(options: Mapping[str, Any]) -> None:
     if options["decoder_dim"] % options["decoder_heads"]:
-        raise ValueError(f"pretraining.paradigms.mae: decoder_heads {options['decoder_heads']} must divide decoder_dim "
-                         f"{options['decoder_dim']}; e.g. decoder_dim 64 with decoder_heads 4")
+        raise ParadigmError(f"pretraining.paradigms.mae: decoder_heads {options['decoder_heads']} must divide "
+                            f"decoder_dim {options['decoder_dim']}; e.g. decoder_dim 64 with decoder_heads 4")
 
 
 def _control_label(meta: Any, options: Mapping[str, Any]) -> np.ndarray:
     name = options["label"]
     if name not in meta.extra_labels:
-        raise ValueError(f"pretraining.paradigms.control.label {name!r}: the dataset's source split has no such "
-                         f"label (has: {', '.join(sorted(meta.extra_labels)) or 'none'})")
+        raise ParadigmError(f"pretraining.paradigms.control.label {name!r}: the dataset's source split has no such "
+                            f"label (has: {', '.join(sorted(meta.extra_labels)) or 'none'})")
     return meta.extra_labels[name]
 
 
@@ -311,7 +318,7 @@ _register(Paradigm("timm", "timm's own pretrained weights for the backbone (e.g.
 
 
 def check_weights_fit(path: str | os.PathLike, backbone: str, input_shape: tuple[int, ...]) -> None:
-    """Raise ValueError unless the weights-only checkpoint at ``path`` loads into ``backbone``."""
+    """Raise BackboneError unless the weights-only checkpoint at ``path`` loads into ``backbone``."""
     from trainables import backbones
 
     state = backbones.load_weights_file(path)

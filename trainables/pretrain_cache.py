@@ -15,6 +15,7 @@ import uuid
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Mapping
 
+from trainables.errors import FairsweepError
 from trainables.locks import key_lock
 
 if TYPE_CHECKING:  # torch is imported lazily so that plan-time imports stay cheap
@@ -25,7 +26,7 @@ __all__ = ["PretrainCache", "CacheError", "WEIGHTS", "META", "sha256_file"]
 WEIGHTS, META = "weights.safetensors", "meta.json"
 
 
-class CacheError(RuntimeError):
+class CacheError(FairsweepError, RuntimeError):
     """A cache entry that is missing or fails its checksum."""
 
 

@@ -5,6 +5,7 @@ import os
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from trainables.errors import UserError
 from trainables.pretrain_cache import sha256_file
 
 if TYPE_CHECKING:  # torch is imported lazily so that plan-time imports stay cheap
@@ -13,7 +14,7 @@ if TYPE_CHECKING:  # torch is imported lazily so that plan-time imports stay che
 __all__ = ["TimmWeightsMissing", "timm_weights_file", "timm_model_from_cache", "content_id"]
 
 
-class TimmWeightsMissing(ValueError):
+class TimmWeightsMissing(UserError, ValueError):
     """timm's pretrained weights for a backbone are not in the local cache (fairsweep never downloads)."""
 
 
