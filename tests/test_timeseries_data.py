@@ -107,8 +107,39 @@ def test_primary_attribute_order_and_intersection() -> None:
     assert len(interventions.apply_intervention("none", pool.labels, pool.groups, 0.0, 20, 0).indices) == 20
 
 
+def test_skin_is_a_third_attribute_balanced_within_every_cell() -> None:
+    ds = build_dataset("synthetic_timeseries", {**SMALL, "sensitive": ["sex", "age", "skin"], "n_test": 96, "n_val": 48,
+                                                "intersect": ["sex", "skin"]})
+    meta = ds.meta("test")
+    assert list(meta.attributes) == ["sex", "age", "skin", "sex_x_skin"] and ds.group_names["skin"] == ("light", "dark")
+    for y in (0, 1):
+        for sex in (0, 1):
+            cell = (meta.labels == y) & (meta.groups == sex)
+            assert np.bincount(meta.attributes["skin"][cell], minlength=2).tolist() == [12, 12]
+            for age in range(3):  # and within each age band of the cell
+                assert np.bincount(meta.attributes["skin"][cell & (meta.attributes["age"] == age)]).tolist() == [4, 4]
+    # as the primary attribute it is binary, so the correlation intervention drives it
+    as_primary = build_dataset("synthetic_timeseries", {**SMALL, "sensitive": ["skin", "sex"]})
+    pool = as_primary.meta("finetune")
+    np.testing.assert_array_equal(pool.groups, pool.attributes["skin"])
+    chosen = interventions.apply_intervention("correlation", pool.labels, pool.groups, 0.75, 48, 0).indices
+    assert np.mean(pool.labels[chosen] == pool.groups[chosen]) == 0.75
+
+
+def test_skin_noise_degrades_only_dark_skin_signals() -> None:
+    quiet = {**SMALL, "noise": 0.0, "device_strength": 0.0, "age_strength": 0.0, "sex_strength": 0.0,
+             "sensitive": ["sex", "age", "skin"], "n_test": 96, "n_val": 48}
+    clean = build_dataset("synthetic_timeseries", quiet)
+    noisy = build_dataset("synthetic_timeseries", {**quiet, "skin_noise": 0.8})
+    dark = noisy.meta("test").attributes["skin"] == 1
+    diff = (noisy.inputs("test") - clean.inputs("test")).numpy()
+    assert np.all(diff[~dark] == 0) and abs(diff[dark].std() - 0.8) < 0.02
+    assert noisy.fingerprint() != clean.fingerprint()
+
+
 @pytest.mark.parametrize("options,fragment", [
     ({"sensitive": ["race"]}, "unknown attributes ['race']"),
+    ({"sensitive": ["sex", "skin"], "n_test": 12}, "n_test: got 12; too few examples for both labels in the skin groups"),
     ({"intersect": ["sex"]}, "two or more of the sensitive"),
     ({"sensitive": ["sex"], "intersect": ["sex", "age"]}, "two or more of the sensitive"),
     ({"n_test": 8}, "every (label, sex, age band) cell"),

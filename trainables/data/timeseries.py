@@ -1,7 +1,7 @@
 """``synthetic_timeseries``: wearable-like multichannel signals with demographics (paper B's setting).
 
 Each example is ``channels`` x ``length`` samples of an accelerometer-like recording. The label is
-the activity (1 "active", 0 "rest"), and two demographic attributes change the signal in ways the
+the activity (1 "active", 0 "rest"), and three demographic attributes change the signal in ways the
 options control, so both kinds of unfairness paper B studies can be produced on demand:
 
 * activity (target): a sinusoid of amplitude ``target_strength`` on every channel, at 6 cycles per
@@ -12,14 +12,17 @@ options control, so both kinds of unfairness paper B studies can be produced on 
 * age band (k = 3: young, middle, old): the activity amplitude shrinks by ``age_attenuation`` from
   young to old (old examples are harder: a per-group performance gap), and channel 0 drifts by up to
   ``age_strength`` over the window;
+* skin tone (binary: light, dark): optical wrist sensors read darker skin with a weaker signal, so
+  ``skin_noise`` adds N(0, ``skin_noise``) noise per sample to dark examples (0, the default, leaves the
+  signal alone: then skin is an attribute no model has a reason to treat differently);
 * device (extra label, unrelated to all of the above): a period-4 square wave of amplitude
   ``device_strength`` on every channel - the control attribute for the ``control`` paradigm;
 * noise: N(0, ``noise``) per sample.
 
-``sensitive`` orders the attributes (the first drives interventions, so it must be ``sex`` for the
-correlation and representation interventions). The finetuning, validation and test splits hold
-every (label, primary group) cell in equal numbers with the other attribute balanced inside each
-cell; the source split follows ``source_correlation`` on sex. A split is generated at once from its
+``sensitive`` orders the attributes (the first drives interventions, so it must be binary - sex or
+skin - for the correlation and representation interventions). The finetuning, validation and test
+splits hold every (label, primary group) cell in equal numbers with the other attributes balanced
+inside each cell; the source split follows ``source_correlation`` on sex. A split is generated at once from its
 own seeded generator and held in memory, so every index maps to the same signal in any process.
 """
 from __future__ import annotations
@@ -37,10 +40,12 @@ from trainables.data.tables import INTERSECT_SEP
 __all__ = ["SyntheticTimeseries", "OPTIONS", "GENERATOR_VERSION", "ATTRIBUTES", "ACTIVE_CYCLES", "REST_CYCLES"]
 
 GENERATOR_VERSION = 1  # bump when the signals change, so cached pretrained bases are not reused
-ATTRIBUTES: Mapping[str, tuple[str, ...]] = {"sex": ("female", "male"), "age": ("young", "middle", "old")}
+ATTRIBUTES: Mapping[str, tuple[str, ...]] = {"sex": ("female", "male"), "age": ("young", "middle", "old"),
+                                             "skin": ("light", "dark")}
 ACTIVE_CYCLES, REST_CYCLES = 6.0, 2.0
 _CELLS = "every (label, sex, age band) cell needs an example"
-_META_STREAM, _SIGNAL_STREAM = 0, 1
+_META_STREAM, _SIGNAL_STREAM, _SKIN_STREAM = 0, 1, 2
+_SIZES = {**{a: len(groups) for a, groups in ATTRIBUTES.items()}, "device": 2}  # values of each laid-out column
 
 OPTIONS: Mapping[str, Option] = {
     "n_source": Option(2000, int, 12, MAX_EXAMPLES, doc=_CELLS),
@@ -56,7 +61,8 @@ OPTIONS: Mapping[str, Option] = {
     "age_strength": Option(0.5, float, 0.0),
     "age_attenuation": Option(0.5, float, 0.0, 1.0, doc="share of the activity amplitude the oldest band loses"),
     "device_strength": Option(0.5, float, 0.0),
-    "sensitive": Option(("sex", "age"), NAMES, doc="of sex, age; the first drives interventions"),
+    "skin_noise": Option(0.0, float, 0.0, doc="extra noise (sd) on dark-skin examples: a sensor that reads them worse"),
+    "sensitive": Option(("sex", "age"), NAMES, doc="of sex, age, skin; the first drives interventions"),
     "intersect": Option(None, NAMES, doc="[sex, age] adds the attribute sex_x_age (6 groups)"),
     "seed": Option(0, int, 0, MAX_SEED, doc="numpy's seed range"),
 }
@@ -73,15 +79,23 @@ def _check_attributes(o: Mapping[str, Any]) -> None:
                                      f"attributes {list(o['sensitive'])}")
 
 
-def _layout(counts: Mapping[tuple[int, int], int], k_other: int,
+def _others(primary: str) -> tuple[str, ...]:
+    """The columns laid out inside each (label, primary) cell, in the order they are balanced."""
+    return (*(a for a in ("sex", "age") if a != primary), "device", *(a for a in ("skin",) if a != primary))
+
+
+def _layout(counts: Mapping[tuple[int, int], int], sizes: tuple[int, ...],
             rng: np.random.Generator) -> tuple[np.ndarray, ...]:
-    """Labels, primary codes, other-attribute codes and device in random order; the other attribute is
-    balanced inside each (label, primary) cell and the device balanced inside each of those."""
-    cols: list[list[np.ndarray]] = [[], [], [], []]
+    """Labels, primary codes and the other columns (``sizes`` values each) in random order; each other
+    column is balanced inside each (label, primary) cell, and inside each combination of the columns
+    before it (the j-th cycles through its values every prod(sizes[:j]) examples)."""
+    strides = np.cumprod((1, *sizes[:-1]))
+    cols: list[list[np.ndarray]] = [[] for _ in range(2 + len(sizes))]
     for (y, g), c in counts.items():
         pos = np.arange(c)
-        for col, values in zip(cols, (np.full(c, y), np.full(c, g), pos % k_other, (pos // k_other) % 2)):
-            col.append(values)
+        values = (np.full(c, y), np.full(c, g), *((pos // st) % k for st, k in zip(strides, sizes)))
+        for col, v in zip(cols, values):
+            col.append(v)
     order = rng.permutation(sum(counts.values()))
     return tuple(np.concatenate(col).astype(np.int64)[order] for col in cols)
 
@@ -114,23 +128,29 @@ class SyntheticTimeseries(Dataset):
         n = int(o[f"n_{split}"])
         rng = np.random.default_rng([int(o["seed"]), SPLITS.index(split), _META_STREAM])
         primary = "sex" if split == "source" else self.primary
-        other = "age" if primary == "sex" else "sex"
+        others = _others(primary)
         k_p = len(ATTRIBUTES[primary])
         if split == "source":
             counts = _cell_counts(n, float(o["source_correlation"]))
         else:
             cells = [(y, g) for g in range(k_p) for y in (1, 0)]
             counts = dict(zip(cells, _split_counts(n, len(cells))))
-        labels, p_codes, o_codes, device = _layout(counts, len(ATTRIBUTES[other]), rng)
-        codes = {primary: p_codes, other: o_codes}
-        self._codes[split] = {**codes, "device": device, "labels": labels}
+        labels, p_codes, *columns = _layout(counts, tuple(_SIZES[a] for a in others), rng)
+        codes = {primary: p_codes, **dict(zip(others, columns))}
+        self._codes[split] = {**codes, "labels": labels}
+        for a in o["sensitive"] if split != "source" else ():  # metrics need both labels in every group
+            missing = [ATTRIBUTES[a][g] for g in range(len(ATTRIBUTES[a]))
+                       if len(set(labels[codes[a] == g].tolist())) < 2]
+            if missing:
+                raise DatasetOptionError(f"n_{split}", n, f"too few examples for both labels in the {a} groups "
+                                         f"{missing}; raise n_{split}")
         attributes = {a: codes[a] for a in o["sensitive"]}
         if o["intersect"]:
             parts = tuple(o["intersect"])
             sizes = [len(ATTRIBUTES[a]) for a in parts]
             attributes[INTERSECT_SEP.join(parts)] = np.ravel_multi_index([codes[a] for a in parts], sizes)
         return SplitMeta(labels=labels, groups=codes[self.primary], attributes=attributes,
-                         extra_labels={"device": device})
+                         extra_labels={"device": codes["device"]})
 
     def meta(self, split: str) -> SplitMeta:
         return self._meta[check_split(split)]
@@ -144,7 +164,7 @@ class SyntheticTimeseries(Dataset):
         o = self.options
         c, t_len = self.input_shape
         codes = self._codes[split]
-        y, sex, age, device = codes["labels"], codes["sex"], codes["age"], codes["device"]
+        y, sex, age, device, skin = codes["labels"], codes["sex"], codes["age"], codes["device"], codes["skin"]
         n = len(y)
         rng = np.random.default_rng([int(o["seed"]), SPLITS.index(split), _SIGNAL_STREAM])
         t = np.arange(t_len, dtype=np.float32) / t_len
@@ -158,6 +178,10 @@ class SyntheticTimeseries(Dataset):
         out[:, 0, :] += np.float32(o["age_strength"]) * age_frac[:, None] * (2 * t[None, :] - 1)
         square = np.where((np.arange(t_len) // 2) % 2 == 0, 1.0, -1.0).astype(np.float32)
         out += (np.float32(o["device_strength"]) * device.astype(np.float32))[:, None, None] * square[None, None, :]
+        if o["skin_noise"] > 0:  # its own stream: every other draw stays as it was without it
+            extra = np.random.default_rng([int(o["seed"]), SPLITS.index(split), _SKIN_STREAM])
+            out += (np.float32(o["skin_noise"]) * skin.astype(np.float32))[:, None, None] * \
+                extra.standard_normal((n, c, t_len), dtype=np.float32)
         return out
 
     def inputs(self, split: str, indices: np.ndarray | None = None) -> torch.Tensor:
@@ -172,7 +196,7 @@ class SyntheticTimeseries(Dataset):
         return {**self.__dict__, "_signals": {}}
 
 
-@register_dataset("synthetic_timeseries", OPTIONS, "Wearable-like multichannel signals with sex and age-band "
-                  "effects (paper B's setting on generated data).")
+@register_dataset("synthetic_timeseries", OPTIONS, "Wearable-like multichannel signals with sex, age-band and "
+                  "skin-tone effects (paper B's setting on generated data).")
 def _synthetic_timeseries(options: Mapping[str, Any]) -> Dataset:
     return SyntheticTimeseries(options)
