@@ -92,7 +92,9 @@ def test_byol_loss_falls(tmp_path):
     data = {**SMALL, "n_source": 256, "seed": 0}
     out, state = _pretrained(tmp_path, _job("byol", data, epochs=3, options={"ema": 0.9}))
     assert out.losses[-1] < out.losses[0] and all(-1.0 <= v <= 1.0 for v in out.losses), out.losses
-    assert out.meta["options"] == {"projection_dim": 64, "hidden_dim": 256, "ema": 0.9}
+    assert out.meta["options"] == {"projection_dim": 64, "hidden_dim": 256, "ema": 0.9,
+                                   "augmentations": "time_warp,scale,negate,jitter,mask", "scale_sigma": 0.1,
+                                   "negate_p": 0.5}
 
 
 def test_mae_reconstruction_loss_falls_on_a_vit(tmp_path):
@@ -156,7 +158,9 @@ def test_options_are_part_of_the_pretraining_key_with_defaults_filled():
                                                   "pretraining.paradigms": {"simclr": {"temperature": 0.1}}})))
     other = build_plan(parse_spec(tiny_spec(**{"axes.paradigm": ["simclr"],
                                                "pretraining.paradigms": {"simclr": {"temperature": 0.2}}})))
-    assert base.pretrain_jobs[0].hparams["options"] == {"temperature": 0.1, "projection_dim": 64}
+    assert base.pretrain_jobs[0].hparams["options"] == {"temperature": 0.1, "hidden_dim": 256, "hidden_dim_2": 128,
+                                                         "projection_dim": 50, "augmentations": "scale,negate",
+                                                         "scale_sigma": 0.1, "negate_p": 1.0}
     assert base.pretrain_jobs[0].key == explicit.pretrain_jobs[0].key != other.pretrain_jobs[0].key
 
 

@@ -204,6 +204,28 @@ def _control_label(meta: Any, options: Mapping[str, Any]) -> np.ndarray:
     return meta.extra_labels[name]
 
 
+def _views(augmentations: str, negate_p: float) -> dict[str, Option]:
+    """The time-series view options of a two-view method (``trainables.ssl.TimeseriesViews``)."""
+    return {"augmentations": Option(augmentations, "time-series views: a comma-separated list of scale, negate, "
+                                    "time_warp, jitter, mask, applied in that order (images use a fixed crop, flip "
+                                    "and colour set)"),
+            "scale_sigma": Option(0.1, "sd of the per-channel scaling factor N(1, sd) (paper B's "
+                                  "scaling_transform_vectorized)", 0.0),
+            "negate_p": Option(negate_p, "probability that a view is negated; paper B negates every input (1.0), "
+                               "which flips the sign of both views alike; 0.5 makes it a random flip per view", 0.0, 1.0)}
+
+
+def _views_constraint(name: str) -> Callable[[Mapping[str, Any]], None]:
+    """Checks a two-view method's ``augmentations`` names at plan time (ParadigmError naming the field)."""
+
+    def check(options: Mapping[str, Any]) -> None:
+        from trainables.ssl import parse_augmentations
+
+        parse_augmentations(options["augmentations"], where=f"pretraining.paradigms.{name}.augmentations")
+
+    return check
+
+
 # ----------------------------------------------------------------------------- trainers
 
 
@@ -227,7 +249,8 @@ def _train_supervised(paradigm: Paradigm, ctx: TrainContext) -> tuple[nn.Module,
     y = torch.tensor(labels, dtype=torch.long, device=ctx.device)
     smoothing = float(ctx.options.get("label_smoothing", 0.0))
     loss_fn = lambda logits, target: torch.nn.functional.cross_entropy(logits, target, label_smoothing=smoothing)  # noqa: E731
-    opt = torch.optim.SGD(model.parameters(), lr=hp["lr"], momentum=hp["momentum"], weight_decay=hp["weight_decay"])
+    # a backbone's own L2 penalties (cnn1d_paperb: paper B's, which Keras' fit adds to the loss) join the decay
+    opt = torch.optim.SGD(backbones.param_groups(model, hp["weight_decay"]), lr=hp["lr"], momentum=hp["momentum"])
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=hp["epochs"])
     # Small data: the whole source split on the device once. Folder data: streamed by worker processes.
     x = ctx.dataset.inputs("source").to(ctx.device) if ctx.dataset.in_memory else None
@@ -280,22 +303,34 @@ _register(Paradigm("control", "Cross-entropy on an attribute unrelated to both t
                    "bases); the attribute is an extra label of the source split.", pretrains=True,
                    trainer=_train_supervised, labels=_control_label,
                    options={**_SUPERVISED_OPTS, "label": Option("stripes", "which extra source label to predict")}))
-_register(Paradigm("simclr", "Contrastive self-supervised pretraining: NT-Xent between two augmented views (lightly), "
-                   "paper B's SSL method. Uses no labels.", pretrains=True, trainer=_train_ssl, ssl_method="simclr",
-                   options={"temperature": Option(0.1, "NT-Xent temperature", 0.0, low_open=True),
-                            "projection_dim": Option(64, _PROJ, 1)}))
+_register(Paradigm("simclr", "Contrastive self-supervised pretraining, paper B's SSL method as its code runs it "
+                   "(Nokia-Bell-Labs/SSLfairness, code/baselines/SimCLR): NT-Xent (lightly) at temperature 0.1 between "
+                   "two views made by scaling and negation, through a 256 -> 128 -> 50 projection head. Uses no labels.",
+                   pretrains=True, trainer=_train_ssl, ssl_method="simclr",
+                   options={"temperature": Option(0.1, "NT-Xent temperature (paper B's train_model.py: 0.1)", 0.0,
+                                                  low_open=True),
+                            "hidden_dim": Option(256, "first hidden width of the projection head (paper B's "
+                                                 "attach_simclr_head: 256)", 1),
+                            "hidden_dim_2": Option(128, "second hidden width of the projection head (paper B: 128)", 1),
+                            "projection_dim": Option(50, _PROJ + " (paper B: 50)", 1),
+                            **_views("scale,negate", 1.0)},
+                   constraint=_views_constraint("simclr")))
 _register(Paradigm("vicreg", "Non-contrastive self-supervised pretraining: variance-invariance-covariance "
                    "regularisation between two augmented views (lightly). Uses no labels.", pretrains=True,
                    trainer=_train_ssl, ssl_method="vicreg",
                    options={"projection_dim": Option(256, _PROJ + " (also its hidden width)", 1),
                             "invariance": Option(25.0, "weight of the invariance (MSE) term", 0.0),
                             "variance": Option(25.0, "weight of the variance term", 0.0),
-                            "covariance": Option(1.0, "weight of the covariance term", 0.0)}))
+                            "covariance": Option(1.0, "weight of the covariance term", 0.0),
+                            **_views("time_warp,scale,negate,jitter,mask", 0.5)},
+                   constraint=_views_constraint("vicreg")))
 _register(Paradigm("byol", "Non-contrastive self-supervised pretraining without negatives: an online network with a "
                    "predictor regresses a momentum (EMA) copy of itself across two augmented views (lightly heads "
                    "and loss). Uses no labels.", pretrains=True, trainer=_train_ssl, ssl_method="byol",
                    options={"projection_dim": Option(64, _PROJ, 1), "hidden_dim": Option(256, "hidden width of the heads", 1),
-                            "ema": Option(0.99, "momentum of the target network", 0.0, 1.0)}))
+                            "ema": Option(0.99, "momentum of the target network", 0.0, 1.0),
+                            **_views("time_warp,scale,negate,jitter,mask", 0.5)},
+                   constraint=_views_constraint("byol")))
 _register(Paradigm("mae", "Masked autoencoding for ViT backbones: most patch tokens are dropped, the backbone encodes "
                    "the rest and a small transformer decoder reconstructs the missing pixels (lightly's masked ViT "
                    "modules). Images only; a plan-time error for non-ViT backbones.", pretrains=True,

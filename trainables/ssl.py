@@ -7,6 +7,15 @@ per modality and the loop. Augmentations run batched on the trial's device. Imag
 flip vertically: for the synthetic images the target *is* the square's vertical position, and a
 vertical flip would invert the label the finetuning stage learns.
 
+SimCLR follows paper B's public code (Nokia-Bell-Labs/SSLfairness, ``code/baselines/SimCLR``): its
+projection head is ``simclr_models.attach_simclr_head`` (Dense 256 -> ReLU -> Dense 128 -> ReLU -> Dense
+50, no batch norm; Keras' glorot-uniform kernels and zero biases), its temperature ``train_model.py``'s
+0.1, its time-series views ``train_model.py``'s ``[scaling_transform_vectorized,
+negate_transform_vectorized]`` (``TimeseriesViews``). NT-Xent is lightly's, with the same negatives as
+paper B's ``NT_Xent_loss`` (both views of every other example); paper B sums its two directions where
+lightly averages them, a factor of 2 that ``pretraining.lr`` absorbs. Paper B's loop takes gradients of
+NT-Xent alone, so the backbone's L2 penalties (``backbones.param_groups``) are not applied here.
+
 Each method builds an ``Objective``: the trainable modules it adds beside the backbone and the loss of
 one batch. Option values arrive resolved and validated by the paradigm that names the method
 (``trainables.paradigms``), so this module holds no defaults of its own.
@@ -22,9 +31,11 @@ from typing import Any, Callable, Iterable, Iterator, Mapping
 import torch
 from torch import nn
 
+from trainables.paradigms import ParadigmError
 from trainables.registry import Registry
 
-__all__ = ["Objective", "SSLMethod", "SSL_METHODS", "embed", "augment", "time_warp", "train_ssl", "is_timm_vit"]
+__all__ = ["Objective", "SSLMethod", "SSL_METHODS", "TIMESERIES_AUGMENTATIONS", "TimeseriesViews", "embed",
+           "simclr_head", "augmenter", "parse_augmentations", "time_warp", "train_ssl", "is_timm_vit"]
 
 
 def embed(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
@@ -67,37 +78,84 @@ def time_warp(x: torch.Tensor, strength: float = 0.2, knots: int = 4) -> torch.T
     return left * (1 - w) + right * w
 
 
-def _augment_timeseries(x: torch.Tensor) -> torch.Tensor:
-    """Paper B's scaling and negation, plus time warping, jitter and a random time mask (x is (N, C, T))."""
-    n, c, t = x.shape
-    dev = x.device
-    x = time_warp(x)
-    x = x * (0.8 + 0.4 * torch.rand(n, c, 1, device=dev))
-    x = torch.where((torch.rand(n, 1, 1, device=dev) < 0.5), -x, x)
-    x = x + 0.05 * torch.randn_like(x)
+def _scale(x: torch.Tensor, views: "TimeseriesViews") -> torch.Tensor:
+    """Paper B's ``scaling_transform_vectorized``: each channel of each series times a factor ~ N(1, sigma)."""
+    n, c, _ = x.shape
+    return x * (1 + views.scale_sigma * torch.randn(n, c, 1, device=x.device, dtype=x.dtype))
+
+
+def _negate(x: torch.Tensor, views: "TimeseriesViews") -> torch.Tensor:
+    """Paper B's ``negate_transform_vectorized`` (x * -1) applied to each series with probability negate_p."""
+    flip = torch.rand(x.shape[0], 1, 1, device=x.device) < views.negate_p
+    return torch.where(flip, -x, x)
+
+
+def _jitter(x: torch.Tensor, views: "TimeseriesViews") -> torch.Tensor:
+    """Paper B's ``noise_transform_vectorized``: additive N(0, 0.05) noise."""
+    return x + 0.05 * torch.randn_like(x)
+
+
+def _mask(x: torch.Tensor, views: "TimeseriesViews") -> torch.Tensor:
+    """A random window of an eighth of the series set to zero (not among paper B's transformations)."""
+    n, _, t = x.shape
     width = max(1, t // 8)
-    start = torch.randint(0, max(1, t - width), (n, 1), device=dev)
-    pos = torch.arange(t, device=dev)[None, :]
-    mask = (pos >= start) & (pos < start + width)
-    return x.masked_fill(mask[:, None, :], 0.0)
+    start = torch.randint(0, max(1, t - width), (n, 1), device=x.device)
+    pos = torch.arange(t, device=x.device)[None, :]
+    return x.masked_fill(((pos >= start) & (pos < start + width))[:, None, :], 0.0)
 
 
-_AUGMENT = {"image": _augment_images, "timeseries": _augment_timeseries}
+_TIMESERIES: Mapping[str, Callable[[torch.Tensor, "TimeseriesViews"], torch.Tensor]] = {
+    "scale": _scale, "negate": _negate,
+    "time_warp": lambda x, views: time_warp(x),  # paper B's time_warp_transform_low_cost: sigma 0.2, 4 knots
+    "jitter": _jitter, "mask": _mask}
+TIMESERIES_AUGMENTATIONS = tuple(_TIMESERIES)
 
 
-def augment(x: torch.Tensor, modality: str) -> torch.Tensor:
-    return _AUGMENT[modality](x)
+def parse_augmentations(text: str, *, where: str = "augmentations") -> tuple[str, ...]:
+    """``"scale,negate"`` -> ("scale", "negate"); ParadigmError naming the unknown ones and what exists."""
+    names = tuple(part.strip() for part in str(text).split(","))
+    unknown = [n for n in names if n not in _TIMESERIES]
+    if unknown or not names:
+        raise ParadigmError(f"{where}: got {text!r}; expected a comma-separated list of {', '.join(_TIMESERIES)} "
+                         "(applied in that order), e.g. 'scale,negate' (paper B's)")
+    return names
+
+
+@dataclass(frozen=True)
+class TimeseriesViews:
+    """The random transformation that makes one view of a batch of series (N, C, T): ``names`` in order,
+    each drawn independently per view (paper B composes scaling then negation)."""
+
+    names: tuple[str, ...]
+    scale_sigma: float
+    negate_p: float
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        for name in self.names:
+            x = _TIMESERIES[name](x, self)
+        return x
+
+
+def augmenter(modality: str, options: Mapping[str, Any]) -> Callable[[torch.Tensor], torch.Tensor]:
+    """The view-making function of a method: images get the fixed crop/flip/colour set; time series
+    the paradigm's ``augmentations`` (with ``scale_sigma`` and ``negate_p``)."""
+    if modality == "image":
+        return _augment_images
+    return TimeseriesViews(parse_augmentations(options["augmentations"]), float(options["scale_sigma"]),
+                           float(options["negate_p"]))
 
 
 # ------------------------------------------------------------------------------------ objectives
 
 
 class Objective(nn.Module):
-    """The modules a method trains beside the backbone, and the loss of one batch of raw inputs."""
+    """The modules a method trains beside the backbone, and the loss of one batch of raw inputs; ``views``
+    makes one augmented view of a batch (``augmenter``)."""
 
-    def __init__(self, modality: str):
+    def __init__(self, modality: str, options: Mapping[str, Any]):
         super().__init__()
         self.modality = modality
+        self.views = augmenter(modality, options)
 
     def loss(self, model: nn.Module, x: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError
@@ -110,22 +168,37 @@ class Objective(nn.Module):
 class _TwoViews(Objective):
     """SimCLR / VICReg: one projection head, a symmetric loss between two augmented views."""
 
-    def __init__(self, modality: str, head: nn.Module, loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]):
-        super().__init__(modality)
+    def __init__(self, modality: str, opts: Mapping[str, Any], head: nn.Module,
+                 loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]):
+        super().__init__(modality, opts)
         self.head, self.loss_fn = head, loss_fn
 
     def loss(self, model: nn.Module, x: torch.Tensor) -> torch.Tensor:
-        z1 = self.head(embed(model, augment(x, self.modality)))
-        z2 = self.head(embed(model, augment(x, self.modality)))
+        z1 = self.head(embed(model, self.views(x)))
+        z2 = self.head(embed(model, self.views(x)))
         return self.loss_fn(z1.float(), z2.float())
+
+
+def _keras_dense(n_in: int, n_out: int) -> nn.Linear:
+    """A Keras ``Dense`` as torch builds it: glorot-uniform kernel, zero bias (Keras' defaults)."""
+    layer = nn.Linear(n_in, n_out)
+    nn.init.xavier_uniform_(layer.weight)
+    nn.init.zeros_(layer.bias)
+    return layer
+
+
+def simclr_head(dim: int, hidden: int, hidden_2: int, out: int) -> nn.Sequential:
+    """Paper B's projection head (``simclr_models.attach_simclr_head(hidden_1=256, hidden_2=128, hidden_3=50)``):
+    Dense -> ReLU -> Dense -> ReLU -> Dense, no batch norm."""
+    return nn.Sequential(_keras_dense(dim, hidden), nn.ReLU(), _keras_dense(hidden, hidden_2), nn.ReLU(),
+                         _keras_dense(hidden_2, out))
 
 
 def _simclr(model: nn.Module, dim: int, opts: Mapping[str, Any], modality: str) -> Objective:
     from lightly.loss import NTXentLoss
-    from lightly.models.modules.heads import SimCLRProjectionHead
 
-    head = SimCLRProjectionHead(dim, max(dim, 64), int(opts["projection_dim"]))
-    return _TwoViews(modality, head, NTXentLoss(temperature=float(opts["temperature"])))
+    head = simclr_head(dim, int(opts["hidden_dim"]), int(opts["hidden_dim_2"]), int(opts["projection_dim"]))
+    return _TwoViews(modality, opts, head, NTXentLoss(temperature=float(opts["temperature"])))
 
 
 def _vicreg(model: nn.Module, dim: int, opts: Mapping[str, Any], modality: str) -> Objective:
@@ -134,7 +207,7 @@ def _vicreg(model: nn.Module, dim: int, opts: Mapping[str, Any], modality: str) 
 
     width = int(opts["projection_dim"])
     head = VICRegProjectionHead(dim, width, width, num_layers=3)
-    return _TwoViews(modality, head, VICRegLoss(lambda_param=float(opts["invariance"]), mu_param=float(opts["variance"]),
+    return _TwoViews(modality, opts, head, VICRegLoss(lambda_param=float(opts["invariance"]), mu_param=float(opts["variance"]),
                                                 nu_param=float(opts["covariance"])))
 
 
@@ -146,7 +219,7 @@ class _BYOL(Objective):
         from lightly.models.modules.heads import BYOLPredictionHead, BYOLProjectionHead
         from lightly.models.utils import deactivate_requires_grad
 
-        super().__init__(modality)
+        super().__init__(modality, opts)
         hidden, out = int(opts["hidden_dim"]), int(opts["projection_dim"])
         self.projection = BYOLProjectionHead(dim, hidden, out)
         self.prediction = BYOLPredictionHead(out, hidden, out)
@@ -158,7 +231,7 @@ class _BYOL(Objective):
         self.criterion = NegativeCosineSimilarity()
 
     def loss(self, model: nn.Module, x: torch.Tensor) -> torch.Tensor:
-        v1, v2 = augment(x, self.modality), augment(x, self.modality)
+        v1, v2 = self.views(x), self.views(x)
         p1 = self.prediction(self.projection(embed(model, v1)))
         p2 = self.prediction(self.projection(embed(model, v2)))
         with torch.no_grad():
@@ -204,7 +277,7 @@ class _MAE(Objective):
     def __init__(self, model: nn.Module, opts: Mapping[str, Any], modality: str):
         from lightly.models.modules import MaskedVisionTransformerDecoderTIMM, MaskedVisionTransformerTIMM
 
-        super().__init__(modality)
+        super().__init__(modality, opts)
         # The wrapper re-initialises the ViT MAE-style (xavier, sin-cos pos_embed) and reuses its modules,
         # so training the encoder trains ``model`` itself.
         self.encoder = MaskedVisionTransformerTIMM(vit=model)
@@ -232,7 +305,7 @@ class _MAE(Objective):
         from lightly.models import utils
 
         encoder = self.encoder
-        x = augment(x, self.modality)
+        x = self.views(x)
         n = x.shape[0]
         idx_keep, idx_mask = self._mask(n, encoder.sequence_length - self.prefix, x.device)
         tokens = self.to_decoder(encoder.encode(x, idx_keep=idx_keep))
