@@ -28,6 +28,8 @@ METRICS = ("accuracy", "balanced_accuracy", "auroc", "equalized_odds_difference"
 def log_runs(client, exp_id: str, sweep: str, n: int, seed: int = 0) -> None:
     from mlflow.entities import Metric, Param, RunTag
 
+    from orchestrator.mlflow_runs import TAGS
+
     rng = np.random.default_rng(seed)
     now = int(time.time() * 1000)
     for i in range(n):
@@ -38,8 +40,8 @@ def log_runs(client, exp_id: str, sweep: str, n: int, seed: int = 0) -> None:
         run = client.create_run(exp_id, start_time=now + i)
         params = {"backbone": "resnet18", "paradigm": paradigm, "intervention.kind": "correlation",
                   "intervention.magnitude": str(mag), "freeze_depth": freeze, "seed": str(s)}
-        tags = {"fairsweep.kind": "trial", "fairsweep.sweep": sweep, "fairsweep.trial_key": f"{config_key}-s{s}",
-                "fairsweep.config_key": config_key, "fairsweep.pareto_front": "false"}
+        tags = {TAGS.KIND: "trial", TAGS.SWEEP: sweep, TAGS.TRIAL_KEY: f"{config_key}-s{s}", TAGS.CONFIG_KEY: config_key,
+                TAGS.FRONT: "false"}
         values = rng.uniform(0, 1, len(METRICS))
         client.log_batch(run.info.run_id, params=[Param(k, v) for k, v in params.items()],
                          metrics=[Metric(k, float(v), now, 0) for k, v in zip(METRICS, values)],

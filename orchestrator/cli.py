@@ -251,6 +251,8 @@ def _fail_fast_http() -> None:
 
 def _print_summary(result, args: argparse.Namespace) -> int:
     """Print the front and what to do next; returns the exit code."""
+    from orchestrator.mlflow_runs import TAGS
+
     plan = result.plan
     perf, fair = plan.spec.objectives.performance, plan.spec.objectives.fairness
     front = result.front[result.front["on_front"]] if not result.front.empty else result.front
@@ -266,7 +268,7 @@ def _print_summary(result, args: argparse.Namespace) -> int:
             print(f"\nwhat it shows: {story}")
     where = f" --storage {args.storage}" if args.storage else ""
     if result.failed:
-        print(f"failed trial runs: {', '.join(result.failed)} (see the fairsweep.error tag of each)")
+        print(f"failed trial runs: {', '.join(result.failed)} (see the {TAGS.ERROR} tag of each)")
         print(f"retry them with: fairsweep resume {plan.spec.name}{where} --retry-errored")
     print(f"\nMLflow: parent run {result.parent_run_id} in experiment {plan.spec.experiment!r}")
     print(f"open it with: mlflow ui --backend-store-uri {result.tracking_uri}")

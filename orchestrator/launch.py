@@ -17,6 +17,7 @@ import pandas as pd
 
 from orchestrator import raylocal  # before anything imports ray: a local Ray binds to 127.0.0.1
 from orchestrator.driverlock import LOCK_FILE, DriverLock, SweepBusyError, lock_holder
+from orchestrator.mlflow_runs import find_parent_run
 from orchestrator.plan import Plan
 from orchestrator.store import StoreError, check_store, open_client, store_cause
 from trainables.errors import UserError
@@ -257,8 +258,6 @@ def _refuse_tracked_sweep(spec: Any, tracking_uri: str, storage: str) -> None:
     --storage): it would continue that parent run and take its finished trials for its own."""
     if tracking_uri.startswith("sqlite:///") and not Path(tracking_uri[len("sqlite:///"):]).exists():
         return  # no store yet, so no sweep in it (and no database file created just to look)
-    from orchestrator.query import find_parent_run
-
     client = open_client(tracking_uri)
     exp = client.get_experiment_by_name(spec.experiment)
     parent = find_parent_run(client, exp.experiment_id, spec.name) if exp is not None else None

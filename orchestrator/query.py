@@ -12,23 +12,22 @@ validation split by default (``val_`` metrics) and report the test metrics of wh
 """
 from __future__ import annotations
 
-import contextlib
-import gc
 import math
-from typing import Any, Iterator, Mapping, Sequence
+from typing import Any, Mapping, Sequence
 
 import numpy as np
 import pandas as pd
 
 from orchestrator import pareto as pareto_mod
+from orchestrator.mlflow_runs import TAGS, find_parent_run, run_filter, search_runs
 from trainables.errors import UserError
 
 __all__ = ["AXIS_PARAMS", "SPLITS", "SweepNotFoundError", "load_trials", "aggregate_seeds", "front_table", "list_sweeps",
-           "find_parent_run", "parent_run", "sweep_objectives", "sweep_trials", "split_metric", "t_interval", "pareto",
+           "parent_run", "sweep_objectives", "sweep_trials", "split_metric", "t_interval", "pareto",
            "best", "compare", "paired_tests", "holm", "relative_change", "QueryError"]
 
 AXIS_PARAMS = ("backbone", "paradigm", "intervention.kind", "intervention.magnitude", "freeze_depth")
-TAG = "fairsweep."
+_FALLBACK_RUNS = 1000  # trial runs read to name the sweeps of an experiment without parent runs
 
 
 class SweepNotFoundError(UserError, LookupError):
@@ -73,19 +72,6 @@ def t_interval(values: Sequence[float], confidence: float = 0.95) -> tuple[float
     return (float(x.mean() - half), float(x.mean() + half))
 
 
-@contextlib.contextmanager
-def _gc_paused() -> Iterator[None]:
-    """MLflow's SQL store builds ~20 ORM objects per run; the cyclic collector re-scans them all as
-    they pile up, which is 60 % of loading 10,000 runs. Nothing cyclic is freed meanwhile, so pause it."""
-    was_enabled = gc.isenabled()
-    gc.disable()
-    try:
-        yield
-    finally:
-        if was_enabled:
-            gc.enable()
-
-
 def _experiment(client: Any, experiment: str) -> Any:
     exp = client.get_experiment_by_name(experiment)
     if exp is None:
@@ -97,24 +83,15 @@ def _experiment(client: Any, experiment: str) -> Any:
 def load_trials(client: Any, experiment: str, sweep: str, *, finished_only: bool = True) -> pd.DataFrame:
     """One row per trial run of ``sweep``: run_id, status, trial_key, config_key, axis params, metrics."""
     exp = _experiment(client, experiment)
-    flt = f"tags.`fairsweep.sweep` = '{sweep}' AND tags.`fairsweep.kind` = 'trial'"
-    if finished_only:
-        flt += " AND attributes.status = 'FINISHED'"
+    flt = run_filter(sweep=sweep, kind="trial", status="FINISHED" if finished_only else None)
     rows = []
-    page = None
-    while True:
-        with _gc_paused():
-            runs = client.search_runs([exp.experiment_id], filter_string=flt, max_results=5000, page_token=page)
-        for r in runs:
-            row = {"run_id": r.info.run_id, "status": r.info.status,
-                   "trial_key": r.data.tags.get(TAG + "trial_key"), "config_key": r.data.tags.get(TAG + "config_key"),
-                   "seed": r.data.params.get("seed")}
-            row.update({p: r.data.params.get(p) for p in AXIS_PARAMS})
-            row.update(r.data.metrics)
-            rows.append(row)
-        page = runs.token
-        if not page:
-            break
+    for r in search_runs(client, [exp.experiment_id], flt):
+        row = {"run_id": r.info.run_id, "status": r.info.status,
+               "trial_key": r.data.tags.get(TAGS.TRIAL_KEY), "config_key": r.data.tags.get(TAGS.CONFIG_KEY),
+               "seed": r.data.params.get("seed")}
+        row.update({p: r.data.params.get(p) for p in AXIS_PARAMS})
+        row.update(r.data.metrics)
+        rows.append(row)
     df = pd.DataFrame(rows)
     if "intervention.magnitude" in df:
         df["intervention.magnitude"] = pd.to_numeric(df["intervention.magnitude"], errors="coerce")
@@ -163,40 +140,21 @@ def front_table(trials: pd.DataFrame, performance: str, fairness: str) -> pd.Dat
 _BASE_COLUMNS = ("run_id", "status", "trial_key", "config_key", "seed", *AXIS_PARAMS)
 
 
-def _sweep_tag_filter(sweep: str, kind: str) -> str:
-    if "'" in sweep:
-        raise QueryError(f"sweep name {sweep!r} contains a quote; sweep names are plain identifiers")
-    return f"tags.`{TAG}sweep` = '{sweep}' AND tags.`{TAG}kind` = '{kind}'"
-
-
 def list_sweeps(client: Any, experiment: str) -> list[str]:
     """Names of the sweeps with a parent run (or, failing that, trial runs) in ``experiment``, sorted."""
     exp = _experiment(client, experiment)
-    names: set[str] = set()
-    for kind in ("sweep", "trial"):
-        page = None
-        while True:
-            runs = client.search_runs([exp.experiment_id], filter_string=f"tags.`{TAG}kind` = '{kind}'",
-                                      max_results=1000, page_token=page)
-            names.update(r.data.tags.get(TAG + "sweep") for r in runs if r.data.tags.get(TAG + "sweep"))
-            page = runs.token
-            if not page or kind == "trial":  # trial runs only as a fallback for sweeps without a parent run
-                break
+    for kind, limit in (("sweep", None), ("trial", _FALLBACK_RUNS)):  # trial runs only for sweeps without a parent run
+        names = {r.data.tags.get(TAGS.SWEEP) for r in search_runs(client, [exp.experiment_id], run_filter(kind=kind),
+                                                                  limit=limit)} - {None, ""}
         if names:
-            break
-    return sorted(names)
+            return sorted(names)
+    return []
 
 
 def _not_found(client: Any, experiment: str, sweep: str) -> SweepNotFoundError:
     sweeps = list_sweeps(client, experiment)
     return SweepNotFoundError(f"no sweep {sweep!r} in MLflow experiment {experiment!r}; sweeps there: "
                               f"{', '.join(sweeps) or 'none'}")
-
-
-def find_parent_run(client: Any, experiment_id: str, sweep: str) -> Any | None:
-    """The sweep's parent run in that experiment, or None."""
-    runs = client.search_runs([experiment_id], filter_string=_sweep_tag_filter(sweep, "sweep"), max_results=1)
-    return runs[0] if runs else None
 
 
 def parent_run(client: Any, sweep: str, experiment: str | None = None) -> Any:
@@ -246,8 +204,8 @@ def sweep_trials(client: Any, sweep: str, experiment: str | None = None, *,
     df = load_trials(client, experiment, sweep, finished_only=finished_only)
     if df.empty:
         exp = _experiment(client, experiment)
-        if find_parent_run(client, exp.experiment_id, sweep) is None and not client.search_runs(
-                [exp.experiment_id], filter_string=f"tags.`{TAG}sweep` = '{sweep}'", max_results=1):
+        if find_parent_run(client, exp.experiment_id, sweep) is None and next(
+                search_runs(client, [exp.experiment_id], run_filter(sweep=sweep), limit=1), None) is None:
             raise _not_found(client, experiment, sweep)
     for col in _BASE_COLUMNS:
         if col not in df:

@@ -8,6 +8,8 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, field
 from typing import Any, Mapping
 
+from orchestrator.mlflow_runs import TAGS, find_parent_run, run_filter, search_runs
+
 __all__ = ["SweepStatus", "sweep_status"]
 
 
@@ -75,7 +77,6 @@ def sweep_status(name: str, storage: str | None = None, tracking_uri: str | None
     store. Reads only: it never takes the driver lock, and never creates an MLflow database."""
     from orchestrator.launch import (LaunchError, experiment_path, read_sweep_record, resolve_storage,
                                      resolve_tracking_uri)
-    from orchestrator.query import find_parent_run
     from orchestrator.spec import SpecError, parse_spec
     from orchestrator.store import open_client, sqlite_path
     from orchestrator.tracking import driver_alive
@@ -94,21 +95,13 @@ def sweep_status(name: str, storage: str | None = None, tracking_uri: str | None
     parent_status, front_size, driver_tag = None, None, None
     exp = client.get_experiment_by_name(spec.experiment) if client is not None else None
     if exp is not None:
-        base = f"tags.`fairsweep.sweep` = '{name}'"
-        page = None
-        while True:
-            runs = client.search_runs([exp.experiment_id], f"{base} AND tags.`fairsweep.kind` = 'trial'",
-                                      max_results=5000, page_token=page)
-            for r in runs:
-                counts[r.info.status] = counts.get(r.info.status, 0) + 1
-            page = runs.token
-            if not page:
-                break
+        for r in search_runs(client, [exp.experiment_id], run_filter(sweep=name, kind="trial")):
+            counts[r.info.status] = counts.get(r.info.status, 0) + 1
         parent = find_parent_run(client, exp.experiment_id, name)
         if parent is not None:
             parent_status = parent.info.status
-            driver_tag = parent.data.tags.get("fairsweep.driver")
-            tag: Any = parent.data.tags.get("fairsweep.front_size")
+            driver_tag = parent.data.tags.get(TAGS.DRIVER)
+            tag: Any = parent.data.tags.get(TAGS.FRONT_SIZE)
             front_size = int(tag) if tag is not None else 0
     tune_states = _tune_states(path)
     finished, errored = counts.get("FINISHED", 0), counts.get("FAILED", 0)

@@ -18,21 +18,12 @@ import pandas as pd
 
 from orchestrator import raylocal  # noqa: F401 - before the first import of ray: a local Ray binds to 127.0.0.1
 from orchestrator.driverlock import driver_id
+from orchestrator.mlflow_runs import TAGS, find_parent_run, run_filter, search_runs
 from orchestrator.plan import Plan, PlannedTrial, TrialPoint
-from orchestrator.query import find_parent_run, front_table, load_trials
+from orchestrator.query import front_table, load_trials
 from ray import tune  # noqa: E402 - after raylocal
 
-__all__ = ["SweepTracker", "TAGS", "driver_id", "driver_alive"]
-
-
-class TAGS:
-    SWEEP, KIND, TRIAL_KEY, CONFIG_KEY = "fairsweep.sweep", "fairsweep.kind", "fairsweep.trial_key", "fairsweep.config_key"
-    PRETRAIN_KEY, PRETRAIN_RUN, FRONT, ERROR = ("fairsweep.pretrain_key", "fairsweep.pretrain_run_id",
-                                                "fairsweep.pareto_front", "fairsweep.error")
-    POINT = "fairsweep.point"  # the trial's axis values as JSON: what resume skips once finished
-    DRIVER = "fairsweep.driver"  # host:pid of the driver writing the sweep, so status can tell a dead one
-    PARENT = "mlflow.parentRunId"
-
+__all__ = ["SweepTracker", "driver_id", "driver_alive"]
 
 # Result keys that are bookkeeping, not metrics.
 FRONT_MARK = "[front] "  # prefixed to the run names of the front's members (the MLflow UI's run list)
@@ -91,9 +82,6 @@ class SweepTracker(tune.Callback):
         state["progress"] = None  # a function of this driver's terminal: not part of the sweep's state
         return state
 
-    def _find_runs(self, filter_string: str) -> list:
-        return self.client.search_runs([self.experiment_id], filter_string=filter_string, max_results=1000)
-
     # -- sweep ----------------------------------------------------------------------------------
     def open(self) -> str:
         """Create or continue the sweep's parent run; returns its run id."""
@@ -132,7 +120,7 @@ class SweepTracker(tune.Callback):
                   "finetune.epochs": s.finetune.epochs}
         if s.search.type == "optuna":
             params.update({"search.sampler": s.search.sampler, "search.budget": s.search.budget, "search.seed": s.search.seed})
-            self.client.set_tag(self.parent_run_id, "fairsweep.study_name", s.name)
+            self.client.set_tag(self.parent_run_id, TAGS.STUDY_NAME, s.name)
         self.client.log_batch(self.parent_run_id, params=[Param(k, str(v)) for k, v in params.items()])
         with tempfile.TemporaryDirectory() as d:
             (Path(d) / "spec.yaml").write_text(yaml.safe_dump(dict(s.source), sort_keys=False))
@@ -148,17 +136,17 @@ class SweepTracker(tune.Callback):
         """One run per pretraining key (reused if this experiment already has one)."""
         from mlflow.entities import Metric
 
-        found = self._find_runs(f"tags.`{TAGS.PRETRAIN_KEY}` = '{job.key}' AND tags.`{TAGS.KIND}` = 'pretrain' "
-                                f"AND attributes.status = 'FINISHED'")
+        found = list(search_runs(self.client, [self.experiment_id],
+                                 run_filter(kind="pretrain", status="FINISHED", pretrain_key=job.key), limit=1))
         if found:
             run_id = found[0].info.run_id
         else:
             now = int(time.time() * 1000)
             metrics = [Metric("loss", float(v), now, i + 1) for i, v in enumerate(outcome.losses)]
             metrics.append(Metric("seconds", float(outcome.meta.get("seconds", outcome.seconds)), now, 0))
-            run_id = self._pretrain_run(job, "FINISHED", {"fairsweep.reused_cache": str(outcome.reused).lower(),
-                                                          "fairsweep.rebuilt_damaged": str(outcome.rebuilt_damaged).lower(),
-                                                          "fairsweep.cache_path": outcome.path}, metrics)
+            run_id = self._pretrain_run(job, "FINISHED", {TAGS.REUSED_CACHE: str(outcome.reused).lower(),
+                                                          TAGS.REBUILT_DAMAGED: str(outcome.rebuilt_damaged).lower(),
+                                                          TAGS.CACHE_PATH: outcome.path}, metrics)
         self._pretrain_runs[job.key] = run_id
         return run_id
 
@@ -235,7 +223,7 @@ class SweepTracker(tune.Callback):
 
         p = planned.point
         tags = {TAGS.SWEEP: self.spec.name, TAGS.KIND: "trial", TAGS.TRIAL_KEY: planned.key,
-                TAGS.CONFIG_KEY: planned.config_key, TAGS.PARENT: self.parent_run_id, "fairsweep.tune_trial_id": tune_id,
+                TAGS.CONFIG_KEY: planned.config_key, TAGS.PARENT: self.parent_run_id, TAGS.TUNE_TRIAL_ID: tune_id,
                 TAGS.POINT: json.dumps(p.as_config(), sort_keys=True)}
         if planned.pretrain_key:
             tags[TAGS.PRETRAIN_KEY] = planned.pretrain_key
@@ -304,11 +292,11 @@ class SweepTracker(tune.Callback):
         if final:  # one write with the metrics: the driver's cost per trial is a few store calls
             from mlflow.entities import Param, RunTag
 
-            tags.append(RunTag("fairsweep.frozen_groups", str(result.get("frozen_groups", ""))))
-            if result.get("infinite_metrics"):  # ratios against a zero rate: +inf, which MLflow cannot hold
-                tags.append(RunTag("fairsweep.infinite_metrics", str(result["infinite_metrics"])[:5000]))
-            if result.get("feature_cache"):  # whether it trained on cached frozen-prefix features, and why (not)
-                tags.append(RunTag("fairsweep.feature_cache", str(result["feature_cache"])[:500]))
+            tags.append(RunTag(TAGS.FROZEN_GROUPS, str(result.get("frozen_groups", ""))))
+            if result.get("infinite_metrics"):
+                tags.append(RunTag(TAGS.INFINITE_METRICS, str(result["infinite_metrics"])[:5000]))
+            if result.get("feature_cache"):
+                tags.append(RunTag(TAGS.FEATURE_CACHE, str(result["feature_cache"])[:500]))
             chosen = result.get("chosen_hparams") or {}
             if self._inner_search() and chosen:  # the inner search's pick, known only now
                 params = [Param(f"finetune.{k}", repr(float(v))) for k, v in chosen.items()]
@@ -370,16 +358,8 @@ class SweepTracker(tune.Callback):
 
     # -- bookkeeping for the summary and interruptions --------------------------------------------
     def _trial_runs(self, status: str | None = None) -> list:
-        flt = f"tags.`{TAGS.SWEEP}` = '{self.spec.name}' AND tags.`{TAGS.KIND}` = 'trial'"
-        if status:
-            flt += f" AND attributes.status = '{status}'"
-        out, page = [], None
-        while True:
-            runs = self.client.search_runs([self.experiment_id], filter_string=flt, max_results=1000, page_token=page)
-            out.extend(runs)
-            page = runs.token
-            if not page:
-                return out
+        return list(search_runs(self.client, [self.experiment_id], run_filter(sweep=self.spec.name, kind="trial",
+                                                                               status=status)))
 
     def trial_status_counts(self) -> dict[str, int]:
         counts: dict[str, int] = {}
@@ -418,7 +398,7 @@ class SweepTracker(tune.Callback):
                     tags = [RunTag(TAGS.FRONT, value)]
                     if run_id in self._run_names:  # front members stand out in the UI's run list
                         mark = FRONT_MARK if value == "true" else ""
-                        tags.append(RunTag("mlflow.runName", mark + self._run_names[run_id]))
+                        tags.append(RunTag(TAGS.RUN_NAME, mark + self._run_names[run_id]))
                     self.client.log_batch(run_id, tags=tags)
                     self._front_state[run_id] = value
         if not table.empty:
@@ -478,7 +458,7 @@ class SweepTracker(tune.Callback):
         metrics = [Metric("front_size", float(len(front)), now, finished), Metric("hypervolume", volume, now, finished),
                    Metric("trials_finished", float(finished), now, finished)]
         self.client.log_batch(self.parent_run_id, metrics=metrics,
-                              tags=[RunTag("mlflow.note.content", self._description(front, perf, fair, finished))])
+                              tags=[RunTag(TAGS.NOTE, self._description(front, perf, fair, finished))])
 
     def _description(self, front: pd.DataFrame, perf: str, fair: str, finished: int) -> str:
         s, name = self.spec, self.spec.name
@@ -495,7 +475,7 @@ class SweepTracker(tune.Callback):
                 lines.append("| " + " | ".join(f"{row[c]:.4f}" if isinstance(row[c], float) else str(row[c])
                                                for c in cols) + " |")
             lines.append("")
-        lines += [f"Front members: filter the child runs with `tags.fairsweep.pareto_front = 'true'`. Ask more with "
+        lines += [f"Front members: filter the child runs with `tags.{TAGS.FRONT} = 'true'`. Ask more with "
                   f"`fairsweep pareto {name}`, `fairsweep best {name} --max-drop 0.01`, `fairsweep compare {name} "
                   f"--by paradigm` (choices on the validation split, intervals over seeds)."]
         return "\n".join(lines)
@@ -514,12 +494,12 @@ class SweepTracker(tune.Callback):
                 fig.savefig(Path(d) / "front.png")
                 plt.close(fig)
             self.client.log_artifacts(self.parent_run_id, d, artifact_path="pareto")
-        self.client.set_tag(self.parent_run_id, "fairsweep.front_size", str(len(front)))
-        self.client.set_tag(self.parent_run_id, "fairsweep.front_split", "test")  # descriptive; picks use val
+        self.client.set_tag(self.parent_run_id, TAGS.FRONT_SIZE, str(len(front)))
+        self.client.set_tag(self.parent_run_id, TAGS.FRONT_SPLIT, "test")  # descriptive; picks use val
 
 
 def driver_alive(tag: str | None) -> bool | None:
-    """Whether the driver named by a ``fairsweep.driver`` tag still runs; None when it ran on another
+    """Whether the driver named by a driver tag (``TAGS.DRIVER``) still runs; None when it ran on another
     host (or the tag is missing), where this process cannot tell."""
     import os
     import socket
