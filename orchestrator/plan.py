@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any, Mapping
 
 from orchestrator.spec import FreezeSpec, SpecError, SweepSpec, freeze_label
+from trainables.schema import SchemaError
 
 __all__ = ["PretrainJob", "TrialPoint", "PlannedTrial", "Plan", "build_plan", "grid_points", "canonical_hash"]
 
@@ -183,6 +184,10 @@ def _check_privileged(spec: SweepSpec, dataset: Any) -> None:
 
 
 def _as_spec_error(path: str, value: Any, exc: Exception) -> SpecError:
+    """``exc`` as an error on ``path``; a SchemaError (dataset or paradigm options) already names its
+    own field, e.g. ``dataset.options.image_size``, and keeps it."""
+    if isinstance(exc, SchemaError):
+        return SpecError(exc.path, exc.value, exc.allowed)
     return SpecError(path, value, str(exc))
 
 

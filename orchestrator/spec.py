@@ -1,9 +1,13 @@
 """YAML sweep file -> typed, frozen ``SweepSpec``.
 
 Everything a user can get wrong in the file is caught here, before Ray or MLflow start, with an
-error that names the field path, the value received and what is allowed. This module imports
-neither torch nor Ray, so ``fairsweep validate`` answers fast. Name checks against registries
-(datasets, backbones, paradigms, metrics) happen in ``plan``, which may import the trainables.
+error that names the field path, the value received and what is allowed. The file's fields are
+written in the one schema dialect of ``trainables.schema`` (as dataset and paradigm options are), which
+also yields the file's JSON Schema (``json_schema``, ``fairsweep schema``). This module imports neither
+torch nor Ray, so ``fairsweep validate`` answers fast. Name checks against registries (datasets,
+backbones, paradigms, metrics) happen in ``plan``, which may import the trainables; the Optuna sampler
+is checked here against ``orchestrator.samplers``. Modules named under ``plugins:`` are imported before
+anything else is checked, so what they register counts (``trainables.plugins``).
 
 The file is untrusted input, so reading it is bounded: at most ``MAX_FILE_BYTES`` (1 MiB), UTF-8
 only, YAML nested at most ``MAX_YAML_DEPTH`` (50) levels, integers of at most ``MAX_INT_DIGITS``
@@ -40,14 +44,15 @@ from __future__ import annotations
 
 import math
 import re
-import reprlib
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Mapping, Sequence, Union
 
 import yaml
 
-from trainables.errors import UserError
+from orchestrator.samplers import SAMPLERS
+from trainables.plugins import MODULE_PATTERN, PluginError, import_plugin
+from trainables.schema import Custom, ListOf, Option, SchemaError, Section, as_mapping, at, distinct, excerpt
 
 __all__ = [
     "SpecError",
@@ -67,6 +72,7 @@ __all__ = [
     "parse_spec",
     "freeze_label",
     "excerpt",
+    "json_schema",
 ]
 
 FreezeSpec = Union[int, str, tuple]  # k | "linear" | "full" | (i, j, ...)
@@ -97,44 +103,12 @@ MAX_PATH_PART_BYTES = 255  # NAME_MAX: a longer part fails the lookup itself
 MAX_METRIC_CHARS = 200
 _OPTION_INT = 2**63  # integers in free-form options stay within 64 bits
 
-EXCERPT_CHARS = 200
-
-
-class _ExcerptRepr(reprlib.Repr):
-    """reprlib's bounded repr (a few levels, a few items each), also for ints too long to print."""
-
-    def repr_int(self, x: int, level: int) -> str:
-        try:
-            return super().repr_int(x, level)
-        except ValueError:  # beyond Python's int -> str digit limit
-            return f"<an integer of about {int(x.bit_length() * 0.30103) + 1} digits>"
-
-
-_REPR = _ExcerptRepr()
-_REPR.maxlevel, _REPR.maxlist, _REPR.maxtuple, _REPR.maxdict, _REPR.maxset = 3, 8, 8, 8, 8
-_REPR.maxstring, _REPR.maxother, _REPR.maxlong = EXCERPT_CHARS, EXCERPT_CHARS, 60
-
-
-def excerpt(value: Any, limit: int = EXCERPT_CHARS) -> str:
-    """A repr of ``value`` of at most ``limit`` characters, built without walking all of it: a huge
-    or deeply shared value in an error must not exhaust memory or flood the terminal."""
-    return _clip(_REPR.repr(value), limit)
-
-
-def _clip(text: str, limit: int) -> str:
-    return text if len(text) <= limit else text[: limit - 1] + "\u2026"
-
-
-class SpecError(UserError, ValueError):
+class SpecError(SchemaError):
     """A sweep file that cannot run; ``path`` is the dotted field path (e.g. ``axes.seed[1]``).
 
     The message holds an excerpt of the value and a bounded ``allowed`` text (it may quote other
     libraries' messages), so any error prints in a few lines whatever the file held.
     """
-
-    def __init__(self, path: str, value: Any, allowed: str):
-        self.path, self.value, self.allowed = path, value, allowed
-        super().__init__(f"{_clip(str(path), 300)}: got {excerpt(value)}; {_clip(str(allowed), 2000)}")
 
 
 @dataclass(frozen=True)
@@ -240,9 +214,6 @@ class Resources:
     checkpoint_interval_s: float = 60.0
 
 
-SAMPLERS = ("tpe", "nsga2", "random")
-
-
 @dataclass(frozen=True)
 class SearchSpec:
     type: str = "grid"  # grid | optuna
@@ -268,6 +239,7 @@ class SweepSpec:
     experiment: str  # MLflow experiment; the sweep name unless the file says otherwise
     source: Mapping[str, Any] = field(default_factory=dict, compare=False, repr=False)  # raw YAML
     evaluation: "EvaluationSpec" = field(default_factory=lambda: EvaluationSpec())
+    plugins: tuple[str, ...] = ()  # modules imported before validation, in the driver and every worker
 
     @property
     def grid_size(self) -> int:
@@ -288,69 +260,13 @@ def freeze_label(spec: FreezeSpec) -> str:
     return str(spec)
 
 
-# ----------------------------------------------------------------------------- parsing helpers
-
-
-def _mapping(raw: Any, path: str) -> Mapping[str, Any]:
-    if raw is None:
-        return {}
-    if not isinstance(raw, Mapping):
-        raise SpecError(path, raw, "expected a mapping of option: value")
-    return raw
-
-
-def _at(path: str, key: Any) -> str:
-    """``path.key`` for messages; a key that is not a short one-line string shows as an excerpt."""
-    text = key if isinstance(key, str) and key.isprintable() and 0 < len(key) <= 60 else excerpt(key, 60)
-    return f"{path}.{text}" if path else text
-
-
-def _check_keys(raw: Mapping[str, Any], path: str, allowed: Sequence[str], required: Sequence[str] = ()) -> None:
-    for key in raw:
-        if key not in allowed:
-            import difflib
-
-            close = difflib.get_close_matches(str(key), allowed, n=1)
-            hint = f" (did you mean {close[0]!r}?)" if close else ""
-            raise SpecError(_at(path, key), raw[key], f"unknown key{hint}; allowed keys here: {', '.join(allowed)}")
-    for key in required:
-        if key not in raw:
-            where = f"{path}.{key}" if path else key
-            raise SpecError(where, None, "this field is required")
+# ----------------------------------------------------------------------------- values
 
 
 def _int(value: Any, path: str, *, minimum: int | None = None, maximum: int | None = None,
          why: str = "") -> int:
     """An integer within ``[minimum, maximum]``; ``why`` says where an upper limit comes from."""
-    bounds = " and ".join(b for b in (f">= {minimum}" if minimum is not None else "",
-                                      f"<= {maximum:,}" if maximum is not None else "") if b)
-    because = f" ({why})" if why else ""
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise SpecError(path, value, f"expected an integer {bounds}".rstrip() + because)
-    if (minimum is not None and value < minimum) or (maximum is not None and value > maximum):
-        raise SpecError(path, value, f"must be {bounds}{because}")
-    return value
-
-
-def _seed(value: Any, path: str) -> int:
-    return _int(value, path, minimum=0, maximum=MAX_SEED, why="numpy's seed range")
-
-
-def _float(value: Any, path: str, *, low: float | None = None, high: float | None = None,
-           low_open: bool = False) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise SpecError(path, value, "expected a finite number")
-    try:
-        value = float(value)  # an int of hundreds of digits overflows here
-    except OverflowError:
-        raise SpecError(path, value, "expected a finite number; this integer is too large for a float") from None
-    if not math.isfinite(value):
-        raise SpecError(path, value, "expected a finite number")
-    if low is not None and (value < low or (low_open and value == low)):
-        raise SpecError(path, value, f"must be {'>' if low_open else '>='} {low}")
-    if high is not None and value > high:
-        raise SpecError(path, value, f"must be <= {high}")
-    return value
+    return Option(kind=int, low=minimum, high=maximum, doc=why).parse(value, path)
 
 
 def _name(value: Any, path: str) -> str:
@@ -360,22 +276,12 @@ def _name(value: Any, path: str) -> str:
     return value
 
 
-def _list(value: Any, path: str) -> list:
-    if isinstance(value, (str, int, float)) and not isinstance(value, bool):
-        value = [value]  # a single value is a one-element axis
-    if not isinstance(value, list) or not value:
-        raise SpecError(path, value, "expected a non-empty list")
-    return value
+_NAME_SCHEMA = {"type": "string", "pattern": "^" + _NAME_RE.pattern + "$"}
 
 
-def _unique(values: Sequence[Any], path: str) -> tuple:
-    """The values (parsed, hence hashable) as a tuple; a repeat is an error naming its index."""
-    seen: set = set()
-    for i, v in enumerate(values):
-        if v in seen:
-            raise SpecError(f"{path}[{i}]", v, "duplicate value; each axis value must appear once")
-        seen.add(v)
-    return tuple(values)
+def _registered(registry: Any, pattern: Mapping[str, Any] = _NAME_SCHEMA) -> dict:
+    """A name an editor completes from ``registry`` that may also be one a plugin registers."""
+    return {"anyOf": [{"enum": list(registry)}, dict(pattern)]}
 
 
 def _freeze(value: Any, path: str) -> FreezeSpec:
@@ -395,22 +301,61 @@ def _freeze(value: Any, path: str) -> FreezeSpec:
     return _int(value, path, minimum=0, maximum=MAX_LAYER_GROUPS)
 
 
+_FREEZE_SCHEMA = {"anyOf": [{"type": "integer", "minimum": 0, "maximum": MAX_LAYER_GROUPS},
+                            {"enum": list(FREEZE_WORDS)},
+                            {"type": "array", "items": {"type": "integer", "minimum": 0, "maximum": MAX_LAYER_GROUPS},
+                             "minItems": 1, "uniqueItems": True}]}
+
+
+def _range(raw: Any, path: str, *, low: float | None = None, high: float | None = None) -> Range:
+    r = Section({"low": Option(kind=float, low=low, high=high), "high": Option(kind=float, low=low, high=high),
+                 "log": Option(False)}, required=("low", "high")).parse(raw, path)
+    lo, hi, log = r["low"], r["high"], r.get("log", False)
+    if hi <= lo:
+        raise SpecError(f"{path}.high", hi, f"must be greater than low ({lo})")
+    if log and lo <= 0:
+        raise SpecError(f"{path}.low", lo, "a log range needs low > 0")
+    return Range(lo, hi, log)
+
+
+def _range_schema(low: float | None, high: float | None) -> dict:
+    bounded = {"type": "number", **({"minimum": low} if low is not None else {}),
+               **({"maximum": high} if high is not None else {})}
+    return {"type": "object", "additionalProperties": False, "required": ["low", "high"],
+            "properties": {"low": bounded, "high": bounded, "log": {"type": "boolean", "default": False}},
+            "description": "a continuous range for the optuna search (log: true samples on a log scale)"}
+
+
+_MAGNITUDES = ListOf(Option(kind=float, low=0.0, high=1.0))
+
+
+def _magnitudes(value: Any, path: str) -> "tuple[float, ...] | Range":
+    if isinstance(value, Mapping):
+        return _range(value, path, low=0.0, high=1.0)
+    return _MAGNITUDES.parse(value, path)
+
+
+def _intervention_kinds() -> dict:
+    from trainables.interventions import INTERVENTIONS  # here: it imports numpy, which validation never needs
+
+    return _registered(INTERVENTIONS)
+
+
+_INTERVENTION = Section({
+    "kind": Custom(_name, _intervention_kinds, doc="what the intervention changes in the finetuning set"),
+    "magnitudes": Custom(_magnitudes, lambda: {"anyOf": [_MAGNITUDES.json_schema(), _range_schema(0.0, 1.0)]},
+                         doc="values in [0, 1]; a {low, high} range under the optuna search"),
+}, required=("kind", "magnitudes"))
+
+
 def _interventions(raw: Any, path: str) -> tuple[InterventionAxis, ...]:
     items = [raw] if isinstance(raw, Mapping) else raw
     if not isinstance(items, list) or not items:
         raise SpecError(path, raw, "expected a mapping {kind, magnitudes} or a non-empty list of them")
     out = []
     for i, item in enumerate(items):
-        p = path if isinstance(raw, Mapping) else f"{path}[{i}]"
-        item = _mapping(item, p)
-        _check_keys(item, p, ("kind", "magnitudes"), required=("kind", "magnitudes"))
-        kind = _name(item["kind"], f"{p}.kind")
-        if isinstance(item["magnitudes"], Mapping):
-            out.append(InterventionAxis(kind, _range(item["magnitudes"], f"{p}.magnitudes", low=0.0, high=1.0)))
-            continue
-        mags = _list(item["magnitudes"], f"{p}.magnitudes")
-        mags = [_float(m, f"{p}.magnitudes[{j}]", low=0.0, high=1.0) for j, m in enumerate(mags)]
-        out.append(InterventionAxis(kind, _unique(mags, f"{p}.magnitudes")))
+        parsed = _INTERVENTION.parse(item, path if isinstance(raw, Mapping) else f"{path}[{i}]")
+        out.append(InterventionAxis(parsed["kind"], parsed["magnitudes"]))
     seen: set = set()
     for i, a in enumerate(out):
         if a.kind in seen:
@@ -419,23 +364,10 @@ def _interventions(raw: Any, path: str) -> tuple[InterventionAxis, ...]:
     return tuple(out)
 
 
-def _range(raw: Mapping[str, Any], path: str, *, low: float | None = None, high: float | None = None) -> Range:
-    _check_keys(raw, path, ("low", "high", "log"), required=("low", "high"))
-    lo = _float(raw["low"], f"{path}.low", low=low, high=high)
-    hi = _float(raw["high"], f"{path}.high", low=low, high=high)
-    if hi <= lo:
-        raise SpecError(f"{path}.high", hi, f"must be greater than low ({lo})")
-    log = raw.get("log", False)
-    if not isinstance(log, bool):
-        raise SpecError(f"{path}.log", log, "expected true or false")
-    if log and lo <= 0:
-        raise SpecError(f"{path}.low", lo, "a log range needs low > 0")
-    return Range(lo, hi, log)
-
-
-def _rate(minimum: float, open_low: bool) -> Any:
+def _rate(minimum: float, open_low: bool, doc: str) -> Custom:
     """A finetuning rate: a number, a list of candidates for the inner search (each trial trains every one,
     so the list is bounded), or a range {low, high, log} for the optuna search. At most MAX_RATE."""
+    number = Option(kind=float, low=minimum, high=MAX_RATE, low_open=open_low)
 
     def parse(v: Any, p: str) -> "float | tuple[float, ...] | Range":
         if isinstance(v, Mapping):
@@ -447,130 +379,30 @@ def _rate(minimum: float, open_low: bool) -> Any:
             if len(v) > MAX_CANDIDATES:
                 raise SpecError(p, v, f"at most {MAX_CANDIDATES} candidates: every trial trains each lr x weight_decay "
                                       f"pair; search wider spaces with search type optuna and a range")
-            values = [_float(x, f"{p}[{i}]", low=minimum, high=MAX_RATE, low_open=open_low) for i, x in enumerate(v)]
-            return values[0] if len(values) == 1 else _unique(values, p)
-        return _float(v, p, low=minimum, high=MAX_RATE, low_open=open_low)
+            values = [number.parse(x, f"{p}[{i}]") for i, x in enumerate(v)]
+            return values[0] if len(values) == 1 else distinct(values, p)
+        return number.parse(v, p)
 
-    return parse
-
-
-def _section(raw: Mapping[str, Any], key: str, cls: type, parse: Mapping[str, Any]) -> Any:
-    """Parse a flat section whose fields all have defaults; ``parse`` maps field -> converter(value, path)."""
-    sec = _mapping(raw.get(key), key)
-    _check_keys(sec, key, tuple(parse))
-    return cls(**{k: conv(sec[k], f"{key}.{k}") for k, conv in parse.items() if k in sec})
+    scalar = number.json_schema()
+    return Custom(parse, {"anyOf": [scalar, {"type": "array", "items": scalar, "minItems": 1, "maxItems": MAX_CANDIDATES},
+                                    _range_schema(minimum, MAX_RATE)]}, doc=doc)
 
 
-_TOP_KEYS = ("name", "experiment", "dataset", "pretraining", "axes", "finetune", "evaluation", "objectives", "resources",
-             "search")
-_AXES_KEYS = ("backbone", "paradigm", "intervention", "freeze_depth", "seed")
-
-
-def parse_spec(raw: Any, *, default_experiment: str | None = None) -> SweepSpec:
-    """Validate a loaded YAML document and return the typed spec (raises ``SpecError``).
-
-    The MLflow experiment is the file's ``experiment:``, else ``default_experiment`` (the CLI passes
-    $MLFLOW_EXPERIMENT_NAME; this module never reads the environment), else the sweep's name. A default
-    that is used is written into the spec's ``source``, so the recorded spec resumes into the same one.
-    """
-    if not isinstance(raw, Mapping):
-        raise SpecError("<root>", raw, "a sweep file is a YAML mapping with keys " + ", ".join(_TOP_KEYS))
-    _check_keys(raw, "", _TOP_KEYS, required=("name", "dataset", "axes"))
-    name = _name(raw["name"], "name")
-    if "experiment" in raw or not default_experiment:
-        experiment = _name(raw.get("experiment", name), "experiment")
-    else:
-        try:
-            experiment = _name(default_experiment, "experiment")
-        except SpecError as exc:
-            raise SpecError("experiment", default_experiment, f"{exc.allowed}; the file sets no experiment, so this "
-                            "default was used (MLFLOW_EXPERIMENT_NAME for the fairsweep command): set `experiment:` "
-                            "in the file or change that default") from None
-        raw = {**raw, "experiment": experiment}
-
-    ds = _mapping(raw["dataset"], "dataset")
-    _check_keys(ds, "dataset", ("name", "options", "privileged"), required=("name",))
-    dataset = DatasetSpec(_name(ds["name"], "dataset.name"), _options(ds.get("options"), "dataset.options"),
-                          _privileged(ds.get("privileged"), "dataset.privileged"))
-
-    def _paradigm_options(v: Any, p: str) -> Mapping[str, Mapping[str, Any]]:
-        v = _mapping(v, p)
-        return {_paradigm_name(k, _at(p, k)): _options(o, _at(p, k)) for k, o in v.items()}
-
-    pretraining = _section(raw, "pretraining", PretrainingSpec, {
-        "epochs": _epochs,
-        "batch_size": _batch_size,
-        "lr": lambda v, p: _float(v, p, low=0.0, low_open=True),
-        "weight_decay": lambda v, p: _float(v, p, low=0.0),
-        "momentum": lambda v, p: _float(v, p, low=0.0, high=1.0),
-        "seed": _seed,
-        "paradigms": _paradigm_options,
-    })
-
-    ax = _mapping(raw["axes"], "axes")
-    _check_keys(ax, "axes", _AXES_KEYS, required=("backbone", "paradigm", "freeze_depth"))
-    backbone = _unique([_name(v, f"axes.backbone[{i}]") for i, v in enumerate(_list(ax["backbone"], "axes.backbone"))], "axes.backbone")
-    paradigm_values = _list(ax["paradigm"], "axes.paradigm")
-    paradigm = _unique([_paradigm_name(v, f"axes.paradigm[{i}]") for i, v in enumerate(paradigm_values)], "axes.paradigm")
-    intervention = _interventions(ax.get("intervention", {"kind": "none", "magnitudes": [0.5]}), "axes.intervention")
-    freeze_raw = ax["freeze_depth"] if isinstance(ax["freeze_depth"], list) else [ax["freeze_depth"]]
-    if not freeze_raw:
-        raise SpecError("axes.freeze_depth", freeze_raw, "expected a non-empty list")
-    freeze = _unique([_freeze(v, f"axes.freeze_depth[{i}]") for i, v in enumerate(freeze_raw)], "axes.freeze_depth")
-    seed = _unique([_seed(v, f"axes.seed[{i}]") for i, v in enumerate(_list(ax.get("seed", [0]), "axes.seed"))], "axes.seed")
-    axes = Axes(backbone, paradigm, intervention, freeze, seed)
-
-    finetune = _section(raw, "finetune", FinetuneSpec, {
-        "size": lambda v, p: _int(v, p, minimum=4, maximum=MAX_FINETUNE_SIZE),
-        "epochs": _epochs,
-        "batch_size": _batch_size,
-        "lr": _rate(0.0, True),
-        "weight_decay": _rate(0.0, False),
-        "momentum": lambda v, p: _float(v, p, low=0.0, high=1.0),
-        "threshold": _threshold,
-        "select_epoch": lambda v, p: _choice(v, p, ("last", "best_val_loss")),
-    })
-    evaluation = _section(raw, "evaluation", EvaluationSpec, {
-        "bootstrap": lambda v, p: _int(v, p, minimum=0, maximum=MAX_BOOTSTRAP, why="bootstrap resamples per trial"),
-    })
-    objectives = _section(raw, "objectives", Objectives, {"performance": _metric_name, "fairness": _metric_name})
-    resources = _section(raw, "resources", Resources, {
-        "cpus_per_trial": lambda v, p: _resource(v, p, gpus=False),
-        "gpus_per_trial": lambda v, p: _resource(v, p, gpus=True),
-        "max_concurrent_trials": lambda v, p: None if v is None else _int(v, p, minimum=1, maximum=MAX_TRIALS),
-        "max_failures": lambda v, p: _int(v, p, minimum=0, maximum=MAX_FAILURES),
-        "feature_cache": _bool,
-        "checkpoint_interval_s": lambda v, p: _float(v, p, low=0.0, high=MAX_CHECKPOINT_INTERVAL_S),
-    })
-    search = _section(raw, "search", SearchSpec, {
-        "type": _search_type,
-        "sampler": lambda v, p: _choice(v, p, SAMPLERS),
-        "budget": lambda v, p: _int(v, p, minimum=1, maximum=MAX_TRIALS, why="trials a sweep may hold"),
-        "seed": _seed,
-        "storage": _storage_url,
-    })
-    _check_search(search, axes, finetune, raw.get("search") or {})
-    return SweepSpec(name, dataset, pretraining, axes, finetune, objectives, resources, search, experiment, dict(raw),
-                     evaluation=evaluation)
-
-
-def _epochs(value: Any, path: str) -> int:
-    return _int(value, path, minimum=1, maximum=MAX_EPOCHS)
-
-
-def _batch_size(value: Any, path: str) -> int:
-    return _int(value, path, minimum=2, maximum=MAX_BATCH_SIZE)
-
-
-def _resource(value: Any, path: str, *, gpus: bool) -> float:
+def _resource(gpus: bool) -> Custom:
     """CPUs or GPUs per trial as Ray accepts them: bounded, fractions no finer than Ray's 0.0001;
     a GPU share is a fraction of one GPU or a whole number of GPUs (1.5 GPUs cannot be placed)."""
-    v = _float(value, path, low=0.0, low_open=not gpus, high=MAX_RESOURCE)
-    if 0 < v < MIN_RESOURCE_FRACTION:
-        raise SpecError(path, value, f"a fraction must be >= {MIN_RESOURCE_FRACTION} (Ray's resource granularity)")
-    if gpus and v > 1 and not v.is_integer():
-        raise SpecError(path, value, "GPUs per trial must be a fraction <= 1 (a share of one GPU) or a whole number")
-    return v
+    number = Option(kind=float, low=0.0, low_open=not gpus, high=MAX_RESOURCE)
+
+    def parse(value: Any, path: str) -> float:
+        v = number.parse(value, path)
+        if 0 < v < MIN_RESOURCE_FRACTION:
+            raise SpecError(path, value, f"a fraction must be >= {MIN_RESOURCE_FRACTION} (Ray's resource granularity)")
+        if gpus and v > 1 and not v.is_integer():
+            raise SpecError(path, value, "GPUs per trial must be a fraction <= 1 (a share of one GPU) or a whole number")
+        return v
+
+    what = "GPUs: a fraction <= 1 (a share of one GPU) or a whole number" if gpus else "CPUs"
+    return Custom(parse, number.json_schema(), doc=f"{what} each trial (and pretraining job) reserves")
 
 
 def _options(raw: Any, path: str) -> dict[str, Any]:
@@ -578,25 +410,29 @@ def _options(raw: Any, path: str) -> dict[str, Any]:
     values are scalars or flat lists of them. Their schemas check them at plan time; this keeps what
     reaches those checks plain (no nested junk, integers within 64 bits)."""
     out = {}
-    for key, value in _mapping(raw, path).items():
+    for key, value in as_mapping(raw, path).items():
         if not isinstance(key, str):
-            raise SpecError(_at(path, key), key, "option names are strings")
-        where = _at(path, key)
+            raise SpecError(at(path, key), key, "option names are strings")
+        where = at(path, key)
         for i, item in enumerate(value if isinstance(value, list) else [value]):
-            at = f"{where}[{i}]" if isinstance(value, list) else where
+            here = f"{where}[{i}]" if isinstance(value, list) else where
             if item is not None and not isinstance(item, (str, bool, int, float)):
-                raise SpecError(at, item, "expected a number, a string, true/false" +
+                raise SpecError(here, item, "expected a number, a string, true/false" +
                                 ("" if isinstance(value, list) else " or a list of them"))
             if isinstance(item, int) and not isinstance(item, bool) and not -_OPTION_INT <= item < _OPTION_INT:
-                raise SpecError(at, item, "integers in options must fit in 64 bits")
+                raise SpecError(here, item, "integers in options must fit in 64 bits")
         out[key] = value
     return out
+
+
+_PLAIN = {"type": ["string", "number", "boolean", "null"]}
+_FREE_OPTIONS_SCHEMA = {"type": "object", "additionalProperties": {"anyOf": [_PLAIN, {"type": "array", "items": _PLAIN}]}}
 
 
 def _privileged(raw: Any, path: str) -> dict[str, Any]:
     """``{attribute: group}``: a group name (text) or code (integer) per sensitive attribute."""
     out = {}
-    for attr, group in _mapping(raw, path).items():
+    for attr, group in as_mapping(raw, path).items():
         where = f"{path}.{excerpt(attr, 60)}"
         if not isinstance(attr, str) or not attr:
             raise SpecError(where, attr, "expected a sensitive attribute's name as the key")
@@ -606,12 +442,6 @@ def _privileged(raw: Any, path: str) -> dict[str, Any]:
     return out
 
 
-def _bool(value: Any, path: str) -> bool:
-    if not isinstance(value, bool):
-        raise SpecError(path, value, "expected true or false")
-    return value
-
-
 def _threshold(value: Any, path: str) -> "str | float":
     """``calibrated`` (paper A: on validation, as many predicted positives as true positives) or a fixed
     number strictly between 0 and 1 (0 or 1 would predict one class for every example)."""
@@ -619,16 +449,10 @@ def _threshold(value: Any, path: str) -> "str | float":
         return value
     if isinstance(value, str) or isinstance(value, bool) or not isinstance(value, (int, float)):
         raise SpecError(path, value, "expected 'calibrated' or a number strictly between 0 and 1, e.g. 0.5")
-    number = _float(value, path)
+    number = Option(kind=float).parse(value, path)
     if not 0.0 < number < 1.0:
         raise SpecError(path, number, "a fixed threshold must lie strictly between 0 and 1; or use 'calibrated'")
     return number
-
-
-def _choice(value: Any, path: str, allowed: Sequence[str]) -> str:
-    if value not in allowed:
-        raise SpecError(path, value, f"expected one of: {', '.join(allowed)}")
-    return value
 
 
 def _check_search(search: SearchSpec, axes: Axes, finetune: FinetuneSpec, raw: Mapping[str, Any]) -> None:
@@ -673,6 +497,24 @@ def _paradigm_name(value: Any, path: str) -> str:
     return _name(value, path)
 
 
+def _paradigm_names() -> dict:
+    from trainables.paradigms import PARADIGMS  # here: it imports numpy and timm's weight lookup
+
+    return {"anyOf": [{"enum": PARADIGMS.names()}, _NAME_SCHEMA, {"type": "string", "pattern": "^file:."}]}
+
+
+def _paradigm_options(raw: Any, path: str) -> Mapping[str, Mapping[str, Any]]:
+    return {_paradigm_name(k, at(path, k)): _options(o, at(path, k)) for k, o in as_mapping(raw, path).items()}
+
+
+def _paradigm_options_schema() -> dict:
+    """Each registered paradigm's own options; any other key (a plugin's paradigm) takes free-form ones."""
+    from trainables.paradigms import PARADIGMS  # as in _paradigm_names
+
+    return {**_FREE_OPTIONS_SCHEMA, "properties": {name: Section(dict(p.options), doc=p.doc).json_schema()
+                                                   for name, p in PARADIGMS.entries().items()}}
+
+
 def _metric_name(value: Any, path: str) -> str:
     if (not isinstance(value, str) or not value or len(value) > MAX_METRIC_CHARS
             or not value.isprintable()):
@@ -681,8 +523,15 @@ def _metric_name(value: Any, path: str) -> str:
     return value
 
 
-def _search_type(value: Any, path: str) -> str:
-    return _choice(value, path, ("grid", "optuna"))
+def _metric_names(direction: str) -> Any:
+    def schema() -> dict:
+        from trainables.metrics import METRIC_DIRECTIONS  # here: it imports numpy and pandas
+
+        names = [m for m, d in METRIC_DIRECTIONS.items() if d == direction]
+        # NAME/ATTRIBUTE and worst:NAME forms exist too, so the listed names are suggestions, not a limit
+        return {"anyOf": [{"enum": names}, {"type": "string", "minLength": 1, "maxLength": MAX_METRIC_CHARS}]}
+
+    return schema
 
 
 _RDB_URL = re.compile(r"(sqlite|postgresql|mysql)(\+[A-Za-z0-9_]+)?://(.*)")
@@ -718,6 +567,189 @@ def _storage_url(value: Any, path: str) -> str | None:
     if not database.split("?")[0]:
         raise SpecError(path, value, "the URL names no database; " + _RDB_FORMS)
     return value
+
+
+def _module(value: Any, path: str) -> str:
+    if not isinstance(value, str) or not re.fullmatch(MODULE_PATTERN, value):
+        raise SpecError(path, value, "expected a module name as `import` takes it, e.g. mypkg.myparadigm")
+    return value
+
+
+def _dataset_names() -> dict:
+    from trainables.data import DATASETS  # here: the datasets import torch, which validation never needs
+
+    return _registered(DATASETS)
+
+
+def _dataset_options_schemas() -> dict:
+    """Each registered dataset's own options, chosen by ``name`` (a plugin's dataset: free-form)."""
+    from trainables.data import DATASETS  # as in _dataset_names
+
+    return {"allOf": [{"if": {"properties": {"name": {"const": name}}, "required": ["name"]},
+                       "then": {"properties": {"options": Section(dict(sorted(entry.options.items())),
+                                                                  doc=entry.doc).json_schema()}}}
+                      for name, entry in DATASETS.entries().items()]}
+
+
+# ----------------------------------------------------------------------------- the sweep file's schema
+
+_SEED = Option(kind=int, low=0, high=MAX_SEED, doc="numpy's seed range")
+_EPOCHS = Option(kind=int, low=1, high=MAX_EPOCHS)
+_BATCH_SIZE = Option(kind=int, low=2, high=MAX_BATCH_SIZE)
+
+_DATASET = Section({
+    "name": Custom(_name, _dataset_names, doc="a registered dataset (trainables/data)"),
+    "options": Custom(_options, _FREE_OPTIONS_SCHEMA, default={},
+                      doc="the dataset's options (`fairsweep schema` lists each dataset's)"),
+    "privileged": Custom(_privileged, {"type": "object", "additionalProperties": {"type": ["string", "integer"]}},
+                         default={}, doc="sensitive attribute -> its privileged group (name or integer code)"),
+}, required=("name",), extra=_dataset_options_schemas)
+
+_PRETRAINING = Section.of(PretrainingSpec, {
+    "epochs": replace(_EPOCHS, doc="pretraining epochs over the source split"),
+    "batch_size": _BATCH_SIZE,
+    "lr": Option(kind=float, low=0.0, low_open=True),
+    "weight_decay": Option(kind=float, low=0.0),
+    "momentum": Option(kind=float, low=0.0, high=1.0),
+    "seed": _SEED,
+    "paradigms": Custom(_paradigm_options, _paradigm_options_schema,
+                        doc="per-paradigm options, e.g. {simclr: {temperature: 0.1}}"),
+}, doc="how every pretrained base is trained (one job per backbone x paradigm, cached)")
+
+_AXES = Section({
+    "backbone": ListOf(Custom(_name, {**_NAME_SCHEMA, "description": "a timm model or a registered backbone"}),
+                       doc="timm models (e.g. resnet18) or registered backbones"),
+    "paradigm": ListOf(Custom(_paradigm_name, _paradigm_names),
+                       doc="registered pretraining paradigms, or file:PATH for a local checkpoint"),
+    "intervention": Custom(_interventions, lambda: {"anyOf": [_INTERVENTION.json_schema(), {
+        "type": "array", "items": _INTERVENTION.json_schema(), "minItems": 1}]},
+        default={"kind": "none", "magnitudes": [0.5]}, doc="interventions on the finetuning set and their magnitudes"),
+    "freeze_depth": ListOf(Custom(_freeze, _FREEZE_SCHEMA),
+                           doc="k (the first k layer groups frozen), 'linear', 'full' or a list of group indices"),
+    "seed": ListOf(_SEED, default=[0], doc="repeats of every configuration"),
+}, required=("backbone", "paradigm", "freeze_depth"), doc="the grid: every combination is a trial")
+
+_FINETUNE = Section.of(FinetuneSpec, {
+    "size": Option(kind=int, low=4, high=MAX_FINETUNE_SIZE, doc="examples an intervention draws for finetuning"),
+    "epochs": replace(_EPOCHS, doc="finetuning epochs per trial"),
+    "batch_size": _BATCH_SIZE,
+    "lr": _rate(0.0, True, "a number; a list of candidates for the inner search; a range under optuna"),
+    "weight_decay": _rate(0.0, False, "as lr"),
+    "momentum": Option(kind=float, low=0.0, high=1.0),
+    "threshold": Custom(_threshold, {"anyOf": [{"const": "calibrated"},
+                                               {"type": "number", "exclusiveMinimum": 0, "exclusiveMaximum": 1}]},
+                        doc="'calibrated' (on validation) or a fixed decision threshold"),
+    "select_epoch": Option(kind=str, choices=("last", "best_val_loss")),
+}, doc="how each trial finetunes its pretrained base")
+
+_EVALUATION = Section.of(EvaluationSpec, {
+    "bootstrap": Option(kind=int, low=0, high=MAX_BOOTSTRAP, doc="bootstrap resamples per trial"),
+})
+
+_OBJECTIVES = Section.of(Objectives, {
+    "performance": Custom(_metric_name, _metric_names("max"), doc="maximised"),
+    "fairness": Custom(_metric_name, _metric_names("min"), doc="minimised (NAME/ATTRIBUTE and worst:NAME forms too)"),
+}, doc="the two metrics of the Pareto front")
+
+_RESOURCES = Section.of(Resources, {
+    "cpus_per_trial": _resource(gpus=False),
+    "gpus_per_trial": _resource(gpus=True),
+    "max_concurrent_trials": Option(kind=int, low=1, high=MAX_TRIALS),
+    "max_failures": Option(kind=int, low=0, high=MAX_FAILURES, doc="retries of a failed trial"),
+    "feature_cache": Option(kind=bool, doc="share a linear probe's frozen features between the trials of a node"),
+    "checkpoint_interval_s": Option(kind=float, low=0.0, high=MAX_CHECKPOINT_INTERVAL_S,
+                                    doc="a trial checkpoints at most this often (0: every epoch)"),
+})
+
+_SEARCH = Section.of(SearchSpec, {
+    "type": Option(kind=str, choices=("grid", "optuna")),
+    "sampler": Option(kind=str, choices=SAMPLERS, doc="optuna only"),
+    "budget": Option(kind=int, low=1, high=MAX_TRIALS, doc="optuna only: the trials that must finish; at most the "
+                                                           "trials a sweep may hold"),
+    "seed": replace(_SEED, doc="optuna only: the sampler's seed; numpy's seed range"),
+    "storage": Custom(_storage_url, {"type": ["string", "null"], "pattern": "^" + _RDB_URL.pattern},
+                      doc="optuna only: a database URL for the study (default: a journal file beside the sweep)"),
+})
+
+_SWEEP = Section({
+    "name": Custom(_name, _NAME_SCHEMA, doc="the sweep's name (resume, status and the queries use it)"),
+    "experiment": Custom(_name, _NAME_SCHEMA, doc="the MLflow experiment (default: MLFLOW_EXPERIMENT_NAME, else name)"),
+    "plugins": ListOf(Custom(_module, {"type": "string", "pattern": "^" + MODULE_PATTERN + "$"}), default=(),
+                      doc="modules imported first, in the driver and every Ray worker, that register datasets, "
+                          "backbones, paradigms, interventions, metrics or samplers"),
+    "dataset": _DATASET,
+    "pretraining": _PRETRAINING,
+    "axes": _AXES,
+    "finetune": _FINETUNE,
+    "evaluation": _EVALUATION,
+    "objectives": _OBJECTIVES,
+    "resources": _RESOURCES,
+    "search": _SEARCH,
+}, required=("name", "dataset", "axes"))
+
+
+def json_schema() -> dict:
+    """The sweep file's JSON Schema (draft 2020-12), generated from the fields that validate it, with the
+    registered datasets', paradigms', interventions' and metrics' names and options (``fairsweep schema``;
+    committed as docs/sweep.schema.json, which sweep files name on their first line)."""
+    return {"$schema": "https://json-schema.org/draft/2020-12/schema", "title": "fairsweep sweep file",
+            "description": "A sweep: backbones x paradigms x interventions x freezing depths x seeds (README.md).",
+            **_SWEEP.json_schema()}
+
+
+def _import_plugins(modules: Sequence[str]) -> None:
+    """Import the file's plugins before anything else is checked, so the names they register count."""
+    for i, module in enumerate(modules):
+        try:
+            import_plugin(module)
+        except PluginError as exc:
+            raise SpecError(f"plugins[{i}]", module, str(exc)) from exc.__cause__
+
+
+def parse_spec(raw: Any, *, default_experiment: str | None = None) -> SweepSpec:
+    """Validate a loaded YAML document and return the typed spec (raises ``SpecError``).
+
+    The file's ``plugins`` are imported first (``trainables.plugins``). The MLflow experiment is the
+    file's ``experiment:``, else ``default_experiment`` (the CLI passes $MLFLOW_EXPERIMENT_NAME; this
+    module never reads the environment), else the sweep's name. A default that is used is written into
+    the spec's ``source``, so the recorded spec resumes into the same one.
+    """
+    if not isinstance(raw, Mapping):
+        raise SpecError("<root>", raw, "a sweep file is a YAML mapping with keys " + ", ".join(_SWEEP.fields))
+    try:
+        return _parse(raw, default_experiment)
+    except SpecError:
+        raise
+    except SchemaError as exc:  # a field of the dialect: the same error, as the spec's type
+        raise SpecError(exc.path, exc.value, exc.allowed) from None
+
+
+def _parse(raw: Mapping[str, Any], default_experiment: str | None) -> SweepSpec:
+    _SWEEP.check_keys(raw, "")
+    plugins = _SWEEP.fields["plugins"].parse(raw["plugins"], "plugins") if "plugins" in raw else ()
+    _import_plugins(plugins)
+    name = _name(raw["name"], "name")
+    if "experiment" in raw or not default_experiment:
+        experiment = _name(raw.get("experiment", name), "experiment")
+    else:
+        try:
+            experiment = _name(default_experiment, "experiment")
+        except SpecError as exc:
+            raise SpecError("experiment", default_experiment, f"{exc.allowed}; the file sets no experiment, so this "
+                            "default was used (MLFLOW_EXPERIMENT_NAME for the fairsweep command): set `experiment:` "
+                            "in the file or change that default") from None
+        raw = {**raw, "experiment": experiment}
+    dataset = DatasetSpec(**_DATASET.complete(raw["dataset"], "dataset"))
+    pretraining = PretrainingSpec(**_PRETRAINING.parse(raw.get("pretraining"), "pretraining"))
+    axes = Axes(**_AXES.complete(raw["axes"], "axes"))
+    finetune = FinetuneSpec(**_FINETUNE.parse(raw.get("finetune"), "finetune"))
+    evaluation = EvaluationSpec(**_EVALUATION.parse(raw.get("evaluation"), "evaluation"))
+    objectives = Objectives(**_OBJECTIVES.parse(raw.get("objectives"), "objectives"))
+    resources = Resources(**_RESOURCES.parse(raw.get("resources"), "resources"))
+    search = SearchSpec(**_SEARCH.parse(raw.get("search"), "search"))
+    _check_search(search, axes, finetune, raw.get("search") or {})
+    return SweepSpec(name, dataset, pretraining, axes, finetune, objectives, resources, search, experiment, dict(raw),
+                     evaluation=evaluation, plugins=plugins)
 
 
 class _BoundedLoader(yaml.SafeLoader):

@@ -42,7 +42,7 @@ def test_keys_are_stable_and_change_with_the_config():
     ({"axes.intervention": {"kind": "correlation", "magnitudes": [1.0]}, "finetune.size": 600}, "axes.intervention[0].magnitudes", "max"),
     ({"objectives.fairness": "equalised_odds"}, "objectives.fairness", "equalized_odds_difference"),
     ({"dataset.name": "synthetic_imgs"}, "dataset.name", "synthetic_images"),
-    ({"dataset.options": {"n_tset": 5}}, "dataset.options", "n_tset"),
+    ({"dataset.options": {"n_tset": 5}}, "dataset.options.n_tset", "did you mean 'n_test'"),
     ({"axes.paradigm": ["file:/nonexistent/weights.pt"]}, "axes.paradigm[0]", "/nonexistent/weights.pt"),
 ])
 def test_plan_time_errors_name_field_and_fix(overrides, path, fragment):

@@ -165,7 +165,7 @@ def test_largest_seed_is_accepted():
 @pytest.mark.parametrize("option, value", [("image_size", 1_000_000), ("n_finetune", 10**9), ("seed", 2**40)])
 def test_dataset_sizes_bounded_at_plan_time(tmp_path, option, value):
     spec = tiny_spec(**{"dataset.options": {**TINY_DATA, option: value}})
-    _assert_refused(_validate(tmp_path, write_spec(tmp_path, spec)), f"dataset.options.{option}: must be", "<= ")
+    _assert_refused(_validate(tmp_path, write_spec(tmp_path, spec)), f": dataset.options.{option}: got {value}; must be", "<= ")
 
 
 @pytest.mark.parametrize("overrides, field, bound", [
@@ -229,10 +229,10 @@ def test_free_form_options_hold_plain_values(tmp_path, options, field, fragment)
 @pytest.mark.parametrize("overrides, fragments", [
     ({"axes.paradigm": ["file:" + "a" * 300 + ".pt"]}, (": axes.paradigm[0]: got ", "at most 255 bytes")),
     ({"axes.paradigm": ["file:~nobody_here_xyz/w.pt"]}, (": axes.paradigm[0]: got ", "does not exist")),
-    ({"dataset": {"name": "celeba", "options": {"root": "a" * 300}}}, ("dataset.options.root: must be a path", "at most 255")),
+    ({"dataset": {"name": "celeba", "options": {"root": "a" * 300}}}, (": dataset.options.root: got ", "must be a path", "at most 255")),
     ({"dataset": {"name": "celeba", "options": {"root": "~nobody_here_xyz/celeba"}}}, ("dataset.options.root", "does not exist")),
     ({"dataset": {"name": "image_csv", "options": {"root": "/tmp", "csv": "b" * 300 + ".csv"}}},
-     ("dataset.options.csv: must be a path", "at most 255")),
+     (": dataset.options.csv: got ", "must be a path", "at most 255")),
 ])
 def test_paths_the_filesystem_cannot_look_up_exit_2(tmp_path, overrides, fragments):
     """Overlong names and unknown ~users made the lookup itself raise (OSError, RuntimeError)."""

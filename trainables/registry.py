@@ -1,16 +1,25 @@
-"""Name -> object registries for every sweep axis (datasets, backbones, paradigms, ...).
+"""Name -> entry registries for everything a user extends: datasets, backbones, paradigms,
+interventions, metrics and Optuna samplers, all filled in one decorator style::
 
-An unknown name fails with the valid names and the closest match, so a typo in a spec
-teaches the fix instead of surfacing as a KeyError deep inside a trial.
+    @DATASETS.register("my_data", options={...}, doc="...")
+    def my_data(options): ...
+
+A registry built with an ``entry`` factory turns the decorated object and the decorator's keywords into
+its entry (a ``DatasetEntry``, a ``Paradigm``, a ``MetricSpec``); one without stores the object itself
+(a backbone factory, a sampler factory). A module named under ``plugins:`` in a sweep file registers
+its own entries this way (trainables/plugins.py). An unknown name fails with the valid names and the
+closest match, so a typo in a spec teaches the fix instead of surfacing as a KeyError deep in a trial.
 """
 from __future__ import annotations
 
-import difflib
-from typing import Callable, Generic, Iterator, TypeVar
+from types import MappingProxyType
+from typing import Any, Callable, Generic, Iterator, Mapping, TypeVar
 
 from trainables.errors import UserError
+from trainables.schema import did_you_mean
 
 T = TypeVar("T")
+F = TypeVar("F")
 
 __all__ = ["Registry", "UnknownNameError"]
 
@@ -20,8 +29,8 @@ class UnknownNameError(UserError, KeyError):
 
     def __init__(self, kind: str, name: object, valid: list[str]):
         self.kind, self.name, self.valid = kind, name, valid
-        close = difflib.get_close_matches(str(name), valid, n=1)
-        hint = f" Did you mean {close[0]!r}?" if close else ""
+        hint = did_you_mean(name, valid)
+        hint = f" {hint[0].upper()}{hint[1:]}" if hint else ""
         super().__init__(f"unknown {kind} {name!r}; valid: {', '.join(valid)}.{hint}")
 
     def __str__(self) -> str:  # KeyError would repr() the message
@@ -29,17 +38,28 @@ class UnknownNameError(UserError, KeyError):
 
 
 class Registry(Generic[T]):
-    """A small ordered mapping of names to entries, filled with the ``register`` decorator."""
+    """An ordered mapping of names to entries, filled with the ``register`` decorator.
 
-    def __init__(self, kind: str):
+    ``entry(name, obj, **attributes)`` builds the entry from what ``register(name, **attributes)``
+    decorates; without it the decorated object is the entry and ``register`` takes no attributes.
+    """
+
+    def __init__(self, kind: str, entry: Callable[..., T] | None = None):
         self.kind = kind
+        self._entry = entry
         self._entries: dict[str, T] = {}
 
-    def register(self, name: str) -> Callable[[T], T]:
-        def deco(obj: T) -> T:
+    def register(self, name: str, **attributes: Any) -> Callable[[F], F]:
+        """Decorator registering ``obj`` under ``name``; returns ``obj`` unchanged, so one function may
+        be registered under several names (``register("a", ...)(fn)`` as a plain call)."""
+        if self._entry is None and attributes:
+            raise TypeError(f"{self.kind} entries take no attributes; got {', '.join(attributes)}")
+
+        def deco(obj: F) -> F:
             if name in self._entries:
-                raise ValueError(f"{self.kind} {name!r} is registered twice")
-            self._entries[name] = obj
+                raise ValueError(f"{self.kind} {name!r} is already registered; unregister it first or choose "
+                                 "another name")
+            self._entries[name] = obj if self._entry is None else self._entry(name, obj, **attributes)
             return obj
 
         return deco
@@ -65,3 +85,7 @@ class Registry(Generic[T]):
 
     def names(self) -> list[str]:
         return list(self._entries)
+
+    def entries(self) -> Mapping[str, T]:
+        """A read-only live view of the entries, in registration order."""
+        return MappingProxyType(self._entries)

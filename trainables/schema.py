@@ -27,8 +27,8 @@ from typing import Any, Callable, Collection, Iterable, Mapping
 from trainables.errors import UserError
 
 __all__ = ["SchemaError", "Field", "Option", "ListOf", "Section", "Custom", "REQUIRED", "PATH", "NAMES",
-           "excerpt", "clip", "at", "did_you_mean", "path_shape_problem", "json_default", "MAX_PATH_BYTES",
-           "MAX_PATH_PART_BYTES"]
+           "excerpt", "clip", "at", "did_you_mean", "as_mapping", "distinct", "path_shape_problem", "json_default",
+           "MAX_PATH_BYTES", "MAX_PATH_PART_BYTES"]
 
 EXCERPT_CHARS = 200
 MAX_PATH_BYTES, MAX_PATH_PART_BYTES = 4096, 255  # Linux's PATH_MAX and NAME_MAX
@@ -136,13 +136,38 @@ class Field:
     def json_schema(self) -> dict:
         raise NotImplementedError
 
-    def _annotate(self, schema: dict) -> dict:
+    def _annotate(self, schema: Mapping[str, Any]) -> dict:
         out = dict(schema)
         if self.doc:
             out["description"] = self.doc
-        if self.default is not REQUIRED and not callable(self.default):
+        if self.default is not REQUIRED:
             out["default"] = json_default(self.default)
         return out
+
+
+def _resolve(schema: Mapping[str, Any] | Callable[[], Mapping[str, Any]]) -> dict:
+    """A JSON Schema given as is, or by a function that builds it from registries when asked."""
+    return dict(schema() if callable(schema) else schema)
+
+
+def as_mapping(raw: Any, path: str) -> Mapping[str, Any]:
+    """``raw`` as a mapping (None is empty); anything else is refused."""
+    if raw is None:
+        return {}
+    if not isinstance(raw, Mapping):
+        raise SchemaError(path, raw, "expected a mapping of option: value")
+    return raw
+
+
+def distinct(values: Iterable[Any], path: str) -> tuple:
+    """The (parsed, hence hashable) values as a tuple; a repeat is an error naming its index."""
+    out = tuple(values)
+    seen: set = set()
+    for i, v in enumerate(out):
+        if v in seen:
+            raise SchemaError(f"{path}[{i}]", v, "duplicate value; each axis value must appear once")
+        seen.add(v)
+    return out
 
 
 @dataclass(frozen=True)
@@ -307,10 +332,10 @@ def path_shape_problem(value: str) -> str:
 @dataclass(frozen=True)
 class Custom(Field):
     """A check no other field expresses: ``check(value, path)`` returns the parsed value or raises
-    SchemaError; ``schema`` is its JSON Schema."""
+    SchemaError; ``schema`` is its JSON Schema, or a function building it (from registries) when asked."""
 
     check: Callable[[Any, str], Any]
-    schema: Mapping[str, Any]
+    schema: Mapping[str, Any] | Callable[[], Mapping[str, Any]]
     doc: str = ""
     default: Any = REQUIRED
 
@@ -318,7 +343,7 @@ class Custom(Field):
         return self.check(value, path)
 
     def json_schema(self) -> dict:
-        return self._annotate(dict(self.schema))
+        return self._annotate(_resolve(self.schema))
 
 
 @dataclass(frozen=True)
@@ -335,13 +360,7 @@ class ListOf(Field):
             value = [value]  # a single value is a one-element axis
         if not isinstance(value, list) or not value:
             raise SchemaError(path, value, "expected a non-empty list")
-        out = [self.item.parse(v, f"{path}[{i}]") for i, v in enumerate(value)]
-        seen: set = set()
-        for i, v in enumerate(out):
-            if v in seen:
-                raise SchemaError(f"{path}[{i}]", v, "duplicate value; each axis value must appear once")
-            seen.add(v)
-        return tuple(out)
+        return distinct((self.item.parse(v, f"{path}[{i}]") for i, v in enumerate(value)), path)
 
     def json_schema(self) -> dict:
         item = self.item.json_schema()
@@ -358,7 +377,8 @@ class Section(Field):
     required: tuple[str, ...] = ()
     doc: str = ""
     default: Any = REQUIRED
-    extra: Mapping[str, Any] = field(default_factory=dict)  # more JSON Schema keywords (e.g. allOf)
+    # More JSON Schema keywords (e.g. allOf), or a function building them from registries when asked.
+    extra: Mapping[str, Any] | Callable[[], Mapping[str, Any]] = field(default_factory=dict)
 
     @classmethod
     def of(cls, record: type, fields_: Mapping[str, Field], *, doc: str = "", required: tuple[str, ...] = ()) -> Section:
@@ -373,14 +393,6 @@ class Section(Field):
         filled = {k: replace(v, default=defaults[k]) if k in defaults else v for k, v in fields_.items()}
         return cls(filled, required, doc)
 
-    def mapping(self, raw: Any, path: str) -> Mapping[str, Any]:
-        """``raw`` as a mapping (None is empty); anything else is refused."""
-        if raw is None:
-            return {}
-        if not isinstance(raw, Mapping):
-            raise SchemaError(path, raw, "expected a mapping of option: value")
-        return raw
-
     def check_keys(self, raw: Mapping[str, Any], path: str) -> None:
         allowed = list(self.fields)
         for key in raw:
@@ -393,12 +405,12 @@ class Section(Field):
                 raise SchemaError(f"{path}.{key}" if path else key, None, "this field is required")
 
     def parse(self, raw: Any, path: str) -> dict[str, Any]:
-        raw = self.mapping(raw, path)
+        raw = as_mapping(raw, path)
         self.check_keys(raw, path)
         return {k: f.parse(raw[k], at(path, k)) for k, f in self.fields.items() if k in raw}
 
     def complete(self, raw: Any, path: str) -> dict[str, Any]:
-        raw = self.mapping(raw, path)
+        raw = as_mapping(raw, path)
         self.check_keys(raw, path)
         return {k: f.parse(raw.get(k, f.default), at(path, k)) for k, f in self.fields.items()}
 
@@ -409,5 +421,5 @@ class Section(Field):
         required = list(self.required) or [k for k, f in self.fields.items() if f.default is REQUIRED]
         if required:
             schema["required"] = required
-        schema.update(self.extra)
+        schema.update(_resolve(self.extra))
         return self._annotate(schema)
