@@ -141,15 +141,15 @@ def test_unknown_paradigm_lists_valid_ones_and_the_closest():
     assert all(n in msg for n in PARADIGMS.names()) and "Did you mean 'vicreg'" in msg and "file:PATH" in msg
 
 
-@pytest.mark.parametrize("options, fragment", [
-    ({"simclr": {"temprature": 0.5}}, "did you mean 'temperature'"),
-    ({"simclr": {"temperature": 0}}, "expected a number > 0"),
-    ({"simclr": {"projection_dim": "wide"}}, "expected an integer >= 1"),
-    ({"simclr": {"projection_dim": 2.5}}, "expected an integer >= 1"),
+@pytest.mark.parametrize("options, key, fragment", [
+    ({"simclr": {"temprature": 0.5}}, "temprature", "did you mean 'temperature'"),
+    ({"simclr": {"temperature": 0}}, "temperature", "must be > 0.0 (NT-Xent temperature"),
+    ({"simclr": {"projection_dim": "wide"}}, "projection_dim", "expected an integer >= 1"),
+    ({"simclr": {"projection_dim": 2.5}}, "projection_dim", "expected an integer >= 1"),
 ])
-def test_bad_paradigm_options_fail_at_plan_time(options, fragment):
+def test_bad_paradigm_options_fail_at_plan_time(options, key, fragment):
     err = _plan_error(**{"axes.paradigm": ["simclr"], "pretraining.paradigms": options})
-    assert err.path == "pretraining.paradigms.simclr" and fragment in str(err)
+    assert err.path == f"pretraining.paradigms.simclr.{key}" and fragment in str(err)
 
 
 def test_options_are_part_of_the_pretraining_key_with_defaults_filled():

@@ -9,7 +9,6 @@ job and caching its result live in ``trainables.pretrain`` and ``trainables.pret
 """
 from __future__ import annotations
 
-import difflib
 import os
 from dataclasses import dataclass, field
 from functools import partial
@@ -20,55 +19,21 @@ import numpy as np
 
 from trainables.errors import UserError
 from trainables.registry import Registry
+from trainables.schema import Option, SchemaError, Section
 from trainables.timm_weights import content_id, timm_model_from_cache, timm_weights_file
 
 if TYPE_CHECKING:  # torch is imported lazily so that plan-time imports stay cheap
     from torch import nn
 
-__all__ = ["Option", "Paradigm", "ParadigmError", "PARADIGMS", "TrainContext", "check_weights_fit", "describe_paradigms"]
+__all__ = ["Paradigm", "ParadigmError", "PARADIGMS", "TrainContext", "check_weights_fit", "describe_paradigms"]
 
 
 # ----------------------------------------------------------------------------- options
 
 
 class ParadigmError(UserError, ValueError):
-    """A paradigm that cannot run as the sweep file asks (an option, the data's modality or labels, the
-    backbone); the message names the field and what is allowed."""
-
-
-@dataclass(frozen=True)
-class Option:
-    """One paradigm hyper-parameter: its default (whose type is the option's type), meaning and bounds."""
-
-    default: bool | int | float | str
-    doc: str
-    low: float | None = None
-    high: float | None = None
-    low_open: bool = False  # True: the value must be > low
-
-    def parse(self, paradigm: str, key: str, value: Any) -> bool | int | float | str:
-        where = f"pretraining.paradigms.{paradigm}.{key}"
-        kind = type(self.default)
-        if kind is bool:
-            if not isinstance(value, bool):
-                raise ParadigmError(f"{where}: got {value!r}; expected true or false ({self.doc})")
-            return value
-        if kind is str:
-            if not isinstance(value, str) or not value:
-                raise ParadigmError(f"{where}: got {value!r}; expected a non-empty string ({self.doc})")
-            return value
-        ok = isinstance(value, (int, float)) and not isinstance(value, bool) and np.isfinite(value)
-        if ok and kind is int:
-            ok = float(value).is_integer()
-        if ok:
-            v = float(value)
-            ok = (self.low is None or (v > self.low if self.low_open else v >= self.low)) and (self.high is None or v <= self.high)
-        if not ok:
-            bounds = [f"{'>' if self.low_open else '>='} {self.low:g}"] if self.low is not None else []
-            bounds += [f"<= {self.high:g}"] if self.high is not None else []
-            expected = " ".join(["an integer" if kind is int else "a number", " and ".join(bounds)]).strip()
-            raise ParadigmError(f"{where}: got {value!r}; expected {expected} ({self.doc})")
-        return int(value) if kind is int else float(value)
+    """A paradigm that cannot run as the sweep file asks (the data's modality or labels, the backbone);
+    the message names the field and what is allowed. An option the schema refuses is a SchemaError."""
 
 
 # ----------------------------------------------------------------------------- paradigms
@@ -105,7 +70,7 @@ class Paradigm:
     ssl_method: str | None = None
     options: Mapping[str, Option] = field(default_factory=dict)
     modalities: tuple[str, ...] = ("image", "timeseries")
-    constraint: Callable[[Mapping[str, Any]], None] | None = None  # checks across options; raises ParadigmError
+    constraint: Callable[[Mapping[str, Any]], None] | None = None  # checks across options; raises a UserError
     weights_file: Callable[[str], Path] | None = None  # backbone -> local file the weights come from (timm)
 
     @property
@@ -113,16 +78,10 @@ class Paradigm:
         return tuple(self.options)
 
     def resolve_options(self, options: Mapping[str, Any] | None) -> dict[str, Any]:
-        """Every option, typed and bounds-checked, defaults filled (so keys change when defaults do)."""
-        options = dict(options or {})
-        unknown = sorted(set(options) - set(self.options))
-        if unknown:
-            allowed = ", ".join(self.options) or "none"
-            close = difflib.get_close_matches(unknown[0], list(self.options), n=1)
-            hint = f"; did you mean {close[0]!r}?" if close else ""
-            raise ParadigmError(f"unknown option(s) {unknown} under pretraining.paradigms.{self.name}; "
-                                f"allowed: {allowed}{hint}")
-        resolved = {k: o.parse(self.name, k, options.get(k, o.default)) for k, o in self.options.items()}
+        """Every option, typed and bounds-checked, defaults filled (so keys change when defaults do); a
+        refused one is a SchemaError at ``pretraining.paradigms.NAME.KEY`` (trainables.schema's dialect,
+        like the whole sweep file)."""
+        resolved = Section(dict(self.options)).complete(options, f"pretraining.paradigms.{self.name}")
         if self.constraint is not None:
             self.constraint(resolved)
         return resolved
@@ -192,8 +151,8 @@ def describe_paradigms() -> str:
 
 def _mae_constraint(options: Mapping[str, Any]) -> None:
     if options["decoder_dim"] % options["decoder_heads"]:
-        raise ParadigmError(f"pretraining.paradigms.mae: decoder_heads {options['decoder_heads']} must divide "
-                            f"decoder_dim {options['decoder_dim']}; e.g. decoder_dim 64 with decoder_heads 4")
+        raise SchemaError("pretraining.paradigms.mae", dict(options), f"decoder_heads {options['decoder_heads']} must "
+                          f"divide decoder_dim {options['decoder_dim']}; e.g. decoder_dim 64 with decoder_heads 4")
 
 
 def _control_label(meta: Any, options: Mapping[str, Any]) -> np.ndarray:
@@ -206,13 +165,14 @@ def _control_label(meta: Any, options: Mapping[str, Any]) -> np.ndarray:
 
 def _views(augmentations: str, negate_p: float) -> dict[str, Option]:
     """The time-series view options of a two-view method (``trainables.ssl.TimeseriesViews``)."""
-    return {"augmentations": Option(augmentations, "time-series views: a comma-separated list of scale, negate, "
+    return {"augmentations": Option(augmentations, doc="time-series views: a comma-separated list of scale, negate, "
                                     "time_warp, jitter, mask, applied in that order (images use a fixed crop, flip "
                                     "and colour set)"),
-            "scale_sigma": Option(0.1, "sd of the per-channel scaling factor N(1, sd) (paper B's "
-                                  "scaling_transform_vectorized)", 0.0),
-            "negate_p": Option(negate_p, "probability that a view is negated; paper B negates every input (1.0), "
-                               "which flips the sign of both views alike; 0.5 makes it a random flip per view", 0.0, 1.0)}
+            "scale_sigma": Option(0.1, doc="sd of the per-channel scaling factor N(1, sd) (paper B's "
+                                  "scaling_transform_vectorized)", low=0.0),
+            "negate_p": Option(negate_p, doc="probability that a view is negated; paper B negates every input (1.0), "
+                               "which flips the sign of both views alike; 0.5 makes it a random flip per view",
+                               low=0.0, high=1.0)}
 
 
 def _views_constraint(name: str) -> Callable[[Mapping[str, Any]], None]:
@@ -287,7 +247,7 @@ def _materialise_timm(paradigm: Paradigm, ctx: TrainContext) -> tuple[nn.Module,
 
 # ----------------------------------------------------------------------------- the registry
 
-_SUPERVISED_OPTS = {"label_smoothing": Option(0.0, "cross-entropy label smoothing", 0.0, 0.5)}
+_SUPERVISED_OPTS = {"label_smoothing": Option(0.0, doc="cross-entropy label smoothing", low=0.0, high=0.5)}
 _PROJ = "output width of the projection head"
 
 _register(Paradigm("scratch", "Random initialisation; no pretraining (the trial's own seed initialises it).",
@@ -302,44 +262,47 @@ _register(Paradigm("biased", "Cross-entropy on the source split's sensitive attr
 _register(Paradigm("control", "Cross-entropy on an attribute unrelated to both target and group (paper A's control "
                    "bases); the attribute is an extra label of the source split.", pretrains=True,
                    trainer=_train_supervised, labels=_control_label,
-                   options={**_SUPERVISED_OPTS, "label": Option("stripes", "which extra source label to predict")}))
+                   options={**_SUPERVISED_OPTS, "label": Option("stripes", doc="which extra source label to predict")}))
 _register(Paradigm("simclr", "Contrastive self-supervised pretraining, paper B's SSL method as its code runs it "
                    "(Nokia-Bell-Labs/SSLfairness, code/baselines/SimCLR): NT-Xent (lightly) at temperature 0.1 between "
                    "two views made by scaling and negation, through a 256 -> 128 -> 50 projection head. Uses no labels.",
                    pretrains=True, trainer=_train_ssl, ssl_method="simclr",
-                   options={"temperature": Option(0.1, "NT-Xent temperature (paper B's train_model.py: 0.1)", 0.0,
-                                                  low_open=True),
-                            "hidden_dim": Option(256, "first hidden width of the projection head (paper B's "
-                                                 "attach_simclr_head: 256)", 1),
-                            "hidden_dim_2": Option(128, "second hidden width of the projection head (paper B: 128)", 1),
-                            "projection_dim": Option(50, _PROJ + " (paper B: 50)", 1),
+                   options={"temperature": Option(0.1, doc="NT-Xent temperature (paper B's train_model.py: 0.1)",
+                                                  low=0.0, low_open=True),
+                            "hidden_dim": Option(256, doc="first hidden width of the projection head (paper B's "
+                                                 "attach_simclr_head: 256)", low=1),
+                            "hidden_dim_2": Option(128, doc="second hidden width of the projection head (paper B: 128)",
+                                                   low=1),
+                            "projection_dim": Option(50, doc=_PROJ + " (paper B: 50)", low=1),
                             **_views("scale,negate", 1.0)},
                    constraint=_views_constraint("simclr")))
 _register(Paradigm("vicreg", "Non-contrastive self-supervised pretraining: variance-invariance-covariance "
                    "regularisation between two augmented views (lightly). Uses no labels.", pretrains=True,
                    trainer=_train_ssl, ssl_method="vicreg",
-                   options={"projection_dim": Option(256, _PROJ + " (also its hidden width)", 1),
-                            "invariance": Option(25.0, "weight of the invariance (MSE) term", 0.0),
-                            "variance": Option(25.0, "weight of the variance term", 0.0),
-                            "covariance": Option(1.0, "weight of the covariance term", 0.0),
+                   options={"projection_dim": Option(256, doc=_PROJ + " (also its hidden width)", low=1),
+                            "invariance": Option(25.0, doc="weight of the invariance (MSE) term", low=0.0),
+                            "variance": Option(25.0, doc="weight of the variance term", low=0.0),
+                            "covariance": Option(1.0, doc="weight of the covariance term", low=0.0),
                             **_views("time_warp,scale,negate,jitter,mask", 0.5)},
                    constraint=_views_constraint("vicreg")))
 _register(Paradigm("byol", "Non-contrastive self-supervised pretraining without negatives: an online network with a "
                    "predictor regresses a momentum (EMA) copy of itself across two augmented views (lightly heads "
                    "and loss). Uses no labels.", pretrains=True, trainer=_train_ssl, ssl_method="byol",
-                   options={"projection_dim": Option(64, _PROJ, 1), "hidden_dim": Option(256, "hidden width of the heads", 1),
-                            "ema": Option(0.99, "momentum of the target network", 0.0, 1.0),
+                   options={"projection_dim": Option(64, doc=_PROJ, low=1),
+                            "hidden_dim": Option(256, doc="hidden width of the heads", low=1),
+                            "ema": Option(0.99, doc="momentum of the target network", low=0.0, high=1.0),
                             **_views("time_warp,scale,negate,jitter,mask", 0.5)},
                    constraint=_views_constraint("byol")))
 _register(Paradigm("mae", "Masked autoencoding for ViT backbones: most patch tokens are dropped, the backbone encodes "
                    "the rest and a small transformer decoder reconstructs the missing pixels (lightly's masked ViT "
                    "modules). Images only; a plan-time error for non-ViT backbones.", pretrains=True,
                    trainer=_train_ssl, ssl_method="mae", modalities=("image",),
-                   options={"mask_ratio": Option(0.75, "share of patch tokens hidden from the encoder", 0.0, 1.0, low_open=True),
-                            "decoder_dim": Option(64, "decoder token width", 8),
-                            "decoder_depth": Option(1, "decoder transformer blocks", 1),
-                            "decoder_heads": Option(4, "decoder attention heads (must divide decoder_dim)", 1),
-                            "norm_pix_loss": Option(True, "normalise each target patch (MAE's default)")},
+                   options={"mask_ratio": Option(0.75, doc="share of patch tokens hidden from the encoder", low=0.0,
+                                                 high=1.0, low_open=True),
+                            "decoder_dim": Option(64, doc="decoder token width", low=8),
+                            "decoder_depth": Option(1, doc="decoder transformer blocks", low=1),
+                            "decoder_heads": Option(4, doc="decoder attention heads (must divide decoder_dim)", low=1),
+                            "norm_pix_loss": Option(True, doc="normalise each target patch (MAE's default)")},
                    constraint=_mae_constraint))
 _register(Paradigm("timm", "timm's own pretrained weights for the backbone (e.g. resnet50.a1_in1k; the tag picks "
                    "which), read only from the local Hugging Face / torch hub cache - fairsweep never downloads. "
