@@ -67,6 +67,7 @@ __all__ = [
     "Range",
     "SweepSpec",
     "EvaluationSpec",
+    "TrackingSpec",
     "FreezeSpec",
     "load_spec",
     "parse_spec",
@@ -194,6 +195,17 @@ class EvaluationSpec:
     bootstrap: int = 500  # stratified bootstrap resamples per trial for the test intervals; 0 turns them off
 
 
+LOG_MODELS = ("front", "all", "none")
+
+
+@dataclass(frozen=True)
+class TrackingSpec:
+    # Finetuned models kept in MLflow: "front" logs the front's members as MLflow PyTorch models when the sweep
+    # ends; "all" also logs every trial's weights (weights/finetuned.safetensors) as it finishes, which is what
+    # `fairsweep cka` compares; "none" logs no model.
+    log_models: str = "front"
+
+
 @dataclass(frozen=True)
 class Objectives:
     performance: str = "accuracy"
@@ -239,6 +251,7 @@ class SweepSpec:
     experiment: str  # MLflow experiment; the sweep name unless the file says otherwise
     source: Mapping[str, Any] = field(default_factory=dict, compare=False, repr=False)  # raw YAML
     evaluation: "EvaluationSpec" = field(default_factory=lambda: EvaluationSpec())
+    tracking: "TrackingSpec" = field(default_factory=lambda: TrackingSpec())
     plugins: tuple[str, ...] = ()  # modules imported before validation, in the driver and every worker
 
     @property
@@ -646,6 +659,12 @@ _EVALUATION = Section.of(EvaluationSpec, {
     "bootstrap": Option(kind=int, low=0, high=MAX_BOOTSTRAP, doc="bootstrap resamples per trial"),
 })
 
+_TRACKING = Section.of(TrackingSpec, {
+    "log_models": Option(kind=str, choices=LOG_MODELS,
+                         doc="finetuned models kept in MLflow: the front's (front), every trial's weights too (all: "
+                             "what fairsweep cka compares), or none"),
+}, doc="what the trial runs keep in MLflow beyond metrics and predictions")
+
 _OBJECTIVES = Section.of(Objectives, {
     "performance": Custom(_metric_name, _metric_names("max"), doc="maximised"),
     "fairness": Custom(_metric_name, _metric_names("min"), doc="minimised (NAME/ATTRIBUTE and worst:NAME forms too)"),
@@ -682,6 +701,7 @@ _SWEEP = Section({
     "axes": _AXES,
     "finetune": _FINETUNE,
     "evaluation": _EVALUATION,
+    "tracking": _TRACKING,
     "objectives": _OBJECTIVES,
     "resources": _RESOURCES,
     "search": _SEARCH,
@@ -744,12 +764,13 @@ def _parse(raw: Mapping[str, Any], default_experiment: str | None) -> SweepSpec:
     axes = Axes(**_AXES.complete(raw["axes"], "axes"))
     finetune = FinetuneSpec(**_FINETUNE.parse(raw.get("finetune"), "finetune"))
     evaluation = EvaluationSpec(**_EVALUATION.parse(raw.get("evaluation"), "evaluation"))
+    tracking = TrackingSpec(**_TRACKING.parse(raw.get("tracking"), "tracking"))
     objectives = Objectives(**_OBJECTIVES.parse(raw.get("objectives"), "objectives"))
     resources = Resources(**_RESOURCES.parse(raw.get("resources"), "resources"))
     search = SearchSpec(**_SEARCH.parse(raw.get("search"), "search"))
     _check_search(search, axes, finetune, raw.get("search") or {})
     return SweepSpec(name, dataset, pretraining, axes, finetune, objectives, resources, search, experiment, dict(raw),
-                     evaluation=evaluation, plugins=plugins)
+                     evaluation=evaluation, plugins=plugins, tracking=tracking)
 
 
 class _BoundedLoader(yaml.SafeLoader):
