@@ -136,11 +136,18 @@ def _build_for_check(backbone: str, input_shape: tuple[int, ...]) -> nn.Module:
         return backbones.create_backbone(backbone, num_classes=2, input_shape=input_shape)
 
 
-PARADIGMS: Registry[Paradigm] = Registry("paradigm")
+def _paradigm(name: str, trainer: Trainer | None, *, doc: str, **attributes: Any) -> Paradigm:
+    """The entry ``PARADIGMS.register(name, doc=..., **attributes)`` makes of ``trainer``; None registers a
+    paradigm that trains nothing (scratch)."""
+    return Paradigm(name, doc, trainer is not None, trainer, **attributes)
 
 
-def _register(p: Paradigm) -> Paradigm:
-    return PARADIGMS.register(p.name)(p)
+PARADIGMS: Registry[Paradigm] = Registry("paradigm", _paradigm)
+"""Every pretraining paradigm, one decorator each::
+
+    @PARADIGMS.register("my_paradigm", doc="what it does", options={"alpha": Option(0.5, doc="...", low=0.0)})
+    def train(paradigm: Paradigm, ctx: TrainContext) -> tuple[nn.Module, list[float]]: ...
+"""
 
 
 def describe_paradigms() -> str:
@@ -250,66 +257,68 @@ def _materialise_timm(paradigm: Paradigm, ctx: TrainContext) -> tuple[nn.Module,
 _SUPERVISED_OPTS = {"label_smoothing": Option(0.0, doc="cross-entropy label smoothing", low=0.0, high=0.5)}
 _PROJ = "output width of the projection head"
 
-_register(Paradigm("scratch", "Random initialisation; no pretraining (the trial's own seed initialises it).",
-                   pretrains=False))
-_register(Paradigm("supervised", "Cross-entropy on the source split's target label: the ordinary supervised base. "
-                   "With dataset option source_correlation 0.5 the group carries no information about the label, "
-                   "so the model has no reason to encode it.", pretrains=True, trainer=_train_supervised,
-                   labels=lambda m, o: m.labels, options=_SUPERVISED_OPTS))
-_register(Paradigm("biased", "Cross-entropy on the source split's sensitive attribute, so the representation encodes "
-                   "the group as a shortcut: paper A's controlled 'biased pretrained model' (its gendered base).",
-                   pretrains=True, trainer=_train_supervised, labels=lambda m, o: m.groups, options=_SUPERVISED_OPTS))
-_register(Paradigm("control", "Cross-entropy on an attribute unrelated to both target and group (paper A's control "
-                   "bases); the attribute is an extra label of the source split.", pretrains=True,
-                   trainer=_train_supervised, labels=_control_label,
-                   options={**_SUPERVISED_OPTS, "label": Option("stripes", doc="which extra source label to predict")}))
-_register(Paradigm("simclr", "Contrastive self-supervised pretraining, paper B's SSL method as its code runs it "
-                   "(Nokia-Bell-Labs/SSLfairness, code/baselines/SimCLR): NT-Xent (lightly) at temperature 0.1 between "
-                   "two views made by scaling and negation, through a 256 -> 128 -> 50 projection head. Uses no labels.",
-                   pretrains=True, trainer=_train_ssl, ssl_method="simclr",
-                   options={"temperature": Option(0.1, doc="NT-Xent temperature (paper B's train_model.py: 0.1)",
-                                                  low=0.0, low_open=True),
-                            "hidden_dim": Option(256, doc="first hidden width of the projection head (paper B's "
-                                                 "attach_simclr_head: 256)", low=1),
-                            "hidden_dim_2": Option(128, doc="second hidden width of the projection head (paper B: 128)",
-                                                   low=1),
-                            "projection_dim": Option(50, doc=_PROJ + " (paper B: 50)", low=1),
-                            **_views("scale,negate", 1.0)},
-                   constraint=_views_constraint("simclr")))
-_register(Paradigm("vicreg", "Non-contrastive self-supervised pretraining: variance-invariance-covariance "
-                   "regularisation between two augmented views (lightly). Uses no labels.", pretrains=True,
-                   trainer=_train_ssl, ssl_method="vicreg",
-                   options={"projection_dim": Option(256, doc=_PROJ + " (also its hidden width)", low=1),
-                            "invariance": Option(25.0, doc="weight of the invariance (MSE) term", low=0.0),
-                            "variance": Option(25.0, doc="weight of the variance term", low=0.0),
-                            "covariance": Option(1.0, doc="weight of the covariance term", low=0.0),
-                            **_views("time_warp,scale,negate,jitter,mask", 0.5)},
-                   constraint=_views_constraint("vicreg")))
-_register(Paradigm("byol", "Non-contrastive self-supervised pretraining without negatives: an online network with a "
-                   "predictor regresses a momentum (EMA) copy of itself across two augmented views (lightly heads "
-                   "and loss). Uses no labels.", pretrains=True, trainer=_train_ssl, ssl_method="byol",
-                   options={"projection_dim": Option(64, doc=_PROJ, low=1),
-                            "hidden_dim": Option(256, doc="hidden width of the heads", low=1),
-                            "ema": Option(0.99, doc="momentum of the target network", low=0.0, high=1.0),
-                            **_views("time_warp,scale,negate,jitter,mask", 0.5)},
-                   constraint=_views_constraint("byol")))
-_register(Paradigm("mae", "Masked autoencoding for ViT backbones: most patch tokens are dropped, the backbone encodes "
-                   "the rest and a small transformer decoder reconstructs the missing pixels (lightly's masked ViT "
-                   "modules). Images only; a plan-time error for non-ViT backbones.", pretrains=True,
-                   trainer=_train_ssl, ssl_method="mae", modalities=("image",),
-                   options={"mask_ratio": Option(0.75, doc="share of patch tokens hidden from the encoder", low=0.0,
-                                                 high=1.0, low_open=True),
-                            "decoder_dim": Option(64, doc="decoder token width", low=8),
-                            "decoder_depth": Option(1, doc="decoder transformer blocks", low=1),
-                            "decoder_heads": Option(4, doc="decoder attention heads (must divide decoder_dim)", low=1),
-                            "norm_pix_loss": Option(True, doc="normalise each target patch (MAE's default)")},
-                   constraint=_mae_constraint))
-_register(Paradigm("timm", "timm's own pretrained weights for the backbone (e.g. resnet50.a1_in1k; the tag picks "
-                   "which), read only from the local Hugging Face / torch hub cache - fairsweep never downloads. "
-                   "A plan-time error names the files to fetch when they are absent. The classifier is dropped and "
-                   "timm adapts input channels and ViT position embeddings to the dataset.", pretrains=True,
-                   trainer=_materialise_timm, modalities=("image",), weights_file=lambda b: timm_weights_file(b)))
-
+PARADIGMS.register("scratch", doc="Random initialisation; no pretraining (the trial's own seed initialises it).")(None)
+PARADIGMS.register(
+    "supervised", labels=lambda m, o: m.labels, options=_SUPERVISED_OPTS,
+    doc="Cross-entropy on the source split's target label: the ordinary supervised base. With dataset option "
+        "source_correlation 0.5 the group carries no information about the label, so the model has no reason to "
+        "encode it.")(_train_supervised)
+PARADIGMS.register(
+    "biased", labels=lambda m, o: m.groups, options=_SUPERVISED_OPTS,
+    doc="Cross-entropy on the source split's sensitive attribute, so the representation encodes the group as a "
+        "shortcut: paper A's controlled 'biased pretrained model' (its gendered base).")(_train_supervised)
+PARADIGMS.register(
+    "control", labels=_control_label,
+    options={**_SUPERVISED_OPTS, "label": Option("stripes", doc="which extra source label to predict")},
+    doc="Cross-entropy on an attribute unrelated to both target and group (paper A's control bases); the attribute "
+        "is an extra label of the source split.")(_train_supervised)
+PARADIGMS.register(
+    "simclr", ssl_method="simclr", constraint=_views_constraint("simclr"),
+    options={"temperature": Option(0.1, doc="NT-Xent temperature (paper B's train_model.py: 0.1)", low=0.0,
+                                   low_open=True),
+             "hidden_dim": Option(256, doc="first hidden width of the projection head (paper B's attach_simclr_head: "
+                                  "256)", low=1),
+             "hidden_dim_2": Option(128, doc="second hidden width of the projection head (paper B: 128)", low=1),
+             "projection_dim": Option(50, doc=_PROJ + " (paper B: 50)", low=1),
+             **_views("scale,negate", 1.0)},
+    doc="Contrastive self-supervised pretraining, paper B's SSL method as its code runs it "
+        "(Nokia-Bell-Labs/SSLfairness, code/baselines/SimCLR): NT-Xent (lightly) at temperature 0.1 between two views "
+        "made by scaling and negation, through a 256 -> 128 -> 50 projection head. Uses no labels.")(_train_ssl)
+PARADIGMS.register(
+    "vicreg", ssl_method="vicreg", constraint=_views_constraint("vicreg"),
+    options={"projection_dim": Option(256, doc=_PROJ + " (also its hidden width)", low=1),
+             "invariance": Option(25.0, doc="weight of the invariance (MSE) term", low=0.0),
+             "variance": Option(25.0, doc="weight of the variance term", low=0.0),
+             "covariance": Option(1.0, doc="weight of the covariance term", low=0.0),
+             **_views("time_warp,scale,negate,jitter,mask", 0.5)},
+    doc="Non-contrastive self-supervised pretraining: variance-invariance-covariance regularisation between two "
+        "augmented views (lightly). Uses no labels.")(_train_ssl)
+PARADIGMS.register(
+    "byol", ssl_method="byol", constraint=_views_constraint("byol"),
+    options={"projection_dim": Option(64, doc=_PROJ, low=1),
+             "hidden_dim": Option(256, doc="hidden width of the heads", low=1),
+             "ema": Option(0.99, doc="momentum of the target network", low=0.0, high=1.0),
+             **_views("time_warp,scale,negate,jitter,mask", 0.5)},
+    doc="Non-contrastive self-supervised pretraining without negatives: an online network with a predictor regresses "
+        "a momentum (EMA) copy of itself across two augmented views (lightly heads and loss). Uses no "
+        "labels.")(_train_ssl)
+PARADIGMS.register(
+    "mae", ssl_method="mae", modalities=("image",), constraint=_mae_constraint,
+    options={"mask_ratio": Option(0.75, doc="share of patch tokens hidden from the encoder", low=0.0, high=1.0,
+                                  low_open=True),
+             "decoder_dim": Option(64, doc="decoder token width", low=8),
+             "decoder_depth": Option(1, doc="decoder transformer blocks", low=1),
+             "decoder_heads": Option(4, doc="decoder attention heads (must divide decoder_dim)", low=1),
+             "norm_pix_loss": Option(True, doc="normalise each target patch (MAE's default)")},
+    doc="Masked autoencoding for ViT backbones: most patch tokens are dropped, the backbone encodes the rest and a "
+        "small transformer decoder reconstructs the missing pixels (lightly's masked ViT modules). Images only; a "
+        "plan-time error for non-ViT backbones.")(_train_ssl)
+PARADIGMS.register(
+    "timm", modalities=("image",), weights_file=lambda b: timm_weights_file(b),
+    doc="timm's own pretrained weights for the backbone (e.g. resnet50.a1_in1k; the tag picks which), read only from "
+        "the local Hugging Face / torch hub cache - fairsweep never downloads. A plan-time error names the files to "
+        "fetch when they are absent. The classifier is dropped and timm adapts input channels and ViT position "
+        "embeddings to the dataset.")(_materialise_timm)
 
 
 # ----------------------------------------------------------------------------- file: checkpoints
