@@ -182,9 +182,10 @@ def _launch_options(args: argparse.Namespace):
 
 
 def _cmd_launch(args: argparse.Namespace) -> int:
-    from orchestrator.launch import LaunchError, launch, resolve_tracking_uri
+    from orchestrator.launch import LaunchError, launch
     from orchestrator.plan import build_plan
     from orchestrator.spec import SpecError
+    from orchestrator.storage import StorageError, resolve_tracking_uri
     from orchestrator.store import StoreError, check_store
 
     try:
@@ -205,7 +206,7 @@ def _cmd_launch(args: argparse.Namespace) -> int:
         result = launch(plan, _launch_options(args))
     except SpecError as exc:
         return _fail(f"{args.spec}: {exc}")
-    except (LaunchError, StoreError) as exc:
+    except (LaunchError, StorageError, StoreError) as exc:
         return _fail(str(exc))
     return _print_summary(result, args)
 
@@ -213,24 +214,25 @@ def _cmd_launch(args: argparse.Namespace) -> int:
 def _cmd_resume(args: argparse.Namespace) -> int:
     from orchestrator.launch import LaunchError, resume
     from orchestrator.spec import SpecError
+    from orchestrator.storage import StorageError
     from orchestrator.store import StoreError
 
     try:
         result = resume(args.name, _launch_options(args), retry_errored=args.retry_errored)
-    except (LaunchError, SpecError, StoreError) as exc:
+    except (LaunchError, SpecError, StorageError, StoreError) as exc:
         return _fail(str(exc))
     return _print_summary(result, args)
 
 
 def _cmd_status(args: argparse.Namespace) -> int:
-    from orchestrator.launch import LaunchError
     from orchestrator.status import sweep_status
+    from orchestrator.storage import StorageError
     from orchestrator.store import StoreError
 
     _fail_fast_http()
     try:
         status = sweep_status(args.name, args.storage, args.tracking_uri)
-    except (LaunchError, StoreError) as exc:
+    except (StorageError, StoreError) as exc:
         return _fail(str(exc))
     print(_json(status.to_dict()) if args.format == "json" else status.render())
     return EXIT_OK
@@ -291,9 +293,9 @@ def _front_story(result, perf: str, fair: str) -> str:
 def _cmd_report(args: argparse.Namespace) -> int:
     from pathlib import Path
 
-    from orchestrator.launch import LaunchError, resolve_tracking_uri
     from orchestrator.query import SweepNotFoundError
     from orchestrator.report import write_report
+    from orchestrator.storage import StorageError, resolve_tracking_uri
     from orchestrator.store import StoreError, open_client
 
     _fail_fast_http()
@@ -304,7 +306,7 @@ def _cmd_report(args: argparse.Namespace) -> int:
         report = write_report(client, args.sweep, Path(args.out), experiment=args.experiment or env_experiment(),
                               performance=args.perf, fairness=args.fairness, max_drop=args.max_drop,
                               select_on=args.select_on)
-    except (LaunchError, StoreError, SweepNotFoundError, ValueError) as exc:
+    except (StorageError, StoreError, SweepNotFoundError, ValueError) as exc:
         return _fail(str(exc))
     print(f"sweep {args.sweep!r}: {report.n_trials} trials, {report.front_size} configurations on the front")
     for f in report.files:
@@ -361,12 +363,12 @@ def _plan_record(plan) -> dict:
 
 
 def _cmd_cache(args: argparse.Namespace) -> int:
-    from orchestrator.launch import CACHE_DIRNAME, LaunchError, resolve_storage
+    from orchestrator.storage import CACHE_DIRNAME, StorageError, resolve_storage
     from trainables.pretrain_cache import PretrainCache
 
     try:
         root = args.cache_dir or os.path.join(resolve_storage(args.storage), CACHE_DIRNAME)
-    except LaunchError as exc:
+    except StorageError as exc:
         return _fail(str(exc))
     cache = PretrainCache(root)
     if args.action == "list":

@@ -19,14 +19,13 @@ from orchestrator import raylocal  # before anything imports ray: a local Ray bi
 from orchestrator.driverlock import LOCK_FILE, DriverLock, SweepBusyError, lock_holder
 from orchestrator.mlflow_runs import find_parent_run
 from orchestrator.plan import Plan
-from orchestrator.store import StoreError, check_store, open_client, store_cause
+from orchestrator.storage import (CACHE_DIRNAME, artifact_location, check_storage_writable, experiment_path,
+                                  read_sweep_record, resolve_storage, resolve_tracking_uri, sqlite_path,
+                                  write_sweep_record)
+from orchestrator.store import check_store, open_client, store_cause
 from trainables.errors import UserError
 
-__all__ = ["LaunchOptions", "LaunchResult", "LaunchError", "StoreError", "resolve_tracking_uri", "resolve_storage", "launch",
-           "resume", "experiment_path", "read_sweep_record"]
-
-DEFAULT_STORAGE = "fairsweep_results"
-CACHE_DIRNAME = "_pretrain_cache"
+__all__ = ["LaunchOptions", "LaunchResult", "LaunchError", "launch", "resume"]
 
 
 class LaunchError(UserError, RuntimeError):
@@ -58,54 +57,6 @@ class LaunchResult:
     finished: int
     failed: list[str] = field(default_factory=list)  # MLflow run ids of FAILED trials
     interrupted: bool = False  # stopped before every trial ended (SIGINT); `fairsweep resume` continues it
-
-
-def resolve_tracking_uri(flag: str | None) -> str:
-    """--tracking-uri, else MLFLOW_TRACKING_URI, else SQLite in the working directory; always absolute."""
-    uri = flag or os.environ.get("MLFLOW_TRACKING_URI") or "sqlite:///mlflow.db"
-    if uri.startswith("sqlite:///") and not uri.startswith("sqlite:////"):
-        uri = "sqlite:///" + str(Path(uri[len("sqlite:///"):]).resolve())
-    elif "://" not in uri:
-        raise LaunchError(f"tracking URI {uri!r} is not a URI; use sqlite:///PATH.db or http://HOST:PORT")
-    return uri
-
-
-def resolve_storage(flag: str | None) -> str:
-    """Absolute, because Tune runs each trial in its own working directory. A filesystem path (on a
-    cluster: shared storage mounted at the same path on every node), since the pretraining cache
-    locks its entries with flock and the optuna study is a journal file."""
-    storage = flag or DEFAULT_STORAGE
-    if "://" in storage:
-        raise LaunchError(f"--storage {storage!r}: use a filesystem path; on a cluster, shared storage (NFS, Lustre, "
-                          f"EFS, ...) mounted at the same path on every node")
-    return str(Path(storage).expanduser().resolve())
-
-
-def _check_storage_writable(storage: str) -> None:
-    """A storage folder that cannot be made (``/proc/x``, a file's path, a read-only mount) fails
-    before Ray starts; the probe folder it makes in the nearest existing parent is removed at once."""
-    import tempfile
-
-    target = Path(storage)
-    existing = next((p for p in (target, *target.parents) if p.exists()), Path("/"))
-    problem = None
-    if not existing.is_dir():
-        problem = f"{existing} is not a folder"
-    else:
-        try:
-            os.rmdir(tempfile.mkdtemp(prefix=".fairsweep-probe-", dir=existing))
-        except OSError as exc:
-            problem = f"nothing can be created in {existing} ({exc.strerror or exc})"
-    if problem:
-        raise LaunchError(f"--storage {storage}: {problem}; pass --storage a folder this user can write (default "
-                          f"./{DEFAULT_STORAGE}; on a cluster, shared storage mounted at the same path on every node)")
-
-
-def _artifact_location(tracking_uri: str) -> str | None:
-    """Artifacts of a SQLite store sit beside the database file; a server decides for itself."""
-    if tracking_uri.startswith("sqlite:///"):
-        return (Path(tracking_uri[len("sqlite:///"):]).parent / "mlartifacts").resolve().as_uri()
-    return None
 
 
 def quiet_tune_restore_logs() -> None:
@@ -219,44 +170,11 @@ def _check_resources(res: Any, *, local: bool) -> None:
     logging.getLogger(__name__).warning("%s yet; trials wait until the cluster has such a node (autoscaling)", message)
 
 
-SWEEP_RECORD = "fairsweep_sweep.json"  # beside Tune's state: the spec and where it was tracked, for resume/status
-
-
-def experiment_path(storage: str, name: str) -> str:
-    """STORAGE/NAME; a name that is not one plain folder name (``../x``, ``a/b``) is refused, so no
-    command reads or writes outside the storage folder."""
-    if not name or name in (".", "..") or any(c in name for c in "/\\\0") or name != name.strip():
-        raise LaunchError(f"sweep name {name!r} is not a sweep name: it is the sweep's folder under --storage, one "
-                          f"plain name such as 'quickstart' (no '/', no '..'); pass the folder above it with --storage")
-    return f"{storage.rstrip('/')}/{name}"
-
-
-def write_sweep_record(path: str, record: dict) -> None:
-    import json
-
-    Path(path).mkdir(parents=True, exist_ok=True)
-    (Path(path) / SWEEP_RECORD).write_text(json.dumps(record, indent=1))
-
-
-def read_sweep_record(path: str) -> dict:
-    """The spec and settings a sweep was launched with; ``LaunchError`` when there is no sweep at ``path``."""
-    import json
-
-    try:
-        record = json.loads((Path(path) / SWEEP_RECORD).read_text())
-    except (OSError, ValueError):
-        raise LaunchError(f"no fairsweep sweep at {path} (no {SWEEP_RECORD}); check the sweep name and --storage") from None
-    if not isinstance(record, dict) or not isinstance(record.get("spec"), dict) or "tracking_uri" not in record:
-        raise LaunchError(f"{Path(path) / SWEEP_RECORD} is not a sweep record this fairsweep can read (damaged, or "
-                          f"from another version): it lacks the spec or the tracking URI; launch the sweep again "
-                          f"under another name")
-    return record
-
-
 def _refuse_tracked_sweep(spec: Any, tracking_uri: str, storage: str) -> None:
     """A new launch must not adopt another launch's MLflow runs (e.g. the same name with a new
     --storage): it would continue that parent run and take its finished trials for its own."""
-    if tracking_uri.startswith("sqlite:///") and not Path(tracking_uri[len("sqlite:///"):]).exists():
+    db = sqlite_path(tracking_uri)
+    if db is not None and not db.exists():
         return  # no store yet, so no sweep in it (and no database file created just to look)
     client = open_client(tracking_uri)
     exp = client.get_experiment_by_name(spec.experiment)
@@ -270,7 +188,8 @@ def _refuse_tracked_sweep(spec: Any, tracking_uri: str, storage: str) -> None:
 
 def launch(plan: Plan, options: LaunchOptions = LaunchOptions()) -> LaunchResult:
     """Run a new sweep to the end. Raises ``LaunchError`` if the sweep already exists (use ``resume``)
-    or cannot start, ``StoreError`` if the tracking store cannot be used; either way nothing is written.
+    or cannot start, ``StorageError`` for a storage path or tracking URI that cannot be used as given,
+    ``StoreError`` if the tracking store cannot be used; either way nothing is written.
     Every check runs before the first write; the sweep's folder and its driver lock come first."""
     raylocal.loopback_default(options.address)
     from ray import tune
@@ -286,7 +205,7 @@ def launch(plan: Plan, options: LaunchOptions = LaunchOptions()) -> LaunchResult
 
     _refuse_running(path, spec.name, storage)
     refuse_existing()
-    _check_storage_writable(storage)
+    check_storage_writable(storage)
     tracking_uri = resolve_tracking_uri(options.tracking_uri)
     check_store(tracking_uri, create=True)
     _refuse_tracked_sweep(spec, tracking_uri, storage)
@@ -330,7 +249,7 @@ def resume(name: str, options: LaunchOptions = LaunchOptions(), *, retry_errored
     continue from their last checkpoint, errored ones run again only with ``retry_errored``.
 
     MLflow is the ground truth for finished work: a trial that finished after Tune's last state save
-    is not trained again.
+    is not trained again. Raises ``StorageError`` when the storage holds no sweep ``name``.
     """
     raylocal.loopback_default(options.address)
     from ray import tune
@@ -436,7 +355,7 @@ def _run(plan: Plan, path: str, tracking_uri: str, cache_root: str, options: Lau
     quiet_tune_restore_logs()
     # num_to_keep forces a state snapshot after checkpoints; that is what keeps resume exact here
     os.environ.setdefault("TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S", "0")
-    tracker = SweepTracker(plan, tracking_uri, artifact_location=_artifact_location(tracking_uri),
+    tracker = SweepTracker(plan, tracking_uri, artifact_location=artifact_location(tracking_uri),
                            progress=options.progress)
     status, store_failed = "FAILED", False
     try:

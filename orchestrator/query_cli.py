@@ -100,11 +100,11 @@ def _session(args: argparse.Namespace):
     """(client, trials, perf, fair) for the command's sweep; raises _Usage for bad input."""
     os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
     os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "5")
-    from orchestrator.launch import LaunchError, resolve_tracking_uri
+    from orchestrator.storage import StorageError, resolve_tracking_uri
 
     try:
         uri = resolve_tracking_uri(args.tracking_uri)
-    except LaunchError as exc:
+    except StorageError as exc:
         raise _Usage(str(exc)) from None
     from orchestrator import query
     from orchestrator.store import StoreError, open_client

@@ -9,6 +9,9 @@ from dataclasses import asdict, dataclass, field
 from typing import Any, Mapping
 
 from orchestrator.mlflow_runs import TAGS, find_parent_run, run_filter, search_runs
+from orchestrator.storage import (StorageError, experiment_path, read_sweep_record, resolve_storage,
+                                  resolve_tracking_uri, sqlite_path)
+from orchestrator.store import open_client
 
 __all__ = ["SweepStatus", "sweep_status"]
 
@@ -73,12 +76,10 @@ def _tune_states(path: str) -> dict[str, int]:
 
 
 def sweep_status(name: str, storage: str | None = None, tracking_uri: str | None = None) -> SweepStatus:
-    """Raises ``LaunchError`` for a name or storage without a sweep, ``StoreError`` for an unusable
-    store. Reads only: it never takes the driver lock, and never creates an MLflow database."""
-    from orchestrator.launch import (LaunchError, experiment_path, read_sweep_record, resolve_storage,
-                                     resolve_tracking_uri)
+    """Raises ``StorageError`` for a name or storage without a sweep (or with a record this fairsweep
+    cannot read), ``StoreError`` for an unusable store. Reads only: it never takes the driver lock, and
+    never creates an MLflow database."""
     from orchestrator.spec import SpecError, parse_spec
-    from orchestrator.store import open_client, sqlite_path
     from orchestrator.tracking import driver_alive
 
     path = experiment_path(resolve_storage(storage), name)
@@ -86,8 +87,8 @@ def sweep_status(name: str, storage: str | None = None, tracking_uri: str | None
     try:
         spec = parse_spec(record["spec"])
     except SpecError as exc:  # recorded by an older fairsweep, whose bounds were looser
-        raise LaunchError(f"the sweep record of {name!r} in {path} holds a spec this fairsweep refuses ({exc}); "
-                          f"read its runs with `fairsweep pareto {name}` or the MLflow UI") from None
+        raise StorageError(f"the sweep record of {name!r} in {path} holds a spec this fairsweep refuses ({exc}); "
+                           f"read its runs with `fairsweep pareto {name}` or the MLflow UI") from None
     uri = resolve_tracking_uri(tracking_uri or record["tracking_uri"])
     db = sqlite_path(uri)
     client = None if db is not None and not db.exists() else open_client(uri)  # no store yet: nothing tracked

@@ -19,10 +19,10 @@ from pathlib import Path
 from typing import Any, Callable, Iterator, TypeVar
 from urllib.parse import urlparse
 
+from orchestrator.storage import sqlite_path
 from trainables.errors import UserError
 
-__all__ = ["StoreError", "StoreLockedError", "LOCK_WAIT_ENV", "check_store", "open_client", "sqlite_path",
-           "lock_wait_s", "store_cause"]
+__all__ = ["StoreError", "StoreLockedError", "LOCK_WAIT_ENV", "check_store", "open_client", "lock_wait_s", "store_cause"]
 
 LOCK_WAIT_ENV = "FAIRSWEEP_STORE_LOCK_WAIT_S"
 DEFAULT_LOCK_WAIT_S = 120.0
@@ -40,10 +40,6 @@ class StoreError(UserError, RuntimeError):
 
 class StoreLockedError(StoreError):
     """An SQLite store stayed locked by another process for longer than the bound."""
-
-
-def sqlite_path(uri: str) -> Path | None:
-    return Path(uri[len("sqlite:///"):]) if uri.startswith("sqlite:///") else None
 
 
 def lock_wait_s() -> float:

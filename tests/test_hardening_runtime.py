@@ -19,7 +19,7 @@ import pytest
 from mlflow.tracking import MlflowClient
 
 from orchestrator.driverlock import LOCK_FILE, DriverLock, SweepBusyError, lock_holder
-from orchestrator.launch import SWEEP_RECORD
+from orchestrator.storage import SWEEP_RECORD
 from tests.helpers import (REPO, cli_env, finish_cli, kill_session, run_cli, sqlite_uri, start_cli, tiny_spec,
                            write_spec)
 

@@ -14,7 +14,7 @@ from orchestrator.mlflow_runs import TAGS, find_parent_run, run_filter, search_r
 from orchestrator.plan import build_plan
 from orchestrator.spec import parse_spec
 from orchestrator.status import sweep_status
-from orchestrator.launch import SWEEP_RECORD
+from orchestrator.storage import SWEEP_RECORD
 from orchestrator.tracking import SweepTracker
 from tests.helpers import sqlite_uri, tiny_spec
 

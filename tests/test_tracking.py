@@ -8,13 +8,13 @@ from mlflow.tracking import MlflowClient
 from orchestrator.launch import LaunchError, _refuse_tracked_sweep
 from orchestrator.plan import build_plan
 from orchestrator.spec import parse_spec
-from orchestrator.launch import _artifact_location
+from orchestrator.storage import artifact_location
 from orchestrator.tracking import SweepTracker
 from tests.helpers import run_cli, sqlite_uri, tiny_spec, write_spec
 
 
 def _finish_one_trial(plan, uri: str) -> dict:
-    tracker = SweepTracker(plan, uri, artifact_location=_artifact_location(uri))  # beside the store, never ./mlruns
+    tracker = SweepTracker(plan, uri, artifact_location=artifact_location(uri))  # beside the store, never ./mlruns
     tracker.open()
     planned = plan.trials[0]
     run_id = tracker._create_trial_run(planned, "trial_0")
