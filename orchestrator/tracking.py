@@ -358,8 +358,8 @@ class SweepTracker(tune.Callback):
 
     # -- bookkeeping for the summary and interruptions --------------------------------------------
     def _trial_runs(self, status: str | None = None) -> list:
-        return list(search_runs(self.client, [self.experiment_id], run_filter(sweep=self.spec.name, kind="trial",
-                                                                               status=status)))
+        flt = run_filter(sweep=self.spec.name, kind="trial", status=status)
+        return list(search_runs(self.client, [self.experiment_id], flt))
 
     def trial_status_counts(self) -> dict[str, int]:
         counts: dict[str, int] = {}
