@@ -15,7 +15,7 @@ import torch
 from tests.helpers import TINY_DATA, run_cli, tiny_spec, write_spec
 from trainables import metrics
 from trainables.data import DATASETS, build_dataset
-from trainables.data.base import SplitMeta, register_dataset
+from trainables.data.base import SplitMeta
 from trainables.finetune import (INNER_SEARCH_FILE, PREDICTIONS_FILE, STATE_FILE, VAL_PREDICTIONS_FILE, TrialContext,
                                  train_and_evaluate)
 
@@ -89,7 +89,7 @@ def test_best_val_loss_keeps_the_epoch_with_the_lowest_validation_loss():
 def inverted_val():
     name = "inverted_val_images"
 
-    @register_dataset(name, DATASETS.get("synthetic_images").options, doc="test only")
+    @DATASETS.register(name, options=DATASETS.get("synthetic_images").options, doc="test only")
     def _build(options):
         base = build_dataset("synthetic_images", options)
 

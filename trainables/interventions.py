@@ -73,30 +73,33 @@ def _minority_share(labels: np.ndarray, groups: np.ndarray) -> float:
     return float(np.mean(groups == 1)) if len(groups) else math.nan
 
 
+def _intervention(name: str, counts: Callable[[np.ndarray, int], dict[Cell, np.ndarray]] | None, *, doc: str,
+                  measure: Callable[[np.ndarray, np.ndarray], float]) -> Intervention:
+    """The entry ``INTERVENTIONS.register(name, doc=..., measure=...)`` makes of ``counts`` (None: a uniform subset)."""
+    return Intervention(name, doc, measure, counts)
+
+
+INTERVENTIONS: Registry[Intervention] = Registry("intervention", _intervention)
+"""Every intervention kind, one decorator each on its ``counts`` (see ``Intervention``)."""
+
+
+@INTERVENTIONS.register("correlation", measure=_aligned_share,
+                        doc="Share of examples whose label equals their (binary) group code; labels 50/50.")
 def _correlation_counts(k: np.ndarray, size: int) -> dict[Cell, np.ndarray]:
     # k aligned: odd unit to (y=1, g=1); size - k conflicting: odd unit to (y=0, g=1) -> labels balanced
     c = size - k
     return {(1, 1): k - k // 2, (0, 0): k // 2, (0, 1): c - c // 2, (1, 0): c // 2}
 
 
+@INTERVENTIONS.register("representation", measure=_minority_share,
+                        doc="Share of the minority group (code 1); labels 50/50 within each group.")
 def _representation_counts(k: np.ndarray, size: int) -> dict[Cell, np.ndarray]:
     # k in group 1: odd unit to label 1; size - k in group 0: odd unit to label 0 -> labels balanced
     r = size - k
     return {(1, 1): k - k // 2, (0, 1): k // 2, (0, 0): r - r // 2, (1, 0): r // 2}
 
 
-INTERVENTIONS: Registry[Intervention] = Registry("intervention")
-
-
-def _register(i: Intervention) -> Intervention:
-    return INTERVENTIONS.register(i.name)(i)
-
-
-_register(Intervention("correlation", "Share of examples whose label equals their (binary) group code; "
-                                      "labels 50/50.", _aligned_share, _correlation_counts))
-_register(Intervention("representation", "Share of the minority group (code 1); labels 50/50 within each "
-                                         "group.", _minority_share, _representation_counts))
-_register(Intervention("none", "A uniform random subset; the magnitude is ignored.", _aligned_share))
+INTERVENTIONS.register("none", measure=_aligned_share, doc="A uniform random subset; the magnitude is ignored.")(None)
 
 
 # ----------------------------------------------------------------------------- validation

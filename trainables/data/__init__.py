@@ -31,7 +31,6 @@ from trainables.data.base import (
     check_indices,
     check_split,
     parse_options,
-    register_dataset,
 )
 from trainables.data.images import ImageReadError
 
@@ -54,5 +53,4 @@ __all__ = [
     "check_indices",
     "check_split",
     "parse_options",
-    "register_dataset",
 ]

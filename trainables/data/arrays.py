@@ -24,8 +24,8 @@ from typing import Any, Mapping
 import numpy as np
 import torch
 
-from trainables.data.base import (PATH, Dataset, DatasetError, Option, SplitMeta, canonical_options, check_indices,
-                                  check_split, parse_options, register_dataset)
+from trainables.data.base import (DATASETS, PATH, Dataset, DatasetError, Option, SplitMeta, canonical_options,
+                                  check_indices, check_split, parse_options)
 from trainables.data.images import file_digest, resolve_root
 from trainables.data.tables import Table, build_table, read_table, split_of, table_options
 
@@ -184,5 +184,6 @@ class TimeseriesArrays(Dataset):
         return {**self.__dict__, "_x": None}
 
 
-register_dataset("timeseries_arrays", OPTIONS, "Your time series: an (N, C, T) .npz/.npy/.parquet array plus a .csv/.parquet "
-                 "metadata table.")(TimeseriesArrays)
+DATASETS.register("timeseries_arrays", options=OPTIONS,
+                  doc="Your time series: an (N, C, T) .npz/.npy/.parquet array plus a .csv/.parquet metadata "
+                      "table.")(TimeseriesArrays)

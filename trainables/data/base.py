@@ -39,7 +39,6 @@ __all__ = [
     "batch_order",
     "DATASETS",
     "DatasetEntry",
-    "register_dataset",
     "build_dataset",
 ]
 
@@ -249,17 +248,15 @@ class DatasetEntry:
         return self.factory(options)
 
 
-DATASETS: Registry[DatasetEntry] = Registry("dataset")
+def _dataset_entry(name: str, factory: Callable[[Mapping[str, Any]], Dataset], *, options: Mapping[str, Option],
+                   doc: str = "") -> DatasetEntry:
+    """The entry ``DATASETS.register(name, options=..., doc=...)`` makes of ``factory(options) -> Dataset``."""
+    return DatasetEntry(name, factory, MappingProxyType(dict(options)), doc)
 
 
-def register_dataset(name: str, options: Mapping[str, Option], doc: str = "") -> Callable[[Callable], Callable]:
-    """Decorator registering ``factory(options) -> Dataset`` under ``name`` with its option schema."""
-
-    def deco(factory: Callable[[Mapping[str, Any]], Dataset]) -> Callable[[Mapping[str, Any]], Dataset]:
-        DATASETS.register(name)(DatasetEntry(name, factory, MappingProxyType(dict(options)), doc))
-        return factory
-
-    return deco
+DATASETS: Registry[DatasetEntry] = Registry("dataset", _dataset_entry)
+"""Every dataset, one decorator each: ``@DATASETS.register("my_data", options={...}, doc="...")`` on a
+factory taking the ``dataset.options`` mapping (check it with ``parse_options(options, OPTIONS)``)."""
 
 
 def build_dataset(name: str, options: Mapping[str, Any] | None = None) -> Dataset:

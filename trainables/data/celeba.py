@@ -24,7 +24,7 @@ from typing import Any, Mapping
 import numpy as np
 import pandas as pd
 
-from trainables.data.base import Dataset, DatasetError, Option, parse_options, register_dataset
+from trainables.data.base import DATASETS, Dataset, DatasetError, Option, parse_options
 from trainables.data.images import FolderImages, file_digest, image_options, resolve_root
 from trainables.data.tables import build_table, partition_values, table_options
 
@@ -107,4 +107,5 @@ def load_celeba(options: Mapping[str, Any]) -> Dataset:
                         digest=file_digest(files), where=where)
 
 
-register_dataset("celeba", OPTIONS, "The standard CelebA folder (images + attribute and partition files).")(load_celeba)
+DATASETS.register("celeba", options=OPTIONS,
+                  doc="The standard CelebA folder (images + attribute and partition files).")(load_celeba)

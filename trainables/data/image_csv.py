@@ -18,7 +18,7 @@ from typing import Any, Mapping
 
 import numpy as np
 
-from trainables.data.base import PATH, Dataset, DatasetError, Option, parse_options, register_dataset
+from trainables.data.base import DATASETS, PATH, Dataset, DatasetError, Option, parse_options
 from trainables.data.images import FolderImages, file_digest, image_options, resolve_root
 from trainables.data.tables import build_table, read_table, require_columns, split_of, table_options
 
@@ -50,4 +50,5 @@ def load_image_csv(options: Mapping[str, Any]) -> Dataset:
                         digest=file_digest([csv]), where=where)
 
 
-register_dataset("image_csv", OPTIONS, "Images listed in a CSV with path, label and group columns.")(load_image_csv)
+DATASETS.register("image_csv", options=OPTIONS,
+                  doc="Images listed in a CSV with path, label and group columns.")(load_image_csv)

@@ -26,7 +26,7 @@ from typing import Any, Mapping
 import numpy as np
 import torch
 
-from trainables.data.base import SPLITS, Dataset, Option, SplitMeta, check_indices, check_split, parse_options, register_dataset
+from trainables.data.base import DATASETS, SPLITS, Dataset, Option, SplitMeta, check_indices, check_split, parse_options
 
 __all__ = ["SyntheticImages", "OPTIONS", "BORDER_ROWS", "GENERATOR_VERSION"]
 
@@ -165,7 +165,8 @@ class SyntheticImages(Dataset):
         return f"{self.name}/v{GENERATOR_VERSION}:{canonical}"
 
 
-@register_dataset("synthetic_images", OPTIONS, "Coloured-border images whose group cue out-shouts the target "
-                  "(paper A's effects on generated data).")
+@DATASETS.register("synthetic_images", options=OPTIONS,
+                   doc="Coloured-border images whose group cue out-shouts the target (paper A's effects on generated "
+                       "data).")
 def _synthetic_images(options: Mapping[str, Any]) -> Dataset:
     return SyntheticImages(options)

@@ -32,8 +32,8 @@ from typing import Any, Mapping
 import numpy as np
 import torch
 
-from trainables.data.base import (NAMES, SPLITS, Dataset, DatasetOptionError, Option, SplitMeta, canonical_options,
-                                  check_indices, check_split, parse_options, register_dataset)
+from trainables.data.base import (DATASETS, NAMES, SPLITS, Dataset, DatasetOptionError, Option, SplitMeta,
+                                  canonical_options, check_indices, check_split, parse_options)
 from trainables.data.synthetic import MAX_EXAMPLES, MAX_SEED, _cell_counts, _split_counts
 from trainables.data.tables import INTERSECT_SEP
 
@@ -196,7 +196,8 @@ class SyntheticTimeseries(Dataset):
         return {**self.__dict__, "_signals": {}}
 
 
-@register_dataset("synthetic_timeseries", OPTIONS, "Wearable-like multichannel signals with sex, age-band and "
-                  "skin-tone effects (paper B's setting on generated data).")
+@DATASETS.register("synthetic_timeseries", options=OPTIONS,
+                   doc="Wearable-like multichannel signals with sex, age-band and skin-tone effects (paper B's setting "
+                       "on generated data).")
 def _synthetic_timeseries(options: Mapping[str, Any]) -> Dataset:
     return SyntheticTimeseries(options)

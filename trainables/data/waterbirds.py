@@ -16,7 +16,7 @@ from typing import Any, Mapping
 import numpy as np
 import pandas as pd
 
-from trainables.data.base import Dataset, DatasetError, Option, parse_options, register_dataset
+from trainables.data.base import DATASETS, Dataset, DatasetError, Option, parse_options
 from trainables.data.images import FolderImages, file_digest, image_options, resolve_root
 from trainables.data.tables import build_table, partition_values, require_columns, table_options
 
@@ -52,5 +52,5 @@ def load_waterbirds(options: Mapping[str, Any]) -> Dataset:
                         paths=paths, digest=file_digest([meta_file]), where=where)
 
 
-register_dataset("waterbirds", OPTIONS, "The Waterbirds metadata.csv layout (bird label, background place).")(
-    load_waterbirds)
+DATASETS.register("waterbirds", options=OPTIONS,
+                  doc="The Waterbirds metadata.csv layout (bird label, background place).")(load_waterbirds)
