@@ -1,24 +1,29 @@
-"""The frozen-prefix feature cache: a linear probe trained on cached pre-logits gives the same trial as the
-whole model, the cache computes each key once across trials and stays within its budget, and trials it
-cannot serve exactly (layers that train, dropout before the classifier) run the whole model."""
+"""The frozen-prefix feature cache: a trial whose frozen layers form a prefix (a linear probe, freeze depth k)
+trained on cached prefix outputs is the same trial as the whole model - BatchNorm left training in the
+suffix, dropout in the suffix and folder images included - the cache computes each key once across trials
+and stays within its budget, and trials it cannot serve exactly run the whole model and say why."""
 from __future__ import annotations
 
+import contextlib
 from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
+from torch import nn
 
 from tests.helpers import TINY_DATA
-from trainables import backbones, loop
-from trainables.feature_cache import FeatureCache, probe_plan
+from trainables import backbones
+from trainables import feature_cache as fc
+from trainables.data import fixtures as F
 from trainables.finetune import TrialContext, train_and_evaluate
 
 FT = {"size": 200, "epochs": 3, "batch_size": 50, "lr": [0.02, 0.1], "weight_decay": 0.0, "momentum": 0.9,
       "threshold": "calibrated", "select_epoch": "best_val_loss"}
 SHOWN = ("accuracy", "auroc", "equalized_odds_difference", "tpr_difference", "val_accuracy", "val_loss", "threshold",
-         "selected_val_loss")
+         "selected_val_loss", "train_loss")
+SERIES = {"n_source": 64, "n_finetune": 600, "n_val": 96, "n_test": 96, "length": 32}
 
 
 def _point(backbone: str, freeze, seed: int = 0, magnitude: float = 0.7) -> dict:
@@ -26,9 +31,15 @@ def _point(backbone: str, freeze, seed: int = 0, magnitude: float = 0.7) -> dict
             "freeze_depth": freeze, "seed": seed}
 
 
-def _context(cache: Path | None) -> TrialContext:
-    return TrialContext(dataset="synthetic_images", dataset_options=dict(TINY_DATA), finetune=FT, cache_root="/none",
-                        bootstrap=0, feature_cache=str(cache) if cache else None)
+def _context(cache: Path | None, dataset: str = "synthetic_images", options: dict | None = None) -> TrialContext:
+    return TrialContext(dataset=dataset, dataset_options=dict(TINY_DATA if options is None else options), finetune=FT,
+                        cache_root="/none", bootstrap=0, feature_cache=str(cache) if cache else None)
+
+
+def _same_trial(plain: dict, cached: dict) -> None:
+    for name in SHOWN:
+        assert cached[name] == pytest.approx(plain[name], abs=1e-5), name
+    assert cached["chosen_hparams"] == plain["chosen_hparams"] and cached["selected_epoch"] == plain["selected_epoch"]
 
 
 @pytest.mark.parametrize("backbone", ["test_resnet", "test_convnext"])
@@ -36,36 +47,119 @@ def test_a_linear_probe_on_cached_features_is_the_same_trial(tmp_path, backbone)
     plain = train_and_evaluate(_point(backbone, "linear"), _context(None))
     cached = train_and_evaluate(_point(backbone, "linear"), _context(tmp_path / "fc"))
     assert plain["feature_cache"].startswith("off") and cached["feature_cache"] == "linear probe on cached pre-logits"
-    for name in SHOWN:
-        assert cached[name] == pytest.approx(plain[name], abs=1e-5), name
-    assert cached["chosen_hparams"] == plain["chosen_hparams"] and cached["selected_epoch"] == plain["selected_epoch"]
+    _same_trial(plain, cached)
     assert len(list((tmp_path / "fc").glob("*.npy"))) == 3  # finetuning pool, val, test
 
 
-def test_the_cache_serves_other_magnitudes_and_sizes_without_recomputing(tmp_path):
+@pytest.mark.parametrize("backbone, freeze, dataset, options, cut", [
+    ("test_resnet", 2, "synthetic_images", TINY_DATA, "layer1"),  # BatchNorm of layers 2-4 trains (batch statistics)
+    ("test_resnet", 1, "synthetic_images", TINY_DATA, "maxpool"),  # the stem's activation and pooling are cached
+    ("test_convnext", 3, "synthetic_images", TINY_DATA, "stages_1"),
+    ("cnn1d_tiny", 1, "synthetic_timeseries", SERIES, "stem"),  # dropout (p 0.1) in the two blocks that train
+    ("cnn1d_paperb", "linear", "synthetic_timeseries", SERIES, "amax"),  # dropout (p 0.6) inside the dense head
+])
+def test_partial_freezing_on_cached_prefix_outputs_is_the_same_trial(tmp_path, backbone, freeze, dataset, options, cut):
+    plain = train_and_evaluate(_point(backbone, freeze), _context(None, dataset, options))
+    cached = train_and_evaluate(_point(backbone, freeze), _context(tmp_path / "fc", dataset, options))
+    assert cached["feature_cache"].endswith(f"on cached outputs of {cut}") or (
+        freeze == "linear" and cached["feature_cache"] == fc.LINEAR_PROBE_NOTE), cached["feature_cache"]
+    _same_trial(plain, cached)
+
+
+def test_folder_images_on_cached_prefix_outputs_are_the_same_trial(tmp_path):
+    """Streamed folder data: the cached trial visits the finetuning rows in the loader's (seed, epoch) order."""
+    opts = {**F.write_image_csv(tmp_path / "csv", n=600), "num_workers": 0}
+    ft = {**FT, "size": 60, "batch_size": 16}
+    plain = train_and_evaluate(_point("test_resnet", 2), replace(_context(None, "image_csv", opts), finetune=ft))
+    cached = train_and_evaluate(_point("test_resnet", 2), replace(_context(tmp_path / "fc", "image_csv", opts),
+                                                                  finetune=ft))
+    assert cached["feature_cache"] == "first 2 of 5 layer groups on cached outputs of layer1"
+    _same_trial(plain, cached)
+
+
+def test_later_trials_on_the_same_prefix_compute_nothing(tmp_path, monkeypatch):
+    """Other magnitudes, sizes and the inner search's candidates read the cached prefix outputs; another random
+    initialisation (seed, for scratch) or another freezing depth is another key."""
+    calls = []
+    compute = fc.compute_features
+    monkeypatch.setattr(fc, "compute_features", lambda *a, **k: calls.append(1) or compute(*a, **k))
     cache = tmp_path / "fc"
-    train_and_evaluate(_point("test_resnet", "linear"), _context(cache))
-    stamps = {p.name: p.stat().st_mtime_ns for p in cache.glob("*.npy")}
-    other = train_and_evaluate(_point("test_resnet", "linear", magnitude=0.9),
-                               replace(_context(cache), finetune={**FT, "size": 120}))
-    assert other["feature_cache"] == "linear probe on cached pre-logits"
-    assert {p.name for p in cache.glob("*.npy")} == set(stamps)  # same keys, nothing new written
-    new_seed = train_and_evaluate(_point("test_resnet", "linear", seed=1), _context(cache))  # another random init
-    assert new_seed["feature_cache"].startswith("linear probe") and len(list(cache.glob("*.npy"))) == 6
+    first = train_and_evaluate(_point("test_resnet", 2), _context(cache))  # two lr candidates: one plan each
+    assert first["feature_cache"].startswith("first 2 of 5") and len(calls) == 3  # finetuning pool, val, test
+    stamps = {p.name: p.stat().st_size for p in cache.glob("*.npy")}
+    other = train_and_evaluate(_point("test_resnet", 2, magnitude=0.9), replace(_context(cache),
+                                                                                 finetune={**FT, "size": 120}))
+    assert other["feature_cache"] == first["feature_cache"] and len(calls) == 3  # no prefix computed again
+    assert {p.name: p.stat().st_size for p in cache.glob("*.npy")} == stamps
+    train_and_evaluate(_point("test_resnet", 2, seed=1), _context(cache))  # another random initialisation
+    train_and_evaluate(_point("test_resnet", "linear"), _context(cache))  # another prefix
+    assert len(calls) == 9 and len(list(cache.glob("*.npy"))) == 9
 
 
-def test_trials_the_cache_cannot_serve_exactly_run_the_whole_model(tmp_path):
-    partial = train_and_evaluate(_point("test_resnet", 2), _context(tmp_path / "fc"))
-    assert partial["feature_cache"].startswith("off (not a linear probe")
-    assert not list((tmp_path / "fc").glob("*.npy"))
-    import timm
+def test_trials_the_cache_cannot_serve_exactly_run_the_whole_model(tmp_path, monkeypatch):
+    cache = tmp_path / "fc"
+    assert train_and_evaluate(_point("test_resnet", 0), _context(cache))["feature_cache"] == "off (nothing is frozen)"
+    scattered = train_and_evaluate(_point("test_resnet", [1, 2]), _context(cache))
+    assert scattered["feature_cache"] == "off (frozen groups [1, 2] are not a prefix of the network)"
+    monkeypatch.setattr(fc, "DEFAULT_BUDGET_BYTES", 100_000)  # layer1's outputs of 1,200 rows take 9 MiB
+    big = train_and_evaluate(_point("test_resnet", 2), _context(cache))
+    assert big["feature_cache"].startswith("off (the outputs of layer1 take 9 MiB, more than the feature cache's budget")
+    assert not list(cache.glob("*.npy"))
 
-    model = timm.create_model("test_resnet", num_classes=2, drop_rate=0.5)  # dropout between pooling and fc
+
+class _Stack(nn.Module):
+    """stem -> mid -> block -> head, with ``mid`` between the two layer groups."""
+
+    def __init__(self, mid: nn.Module):
+        super().__init__()
+        self.stem, self.mid, self.block, self.head = nn.Linear(6, 8), mid, nn.Linear(8, 8), nn.Linear(8, 2)
+
+    def forward(self, x):
+        return self.head(self.block(self.mid(self.stem(x))))
+
+    def group_matcher(self, coarse: bool = False):
+        return {"stem": r"^stem", "blocks": [(r"^block", (1,))]}
+
+    def get_classifier(self):
+        return self.head
+
+
+def _plan(model: nn.Module, depth: int):
     groups = backbones.layer_groups(model)
-    info = backbones.apply_freeze(model, groups, tuple(range(groups.n)))
-    plan, why = probe_plan(model, info.n_groups, info.frozen_groups, info.frozen_modules, torch.randn(4, 3, 32, 32),
-                           lambda: loop.autocast(torch.device("cpu")))
-    assert plan is None and "dropout p=0.5" in why
+    info = backbones.apply_freeze(model, groups, backbones.resolve_freeze(depth, groups.n))
+    return fc.plan_prefix(model, info.n_groups, info.frozen_groups, info.frozen_modules, torch.randn(8, 6),
+                          contextlib.nullcontext, lambda: backbones.set_train_mode(model, info))
+
+
+@pytest.mark.parametrize("mid, why", [
+    (nn.Dropout(0.5), "mid (Dropout, which trains or acts differently in training) comes before the last frozen layer"),
+    (nn.BatchNorm1d(8, affine=False),  # no parameters, but batch statistics in training
+     "mid (BatchNorm1d, which trains or acts differently in training) comes before the last frozen layer"),
+    (nn.Dropout(0.0), ""),  # acts alike: cached with the prefix
+])
+def test_a_prefix_never_swallows_what_acts_differently_in_training(mid, why):
+    plan, note = _plan(_Stack(mid), 2)
+    assert (plan is None and note == why) if why else (plan.cut == "block" and note == fc.LINEAR_PROBE_NOTE)
+
+
+def test_the_suffix_trains_its_dropout_and_batchnorm_as_the_whole_model_does():
+    torch.manual_seed(0)
+    model = _Stack(nn.Sequential(nn.Dropout(0.5), nn.BatchNorm1d(8)))
+    plan, note = _plan(model, 1)
+    assert plan.cut == "stem" and note == "first 1 of 3 layer groups on cached outputs of stem"
+    x, stats = torch.randn(8, 6), model.mid[1].running_mean.clone()
+    assert torch.equal(model.mid[1].running_mean, stats)  # the plan's own check left the statistics as found
+    plan.suffix.train()
+    assert model.training and not model.stem.training and model.mid.training
+    torch.manual_seed(1)
+    whole = model(x)  # dropout draws, batch statistics
+    whole_stats = model.mid[1].running_mean.clone()
+    model.mid[1].running_mean.copy_(stats)
+    torch.manual_seed(1)
+    split = plan.suffix(plan.prefix(x))
+    assert torch.equal(whole, split) and torch.equal(model.mid[1].running_mean, whole_stats)
+    plan.suffix.eval()
+    assert not model.training and not model.mid.training
 
 
 def test_the_cache_computes_a_key_once_and_evicts_the_least_recently_used(tmp_path):
@@ -77,7 +171,7 @@ def test_the_cache_computes_a_key_once_and_evicts_the_least_recently_used(tmp_pa
             return np.full((rows, 64), value, dtype=np.float32)  # 256 KB
         return compute
 
-    cache = FeatureCache(tmp_path, budget_bytes=600_000)  # room for two entries
+    cache = fc.FeatureCache(tmp_path, budget_bytes=600_000)  # room for two entries
     a = cache.get_or_compute("a", make(1.0))
     assert cache.get_or_compute("a", make(9.0))[0, 0] == 1.0 and calls == [1.0]  # computed once
     assert not a.flags.writeable  # memory-mapped read-only: trials cannot corrupt each other's features

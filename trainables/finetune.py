@@ -111,6 +111,7 @@ def train_and_evaluate(point: Mapping[str, Any], context: TrialContext, *, state
     import torch
 
     from trainables import backbones, interventions, loop, metrics, pretrain, worker_cache
+    from trainables.data.base import batch_order
 
     loop.set_threads(context.cpus_per_trial)
     device = loop.select_device()
@@ -134,39 +135,55 @@ def train_and_evaluate(point: Mapping[str, Any], context: TrialContext, *, state
     val_labels = dataset.meta("val").labels
     val_x = worker_cache.split_inputs(dataset, "val").to(device) if dataset.in_memory else None
     score_batch = max(256, batch_size)
-    # A linear probe with the feature cache on trains its classifier on the frozen part's pre-logits,
-    # computed once per content key and shared across trials (trainables/feature_cache.py).
+    # With the feature cache on, a trial whose frozen layers form a prefix trains only the rest of the network, on
+    # the prefix's outputs, computed once per content key and shared across trials (trainables/feature_cache.py).
     features: dict[str, np.ndarray] = {}
     feature_note = "off (resources.feature_cache: false)" if not context.feature_cache else ""
+    plan: Any = None  # this candidate's PrefixPlan while the trial runs on cached features
+
+    def feature_batches(split: str, rows: np.ndarray | None = None, order: list[np.ndarray] | None = None) -> Any:
+        """Batches ``(x, pos)`` of cached features (``rows`` of ``split``, in ``order`` or in row order), read
+        from the memory-mapped cache one batch at a time, in the dtype the prefix gave them."""
+        feats = features[split]
+        rows = np.arange(len(feats)) if rows is None else np.asarray(rows)
+        if order is None:
+            order = [np.arange(s, min(s + score_batch, len(rows))) for s in range(0, len(rows), score_batch)]
+        for b in order:
+            yield torch.from_numpy(np.asarray(feats[rows[b]])).to(plan.dtype), torch.from_numpy(b)
 
     def scores(net: Any, split: str) -> np.ndarray:
         """P(y = 1) for every example of ``split``: from cached features, in-memory inputs, or a stream."""
-        if features:
-            return loop.predict_scores(net, torch.from_numpy(np.array(features[split])).to(device),
-                                       batch_size=score_batch, device=device)
+        if plan is not None:
+            return loop.predict_scores_batches(net, feature_batches(split), len(features[split]), device=device)
         if split == "val" and val_x is not None:
             return loop.predict_scores(net, val_x, batch_size=score_batch, device=device)
         return _split_scores(net, dataset, split, score_batch, device, loop)
 
-    def use_features(model: Any, info: Any, pretrain_ref: str | None) -> str:
-        """Fill ``features`` when this trial is a linear probe the cache can serve; returns why or why not."""
+    def use_features(model: Any, info: Any, pretrain_ref: str | None) -> tuple[Any, str]:
+        """This candidate's PrefixPlan when the cache can serve the trial (``features`` filled on first use),
+        else None; and why or why not."""
         from trainables import feature_cache as fc
 
         sample = (x[:8] if x is not None else next(iter(dataset.loader("finetune", chosen.indices[:8],
                                                                         batch_size=8)))[0].to(device))
-        plan, why = fc.probe_plan(model, info.n_groups, info.frozen_groups, info.frozen_modules, sample,
-                                  lambda: loop.autocast(device), lambda: backbones.set_train_mode(model, info))
-        if plan is None:
-            return f"off ({why})"
+        found, why = fc.plan_prefix(model, info.n_groups, info.frozen_groups, info.frozen_modules, sample,
+                                    lambda: loop.autocast(device), lambda: backbones.set_train_mode(model, info))
+        if found is None or features:
+            return found, why if found else f"off ({why})"
         cache = fc.FeatureCache(context.feature_cache)
+        rows = {split: len(dataset.meta(split)) for split in ("finetune", "val", "test")}
+        need = found.bytes_per_example * sum(rows.values())
+        if not cache.fits(need):
+            return None, (f"off (the outputs of {found.cut} take {need / 2**20:.0f} MiB, more than the feature "
+                          f"cache's budget of {cache.budget_bytes / 2**20:.0f} MiB)")
         weights = pretrain_ref or f"random-init-seed-{seed}"  # random initialisation depends on the seed
-        for split in ("finetune", "val", "test"):
+        for split, n in rows.items():
             key = fc.feature_key(dataset=dataset.fingerprint(), split=split, backbone=point["backbone"],
-                                 weights=weights, frozen=list(info.frozen_groups), device=device.type)
-            n = len(dataset.meta(split))
+                                 weights=weights, frozen=list(info.frozen_groups), cut=found.cut, device=device.type)
             features[split] = cache.get_or_compute(key, lambda: fc.compute_features(
-                model, iter(dataset.loader(split, batch_size=score_batch)), n, device, lambda: loop.autocast(device)))
-        return why
+                found.prefix, iter(dataset.loader(split, batch_size=score_batch)), n, device,
+                lambda: loop.autocast(device)))
+        return found, why
 
     def build(lr: float, wd: float) -> tuple[Any, Any, Any, Any]:
         torch.manual_seed(seed)
@@ -209,25 +226,28 @@ def train_and_evaluate(point: Mapping[str, Any], context: TrialContext, *, state
             if "cuda_rng" in state and device.type == "cuda":
                 torch.cuda.set_rng_state(state["cuda_rng"])
             start_epoch = int(progress["epoch"])
-        if not feature_note:
-            feature_note = use_features(model, info, pretrain_ref)
-        net = model.get_classifier() if features else model
-        fit_x = torch.from_numpy(np.asarray(features["finetune"][chosen.indices])).to(device) if features else x
+        if not feature_note or plan is not None:  # the first candidate decides; later ones rebuild the plan
+            plan, feature_note = use_features(model, info, pretrain_ref)
+        net = plan.suffix if plan is not None else model
+        fit_x = (torch.from_numpy(np.asarray(features["finetune"][chosen.indices])).to(device, plan.dtype)
+                 if plan is not None and dataset.in_memory else x)
         static = {"requested_magnitude": chosen.requested, "achieved_magnitude": chosen.achieved,
                   "n_finetune": int(len(chosen.indices)), "n_groups": info.n_groups,
                   "frozen_groups": json.dumps(list(info.frozen_groups)), "frozen_fraction": info.frozen_fraction,
                   "pretrain_ref": pretrain_ref or "", "device": str(device), "feature_cache": feature_note,
                   "preprocessing": dataset.preprocessing_record()}
-        train_mode = (net.train if features  # noqa: E731 - frozen layers stay in eval
+        train_mode = (net.train if plan is not None  # noqa: E731 - frozen layers stay in eval
                       else lambda: backbones.set_train_mode(model, info))
         for epoch in range(start_epoch, epochs):
             if fit_x is not None:
                 loss = loop.train_epoch(net, fit_x, y, opt, batch_size=batch_size, generator=gen, device=device,
                                         train_mode=train_mode)
             else:  # the order comes from (seed, epoch), so a resumed trial replays the same epoch
-                stream = dataset.loader("finetune", chosen.indices, batch_size=batch_size, shuffle=True, seed=seed,
-                                        epoch=epoch, drop_last=len(chosen.indices) > batch_size)
-                loss = loop.train_epoch_batches(model, stream, y, opt, device=device, train_mode=train_mode)
+                order = dict(batch_size=batch_size, shuffle=True, seed=seed, epoch=epoch,
+                             drop_last=len(chosen.indices) > batch_size)
+                stream = (feature_batches("finetune", chosen.indices, batch_order(len(chosen.indices), **order))
+                          if plan is not None else dataset.loader("finetune", chosen.indices, **order))
+                loss = loop.train_epoch_batches(net, stream, y, opt, device=device, train_mode=train_mode)
             val_scores = scores(net, "val")
             val_loss = _val_loss(val_scores, val_labels)
             if select_epoch == "best_val_loss" and val_loss < progress["kept_loss"]:  # ties: the earlier epoch
