@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import abc
 import json
+import os
 from dataclasses import dataclass, field
 from types import MappingProxyType
 from typing import Any, Callable, Iterable, Mapping
@@ -189,6 +190,12 @@ class Dataset(abc.ABC):
         ``Preprocessing``, or None for no preference), so pretrained weights see pixels normalised as in
         their own training. Generated data has no files to preprocess: it is returned as is, and so are
         its fingerprint and cache keys. Folder datasets return a view with that preprocessing."""
+        return self
+
+    def with_input_cache(self, folder: str | os.PathLike | None) -> Dataset:
+        """This dataset with its decoded inputs cached under ``folder`` (shared by a node's workers), so
+        files are decoded once rather than in every epoch of every trial; the inputs are the same. Data
+        held in memory has nothing to decode: returned as is. Folder datasets return a caching view."""
         return self
 
     def preprocessing_record(self) -> str:

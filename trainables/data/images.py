@@ -8,6 +8,11 @@ is the shorter side resized to ``image_size``, a centre square and ImageNet's me
 ``for_model(data_config)`` returns a view with the model's own statistics, interpolation and crop (a
 CLIP or 0.5/0.5 model fed ImageNet statistics runs, silently worse). A file that cannot be decoded
 raises ``ImageReadError`` naming it; nothing is skipped.
+
+Decoding JPEGs in every epoch of every trial starves a GPU, so a sweep uses ``with_input_cache``: each
+split is decoded once (by the same worker processes) into resized uint8 pixels, a memory-mapped ``.npy``
+under the storage path's ``_decoded_cache`` that the workers of a node share, and every batch after that
+is a copy and a normalisation, bit for bit the pixels streaming would give.
 """
 from __future__ import annotations
 
@@ -26,11 +31,16 @@ from trainables.data.base import (PATH, Batches, Dataset, DatasetError, Option, 
 from trainables.data.preprocessing import IMAGENET_MEAN as _MEAN
 from trainables.data.preprocessing import IMAGENET_STD as _STD
 from trainables.data.preprocessing import Preprocessing
+from trainables.array_cache import ArrayCache
 from trainables.data.tables import Table
 
-__all__ = ["FolderImages", "ImageReadError", "decode_image", "image_options", "check_files", "resolve_root",
-           "file_digest", "IMAGENET_MEAN", "IMAGENET_STD"]
+__all__ = ["FolderImages", "ImageReadError", "decode_image", "decode_pixels", "image_options", "check_files",
+           "resolve_root", "file_digest", "IMAGENET_MEAN", "IMAGENET_STD", "DECODED_CACHE_DIRNAME",
+           "DECODED_BUDGET_BYTES"]
 
+DECODED_CACHE_DIRNAME = "_decoded_cache"
+DECODED_BUDGET_BYTES = 16 << 30  # 16 GiB per cache folder (CelebA at 64 px takes 2.5 GiB); LRU beyond it
+_FILL_BATCH = 64
 IMAGENET_MEAN = np.array(_MEAN, dtype=np.float32)
 IMAGENET_STD = np.array(_STD, dtype=np.float32)
 _SHOWN = 5
@@ -97,37 +107,56 @@ def check_files(paths: Sequence[str], where: str) -> None:
                            "remove their rows (nothing is skipped silently)")
 
 
-def decode_image(path: str, preprocessing: Preprocessing | int) -> np.ndarray:
-    """float32 (3, H, W) pixels of the file as ``preprocessing`` makes them; an int ``size`` means
-    ``Preprocessing.imagenet(size)`` (shorter side to size, centre square, ImageNet statistics)."""
+def _preprocessing(preprocessing: Preprocessing | int) -> Preprocessing:
+    return Preprocessing.imagenet(preprocessing) if isinstance(preprocessing, int) else preprocessing
+
+
+def decode_pixels(path: str, preprocessing: Preprocessing | int) -> np.ndarray:
+    """uint8 (3, H, W): the file decoded, resized and cropped as ``preprocessing`` says, not yet normalised
+    (what the decoded-image cache holds); an int ``size`` means ``Preprocessing.imagenet(size)``."""
     from PIL import Image
 
-    pre = Preprocessing.imagenet(preprocessing) if isinstance(preprocessing, int) else preprocessing
+    pre = _preprocessing(preprocessing)
     scale = math.floor(max(pre.input_size[1:]) / min(pre.crop_pct, 1.0))  # the resize before the crop
     try:
         with Image.open(path) as im:
             im.draft("RGB", (scale, scale))  # JPEG decodes at the smallest scale still >= what is resized to
-            arr = pre(im.convert("RGB"))
+            return pre.pixels(im.convert("RGB"))
     except Exception as exc:  # PIL raises OSError, ValueError, SyntaxError, DecompressionBombError, ...
         raise ImageReadError(f"cannot read image {path} ({type(exc).__name__}: {exc}); replace the file or remove "
                              "its row from the metadata") from None
-    return np.ascontiguousarray(arr, dtype=np.float32)
+
+
+def decode_image(path: str, preprocessing: Preprocessing | int) -> np.ndarray:
+    """float32 (3, H, W) pixels of the file as ``preprocessing`` makes them; an int ``size`` means
+    ``Preprocessing.imagenet(size)`` (shorter side to size, centre square, ImageNet statistics)."""
+    pre = _preprocessing(preprocessing)
+    return pre.normalize(decode_pixels(path, pre)).numpy()
 
 
 class _Decoder(torch.utils.data.Dataset):
-    """Decodes a whole batch of positions per call, so each worker returns one stacked tensor."""
+    """Decodes a whole batch of positions per call, so each worker returns one stacked tensor: float32
+    pixels as the model sees them, or (``raw``) the uint8 ones the decoded-image cache stores."""
 
-    def __init__(self, paths: np.ndarray, pre: Preprocessing):
-        self.paths, self.pre = paths, pre
+    def __init__(self, paths: np.ndarray, pre: Preprocessing, raw: bool = False):
+        self.paths, self.pre, self.raw = paths, pre, raw
 
     def __len__(self) -> int:
         return len(self.paths)
 
     def __getitem__(self, pos: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
         pos = np.atleast_1d(np.asarray(pos, dtype=np.int64))
-        x = np.stack([decode_image(self.paths[i], self.pre) for i in pos.tolist()]) if len(pos) else \
-            np.zeros((0, *self.pre.input_size), dtype=np.float32)
-        return torch.from_numpy(x), torch.from_numpy(pos)
+        x = torch.from_numpy(np.stack([decode_pixels(self.paths[i], self.pre) for i in pos.tolist()]) if len(pos)
+                             else np.zeros((0, *self.pre.input_size), dtype=np.uint8))
+        return (x if self.raw else self.pre.normalize(x)), torch.from_numpy(pos)
+
+
+def _loader(decoder: _Decoder, order: list[np.ndarray], workers: int) -> torch.utils.data.DataLoader:
+    """A DataLoader over batches of positions. Its own generator seeds the workers, so making one leaves the
+    trial's random stream (what dropout draws from) as it was, whether batches come from files or a cache."""
+    return torch.utils.data.DataLoader(decoder, batch_size=None, sampler=order, num_workers=min(workers, len(order)),
+                                       pin_memory=torch.cuda.is_available() and not decoder.raw,
+                                       generator=torch.Generator().manual_seed(0))
 
 
 class _Stream:
@@ -150,6 +179,29 @@ class _Stream:
                 shutdown()
 
 
+def _decoded_key(paths: np.ndarray, geometry: str) -> str:
+    """sha256 over the geometry and each file's path, size and modification time, in row order."""
+    h = hashlib.sha256(f"decoded/v1|{geometry}".encode())
+    for p in paths.tolist():
+        st = os.stat(p)
+        h.update(f"\0{p}\0{st.st_size}\0{st.st_mtime_ns}".encode())
+    return h.hexdigest()[:24]
+
+
+class _Cached:
+    """Batches ``(x, pos)`` of ``rows`` read from decoded uint8 pixels (memory-mapped) and normalised."""
+
+    def __init__(self, pixels: np.ndarray, rows: np.ndarray, order: list[np.ndarray], pre: Preprocessing):
+        self.pixels, self.rows, self.order, self.pre = pixels, rows, order, pre
+
+    def __len__(self) -> int:
+        return len(self.order)
+
+    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        for b in self.order:
+            yield self.pre.normalize(np.asarray(self.pixels[self.rows[b]])), torch.from_numpy(b)
+
+
 class FolderImages(Dataset):
     """Image files plus an encoded metadata table; built by the layout adapters (celeba, waterbirds, ...)."""
 
@@ -168,6 +220,8 @@ class FolderImages(Dataset):
         self._table = table
         self._paths = {split: paths[table.rows[split]] for split in table.rows}
         self._num_workers = int(options["num_workers"])
+        self._decoded: ArrayCache | None = None  # with_input_cache's decoded-image cache
+        self._decoded_splits: dict[tuple, np.ndarray | None] = {}  # shared by views: see _decoded_pixels
         # root is left out: the same files moved elsewhere are the same data; the digest covers the metadata
         identity = canonical_options(options, schema, leave_out=("root",))
         self._files_fingerprint = f"{name}/v{version}:{identity}:{digest}"
@@ -187,16 +241,63 @@ class FolderImages(Dataset):
 
     def inputs(self, split: str, indices: np.ndarray | None = None) -> torch.Tensor:
         idx = check_indices(indices, len(self.meta(split)), split)
+        decoded = self._decoded_pixels(split)
+        if decoded is not None:
+            return self.preprocessing.normalize(np.asarray(decoded[idx]))
         return _Decoder(self._paths[split][idx], self.preprocessing)[np.arange(len(idx))][0]
 
     def loader(self, split: str, indices: np.ndarray | None = None, *, batch_size: int, shuffle: bool = False,
                seed: int = 0, epoch: int = 0, drop_last: bool = False, num_workers: int | None = None) -> Batches:
         idx = check_indices(indices, len(self.meta(split)), split)
         order = batch_order(len(idx), batch_size, shuffle=shuffle, seed=seed, epoch=epoch, drop_last=drop_last)
+        decoded = self._decoded_pixels(split)
+        if decoded is not None:  # from memory: a copy and a normalisation per batch, no worker processes
+            return _Cached(decoded, idx, order, self.preprocessing)
         workers = self._num_workers if num_workers is None else int(num_workers)
-        return _Stream(torch.utils.data.DataLoader(_Decoder(self._paths[split][idx], self.preprocessing),
-                                                   batch_size=None, sampler=order, num_workers=min(workers, len(order)),
-                                                   pin_memory=torch.cuda.is_available()))
+        return _Stream(_loader(_Decoder(self._paths[split][idx], self.preprocessing), order, workers))
+
+    def with_input_cache(self, folder: str | os.PathLike | None, budget_bytes: int | None = None) -> Dataset:
+        """A view that decodes each split's files once into a uint8 array under ``folder`` (memory-mapped,
+        shared by the workers of a node) and feeds every later batch from it; None: self.
+
+        The pixels are exactly the streamed ones (``Preprocessing.pixels`` then ``normalize``). An entry is
+        keyed by the preprocessing's geometry and each file's path, size and modification time, in row
+        order, so a changed, added or removed file makes a new entry (unchanged files count as unchanged
+        content, as for make or rsync: hashing every byte would cost what the cache saves). Entries share a
+        budget (``DECODED_BUDGET_BYTES`` by default; least recently read out); a split that alone exceeds it
+        is streamed from the files."""
+        if folder is None:
+            return self
+        view = copy.copy(self)
+        view._decoded = ArrayCache(folder, DECODED_BUDGET_BYTES if budget_bytes is None else budget_bytes)
+        return view
+
+    def _decoded_pixels(self, split: str) -> np.ndarray | None:
+        """The split's uint8 pixels from the decoded-image cache (decoding them first if absent); None when
+        this dataset has no cache or the split does not fit its budget."""
+        if self._decoded is None:
+            return None
+        # opened once per process: every view of this dataset (one per trial) shares the memo
+        memo = (str(self._decoded.root), self._decoded.budget_bytes, split, self.preprocessing.geometry())
+        if memo not in self._decoded_splits:
+            paths = self._paths[split]
+            shape = (len(paths), *self.preprocessing.input_size)
+            if not self._decoded.fits(int(np.prod(shape))):
+                self._decoded_splits[memo] = None
+            else:
+                decoder = _Decoder(paths, self.preprocessing, raw=True)
+
+                def fill(out: np.ndarray) -> None:
+                    order = batch_order(len(paths), _FILL_BATCH, shuffle=False)
+                    for x, pos in _Stream(_loader(decoder, order, self._num_workers)):
+                        out[pos.numpy()] = x.numpy()
+
+                self._decoded_splits[memo] = self._decoded.get_or_fill(
+                    _decoded_key(paths, self.preprocessing.geometry()), shape, np.uint8, fill)
+        return self._decoded_splits[memo]
+
+    def __getstate__(self) -> dict[str, Any]:  # the memo's memory maps are not shipped to another process
+        return {**self.__dict__, "_decoded_splits": {}}
 
     def for_model(self, data_config: Any) -> Dataset:
         """A view whose ``inputs``/``loader`` make pixels as ``data_config`` says (timm's data config dict

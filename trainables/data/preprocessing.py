@@ -111,15 +111,51 @@ class Preprocessing:
         """Compact sorted JSON: the record logged with trials and hashed into pretraining keys."""
         return json.dumps(self.as_dict(), sort_keys=True, separators=(",", ":"))
 
+    def geometry(self) -> str:
+        """Canonical text of what decides the pixels before normalisation (size, interpolation, crop): models
+        that differ only in mean and std share ``pixels``, and the decoded-image cache is keyed by this."""
+        d = self.as_dict()
+        return json.dumps({k: d[k] for k in ("input_size", "interpolation", "crop_pct", "crop_mode")},
+                          sort_keys=True, separators=(",", ":"))
+
+    def pixels(self, image: Any) -> np.ndarray:
+        """uint8 (C, H, W) from an RGB PIL image: timm's evaluation transform up to its tensor conversion
+        (resize, crop), the part worth caching; ``normalize`` does the rest."""
+        return np.ascontiguousarray(np.asarray(_geometric(self)(image), dtype=np.uint8).transpose(2, 0, 1))
+
+    def normalize(self, pixels: Any) -> Any:
+        """float32 torch tensor from uint8 ``pixels`` (C, H, W) or (N, C, H, W): x / 255, minus mean, over std,
+        the operations of timm's (torchvision's) ToTensor and Normalize in their order, so the result is
+        bit for bit what the whole transform gives."""
+        import torch
+
+        x = torch.as_tensor(pixels).to(torch.float32).div(255)
+        mean = torch.tensor(self.mean, dtype=torch.float32).view(-1, 1, 1)
+        std = torch.tensor(self.std, dtype=torch.float32).view(-1, 1, 1)
+        return x.sub_(mean).div_(std)
+
     def __call__(self, image: Any) -> np.ndarray:
-        """float32 (C, H, W) from an RGB PIL image, through timm's evaluation transform."""
-        return _transform(self)(image).numpy()
+        """float32 (C, H, W) from an RGB PIL image, as timm's evaluation transform makes it."""
+        return self.normalize(self.pixels(image)).numpy()
 
 
 @functools.lru_cache(maxsize=16)
-def _transform(pre: Preprocessing) -> Callable[[Any], Any]:
+def _transform(pre: Preprocessing) -> Any:
     """timm's eval pipeline for ``pre``, built once per process (DataLoader workers inherit or rebuild it)."""
     from timm.data import create_transform
 
     return create_transform(input_size=pre.input_size, is_training=False, interpolation=pre.interpolation,
                             mean=pre.mean, std=pre.std, crop_pct=pre.crop_pct, crop_mode=pre.crop_mode)
+
+
+@functools.lru_cache(maxsize=16)
+def _geometric(pre: Preprocessing) -> Callable[[Any], Any]:
+    """The PIL part of timm's eval pipeline: every step before its last two (to tensor, normalise)."""
+    from torchvision import transforms
+
+    steps = list(_transform(pre).transforms)
+    if len(steps) < 2 or not isinstance(steps[-2], transforms.ToTensor) or not isinstance(steps[-1],
+                                                                                          transforms.Normalize):
+        raise RuntimeError(f"timm's evaluation transform no longer ends with ToTensor, Normalize ({steps}); "
+                           "Preprocessing.pixels must be updated for this timm version")
+    return transforms.Compose(steps[:-2])
