@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any, Mapping
 
 from orchestrator.spec import FreezeSpec, SpecError, SweepSpec, freeze_label
+from trainables.errors import UserError
 from trainables.schema import SchemaError
 
 __all__ = ["PretrainJob", "TrialPoint", "PlannedTrial", "Plan", "build_plan", "grid_points", "canonical_hash"]
@@ -194,6 +195,9 @@ def _as_spec_error(path: str, value: Any, exc: Exception) -> SpecError:
 def build_plan(spec: SweepSpec, *, base_dir: str | None = None) -> Plan:
     """Resolve names through the registries and check feasibility; raises ``SpecError`` with a field path.
 
+    Only a ``UserError`` (an unknown name, an infeasible magnitude, a refused option) becomes a
+    ``SpecError`` on the field that caused it; any other exception is a bug and propagates as it is.
+
     Relative ``file:`` checkpoints resolve against ``base_dir`` (default: the working directory);
     resume passes the directory the sweep was launched from, so it may run from anywhere.
     """
@@ -206,14 +210,14 @@ def build_plan(spec: SweepSpec, *, base_dir: str | None = None) -> Plan:
         dataset.check()
     except UnknownNameError as exc:
         raise _as_spec_error("dataset.name", spec.dataset.name, exc) from None
-    except ValueError as exc:
+    except UserError as exc:
         raise _as_spec_error("dataset.options", dict(spec.dataset.options), exc) from None
 
     for field_name in ("performance", "fairness"):
         name = getattr(spec.objectives, field_name)
         try:
             metrics.direction(name)
-        except ValueError as exc:
+        except UserError as exc:
             raise _as_spec_error(f"objectives.{field_name}", name, exc) from None
         attr = name.split("/", 1)[1] if "/" in name else None
         if attr is not None and attr not in dataset.group_names:
@@ -230,7 +234,7 @@ def build_plan(spec: SweepSpec, *, base_dir: str | None = None) -> Plan:
             interventions.check_feasible(axis.kind, pool.labels, pool.groups, axis.endpoints(), spec.finetune.size)
         except UnknownNameError as exc:
             raise _as_spec_error(f"axes.intervention[{i}].kind", axis.kind, exc) from None
-        except ValueError as exc:
+        except UserError as exc:
             raise _as_spec_error(f"axes.intervention[{i}].magnitudes", list(axis.magnitudes), exc) from None
 
     # Paradigms: registered, suitable for the modality, checkpoint files readable.
@@ -241,7 +245,7 @@ def build_plan(spec: SweepSpec, *, base_dir: str | None = None) -> Plan:
             ckpt = (Path(base_dir or ".") / os.path.expanduser(name[5:])).resolve()  # an unknown ~user stays as written
             try:
                 backbones.load_weights_file(ckpt)
-            except ValueError as exc:
+            except UserError as exc:
                 raise _as_spec_error(path, name, exc) from None
             if spec.pretraining.paradigms.get(name):
                 raise SpecError(f"pretraining.paradigms.{name}", dict(spec.pretraining.paradigms[name]),
@@ -255,11 +259,11 @@ def build_plan(spec: SweepSpec, *, base_dir: str | None = None) -> Plan:
         options = spec.pretraining.paradigms.get(name, {})
         try:
             paradigm.resolve_options(options)
-        except ValueError as exc:
+        except UserError as exc:
             raise _as_spec_error(f"pretraining.paradigms.{name}", dict(options), exc) from None
         try:
             paradigm.check(dataset, options)
-        except ValueError as exc:
+        except UserError as exc:
             raise _as_spec_error(path, name, exc) from None
     for name in spec.pretraining.paradigms:
         if name not in spec.axes.paradigm:
@@ -271,12 +275,12 @@ def build_plan(spec: SweepSpec, *, base_dir: str | None = None) -> Plan:
     for i, name in enumerate(spec.axes.backbone):
         try:
             n_groups[name] = backbones.count_layer_groups(name, dataset.input_shape)
-        except ValueError as exc:
+        except UserError as exc:
             raise _as_spec_error(f"axes.backbone[{i}]", name, exc) from None
         for j, fd in enumerate(spec.axes.freeze_depth):
             try:
                 backbones.resolve_freeze(fd, n_groups[name], backbone=name)
-            except ValueError as exc:
+            except UserError as exc:
                 raise _as_spec_error(f"axes.freeze_depth[{j}]", fd if not isinstance(fd, tuple) else list(fd), exc) from None
         for j, p in enumerate(spec.axes.paradigm):
             try:
@@ -284,7 +288,7 @@ def build_plan(spec: SweepSpec, *, base_dir: str | None = None) -> Plan:
                     paradigms.check_weights_fit(file_weights[p], name, dataset.input_shape)
                 elif p in paradigms.PARADIGMS:
                     paradigms.PARADIGMS.get(p).check_backbone(name, dataset)
-            except ValueError as exc:
+            except UserError as exc:
                 raise _as_spec_error(f"axes.paradigm[{j}]", p, f"{exc} (backbone {name!r})") from None
 
     # Pretraining jobs: one per (backbone, paradigm) that needs training.
