@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import abc
 import json
+import os
 from dataclasses import dataclass, field
 from types import MappingProxyType
 from typing import Any, Callable, Iterable, Mapping
@@ -39,7 +40,6 @@ __all__ = [
     "batch_order",
     "DATASETS",
     "DatasetEntry",
-    "register_dataset",
     "build_dataset",
 ]
 
@@ -192,6 +192,12 @@ class Dataset(abc.ABC):
         its fingerprint and cache keys. Folder datasets return a view with that preprocessing."""
         return self
 
+    def with_input_cache(self, folder: str | os.PathLike | None) -> Dataset:
+        """This dataset with its decoded inputs cached under ``folder`` (shared by a node's workers), so
+        files are decoded once rather than in every epoch of every trial; the inputs are the same. Data
+        held in memory has nothing to decode: returned as is. Folder datasets return a caching view."""
+        return self
+
     def preprocessing_record(self) -> str:
         """The preprocessing applied to inputs as canonical text for results and keys; "" when none."""
         return "" if self.preprocessing is None else self.preprocessing.canonical()
@@ -249,17 +255,15 @@ class DatasetEntry:
         return self.factory(options)
 
 
-DATASETS: Registry[DatasetEntry] = Registry("dataset")
+def _dataset_entry(name: str, factory: Callable[[Mapping[str, Any]], Dataset], *, options: Mapping[str, Option],
+                   doc: str = "") -> DatasetEntry:
+    """The entry ``DATASETS.register(name, options=..., doc=...)`` makes of ``factory(options) -> Dataset``."""
+    return DatasetEntry(name, factory, MappingProxyType(dict(options)), doc)
 
 
-def register_dataset(name: str, options: Mapping[str, Option], doc: str = "") -> Callable[[Callable], Callable]:
-    """Decorator registering ``factory(options) -> Dataset`` under ``name`` with its option schema."""
-
-    def deco(factory: Callable[[Mapping[str, Any]], Dataset]) -> Callable[[Mapping[str, Any]], Dataset]:
-        DATASETS.register(name)(DatasetEntry(name, factory, MappingProxyType(dict(options)), doc))
-        return factory
-
-    return deco
+DATASETS: Registry[DatasetEntry] = Registry("dataset", _dataset_entry)
+"""Every dataset, one decorator each: ``@DATASETS.register("my_data", options={...}, doc="...")`` on a
+factory taking the ``dataset.options`` mapping (check it with ``parse_options(options, OPTIONS)``)."""
 
 
 def build_dataset(name: str, options: Mapping[str, Any] | None = None) -> Dataset:
