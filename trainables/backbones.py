@@ -17,7 +17,6 @@ groups before freezing and build the optimizer after.
 """
 from __future__ import annotations
 
-import difflib
 import functools
 import os
 from dataclasses import dataclass
@@ -26,6 +25,7 @@ from typing import TYPE_CHECKING, Any, Callable, Mapping, Union
 
 from trainables.errors import UserError
 from trainables.registry import Registry
+from trainables.schema import did_you_mean
 
 if TYPE_CHECKING:  # torch and timm are imported lazily so that importing this module stays cheap
     import torch
@@ -76,11 +76,12 @@ def _register_builtin() -> None:
     import trainables.timeseries_backbones  # noqa: F401  (cnn1d_paperb, cnn1d_tiny, transformer1d_tiny)
 
 
-def _close_timm_names(name: str) -> list[str]:
+def _close_timm_names(name: str) -> str:
+    """``did you mean ...?`` with up to _MAX_LISTED registered or timm names close to ``name`` ("" if none)."""
     import timm
 
     _register_builtin()
-    return difflib.get_close_matches(name, BACKBONES.names() + timm.list_models(), n=_MAX_LISTED, cutoff=0.6)
+    return did_you_mean(name, BACKBONES.names() + timm.list_models(), n=_MAX_LISTED)
 
 
 def _is_timm_model(name: str) -> bool:
@@ -101,7 +102,7 @@ def create_backbone(name: str, *, num_classes: int, input_shape: tuple[int, ...]
         return BACKBONES.get(name)(num_classes, shape[0], shape)
     if not isinstance(name, str) or not _is_timm_model(name):
         close = _close_timm_names(str(name))
-        hint = f"; did you mean {', '.join(map(repr, close))}?" if close else ""
+        hint = f"; {close}" if close else ""
         raise BackboneError(
             f"backbone {name!r} is neither a registered backbone ({', '.join(BACKBONES.names()) or 'none'}) "
             f"nor a timm model{hint} (see timm.list_models())")

@@ -72,19 +72,19 @@ in every group.
 from __future__ import annotations
 
 import contextlib
-import difflib
 import math
 import numbers
 from collections.abc import Mapping as MappingABC, Sequence as SequenceABC
 from dataclasses import dataclass, field
 from functools import cached_property
-from types import MappingProxyType
 from typing import Any, Callable, Iterator, Mapping, Sequence
 
 import numpy as np
 import pandas as pd
 
 from trainables.errors import UserError
+from trainables.registry import Registry
+from trainables.schema import did_you_mean
 
 __all__ = ["METRIC_DIRECTIONS", "PERFORMANCE_METRICS", "FAIRNESS_METRICS", "GROUP_METRICS", "OVERALL_METRICS",
            "REPORTED_METRICS", "METRICS", "MetricSpec", "MetricError", "OverallCounts", "GroupCounts",
@@ -129,16 +129,10 @@ class MetricSpec:
         return 0.0 if self.signed else self.target
 
 
-_REGISTRY: dict[str, MetricSpec] = {}  # the module's only mutable state: register_metric / unregister_metric
-METRICS: Mapping[str, MetricSpec] = MappingProxyType(_REGISTRY)
-"""Read-only live view of the registry, in registration order."""
-
-
-def register_metric(name: str, *, direction: str | None, per_attribute: bool = True, signed: bool = False,
-                    vectorised: bool = True, target: float | None = None,
-                    use_instead: str | None = None) -> Callable[[Callable], Callable]:
-    """Decorator: register ``fn`` as metric ``name``; ``evaluate``, ``bootstrap_ci``, ``direction`` and
-    ``is_signed`` know it from then on (see MetricSpec for ``fn``'s signature).
+def _metric_entry(name: str, fn: Callable, *, direction: str | None, per_attribute: bool = True, signed: bool = False,
+                  vectorised: bool = True, target: float | None = None, use_instead: str | None = None) -> MetricSpec:
+    """The entry ``register_metric(name, direction=..., ...)`` makes of ``fn``; ``evaluate``, ``bootstrap_ci``,
+    ``direction`` and ``is_signed`` know it from then on (see MetricSpec for ``fn``'s signature).
 
     ``direction``: 'max' or 'min' for an objective; None for a metric that is reported but not optimised,
     which then needs ``target`` (its best value, what ``worst:`` measures distance from) and may name
@@ -147,7 +141,7 @@ def register_metric(name: str, *, direction: str | None, per_attribute: bool = T
     if not isinstance(name, str) or not name.isidentifier():
         raise MetricError(f"metric name must be an identifier such as 'tpr_difference' (it becomes the keys NAME, "
                           f"NAME/attr and worst:NAME); got {name!r}")
-    if name in _REGISTRY:
+    if name in _METRICS:
         raise MetricError(f"metric {name!r} is already registered; call unregister_metric({name!r}) first or "
                           f"choose another name")
     if direction not in ("max", "min", None):
@@ -163,25 +157,29 @@ def register_metric(name: str, *, direction: str | None, per_attribute: bool = T
         raise MetricError(f"metric {name!r}: target={target!r} is only for reported metrics (direction=None); "
                           f"a '{direction}' metric is best at its {'largest' if direction == 'max' else 'smallest'} "
                           f"value; drop target")
+    if not callable(fn):
+        raise MetricError(f"metric {name!r} must be registered on a function; got {fn!r}")
+    return MetricSpec(name, fn, direction, bool(per_attribute), bool(signed), bool(vectorised),
+                      None if target is None else float(target), use_instead)
 
-    def deco(fn: Callable) -> Callable:
-        if not callable(fn):
-            raise MetricError(f"metric {name!r} must be registered on a function; got {fn!r}")
-        _REGISTRY[name] = MetricSpec(name, fn, direction, bool(per_attribute), bool(signed), bool(vectorised),
-                                     None if target is None else float(target), use_instead)
-        return fn
 
-    return deco
+_METRICS: Registry[MetricSpec] = Registry("metric", _metric_entry)  # the module's only mutable state
+METRICS: Mapping[str, MetricSpec] = _METRICS.entries()
+"""Read-only live view of the registry, in registration order."""
+register_metric = _METRICS.register
+"""Decorator, the registry's one style: ``@register_metric("name", direction="min")`` on ``fn`` (see
+``_metric_entry`` for the keywords); one registration gives the point estimate, its bootstrap interval and
+its direction to the queries."""
 
 
 def unregister_metric(name: str) -> None:
     """Remove a metric registered after import; built-in metrics stay (other modules rely on them)."""
-    if name not in _REGISTRY:
-        raise MetricError(f"metric {name!r} is not registered; registered: {', '.join(_REGISTRY)}")
+    if name not in _METRICS:
+        raise MetricError(f"metric {name!r} is not registered; registered: {', '.join(_METRICS)}")
     if name in _BUILTIN:
         raise MetricError(f"metric {name!r} is built in and cannot be unregistered; register yours under "
                           f"another name")
-    del _REGISTRY[name]
+    _METRICS.unregister(name)
 
 
 @contextlib.contextmanager
@@ -189,9 +187,10 @@ def temporary_metric(name: str, fn: Callable, **options: Any) -> Iterator[Metric
     """``register_metric(name, **options)(fn)`` for the duration of a ``with`` block (tests, notebooks)."""
     register_metric(name, **options)(fn)
     try:
-        yield _REGISTRY[name]
+        yield METRICS[name]
     finally:
-        _REGISTRY.pop(name, None)
+        if name in _METRICS:
+            _METRICS.unregister(name)
 
 
 class _Names(SequenceABC):
@@ -201,7 +200,7 @@ class _Names(SequenceABC):
         self._keep, self.__doc__ = keep, doc
 
     def _names(self) -> tuple[str, ...]:
-        return tuple(n for n, s in _REGISTRY.items() if self._keep(s))
+        return tuple(n for n, s in METRICS.items() if self._keep(s))
 
     def __getitem__(self, i: Any) -> Any:
         return self._names()[i]
@@ -229,16 +228,16 @@ class _Directions(MappingABC):
     """Live read-only ``{name: 'max' | 'min'}`` of the optimisable metrics."""
 
     def __getitem__(self, name: str) -> str:
-        spec = _REGISTRY.get(name)
+        spec = METRICS.get(name)
         if spec is None or spec.direction is None:
             raise KeyError(name)
         return spec.direction
 
     def __iter__(self) -> Iterator[str]:
-        return (n for n, s in _REGISTRY.items() if s.direction is not None)
+        return (n for n, s in METRICS.items() if s.direction is not None)
 
     def __len__(self) -> int:
-        return sum(s.direction is not None for s in _REGISTRY.values())
+        return sum(s.direction is not None for s in METRICS.values())
 
     def __repr__(self) -> str:
         return repr(dict(self))
@@ -269,12 +268,10 @@ def _lookup(metric: Any) -> tuple[MetricSpec, str]:
         if not attr:
             raise MetricError(f"metric {metric!r} has an empty attribute after '/'; write NAME/ATTRIBUTE, "
                               f"e.g. 'equalized_odds_difference/sex'")
-    spec = _REGISTRY.get(base)
+    spec = METRICS.get(base)
     if spec is None:
-        valid = list(GROUP_METRICS) if form else list(_REGISTRY)
-        close = difflib.get_close_matches(base, valid, n=1)
-        hint = f" Did you mean {close[0]!r}?" if close else ""
-        raise MetricError(f"unknown metric {metric!r}; valid names: {', '.join(_REGISTRY)}; the per-attribute "
+        hint = did_you_mean(base, list(GROUP_METRICS) if form else list(METRICS), sentence=True)
+        raise MetricError(f"unknown metric {metric!r}; valid names: {', '.join(METRICS)}; the per-attribute "
                           f"ones ({', '.join(GROUP_METRICS)}) also as NAME/ATTRIBUTE and worst:NAME.{hint}")
     if form and not spec.per_attribute:
         raise MetricError(f"metric {metric!r}: {base!r} is computed over all examples, so it has no {form} form; "
@@ -572,7 +569,7 @@ def _error_rate_ratio_deviation(c: GroupCounts) -> np.ndarray:
     return c.ratio_deviation(c.error_rate)
 
 
-_BUILTIN = frozenset(_REGISTRY)
+_BUILTIN = frozenset(METRICS)
 
 
 # --- validation ------------------------------------------------------------------------------------------------
@@ -762,8 +759,8 @@ def _compute(y: np.ndarray, scores: np.ndarray, attrs: Mapping[str, _Attribute],
              names: Sequence[str] | None = None) -> tuple[dict[str, np.ndarray], dict[str, GroupCounts]]:
     """Every key (or those whose metric ``names`` needs) for each row of ``scores`` (B, n), labels and
     groups fixed per column, plus each attribute's count table (for the per-group CSV)."""
-    bases = set(_REGISTRY) if names is None else {_base(k) for k in names}
-    specs = [s for n, s in _REGISTRY.items() if n in bases]
+    bases = set(METRICS) if names is None else {_base(k) for k in names}
+    specs = [s for n, s in METRICS.items() if n in bases]
     b = scores.shape[0]
     pred = scores >= threshold
     out: dict[str, np.ndarray] = {}
@@ -929,8 +926,7 @@ def bootstrap_ci(y_true: Sequence[int] | np.ndarray, y_score: Sequence[float] | 
     valid = _keys(list(groups))
     for name in metrics:
         if name not in valid:
-            close = difflib.get_close_matches(str(name), valid, n=1)
-            hint = f" Did you mean {close[0]!r}?" if close else ""
+            hint = did_you_mean(name, valid, sentence=True)
             raise ValueError(f"metrics holds {name!r}, which evaluate does not report for these attributes; "
                              f"valid: {', '.join(valid)}.{hint}")
     cells = _cells(y, groups)

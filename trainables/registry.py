@@ -29,8 +29,7 @@ class UnknownNameError(UserError, KeyError):
 
     def __init__(self, kind: str, name: object, valid: list[str]):
         self.kind, self.name, self.valid = kind, name, valid
-        hint = did_you_mean(name, valid)
-        hint = f" {hint[0].upper()}{hint[1:]}" if hint else ""
+        hint = did_you_mean(name, valid, sentence=True)
         super().__init__(f"unknown {kind} {name!r}; valid: {', '.join(valid)}.{hint}")
 
     def __str__(self) -> str:  # KeyError would repr() the message
@@ -56,10 +55,11 @@ class Registry(Generic[T]):
             raise TypeError(f"{self.kind} entries take no attributes; got {', '.join(attributes)}")
 
         def deco(obj: F) -> F:
+            entry = obj if self._entry is None else self._entry(name, obj, **attributes)  # checks the attributes
             if name in self._entries:
                 raise ValueError(f"{self.kind} {name!r} is already registered; unregister it first or choose "
                                  "another name")
-            self._entries[name] = obj if self._entry is None else self._entry(name, obj, **attributes)
+            self._entries[name] = entry
             return obj
 
         return deco

@@ -65,11 +65,14 @@ def at(path: str, key: Any) -> str:
     return f"{path}.{text}" if path else text
 
 
-def did_you_mean(name: Any, valid: Iterable[str], *, n: int = 1, cutoff: float = 0.6) -> str:
+def did_you_mean(name: Any, valid: Iterable[str], *, n: int = 1, cutoff: float = 0.6, sentence: bool = False) -> str:
     """``"did you mean 'x'?"`` (or several, comma-separated) for the names closest to ``name``; "" when
-    none is close. The one place a typo is answered with its likely fix."""
+    none is close; ``sentence=True``: `` Did you mean 'x'?``, to end a message. The one place a typo is
+    answered with its likely fix."""
     close = difflib.get_close_matches(str(name), list(valid), n=n, cutoff=cutoff)
-    return f"did you mean {', '.join(map(repr, close))}?" if close else ""
+    if not close:
+        return ""
+    return f"{' Did' if sentence else 'did'} you mean {', '.join(map(repr, close))}?"
 
 
 class SchemaError(UserError, ValueError):

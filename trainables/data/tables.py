@@ -19,7 +19,6 @@ differ only in how they read their files:
 """
 from __future__ import annotations
 
-import difflib
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -30,6 +29,7 @@ import numpy as np
 import pandas as pd
 
 from trainables.data.base import NAMES, SPLITS, DatasetError, Option, SplitMeta
+from trainables.schema import did_you_mean
 
 __all__ = ["Table", "build_table", "table_options", "partition_values", "PARTITION_WORDS", "INTERSECT_SEP",
            "require_columns", "read_table", "split_of"]
@@ -102,8 +102,8 @@ def require_columns(frame: pd.DataFrame, columns: Mapping[str, str], where: str)
     have = [str(c) for c in frame.columns]
     for column, option in columns.items():
         if column not in frame.columns:
-            close = difflib.get_close_matches(column, have, n=1)
-            hint = f"; did you mean {close[0]!r}?" if close else ""
+            hint = did_you_mean(column, have)
+            hint = f"; {hint}" if hint else ""
             raise DatasetError(f"{where}: no column {column!r} (dataset.options.{option}); it has {_listing(have)}"
                                f"{hint}")
 
