@@ -19,6 +19,7 @@ from typing import Any, Mapping
 from ray.tune.search import Searcher
 
 from orchestrator.plan import Plan, TrialPoint
+from orchestrator.samplers import SAMPLERS
 from orchestrator.spec import Range, freeze_label
 from trainables.errors import UserError
 
@@ -33,15 +34,8 @@ _ENQUEUE_AFTER = 10  # duplicate draws in a row before a categorical space's uns
 
 
 def make_sampler(name: str, seed: int) -> Any:
-    import optuna
-
-    if name == "tpe":
-        return optuna.samplers.TPESampler(seed=seed, multivariate=True)
-    if name == "nsga2":
-        return optuna.samplers.NSGAIISampler(seed=seed)
-    if name == "random":
-        return optuna.samplers.RandomSampler(seed=seed)
-    raise ValueError(f"unknown sampler {name!r}; use tpe, nsga2 or random")
+    """The Optuna sampler registered as ``name`` (orchestrator.samplers; a plugin may add one), seeded."""
+    return SAMPLERS.get(name)(seed)
 
 
 def suggest_point(trial: Any, plan: Plan) -> TrialPoint:
