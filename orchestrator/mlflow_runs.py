@@ -11,10 +11,12 @@ import contextlib
 import gc
 from typing import Any, Iterator, Literal, Sequence
 
-__all__ = ["TAGS", "RunKind", "PAGE_SIZE", "run_filter", "search_runs", "find_parent_run"]
+__all__ = ["TAGS", "RunKind", "PAGE_SIZE", "WEIGHTS_ARTIFACT", "run_filter", "search_runs", "find_parent_run"]
 
 RunKind = Literal["sweep", "trial", "pretrain"]  # the value of TAGS.KIND: a parent run, a trial, a pretraining job
 PAGE_SIZE = 5000  # runs asked for per call; MLflow returns at most this many and a token for the next page
+# a trial run's finetuned weights (safetensors), logged under tracking.log_models: all; what `fairsweep cka` loads
+WEIGHTS_ARTIFACT = "weights/finetuned.safetensors"
 
 
 class TAGS:

@@ -18,7 +18,7 @@ import pandas as pd
 
 from orchestrator import raylocal  # noqa: F401 - before the first import of ray: a local Ray binds to 127.0.0.1
 from orchestrator.driverlock import driver_id
-from orchestrator.mlflow_runs import TAGS, find_parent_run, run_filter, search_runs
+from orchestrator.mlflow_runs import TAGS, WEIGHTS_ARTIFACT, find_parent_run, run_filter, search_runs
 from orchestrator.plan import Plan, PlannedTrial, TrialPoint
 from orchestrator.query import front_table, load_trials
 from ray import tune  # noqa: E402 - after raylocal
@@ -321,6 +321,8 @@ class SweepTracker(tune.Callback):
                 for name in (PREDICTIONS_FILE, VAL_PREDICTIONS_FILE, PER_GROUP_FILE, INNER_SEARCH_FILE):
                     if (Path(d) / name).exists():
                         self.client.log_artifact(run_id, str(Path(d) / name))
+                if self.spec.tracking.log_models == "all":
+                    self._log_weights(run_id, Path(d))
         if run_id in self._errored:  # a retried trial that failed before: its old error no longer holds
             self.client.delete_tag(run_id, TAGS.ERROR)
             self._errored.discard(run_id)
@@ -413,22 +415,18 @@ class SweepTracker(tune.Callback):
         The weights are the ones the trial reported: the inner search's and epoch selection's pick."""
         members = [r for ids in (table[table["on_front"]]["run_ids"] if len(table) else []) for r in ids]
         todo = [r for r in members if r in self._final_checkpoints and r not in self._models_logged]
-        if not todo:
+        if not todo or self.spec.tracking.log_models == "none":
             return []
         import mlflow.pytorch
-        import torch
 
         from trainables import backbones
         from trainables.data import build_dataset
-        from trainables.finetune import STATE_FILE
 
         shape = build_dataset(self.spec.dataset.name, self.spec.dataset.options).input_shape
         for run_id in todo:
             backbone, path = self._final_checkpoints[run_id]
-            state = torch.load(Path(path) / STATE_FILE, map_location="cpu", weights_only=True)
-            chosen = (state.get("progress") or {}).get("chosen")
             model = backbones.create_backbone(backbone, num_classes=2, input_shape=shape)
-            model.load_state_dict(chosen if chosen is not None else state["model"])
+            model.load_state_dict(_reported_weights(Path(path)))
             model.eval()
             with tempfile.TemporaryDirectory() as d:
                 # pickle: the whole module object, whatever its forward does (pt2 would trace it on an example)
@@ -436,6 +434,16 @@ class SweepTracker(tune.Callback):
                 self.client.log_artifacts(run_id, str(Path(d) / "model"), artifact_path="model")
             self._models_logged.add(run_id)
         return todo
+
+    def _log_weights(self, run_id: str, checkpoint: Path) -> None:
+        """``tracking.log_models: all``: the trial's finetuned weights (the pick it reported) as the run artifact
+        WEIGHTS_ARTIFACT, in safetensors, so they load weights-only anywhere (``fairsweep cka`` reads them)."""
+        from safetensors.torch import save_file
+
+        folder, name = WEIGHTS_ARTIFACT.rsplit("/", 1)
+        with tempfile.TemporaryDirectory() as d:
+            save_file({k: v.contiguous() for k, v in _reported_weights(checkpoint).items()}, str(Path(d) / name))
+            self.client.log_artifact(run_id, str(Path(d) / name), artifact_path=folder)
 
     def _log_front_progress(self, table: pd.DataFrame, perf: str, fair: str) -> None:
         """What the MLflow UI shows on the parent run as the sweep goes: ``front_size``, ``hypervolume`` and
@@ -520,6 +528,18 @@ def _run_name(p: TrialPoint) -> str:
     from orchestrator.spec import freeze_label
 
     return f"{p.backbone}-{p.paradigm}-{p.intervention}{p.magnitude:g}-f{freeze_label(p.freeze_depth)}-s{p.seed}"
+
+
+def _reported_weights(checkpoint: Path) -> dict:
+    """The model state of a trial's final checkpoint that its metrics describe: the inner search's and the
+    epoch selection's pick (older checkpoints without an inner search: the last epoch's model)."""
+    import torch
+
+    from trainables.finetune import STATE_FILE
+
+    state = torch.load(checkpoint / STATE_FILE, map_location="cpu", weights_only=True)
+    chosen = (state.get("progress") or {}).get("chosen")
+    return chosen if chosen is not None else state["model"]
 
 
 def _flatten(d: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
