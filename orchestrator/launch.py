@@ -24,6 +24,7 @@ from orchestrator.storage import (CACHE_DIRNAME, artifact_location, check_storag
                                   write_sweep_record)
 from orchestrator.store import check_store, open_client, store_cause
 from trainables.errors import UserError
+from trainables.plugins import with_plugins  # a plugin's names resolve in every Ray worker too
 
 __all__ = ["LaunchOptions", "LaunchResult", "LaunchError", "launch", "resume"]
 
@@ -124,7 +125,8 @@ def run_pretraining(plan: Plan, cache_root: str, tracker: Any,
     from trainables.pretrain import run_pretrain_job
 
     res = plan.spec.resources
-    task = ray.remote(num_cpus=res.cpus_per_trial, num_gpus=res.gpus_per_trial, max_retries=max(1, res.max_failures))(run_pretrain_job)
+    task = ray.remote(num_cpus=res.cpus_per_trial, num_gpus=res.gpus_per_trial,
+                      max_retries=max(1, res.max_failures))(with_plugins(run_pretrain_job, plan.spec.plugins))
     refs = {task.remote(asdict(job), cache_root, res.cpus_per_trial): job for job in plan.pretrain_jobs}
     failed: dict[str, str] = {}
     pending = list(refs)
@@ -365,7 +367,7 @@ def _run(plan: Plan, path: str, tracking_uri: str, cache_root: str, options: Lau
                                  failed_pretraining=failed_pretraining,
                                  feature_cache=str(Path(path).parent / FEATURE_CACHE_DIRNAME))
         res = spec.resources
-        trainable = tune.with_resources(tune.with_parameters(finetune_trial, context=context),
+        trainable = tune.with_resources(tune.with_parameters(with_plugins(finetune_trial, spec.plugins), context=context),
                                         {"cpu": res.cpus_per_trial, "gpu": res.gpus_per_trial})
         make_tuner(trainable, tracker).fit()
         front = tracker.refresh_front()

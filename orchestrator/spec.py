@@ -693,7 +693,7 @@ _SEARCH = Section.of(SearchSpec, {
 _SWEEP = Section({
     "name": Custom(_name, _NAME_SCHEMA, doc="the sweep's name (resume, status and the queries use it)"),
     "experiment": Custom(_name, _NAME_SCHEMA, doc="the MLflow experiment (default: MLFLOW_EXPERIMENT_NAME, else name)"),
-    "plugins": ListOf(Custom(_module, {"type": "string", "pattern": "^" + MODULE_PATTERN + "$"}), default=(),
+    "plugins": ListOf(Custom(_module, {"type": "string", "pattern": "^" + MODULE_PATTERN + "$"}), default=(), empty=True,
                       doc="modules imported first, in the driver and every Ray worker, that register datasets, "
                           "backbones, paradigms, interventions, metrics or samplers"),
     "dataset": _DATASET,

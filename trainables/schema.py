@@ -352,22 +352,23 @@ class Custom(Field):
 @dataclass(frozen=True)
 class ListOf(Field):
     """An axis: one value (a one-element list) or a non-empty list of distinct values, each parsed by
-    ``item`` at ``PATH[i]``; returned as a tuple."""
+    ``item`` at ``PATH[i]``; returned as a tuple. ``empty=True`` also accepts an empty list."""
 
     item: Field
     doc: str = ""
     default: Any = REQUIRED
+    empty: bool = False
 
     def parse(self, value: Any, path: str) -> tuple:
         if isinstance(value, (str, int, float)) and not isinstance(value, bool):
             value = [value]  # a single value is a one-element axis
-        if not isinstance(value, list) or not value:
-            raise SchemaError(path, value, "expected a non-empty list")
+        if not isinstance(value, list) or not (value or self.empty):
+            raise SchemaError(path, value, "expected a list" if self.empty else "expected a non-empty list")
         return distinct((self.item.parse(v, f"{path}[{i}]") for i, v in enumerate(value)), path)
 
     def json_schema(self) -> dict:
         item = self.item.json_schema()
-        return self._annotate({"anyOf": [item, {"type": "array", "items": item, "minItems": 1}]})
+        return self._annotate({"anyOf": [item, {"type": "array", "items": item, "minItems": 0 if self.empty else 1}]})
 
 
 @dataclass(frozen=True)
