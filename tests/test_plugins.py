@@ -143,3 +143,19 @@ def test_a_sweep_uses_a_plugins_dataset_paradigm_and_metric_end_to_end(tmp_path,
     errors = trials["metrics.toy_error_rate"]  # computed in the workers, by the plugin's function
     assert errors.notna().all() and ((errors >= 0) & (errors <= 1)).all()
     assert (errors - (1 - trials["metrics.accuracy"])).abs().max() < 1e-9
+
+
+def test_the_errors_a_worker_raises_for_a_missing_or_refused_name_reach_the_driver_intact():
+    """Ray pickles a worker's exception; one that cannot be rebuilt arrives as UnserializableException."""
+    import pickle
+
+    from trainables.data import DatasetOptionError
+    from trainables.plugins import PluginError
+    from trainables.registry import UnknownNameError
+
+    for err in (UnknownNameError("paradigm", "toy_shrunk", ["scratch", "supervised"]),
+                DatasetOptionError("n_test", 3, "must be >= 4"), PluginError("plugin module 'x' cannot be imported")):
+        back = pickle.loads(pickle.dumps(err))
+        assert type(back) is type(err) and str(back) == str(err)
+    assert pickle.loads(pickle.dumps(UnknownNameError("paradigm", "toy", ["scratch"]))).valid == ["scratch"]
+    assert pickle.loads(pickle.dumps(DatasetOptionError("n_test", 3, "no"))).key == "n_test"

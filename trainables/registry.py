@@ -35,6 +35,9 @@ class UnknownNameError(UserError, KeyError):
     def __str__(self) -> str:  # KeyError would repr() the message
         return self.args[0]
 
+    def __reduce__(self) -> tuple:  # Ray pickles a worker's error; its args are the message, not these three
+        return (type(self), (self.kind, self.name, self.valid))
+
 
 class Registry(Generic[T]):
     """An ordered mapping of names to entries, filled with the ``register`` decorator.
