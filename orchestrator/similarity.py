@@ -268,8 +268,8 @@ def _heatmaps(table: pd.DataFrame, a: Mapping[str, str], b: Mapping[str, str], a
     configs = table[config_cols].drop_duplicates().to_dict("records") if config_cols else [{}]
     layers_a = list(dict.fromkeys(table["layer_a"]))
     layers_b = list(dict.fromkeys(table["layer_b"]))
-    fig, axes = plt.subplots(len(configs), 2, figsize=(2.2 + 1.1 * len(layers_b) * 2, 0.9 + 1.1 * len(layers_a) * len(configs)),
-                             dpi=100, squeeze=False)
+    width, height = 1.5 + 2.2 * len(layers_b), (1.2 + 0.8 * len(layers_a)) * len(configs)
+    fig, axes = plt.subplots(len(configs), 2, figsize=(width, height), dpi=100, squeeze=False, layout="constrained")
     side = lambda sel: " ".join(f"{k}={v}" for k, v in sel.items())  # noqa: E731
     for r, config in enumerate(configs):
         part = table
@@ -289,10 +289,13 @@ def _heatmaps(table: pd.DataFrame, a: Mapping[str, str], b: Mapping[str, str], a
                                 color="black" if value > 0.5 else "white")
             ax.set_xticks(range(len(layers_b)), layers_b, fontsize=7, rotation=30)
             ax.set_yticks(range(len(layers_a)), layers_a, fontsize=7)
-            ax.set_xlabel(side(b), fontsize=8)
-            ax.set_ylabel(side(a), fontsize=8)
+            if r == len(configs) - 1:
+                ax.set_xlabel(side(b), fontsize=8)
+            if c == 0:
+                ax.set_ylabel(side(a), fontsize=8)
             what = "best" if c == 0 else "worst"
-            auc = f"AUROC {cell['auroc_a'].mean():.3f} / {cell['auroc_b'].mean():.3f}" if len(cell) else "no examples"
+            auc = (f"AUROC {','.join(a.values())} {cell['auroc_a'].mean():.3f}, {','.join(b.values())} "
+                   f"{cell['auroc_b'].mean():.3f}" if len(cell) else "no examples")
             head = ", ".join(f"{k}={v}" for k, v in config.items())
             ax.set_title("\n".join(t for t in (head, f"{what} group {attribute}={group} ({auc})") if t), fontsize=8)
     fig.colorbar(im, ax=axes, shrink=0.6, label="linear CKA")
