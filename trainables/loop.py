@@ -1,7 +1,8 @@
 """The one supervised training loop, shared by pretraining and finetuning.
 
 Model and data live on the device Ray assigned to the trial: CUDA when the trial was given a GPU
-(Ray sets CUDA_VISIBLE_DEVICES), bf16 autocast where the GPU supports it, the CPU otherwise.
+(Ray sets CUDA_VISIBLE_DEVICES), bf16 autocast where the GPU supports it and image weights and batches
+in channels_last (``to_device``, ``on_device``), the CPU otherwise.
 Whole small datasets are moved to the device once and batched there, which is what keeps tiny
 models from being bound by host-to-device copies. Folder datasets are too big for that: their batches
 ``(x, pos)`` stream from DataLoader workers (``Dataset.loader``) and are copied to the device one at a
@@ -19,8 +20,9 @@ from torch import nn
 
 from trainables.errors import FairsweepError
 
-__all__ = ["select_device", "autocast", "batches", "train_epoch", "train_epoch_batches", "predict_scores",
-           "predict_scores_batches", "set_threads", "NonFiniteLossError", "TrialOutOfMemoryError", "memory_hint"]
+__all__ = ["select_device", "to_device", "on_device", "autocast", "batches", "train_epoch", "train_epoch_batches",
+           "predict_scores", "predict_scores_batches", "set_threads", "NonFiniteLossError", "TrialOutOfMemoryError",
+           "memory_hint"]
 
 Loss = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
@@ -61,6 +63,18 @@ def select_device() -> torch.device:
     return torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
 
 
+def to_device(model: nn.Module, device: torch.device) -> nn.Module:
+    """``model`` on ``device``; on CUDA with its 4-D weights in channels_last, the layout cuDNN's bf16
+    convolutions run fastest in (``on_device`` gives image batches the same layout; 1-D models are unchanged)."""
+    return model.to(device, memory_format=torch.channels_last) if device.type == "cuda" else model.to(device)
+
+
+def on_device(x: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """A batch on ``device``, image batches on CUDA in channels_last (as ``to_device`` lays out the weights)."""
+    x = x.to(device, non_blocking=True)
+    return x.contiguous(memory_format=torch.channels_last) if x.is_cuda and x.dim() == 4 else x
+
+
 def autocast(device: torch.device) -> contextlib.AbstractContextManager:
     if device.type == "cuda" and torch.cuda.is_bf16_supported():
         return torch.autocast("cuda", dtype=torch.bfloat16)
@@ -83,7 +97,7 @@ def _step(model: nn.Module, xb: torch.Tensor, yb: torch.Tensor, optimizer: torch
           device: torch.device, loss_fn: Loss, seen: int) -> float:
     """One optimiser step on a batch already on the device; returns its mean loss."""
     with autocast(device):
-        loss = loss_fn(model(xb).float(), yb)
+        loss = loss_fn(model(on_device(xb, device)).float(), yb)
     if not torch.isfinite(loss):
         raise NonFiniteLossError(f"training loss became {loss.item()} after {seen} examples; lower the learning rate")
     optimizer.zero_grad(set_to_none=True)
@@ -118,7 +132,7 @@ def train_epoch_batches(model: nn.Module, stream: Iterable[tuple[torch.Tensor, t
     (train_mode or model.train)()
     total, count = 0.0, 0
     for xb, pos in stream:
-        xb = xb.to(device, non_blocking=True)
+        xb = on_device(xb, device)
         yb = targets[pos.to(targets.device)]
         total += _step(model, xb, yb, optimizer, device, loss_fn, count) * len(pos)
         count += len(pos)
@@ -132,7 +146,7 @@ def predict_scores(model: nn.Module, x: torch.Tensor, *, batch_size: int, device
     out = []
     for start in range(0, len(x), batch_size):
         with autocast(device):
-            logits = model(x[start:start + batch_size]).float()
+            logits = model(on_device(x[start:start + batch_size], device)).float()
         out.append(torch.softmax(logits, dim=1)[:, 1].cpu())
     return torch.cat(out).numpy().astype(np.float64) if out else np.zeros(0)
 
@@ -145,7 +159,7 @@ def predict_scores_batches(model: nn.Module, stream: Iterable[tuple[torch.Tensor
     out = np.full(n, np.nan)
     for xb, pos in stream:
         with autocast(device):
-            logits = model(xb.to(device, non_blocking=True)).float()
+            logits = model(on_device(xb, device)).float()
         out[pos.numpy()] = torch.softmax(logits, dim=1)[:, 1].cpu().numpy()
     missing = np.flatnonzero(np.isnan(out))
     if len(missing):
