@@ -11,6 +11,11 @@ once (``SpecError`` in the spec, ``DatasetOptionError`` for dataset options). Be
 JSON Schema (``fairsweep schema``) is generated from the same fields, the editor's completion and the
 validator cannot disagree.
 
+A home-grown dialect rather than pydantic models: the file is untrusted input, so every message holds a
+bounded excerpt of the value in one form whatever failed, and the sweep's own checks (a range only under
+optuna, a GPU share that Ray can place, ``file:`` checkpoint paths) stay plain functions at a field path
+(``Custom``) instead of validators translated back from pydantic's error records.
+
 This module imports neither torch nor numpy (only trainables.errors), so ``fairsweep validate`` stays fast.
 """
 from __future__ import annotations
