@@ -13,7 +13,6 @@ from __future__ import annotations
 import os
 import sys
 import tempfile
-from dataclasses import asdict
 from pathlib import Path
 from typing import Any, Mapping
 
@@ -28,13 +27,14 @@ def trial(config: Mapping[str, Any], jobs: Mapping[str, dict], context: Any) -> 
 
     from trainables.finetune import train_and_evaluate
     from trainables.pretrain import run_pretrain_job
+    from trainables.trial import TrialConfig
 
-    point = config["point"]
-    job = jobs.get(f"{point['backbone']}|{point['paradigm']}")
+    config = TrialConfig.from_dict(config["trial"])
+    job = jobs.get(config.weights.key)
     with tempfile.TemporaryDirectory() as cache:
         if job is not None:  # every trial builds its own base
             run_pretrain_job(job, cache, context.cpus_per_trial)
-        result = train_and_evaluate(point, replace(context, cache_root=cache))
+        result = train_and_evaluate(config, replace(context, cache_root=cache))
     tune.report({k: v for k, v in result.items() if isinstance(v, (int, float)) and not isinstance(v, bool)})
 
 
@@ -49,13 +49,13 @@ def main(spec_path: str, storage: str, tracking_uri: str) -> int:
 
     plan = build_plan(load_spec(spec_path))
     context = _trial_context(plan, cache_root="/unused")
-    jobs = {f"{j.backbone}|{j.paradigm}": asdict(j) for j in plan.pretrain_jobs}
+    jobs = {j.key: j.to_dict() for j in plan.pretrain_jobs}
     res = plan.spec.resources
     ray.init(address="local", include_dashboard=False, log_to_driver=False)
     try:
         trainable = tune.with_resources(tune.with_parameters(trial, jobs=jobs, context=context),
                                         {"cpu": res.cpus_per_trial, "gpu": res.gpus_per_trial})
-        tuner = tune.Tuner(trainable, param_space={"point": tune.grid_search([t.point.as_config() for t in plan.trials])},
+        tuner = tune.Tuner(trainable, param_space={"trial": tune.grid_search([t.config.to_dict() for t in plan.trials])},
                            run_config=tune.RunConfig(name="naive", storage_path=storage, verbose=0,
                                                      callbacks=[MLflowLoggerCallback(tracking_uri=tracking_uri,
                                                                                      experiment_name="naive")]))

@@ -33,7 +33,7 @@ def near_empty_trial(config: Mapping[str, Any]) -> None:
 
     from ray import tune
 
-    rng = random.Random(hash(str(config["point"])))
+    rng = random.Random(hash(str(config["trial"]["point"])))
     acc, unfair = 0.5 + 0.5 * rng.random(), 0.5 * rng.random()
     tune.report({"epoch": 1, "train_loss": 0.5, "val_loss": 0.5, "accuracy": acc, "equalized_odds_difference": unfair,
                  "val_accuracy": acc, "val_equalized_odds_difference": unfair, "done_training": True})
@@ -108,7 +108,7 @@ def main() -> int:
             started = time.perf_counter()
             tuner = tune.Tuner(
                 tune.with_resources(near_empty_trial, {"cpu": 0.5}),
-                param_space={"point": tune.grid_search([t.point.as_config() for t in plan.trials])},
+                param_space={"trial": tune.grid_search([t.config.to_dict() for t in plan.trials])},
                 tune_config=tune.TuneConfig(reuse_actors=True),
                 run_config=tune.RunConfig(name="scale", storage_path=f"{tmp}/results", callbacks=[tracker], verbose=0))
             tuner.fit()

@@ -14,12 +14,13 @@ difference between matching trials (the shared stage must not change results). U
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import shutil
 import sys
 import tempfile
 import time
-from dataclasses import asdict, replace
+from dataclasses import replace
 from pathlib import Path
 from typing import Any, Mapping
 
@@ -55,8 +56,7 @@ def pretrain_then_finetune(config: Mapping[str, Any], context: Any, jobs: Mappin
     from trainables.finetune import finetune_trial
     from trainables.pretrain import run_pretrain_job
 
-    point = config["point"]
-    job = jobs.get(f"{point['backbone']}|{point['paradigm']}")
+    job = jobs.get(config["trial"]["weights"]["key"])
     if job is None:
         finetune_trial(config, context)
         return
@@ -74,14 +74,14 @@ def _fit(trainable: Any, plan: Plan, storage: Path, name: str) -> dict[str, dict
     res = plan.spec.resources
     tuner = tune.Tuner(
         tune.with_resources(trainable, {"cpu": res.cpus_per_trial, "gpu": res.gpus_per_trial}),
-        param_space={"point": tune.grid_search([t.point.as_config() for t in plan.trials])},
+        param_space={"trial": tune.grid_search([t.config.to_dict() for t in plan.trials])},
         run_config=tune.RunConfig(name=name, storage_path=str(storage), verbose=0),
     )
     results = tuner.fit()
     errors = [r.error for r in results if r.error]
     if errors:
         raise RuntimeError(f"{len(errors)} trials failed; first: {errors[0]}")
-    return {repr(sorted(r.config["point"].items())): r.metrics for r in results}
+    return {json.dumps(r.config["trial"]["point"], sort_keys=True): r.metrics for r in results}
 
 
 def run_shared(plan: Plan, tmp: Path) -> tuple[float, dict]:
@@ -102,7 +102,7 @@ def run_inside(plan: Plan, tmp: Path) -> tuple[float, dict]:
 
     from orchestrator.launch import _trial_context
 
-    jobs = {f"{j.backbone}|{j.paradigm}": asdict(j) for j in plan.pretrain_jobs}
+    jobs = {j.key: j.to_dict() for j in plan.pretrain_jobs}
     context = _trial_context(plan, str(tmp / "unused_cache"))
     started = time.perf_counter()
     metrics = _fit(tune.with_parameters(pretrain_then_finetune, context=context, jobs=jobs), plan, tmp, "inside")

@@ -79,7 +79,6 @@ def _plan(search: dict):
 
 def run_sampler(sampler: str, budget: int, seed: int, fail_rate: float, folder: Path) -> tuple[np.ndarray, int, int]:
     """The searcher's proposals until ``budget`` trials finished: (values, finished, failed)."""
-    from orchestrator.plan import TrialPoint
     from orchestrator.search import StudySearcher
     from ray.tune.search import Searcher
 
@@ -91,7 +90,7 @@ def run_sampler(sampler: str, budget: int, seed: int, fail_rate: float, folder: 
         config = searcher.suggest(f"t{i}")
         if config is None or config == Searcher.FINISHED:
             break
-        point = TrialPoint.from_config(config)
+        point = plan.trial_for(config).point
         if rng.random() < fail_rate:  # a trial that errors: reported as failed, replaced by the searcher
             searcher.on_trial_complete(f"t{i}", None, error=True)
         else:

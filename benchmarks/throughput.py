@@ -24,7 +24,6 @@ import sys
 import tempfile
 import time
 from concurrent.futures import ProcessPoolExecutor
-from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
@@ -47,10 +46,11 @@ def _pretrain(job: dict, cache: str, cpus: float) -> None:
     run_pretrain_job(job, cache, cpus)
 
 
-def _trial(point: dict, context: Any) -> dict:
+def _trial(trial: dict, context: Any) -> dict:
     from trainables.finetune import train_and_evaluate
+    from trainables.trial import TrialConfig
 
-    return train_and_evaluate(point, context)
+    return train_and_evaluate(TrialConfig.from_dict(trial), context)
 
 
 def run_floor(spec: Path, workdir: Path) -> tuple[float, dict[str, dict]]:
@@ -70,9 +70,9 @@ def run_floor(spec: Path, workdir: Path) -> tuple[float, dict[str, dict]]:
 
         context = replace(context, feature_cache=str(workdir / FEATURE_CACHE_DIRNAME))
     with ProcessPoolExecutor(max_workers=slots) as pool:
-        for f in [pool.submit(_pretrain, asdict(j), cache, res.cpus_per_trial) for j in plan.pretrain_jobs]:
+        for f in [pool.submit(_pretrain, j.to_dict(), cache, res.cpus_per_trial) for j in plan.pretrain_jobs]:
             f.result()
-        futures = {t.key: pool.submit(_trial, t.point.as_config(), context) for t in plan.trials}
+        futures = {t.key: pool.submit(_trial, t.config.to_dict(), context) for t in plan.trials}
         results = {key: f.result() for key, f in futures.items()}
     return time.perf_counter() - started, results
 

@@ -262,8 +262,8 @@ def _print_summary(result, args: argparse.Namespace) -> int:
     plan = result.plan
     perf, fair = plan.spec.objectives.performance, plan.spec.objectives.fairness
     front = result.front[result.front["on_front"]] if not result.front.empty else result.front
-    cols = ["backbone", "paradigm", "intervention.kind", "intervention.magnitude", "freeze_depth", "n_seeds",
-            *(f"{m}{x}" for m in (perf, fair) for x in ("", "_std", "_ci_low", "_ci_high"))]
+    cols = ["backbone", "paradigm", "intervention.kind", "intervention.magnitude", "freeze_depth", "finetune.size",
+            "n_seeds", *(f"{m}{x}" for m in (perf, fair) for x in ("", "_std", "_ci_low", "_ci_high"))]
     print(f"\nsweep {plan.spec.name!r}: {result.finished} trials finished, {len(result.failed)} failed; "
           f"{len(front)} configurations on the Pareto front ({perf} max, {fair} min; test split, means over "
           f"seeds with their sd and 95 % t-interval):")
@@ -366,10 +366,10 @@ def _plan_record(plan) -> dict:
             "search": asdict(s.search) if s.search.type == "optuna" else {"type": s.search.type},
             "objectives": asdict(s.objectives),
             "n_trials": s.n_trials, "grid_size": s.grid_size, "layer_groups": dict(plan.layer_groups),
-            "pretrain_jobs": [{"key": j.key, "backbone": j.backbone, "paradigm": j.paradigm, "hparams": dict(j.hparams)}
-                              for j in plan.pretrain_jobs],
-            "trials": [{"key": t.key, "config_key": t.config_key, "pretrain_key": t.pretrain_key,
-                        "config": t.point.as_config(), "frozen_groups": list(t.frozen_groups), "n_groups": t.n_groups}
+            "pretrain_jobs": [{"key": j.key, "backbone": j.backbone, "paradigm": j.paradigm,
+                               "hparams": j.hparams.to_dict()} for j in plan.pretrain_jobs],
+            "trials": [{"key": t.key, "config_key": t.config_key, "pretrain_key": t.config.weights.key,
+                        "config": t.point.to_dict(), "frozen_groups": list(t.frozen_groups), "n_groups": t.n_groups}
                        for t in plan.trials]}
 
 

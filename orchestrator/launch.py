@@ -101,9 +101,7 @@ def _trial_context(plan: Plan, cache_root: str, finished: list | None = None,
     from trainables.finetune import TrialContext
 
     s = plan.spec
-    pretrained = {f"{j.backbone}|{j.paradigm}": j.key for j in plan.pretrain_jobs}
-    return TrialContext(dataset=s.dataset.name, dataset_options=dict(s.dataset.options), finetune=s.finetune.fixed(),
-                        cache_root=cache_root, pretrained=pretrained, weight_files=dict(plan.file_weights),
+    return TrialContext(dataset=s.dataset.name, dataset_options=dict(s.dataset.options), cache_root=cache_root,
                         cpus_per_trial=s.resources.cpus_per_trial, finished=tuple(finished or ()),
                         failed_pretraining=dict(failed_pretraining or {}),
                         objectives=(s.objectives.performance, s.objectives.fairness),
@@ -120,14 +118,13 @@ def run_pretraining(plan: Plan, cache_root: str, tracker: Any,
     that need it then fail at once with that error, the others run, and a resume retries the job.
     """
     import ray
-    from dataclasses import asdict
 
     from trainables.pretrain import run_pretrain_job
 
     res = plan.spec.resources
     task = ray.remote(num_cpus=res.cpus_per_trial, num_gpus=res.gpus_per_trial,
                       max_retries=max(1, res.max_failures))(with_plugins(run_pretrain_job, plan.spec.plugins))
-    refs = {task.remote(asdict(job), cache_root, res.cpus_per_trial): job for job in plan.pretrain_jobs}
+    refs = {task.remote(job.to_dict(), cache_root, res.cpus_per_trial): job for job in plan.pretrain_jobs}
     failed: dict[str, str] = {}
     pending = list(refs)
     total = len(refs)
@@ -223,7 +220,7 @@ def launch(plan: Plan, options: LaunchOptions = LaunchOptions()) -> LaunchResult
             tune_config = tune.TuneConfig(search_alg=StudySearcher(plan, f"{path}/{STUDY_FILE}", study_name=spec.name),
                                           num_samples=-1, max_concurrent_trials=concurrency, reuse_actors=True)
         else:
-            param_space = {"point": tune.grid_search([t.point.as_config() for t in plan.trials])}
+            param_space = {"trial": tune.grid_search([t.config.to_dict() for t in plan.trials])}
             # long-lived workers: torch, timm and the data are imported and built once per worker, not per trial
             tune_config = tune.TuneConfig(max_concurrent_trials=concurrency, reuse_actors=True)
         return tune.Tuner(

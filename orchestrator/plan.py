@@ -2,101 +2,37 @@
 
 Everything that can be known before a GPU is touched is checked here: registry names, intervention
 feasibility on the pool's metadata, freeze depths against each backbone's layer groups, metric names.
-A trial's identity is the hash of its canonical config (docs/architecture.md, decision 1); the pretraining key hashes
-everything that determines the pretrained weights (decision 3).
+The plan builds the trial contract (trainables/trial.py): a ``TrialConfig`` per trial, keyed by the hash of
+its canonical config (docs/architecture.md, decision 1), and a ``PretrainJob`` per base, keyed by everything
+that determines its weights (decision 3).
 """
 from __future__ import annotations
 
-import hashlib
 import json
 import os
-from dataclasses import asdict, dataclass, replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Mapping
 
-from orchestrator.spec import FreezeSpec, SpecError, SweepSpec, freeze_label
+from orchestrator.spec import SpecError, SweepSpec
 from trainables.errors import UserError
 from trainables.schema import SchemaError
+from trainables.trial import PretrainHParams, PretrainJob, TrialConfig, TrialPoint, Weights
 
-__all__ = ["PretrainJob", "TrialPoint", "PlannedTrial", "Plan", "build_plan", "grid_points", "canonical_hash"]
-
-
-def canonical_hash(obj: Any, length: int = 16) -> str:
-    """sha256 of canonical JSON (sorted keys, no whitespace): equal configs, equal keys, any process."""
-    text = json.dumps(obj, sort_keys=True, separators=(",", ":"), default=str)
-    return hashlib.sha256(text.encode()).hexdigest()[:length]
-
-
-@dataclass(frozen=True)
-class PretrainJob:
-    """One pretrained model to build; shared by every trial with the same (backbone, paradigm)."""
-
-    key: str
-    backbone: str
-    paradigm: str
-    dataset: str
-    dataset_options: Mapping[str, Any]
-    hparams: Mapping[str, Any]  # epochs, batch_size, lr, weight_decay, momentum, seed, options
-
-    def identity(self) -> dict:
-        return {"backbone": self.backbone, "paradigm": self.paradigm, "dataset": self.dataset,
-                "dataset_options": dict(self.dataset_options), "hparams": dict(self.hparams)}
-
-
-@dataclass(frozen=True)
-class TrialPoint:
-    """One cell of the grid: the axis values a trial receives from Tune."""
-
-    backbone: str
-    paradigm: str
-    intervention: str
-    magnitude: float
-    freeze_depth: FreezeSpec
-    seed: int
-    finetune: tuple[tuple[str, float], ...] = ()  # searched finetuning hyper-parameters (optuna), sorted
-
-    def as_config(self) -> dict:
-        d = asdict(self)
-        if isinstance(self.freeze_depth, tuple):
-            d["freeze_depth"] = list(self.freeze_depth)
-        d["finetune"] = dict(self.finetune)
-        return d
-
-    @classmethod
-    def from_config(cls, cfg: Mapping[str, Any]) -> "TrialPoint":
-        """From a Tune config: a grid cell (``{"point": {...}}``) or the optuna searcher's flat dict."""
-        cfg = cfg.get("point", cfg)
-        fd = cfg["freeze_depth"]
-        fd = tuple(fd) if isinstance(fd, (list, tuple)) else _parse_freeze_label(fd)
-        ft = tuple(sorted((str(k), float(v)) for k, v in (cfg.get("finetune") or {}).items()))
-        return cls(str(cfg["backbone"]), str(cfg["paradigm"]), str(cfg["intervention"]),
-                   float(cfg["magnitude"]), fd, int(cfg["seed"]), ft)
-
-    def params(self) -> dict[str, str]:
-        """The MLflow params of a trial run (names fixed by the launch issue)."""
-        return {"backbone": self.backbone, "paradigm": self.paradigm,
-                "intervention.kind": self.intervention, "intervention.magnitude": repr(self.magnitude),
-                "freeze_depth": freeze_label(self.freeze_depth), "seed": str(self.seed),
-                **{f"finetune.{k}": repr(v) for k, v in self.finetune}}
-
-
-def _parse_freeze_label(value: Any) -> FreezeSpec:
-    """Inverse of ``freeze_label`` for the optuna searcher, whose categorical choices are scalars."""
-    if isinstance(value, str) and value.startswith("["):
-        return tuple(int(v) for v in value[1:-1].split(",") if v)
-    if isinstance(value, str) and value.lstrip("-").isdigit():
-        return int(value)
-    return value
+__all__ = ["PlannedTrial", "Plan", "build_plan", "grid_points"]
 
 
 @dataclass(frozen=True)
 class PlannedTrial:
-    point: TrialPoint
+    config: TrialConfig  # what the worker receives (as its dict)
     key: str  # hash of the whole config; what resume and MLflow recognise
     config_key: str  # the same without the seed: repeats of one configuration share it
-    pretrain_key: str | None
     frozen_groups: tuple[int, ...]
     n_groups: int
+
+    @property
+    def point(self) -> TrialPoint:
+        return self.config.point
 
 
 @dataclass(frozen=True)
@@ -107,25 +43,19 @@ class Plan:
     layer_groups: Mapping[str, int]  # backbone -> number of non-head layer groups
     file_weights: Mapping[str, str]  # "file:..." paradigm -> absolute checkpoint path
     dataset_fingerprint: str = ""
-    pretrain_keys: Mapping[tuple[str, str], str | None] = None  # (backbone, paradigm) -> key
+    weights: Mapping[tuple[str, str], Weights] | None = None  # (backbone, paradigm) -> where trials start
 
     def resolve(self, point: TrialPoint) -> PlannedTrial:
-        """Key and freezing of any point of the space (grid cells and optuna proposals alike)."""
-        from trainables.backbones import resolve_freeze
-
-        ft = {**self.spec.finetune.fixed(), **dict(point.finetune)}
-        pretrain_key = self.pretrain_keys[(point.backbone, point.paradigm)]
-        ident = {"dataset": self.dataset_fingerprint, "backbone": point.backbone, "pretrain": pretrain_key,
-                 "paradigm": point.paradigm, "intervention": point.intervention, "magnitude": point.magnitude,
-                 "freeze_depth": freeze_label(point.freeze_depth), "finetune": ft}
+        """The trial of any point of the space (grid cells and optuna proposals alike): its config, keys and freezing."""
+        finetune = {**self.spec.finetune.fixed(), **dict(point.searched)}  # the sampler's values win
+        config = TrialConfig(point, finetune, self.weights[(point.backbone, point.paradigm)])
         n = self.layer_groups[point.backbone]
-        frozen = resolve_freeze(point.freeze_depth, n, backbone=point.backbone)
-        return PlannedTrial(point, canonical_hash({**ident, "seed": point.seed}), canonical_hash(ident),
-                            pretrain_key, frozen, n)
+        frozen = point.freeze_depth.resolve(n, backbone=point.backbone)
+        return PlannedTrial(config, *config.keys(self.dataset_fingerprint), frozen, n)
 
     def trial_for(self, config: Mapping[str, Any]) -> PlannedTrial:
-        """The planned trial behind a Tune config (used by the driver-side tracker)."""
-        return self.resolve(TrialPoint.from_config(config))
+        """The planned trial behind a Tune config, whose ``trial`` is a ``TrialConfig`` dict (the tracker's view)."""
+        return self.resolve(TrialConfig.from_dict(config["trial"]).point)
 
     def summary(self, n_examples: int = 3) -> str:
         s = self.spec
@@ -135,21 +65,13 @@ class Plan:
                  "layer groups: " + ", ".join(f"{b}={n}" for b, n in self.layer_groups.items()),
                  f"pretraining jobs: {len(self.pretrain_jobs)}"]
         for job in self.pretrain_jobs:
-            lines.append(f"  {job.key}  {job.backbone:<24} {job.paradigm}  epochs={job.hparams['epochs']}")
+            lines.append(f"  {job.key}  {job.backbone:<24} {job.paradigm}  epochs={job.hparams.epochs}")
         lines.append(f"trials: {s.n_trials}")
         for t in self.trials[:n_examples]:
-            lines.append(f"  {t.key}  {json.dumps(t.point.as_config())}  frozen groups={list(t.frozen_groups)}/{t.n_groups}")
+            lines.append(f"  {t.key}  {json.dumps(t.point.to_dict())}  frozen groups={list(t.frozen_groups)}/{t.n_groups}")
         if len(self.trials) > n_examples:
             lines.append(f"  ... and {len(self.trials) - n_examples} more")
         return "\n".join(lines)
-
-
-def _file_key(path: str) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return "file-" + h.hexdigest()[:16]
 
 
 def _with_absolute_paths(spec: SweepSpec) -> SweepSpec:
@@ -226,12 +148,18 @@ def build_plan(spec: SweepSpec, *, base_dir: str | None = None) -> Plan:
     _check_privileged(spec, dataset)
     spec = _with_absolute_paths(spec)
 
-    # Interventions: feasible on this pool at this size (metadata only, no pixels).
+    # Interventions: feasible on this pool at every finetuning size (metadata only, no pixels).
     pool = dataset.meta("finetune")
+    for k, size in enumerate(spec.axes.finetune_size):
+        if size > len(pool):
+            where = f"axes.finetune_size[{k}]" if "finetune_size" in spec.source.get("axes", {}) else "finetune.size"
+            raise SpecError(where, size, f"exceeds the finetuning pool of {len(pool)} examples; use a size of at most "
+                                         f"{len(pool)} (or a larger pool)")
     for i, axis in enumerate(spec.axes.intervention):
         try:
             interventions.INTERVENTIONS.get(axis.kind)
-            interventions.check_feasible(axis.kind, pool.labels, pool.groups, axis.endpoints(), spec.finetune.size)
+            for size in spec.axes.finetune_size:
+                interventions.check_feasible(axis.kind, pool.labels, pool.groups, axis.endpoints(), size)
         except UnknownNameError as exc:
             raise _as_spec_error(f"axes.intervention[{i}].kind", axis.kind, exc) from None
         except UserError as exc:
@@ -279,9 +207,9 @@ def build_plan(spec: SweepSpec, *, base_dir: str | None = None) -> Plan:
             raise _as_spec_error(f"axes.backbone[{i}]", name, exc) from None
         for j, fd in enumerate(spec.axes.freeze_depth):
             try:
-                backbones.resolve_freeze(fd, n_groups[name], backbone=name)
-            except UserError as exc:
-                raise _as_spec_error(f"axes.freeze_depth[{j}]", fd if not isinstance(fd, tuple) else list(fd), exc) from None
+                fd.resolve(n_groups[name], backbone=name, path=f"axes.freeze_depth[{j}]")
+            except SchemaError as exc:
+                raise _as_spec_error(exc.path, exc.value, exc) from None
         for j, p in enumerate(spec.axes.paradigm):
             try:
                 if p in file_weights:
@@ -291,30 +219,27 @@ def build_plan(spec: SweepSpec, *, base_dir: str | None = None) -> Plan:
             except UserError as exc:
                 raise _as_spec_error(f"axes.paradigm[{j}]", p, f"{exc} (backbone {name!r})") from None
 
-    # Pretraining jobs: one per (backbone, paradigm) that needs training.
+    # Pretraining jobs: one per (backbone, paradigm) that needs training; every pair's starting weights.
     pt = spec.pretraining
     jobs: list[PretrainJob] = []
-    pretrain_keys: dict[tuple[str, str], str | None] = {}
+    files = {p: Weights.from_file(path) for p, path in file_weights.items()}  # keyed by content
+    weights: dict[tuple[str, str], Weights] = {}
     for b in spec.axes.backbone:
         for p in spec.axes.paradigm:
-            if p in file_weights:
-                pretrain_keys[(b, p)] = _file_key(file_weights[p])
+            if p in files or not paradigms.PARADIGMS.get(p).pretrains:
+                weights[(b, p)] = files.get(p, Weights())  # a file: checkpoint, or the seed's random initialisation
                 continue
             paradigm = paradigms.PARADIGMS.get(p)
-            if not paradigm.pretrains:
-                pretrain_keys[(b, p)] = None
-                continue
-            hparams = {"epochs": pt.epochs, "batch_size": pt.batch_size, "lr": pt.lr,
-                       "weight_decay": pt.weight_decay, "momentum": pt.momentum, "seed": pt.seed,
-                       "options": paradigm.resolve_options(pt.paradigms.get(p, {})),  # defaults filled: part of the key
-                       **pretrain.preprocessing_part(dataset, b)}  # folder images: the model's own mean/std/crop
-            job = PretrainJob("", b, p, spec.dataset.name, dict(spec.dataset.options), hparams)
-            identity = {"fingerprint": dataset.fingerprint(), **job.identity(), **paradigm.key_parts(b)}
-            job = PretrainJob(canonical_hash(identity), b, p, spec.dataset.name, dict(spec.dataset.options), hparams)
+            hparams = PretrainHParams(pt.epochs, pt.batch_size, pt.lr, pt.weight_decay, pt.momentum, pt.seed,
+                                      paradigm.resolve_options(pt.paradigms.get(p, {})),  # defaults filled: in the key
+                                      # folder images: the model's own mean/std/crop
+                                      pretrain.preprocessing_part(dataset, b).get("preprocessing"))
+            job = PretrainJob.create(b, p, spec.dataset.name, spec.dataset.options, hparams,
+                                     dataset_fingerprint=dataset.fingerprint(), key_parts=paradigm.key_parts(b))
             jobs.append(job)
-            pretrain_keys[(b, p)] = job.key
+            weights[(b, p)] = Weights(job.key)
 
-    plan = Plan(spec, tuple(jobs), (), n_groups, file_weights, dataset.fingerprint(), pretrain_keys)
+    plan = Plan(spec, tuple(jobs), (), n_groups, file_weights, dataset.fingerprint(), weights)
     if spec.search.type == "optuna":
         return plan  # the sampler proposes points; plan.resolve keys them as they come
     return replace(plan, trials=tuple(plan.resolve(pt) for pt in grid_points(spec)))
@@ -322,7 +247,8 @@ def build_plan(spec: SweepSpec, *, base_dir: str | None = None) -> Plan:
 
 def grid_points(spec: SweepSpec) -> list[TrialPoint]:
     """Every cell of the axes (lists only), in a fixed order."""
-    return [TrialPoint(b, p, axis.kind, m, fd, seed)
+    return [TrialPoint(b, p, axis.kind, m, fd, seed, size)
             for b in spec.axes.backbone for p in spec.axes.paradigm for axis in spec.axes.intervention
-            for m in axis.magnitudes for fd in spec.axes.freeze_depth for seed in spec.axes.seed]
+            for m in axis.magnitudes for fd in spec.axes.freeze_depth for size in spec.axes.finetune_size
+            for seed in spec.axes.seed]
 

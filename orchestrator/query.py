@@ -26,7 +26,8 @@ __all__ = ["AXIS_PARAMS", "SPLITS", "SweepNotFoundError", "load_trials", "aggreg
            "parent_run", "sweep_objectives", "sweep_trials", "split_metric", "t_interval", "pareto",
            "best", "compare", "paired_tests", "holm", "relative_change", "QueryError"]
 
-AXIS_PARAMS = ("backbone", "paradigm", "intervention.kind", "intervention.magnitude", "freeze_depth")
+AXIS_PARAMS = ("backbone", "paradigm", "intervention.kind", "intervention.magnitude", "freeze_depth", "finetune.size")
+_NUMERIC_AXES = ("intervention.magnitude", "finetune.size")
 _FALLBACK_RUNS = 1000  # trial runs read to name the sweeps of an experiment without parent runs
 
 
@@ -93,8 +94,9 @@ def load_trials(client: Any, experiment: str, sweep: str, *, finished_only: bool
         row.update(r.data.metrics)
         rows.append(row)
     df = pd.DataFrame(rows)
-    if "intervention.magnitude" in df:
-        df["intervention.magnitude"] = pd.to_numeric(df["intervention.magnitude"], errors="coerce")
+    for axis in _NUMERIC_AXES:
+        if axis in df:
+            df[axis] = pd.to_numeric(df[axis], errors="coerce")
     return df
 
 
@@ -196,9 +198,9 @@ def sweep_trials(client: Any, sweep: str, experiment: str | None = None, *,
 
     ``experiment`` defaults to the sweep's name. ``filters`` maps a column (an axis param, seed,
     config_key, status, ...) to a value or a list of accepted values; params compare as strings,
-    numeric columns (intervention.magnitude, metrics) as numbers. Raises SweepNotFoundError, listing
-    what exists, for an unknown experiment or sweep; an existing sweep without finished trials
-    gives an empty frame.
+    numeric columns (intervention.magnitude, finetune.size, metrics) as numbers. Raises
+    SweepNotFoundError, listing what exists, for an unknown experiment or sweep; an existing sweep
+    without finished trials gives an empty frame.
     """
     experiment = experiment or sweep
     df = load_trials(client, experiment, sweep, finished_only=finished_only)
@@ -209,7 +211,7 @@ def sweep_trials(client: Any, sweep: str, experiment: str | None = None, *,
             raise _not_found(client, experiment, sweep)
     for col in _BASE_COLUMNS:
         if col not in df:
-            df[col] = pd.Series(dtype=float if col == "intervention.magnitude" else object)
+            df[col] = pd.Series(dtype=float if col in _NUMERIC_AXES else object)
     for key, value in (filters or {}).items():
         if key not in df:
             raise QueryError(f"cannot filter on {key!r}: not a column of the trials; columns: {', '.join(df.columns)}")

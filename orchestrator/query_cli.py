@@ -49,7 +49,8 @@ def add_commands(sub: Any) -> None:
     p = sub.add_parser("compare", help="per group of one axis: the best fairness within a performance budget")
     p.set_defaults(handler=_cmd_compare)
     _common(p)
-    p.add_argument("--by", required=True, help="the axis to group by, e.g. paradigm, freeze_depth, intervention.magnitude")
+    p.add_argument("--by", required=True,
+                   help="the axis to group by, e.g. paradigm, freeze_depth, intervention.magnitude, finetune.size")
     p.add_argument("--reference", help="the group the relative change is measured against (default: the first)")
     budget = p.add_mutually_exclusive_group()
     budget.add_argument("--max-drop", type=float, help="absolute drop from the best trial (default 0.01)")

@@ -15,6 +15,7 @@ import pandas as pd
 
 from orchestrator import query
 from orchestrator.query import SweepNotFoundError, front_table, load_trials
+from trainables.trial import Freeze
 
 __all__ = ["Report", "write_report"]
 
@@ -25,13 +26,6 @@ class Report:
     parent_run_id: str
     n_trials: int
     front_size: int
-
-
-def _freeze_order(value: str) -> tuple:
-    """0, 1, 2, ... then explicit sets, then linear/full, so the depth axis reads left to right."""
-    if value.isdigit():
-        return (0, int(value), value)
-    return (1 if value.startswith("[") else 2, 0, value)
 
 
 def _per_group_tables(client: Any, front: pd.DataFrame, folder: Path) -> pd.DataFrame:
@@ -83,9 +77,11 @@ def write_report(client: Any, sweep: str, out: Path, *, experiment: str | None =
     save(figures.pareto_figure(table, perf, fair, title=f"{sweep}: {len(front)} of {len(table)} configurations on the front"),
          "pareto.png")
     save(figures.axis_figure(trials, "intervention.magnitude", perf, fair), "vs_intervention_magnitude.png")
-    by_depth = trials.assign(freeze_depth=pd.Categorical(trials["freeze_depth"], sorted(trials["freeze_depth"].unique(), key=_freeze_order),
-                                                         ordered=True))
+    depths = sorted(trials["freeze_depth"].unique(), key=lambda label: Freeze.from_label(label).sort_key())
+    by_depth = trials.assign(freeze_depth=pd.Categorical(trials["freeze_depth"], depths, ordered=True))
     save(figures.axis_figure(by_depth, "freeze_depth", perf, fair), "vs_freeze_depth.png")
+    if "finetune.size" in trials and trials["finetune.size"].nunique() > 1:  # axes.finetune_size
+        save(figures.axis_figure(trials, "finetune.size", perf, fair), "vs_finetune_size.png")
     with tempfile.TemporaryDirectory() as tmp:
         groups = _per_group_tables(client, front, Path(tmp))
     if not groups.empty:
@@ -121,9 +117,10 @@ def _interval(row: Any, metric: str) -> str:
 
 def _write_summary(path: Path, sweep: str, experiment: str, trials: pd.DataFrame, table: pd.DataFrame, perf: str,
                    fair: str, best: pd.DataFrame, max_drop: float, select_on: str, skipped: str = "") -> Path:
-    cols = ["backbone", "paradigm", "intervention.kind", "intervention.magnitude", "freeze_depth", "n_seeds"]
+    cols = ["backbone", "paradigm", "intervention.kind", "intervention.magnitude", "freeze_depth", "finetune.size",
+            "n_seeds"]
     front = table[table["on_front"]]
-    shown = front[cols].copy()
+    shown = front[[c for c in cols if c in front]].copy()
     for m in (perf, fair):
         shown[m] = front[m]
         shown[f"{m} sd"] = front[f"{m}_std"]
@@ -145,7 +142,8 @@ def _write_summary(path: Path, sweep: str, experiment: str, trials: pd.DataFrame
     if skipped:
         lines += [f"## Fairest within {max_drop:g} of the best {perf}", "", f"Not chosen: {skipped}", ""]
     lines += ["## Figures", "", "- `pareto.png`: every configuration, coloured by paradigm, the front as a line",
-              "- `vs_intervention_magnitude.png`, `vs_freeze_depth.png`: means per paradigm",
+              "- `vs_intervention_magnitude.png`, `vs_freeze_depth.png` (and `vs_finetune_size.png` over several "
+              "finetuning sizes): means per paradigm",
               "- `front_group_accuracy.png`: per-group accuracy of the front's members", ""]
     path.write_text("\n".join(lines))
     return path

@@ -18,10 +18,11 @@ from typing import Any, Mapping
 
 from ray.tune.search import Searcher
 
-from orchestrator.plan import Plan, TrialPoint
+from orchestrator.plan import Plan
 from orchestrator.samplers import SAMPLERS
-from orchestrator.spec import Range, freeze_label
+from orchestrator.spec import Range
 from trainables.errors import UserError
+from trainables.trial import Freeze, TrialPoint
 
 __all__ = ["StudySearcher", "make_sampler", "suggest_point", "search_values", "objective_names", "STUDY_FILE",
            "StudyStorageError", "resolve_storage_url", "open_rdb_storage", "check_study_storage"]
@@ -40,7 +41,8 @@ def make_sampler(name: str, seed: int) -> Any:
 
 def suggest_point(trial: Any, plan: Plan) -> TrialPoint:
     """Define-by-run: one point of the sweep's space. Lists are categorical, ranges continuous; each
-    intervention kind has its own magnitude parameter, since their ranges differ."""
+    intervention kind has its own magnitude parameter, since their ranges differ. Freezing is a categorical
+    of ``Freeze`` labels; the finetuning size is a parameter only when the axis has several."""
     a = plan.spec.axes
     backbone = trial.suggest_categorical("backbone", list(a.backbone))
     paradigm = trial.suggest_categorical("paradigm", list(a.paradigm))
@@ -52,12 +54,14 @@ def suggest_point(trial: Any, plan: Plan) -> TrialPoint:
         magnitude = trial.suggest_float(name, mags.low, mags.high, log=mags.log)
     else:
         magnitude = trial.suggest_categorical(name, list(mags))
-    labels = {freeze_label(fd): fd for fd in a.freeze_depth}
-    freeze = labels[trial.suggest_categorical("freeze_depth", list(labels))]
+    freeze = Freeze.from_label(trial.suggest_categorical("freeze_depth", [fd.label() for fd in a.freeze_depth]))
     seed = trial.suggest_categorical("seed", list(a.seed))
     finetune = tuple(sorted((k, trial.suggest_float(f"finetune.{k}", r.low, r.high, log=r.log))
                             for k, r in plan.spec.finetune.ranges().items()))
-    return TrialPoint(backbone, paradigm, kind, float(magnitude), freeze, int(seed), finetune)
+    size = a.finetune_size[0]  # one size is no choice: asking for it would change existing sweeps' draws
+    if len(a.finetune_size) > 1:
+        size = trial.suggest_categorical("finetune_size", list(a.finetune_size))
+    return TrialPoint(backbone, paradigm, kind, float(magnitude), freeze, int(seed), int(size), finetune)
 
 
 class StudySearcher(Searcher):
@@ -170,7 +174,8 @@ class StudySearcher(Searcher):
         from optuna.trial import TrialState
 
         if trial_id in self._live:  # Tune asks again for a restored trial
-            return self._config(self.study.trials[self._live[trial_id]].user_attrs["point"])
+            point = json.loads(self.study.trials[self._live[trial_id]].user_attrs["point"])
+            return self._config(TrialPoint.from_dict(point))
         done = self.finished()
         if done >= self.budget or self.failed() >= max(self.budget, 10):
             return Searcher.FINISHED
@@ -185,10 +190,10 @@ class StudySearcher(Searcher):
             twin = self._twin(planned.key)
             if twin is None:
                 trial.set_user_attr(_KEY_ATTR, planned.key)
-                trial.set_user_attr("point", json.dumps(point.as_config()))
+                trial.set_user_attr("point", json.dumps(point.to_dict()))
                 trial.set_user_attr("tune_trial_id", trial_id)
                 self._live[trial_id] = trial.number
-                return self._config(json.dumps(point.as_config()))
+                return self._config(point)
             # the sampler asked for a configuration that already ran (tell it the known result), is
             # running now or failed (prune the copy): either way it does not run twice and does not count
             trial.set_user_attr(_TWIN_ATTR, twin.number)
@@ -236,14 +241,17 @@ class StudySearcher(Searcher):
         seen = {t.user_attrs.get(_KEY_ATTR) for t in self.study.get_trials(deepcopy=False)}
         for point in grid_points(self.plan.spec):
             if self.plan.resolve(point).key not in seen:
-                self.study.enqueue_trial({"backbone": point.backbone, "paradigm": point.paradigm,
-                                          "intervention": point.intervention, f"magnitude.{point.intervention}": point.magnitude,
-                                          "freeze_depth": freeze_label(point.freeze_depth), "seed": point.seed})
+                params = {"backbone": point.backbone, "paradigm": point.paradigm, "intervention": point.intervention,
+                          f"magnitude.{point.intervention}": point.magnitude, "freeze_depth": point.freeze_depth.label(),
+                          "seed": point.seed}
+                if len(self.plan.spec.axes.finetune_size) > 1:
+                    params["finetune_size"] = point.finetune_size
+                self.study.enqueue_trial(params)
                 return
 
-    @staticmethod
-    def _config(point_json: str) -> dict:
-        return {"point": json.loads(point_json)}
+    def _config(self, point: TrialPoint) -> dict:
+        """The Tune config of a point: its ``TrialConfig`` as the plan builds it (trainables/trial.py)."""
+        return {"trial": self.plan.resolve(point).config.to_dict()}
 
     def save(self, checkpoint_path: str) -> None:
         with open(checkpoint_path, "w") as f:

@@ -24,8 +24,8 @@ field                                                  allowed
 ``axes.seed``, ``pretraining.seed``, ``search.seed``   0 .. 2**32-1 (numpy's seed range)
 ``pretraining/finetune.epochs``                        1 .. ``MAX_EPOCHS`` (10,000)
 ``pretraining/finetune.batch_size``                    2 .. ``MAX_BATCH_SIZE`` (65,536)
-``finetune.size``                                      4 .. ``MAX_FINETUNE_SIZE`` (10,000,000)
-``axes.freeze_depth`` (k and group indices)            0 .. ``MAX_LAYER_GROUPS`` (10,000)
+``axes.finetune_size``, ``finetune.size``              4 .. ``MAX_FINETUNE_SIZE`` (10,000,000)
+``axes.freeze_depth`` (k and group indices)            0 .. ``MAX_LAYER_GROUPS`` (10,000; trainables/trial.py)
 grid cells / ``search.budget``                         at most ``MAX_TRIALS`` (100,000)
 ``resources.cpus_per_trial``, ``gpus_per_trial``       <= ``MAX_RESOURCE`` (1024), fractions >= 0.0001;
                                                        GPUs: a fraction <= 1 or a whole number
@@ -46,13 +46,14 @@ import math
 import re
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any, Mapping, Sequence, Union
+from typing import Any, Mapping, Sequence
 
 import yaml
 
 from orchestrator.samplers import SAMPLERS
 from trainables.plugins import MODULE_PATTERN, PluginError, import_plugin
 from trainables.schema import Custom, ListOf, Option, SchemaError, Section, as_mapping, at, distinct, excerpt
+from trainables.trial import FREEZE_JSON_SCHEMA, Freeze
 
 __all__ = [
     "SpecError",
@@ -68,16 +69,12 @@ __all__ = [
     "SweepSpec",
     "EvaluationSpec",
     "TrackingSpec",
-    "FreezeSpec",
     "load_spec",
     "parse_spec",
-    "freeze_label",
     "excerpt",
     "json_schema",
 ]
 
-FreezeSpec = Union[int, str, tuple]  # k | "linear" | "full" | (i, j, ...)
-FREEZE_WORDS = ("linear", "full")
 _NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.\-]{0,99}")  # used with fullmatch: one line, no trailing newline
 
 # Reading the file (see the module docstring).
@@ -90,7 +87,7 @@ MAX_SEED = 2**32 - 1
 MAX_EPOCHS = 10_000
 MAX_BATCH_SIZE = 65_536
 MAX_FINETUNE_SIZE = 10_000_000
-MAX_LAYER_GROUPS = 10_000
+DEFAULT_FINETUNE_SIZE = 2000
 MAX_TRIALS = 100_000
 MAX_RESOURCE = 1024
 MIN_RESOURCE_FRACTION = 0.0001  # Ray's resource granularity
@@ -162,13 +159,16 @@ class Axes:
     backbone: tuple[str, ...]
     paradigm: tuple[str, ...]
     intervention: tuple[InterventionAxis, ...]
-    freeze_depth: tuple[FreezeSpec, ...]
+    freeze_depth: tuple[Freeze, ...]
     seed: tuple[int, ...]
+    # the finetuning set's sizes (paper A's moderator): axes.finetune_size, or the one finetune.size
+    finetune_size: tuple[int, ...] = (DEFAULT_FINETUNE_SIZE,)
 
 
 @dataclass(frozen=True)
 class FinetuneSpec:
-    size: int = 2000
+    """How every trial finetunes; its size is an axis (``Axes.finetune_size``), also when it is one ``finetune.size``."""
+
     epochs: int = 3
     batch_size: int = 64
     # A list is the inner search's candidates (each trial trains every lr x weight_decay pair and keeps the
@@ -259,18 +259,11 @@ class SweepSpec:
         """Distinct configurations of the axes (ranges count once)."""
         a = self.axes
         n_mag = sum(i.count() for i in a.intervention)
-        return len(a.backbone) * len(a.paradigm) * n_mag * len(a.freeze_depth) * len(a.seed)
+        return len(a.backbone) * len(a.paradigm) * n_mag * len(a.freeze_depth) * len(a.finetune_size) * len(a.seed)
 
     @property
     def n_trials(self) -> int:
         return self.search.budget if self.search.type == "optuna" else self.grid_size
-
-
-def freeze_label(spec: FreezeSpec) -> str:
-    """A stable text form of a freeze spec, as logged in MLflow params (``2``, ``linear``, ``[0,2]``)."""
-    if isinstance(spec, tuple):
-        return "[" + ",".join(str(i) for i in spec) + "]"
-    return str(spec)
 
 
 # ----------------------------------------------------------------------------- values
@@ -295,29 +288,6 @@ _NAME_SCHEMA = {"type": "string", "pattern": "^" + _NAME_RE.pattern + "$"}
 def _registered(registry: Any, pattern: Mapping[str, Any] = _NAME_SCHEMA) -> dict:
     """A name an editor completes from ``registry`` that may also be one a plugin registers."""
     return {"anyOf": [{"enum": list(registry)}, dict(pattern)]}
-
-
-def _freeze(value: Any, path: str) -> FreezeSpec:
-    if isinstance(value, str):
-        if value not in FREEZE_WORDS:
-            raise SpecError(path, value, "expected an integer k >= 0, 'linear', 'full' or a list of group indices like [0, 2]")
-        return value
-    if isinstance(value, list):
-        if not value:
-            raise SpecError(path, value, "an explicit freeze set needs at least one group index; use 'full' to freeze nothing")
-        idx = tuple(_int(v, f"{path}[{j}]", minimum=0, maximum=MAX_LAYER_GROUPS) for j, v in enumerate(value))
-        if len(set(idx)) != len(idx):
-            raise SpecError(path, value, "group indices must be unique")
-        return tuple(sorted(idx))
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise SpecError(path, value, "expected an integer k >= 0, 'linear', 'full' or a list of group indices like [0, 2]")
-    return _int(value, path, minimum=0, maximum=MAX_LAYER_GROUPS)
-
-
-_FREEZE_SCHEMA = {"anyOf": [{"type": "integer", "minimum": 0, "maximum": MAX_LAYER_GROUPS},
-                            {"enum": list(FREEZE_WORDS)},
-                            {"type": "array", "items": {"type": "integer", "minimum": 0, "maximum": MAX_LAYER_GROUPS},
-                             "minItems": 1, "uniqueItems": True}]}
 
 
 def _range(raw: Any, path: str, *, low: float | None = None, high: float | None = None) -> Range:
@@ -472,7 +442,7 @@ def _check_search(search: SearchSpec, axes: Axes, finetune: FinetuneSpec, raw: M
     """Ranges need a sampler; a grid needs lists and at most MAX_TRIALS cells. Optuna needs a budget."""
     sizes = {"backbone": len(axes.backbone), "paradigm": len(axes.paradigm),
              "intervention magnitude": sum(a.count() for a in axes.intervention),
-             "freeze_depth": len(axes.freeze_depth), "seed": len(axes.seed)}
+             "freeze_depth": len(axes.freeze_depth), "finetune_size": len(axes.finetune_size), "seed": len(axes.seed)}
     cells = math.prod(sizes.values())
     if search.type == "grid":
         if cells > MAX_TRIALS:
@@ -637,13 +607,17 @@ _AXES = Section({
     "intervention": Custom(_interventions, lambda: {"anyOf": [_INTERVENTION.json_schema(), {
         "type": "array", "items": _INTERVENTION.json_schema(), "minItems": 1}]},
         default={"kind": "none", "magnitudes": [0.5]}, doc="interventions on the finetuning set and their magnitudes"),
-    "freeze_depth": ListOf(Custom(_freeze, _FREEZE_SCHEMA),
+    "freeze_depth": ListOf(Custom(Freeze.parse, FREEZE_JSON_SCHEMA),
                            doc="k (the first k layer groups frozen), 'linear', 'full' or a list of group indices"),
+    "finetune_size": ListOf(Option(kind=int, low=4, high=MAX_FINETUNE_SIZE, doc="examples an intervention draws"),
+                            default=[DEFAULT_FINETUNE_SIZE],
+                            doc="finetuning set sizes (paper A's moderator); or one size as finetune.size"),
     "seed": ListOf(_SEED, default=[0], doc="repeats of every configuration"),
 }, required=("backbone", "paradigm", "freeze_depth"), doc="the grid: every combination is a trial")
 
 _FINETUNE = Section.of(FinetuneSpec, {
-    "size": Option(kind=int, low=4, high=MAX_FINETUNE_SIZE, doc="examples an intervention draws for finetuning"),
+    "size": Option(kind=int, low=4, high=MAX_FINETUNE_SIZE, default=DEFAULT_FINETUNE_SIZE,
+                   doc="examples an intervention draws for finetuning: one size (axes.finetune_size gives several)"),
     "epochs": replace(_EPOCHS, doc="finetuning epochs per trial"),
     "batch_size": _BATCH_SIZE,
     "lr": _rate(0.0, True, "a number; a list of candidates for the inner search; a range under optuna"),
@@ -761,8 +735,15 @@ def _parse(raw: Mapping[str, Any], default_experiment: str | None) -> SweepSpec:
         raw = {**raw, "experiment": experiment}
     dataset = DatasetSpec(**_DATASET.complete(raw["dataset"], "dataset"))
     pretraining = PretrainingSpec(**_PRETRAINING.parse(raw.get("pretraining"), "pretraining"))
-    axes = Axes(**_AXES.complete(raw["axes"], "axes"))
-    finetune = FinetuneSpec(**_FINETUNE.parse(raw.get("finetune"), "finetune"))
+    axes_values = _AXES.complete(raw["axes"], "axes")
+    finetune_values = _FINETUNE.parse(raw.get("finetune"), "finetune")
+    if "size" in finetune_values:  # one size: the one-value form of axes.finetune_size, where the sizes live
+        if "finetune_size" in raw["axes"]:
+            raise SpecError("finetune.size", finetune_values["size"], "axes.finetune_size gives the finetuning sizes "
+                            "already; remove finetune.size, or list its value in axes.finetune_size")
+        axes_values["finetune_size"] = (finetune_values.pop("size"),)
+    axes = Axes(**axes_values)
+    finetune = FinetuneSpec(**finetune_values)
     evaluation = EvaluationSpec(**_EVALUATION.parse(raw.get("evaluation"), "evaluation"))
     tracking = TrackingSpec(**_TRACKING.parse(raw.get("tracking"), "tracking"))
     objectives = Objectives(**_OBJECTIVES.parse(raw.get("objectives"), "objectives"))

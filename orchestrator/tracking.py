@@ -19,9 +19,10 @@ import pandas as pd
 from orchestrator import raylocal  # noqa: F401 - before the first import of ray: a local Ray binds to 127.0.0.1
 from orchestrator.driverlock import driver_id
 from orchestrator.mlflow_runs import TAGS, WEIGHTS_ARTIFACT, find_parent_run, run_filter, search_runs
-from orchestrator.plan import Plan, PlannedTrial, TrialPoint
+from orchestrator.plan import Plan, PlannedTrial
 from orchestrator.query import front_table, load_trials
 from ray import tune  # noqa: E402 - after raylocal
+from trainables.trial import TrialConfig, TrialPoint, canonical_hash
 
 __all__ = ["SweepTracker", "driver_id", "driver_alive"]
 
@@ -116,7 +117,7 @@ class SweepTracker(tune.Callback):
         s = self.spec
         params = {"dataset": s.dataset.name, "search.type": s.search.type, "n_trials": s.n_trials, "grid_size": s.grid_size,
                   "n_pretrain_jobs": len(self.plan.pretrain_jobs), "objectives.performance": s.objectives.performance,
-                  "objectives.fairness": s.objectives.fairness, "finetune.size": s.finetune.size,
+                  "objectives.fairness": s.objectives.fairness, "finetune.size": _one_or_list(s.axes.finetune_size),
                   "finetune.epochs": s.finetune.epochs}
         if s.search.type == "optuna":
             params.update({"search.sampler": s.search.sampler, "search.budget": s.search.budget, "search.seed": s.search.seed})
@@ -161,15 +162,15 @@ class SweepTracker(tune.Callback):
                                      tags={TAGS.KIND: "pretrain", TAGS.PRETRAIN_KEY: job.key, TAGS.SWEEP: self.spec.name,
                                            TAGS.PARENT: self.parent_run_id, **tags})
         params = {"backbone": job.backbone, "paradigm": job.paradigm, "dataset": job.dataset,
-                  **{f"pretraining.{k}": v for k, v in job.hparams.items()}}
+                  **{f"pretraining.{k}": v for k, v in job.hparams.to_dict().items()}}
         self.client.log_batch(run.info.run_id, params=[Param(k, json.dumps(v) if isinstance(v, dict) else str(v))
                                                        for k, v in params.items()], metrics=metrics)
         self.client.set_terminated(run.info.run_id, status)
         return run.info.run_id
 
     # -- trials ---------------------------------------------------------------------------------
-    def finished_trials(self) -> list[tuple[dict, dict]]:
-        """(axis values, objective metrics) of every trial with a FINISHED run of this plan's trial
+    def finished_trials(self) -> list[tuple[TrialConfig, dict]]:
+        """(trial, objective metrics) of every trial with a FINISHED run of this plan's trial
         key: the ground truth resume uses to skip work. The metrics go back to the search, which
         counts the trial as finished rather than failed. A run under another key (the finetuning
         settings or the data changed) is not this trial's result, so its point is trained again."""
@@ -179,19 +180,18 @@ class SweepTracker(tune.Callback):
         for r in self._trial_runs("FINISHED"):
             if TAGS.POINT not in r.data.tags:
                 continue
-            point = json.loads(r.data.tags[TAGS.POINT])
             try:
-                planned_key = self.plan.trial_for(point).key
+                planned = self.plan.resolve(TrialPoint.from_dict(json.loads(r.data.tags[TAGS.POINT])))
             except (KeyError, TypeError, ValueError):  # a point this plan cannot hold is not one of its trials
                 continue
-            if r.data.tags.get(TAGS.TRIAL_KEY) == planned_key:
-                out.append((point, {m: r.data.metrics[m] for m in objectives if m in r.data.metrics}))
+            if r.data.tags.get(TAGS.TRIAL_KEY) == planned.key:
+                out.append((planned.config, {m: r.data.metrics[m] for m in objectives if m in r.data.metrics}))
         return out
 
     def _trial_run(self, trial: Any) -> str:
         if trial.trial_id in self._runs:
             return self._runs[trial.trial_id]
-        planned = self.plan.trial_for(trial.config["point"])
+        planned = self.plan.trial_for(trial.config)
         found = self._known.get(planned.key)
         if found:  # a resumed trial continues its own run
             run_id, status, had_error = found
@@ -224,17 +224,15 @@ class SweepTracker(tune.Callback):
         p = planned.point
         tags = {TAGS.SWEEP: self.spec.name, TAGS.KIND: "trial", TAGS.TRIAL_KEY: planned.key,
                 TAGS.CONFIG_KEY: planned.config_key, TAGS.PARENT: self.parent_run_id, TAGS.TUNE_TRIAL_ID: tune_id,
-                TAGS.POINT: json.dumps(p.as_config(), sort_keys=True)}
-        if planned.pretrain_key:
-            tags[TAGS.PRETRAIN_KEY] = planned.pretrain_key
-            if planned.pretrain_key in self._pretrain_runs:
-                tags[TAGS.PRETRAIN_RUN] = self._pretrain_runs[planned.pretrain_key]
-        run = self.client.create_run(self.experiment_id, run_name=_run_name(p), tags=tags)
-        self._run_names[run.info.run_id] = _run_name(p)
-        fixed = self.spec.finetune.fixed()
-        # candidate lists of the inner search are logged as such; the pick becomes finetune.lr etc. at the end
-        fixed = {(f"{k}_candidates" if isinstance(v, (list, tuple)) else k): v for k, v in fixed.items()}
-        params = {"dataset": self.spec.dataset.name, **{f"finetune.{k}": v for k, v in fixed.items()}, **p.params(),
+                TAGS.POINT: json.dumps(p.to_dict(), sort_keys=True)}
+        pretrain_key = planned.config.weights.key
+        if pretrain_key:
+            tags[TAGS.PRETRAIN_KEY] = pretrain_key
+            if pretrain_key in self._pretrain_runs:
+                tags[TAGS.PRETRAIN_RUN] = self._pretrain_runs[pretrain_key]
+        run = self.client.create_run(self.experiment_id, run_name=p.run_name(), tags=tags)
+        self._run_names[run.info.run_id] = p.run_name()
+        params = {"dataset": self.spec.dataset.name, **planned.config.params(),
                   "frozen_groups": json.dumps(list(planned.frozen_groups)), "n_layer_groups": planned.n_groups}
         self.client.log_batch(run.info.run_id, params=[Param(k, str(v)) for k, v in params.items()])
         self.client.log_inputs(run.info.run_id, datasets=self._dataset_inputs(planned))
@@ -248,13 +246,11 @@ class SweepTracker(tune.Callback):
         from mlflow.data.meta_dataset import MetaDataset
         from mlflow.entities import DatasetInput, InputTag
 
-        from orchestrator.plan import canonical_hash
-
         p, name = planned.point, self.spec.dataset.name
         source = CodeDatasetSource({"fairsweep.dataset": name, "options": json.dumps(dict(self.spec.dataset.options),
                                                                                      sort_keys=True, default=str)})
         finetune = {"split": "finetune", "intervention": p.intervention, "magnitude": p.magnitude, "seed": p.seed,
-                    "size": self.spec.finetune.size}
+                    "size": p.finetune_size}
         inputs = []
         for context, ident in (("training", finetune), ("validation", {"split": "val"}), ("testing", {"split": "test"})):
             digest = canonical_hash({"data": self.plan.dataset_fingerprint, **ident}, length=8)
@@ -315,7 +311,8 @@ class SweepTracker(tune.Callback):
         if ckpt is not None:
             from trainables.finetune import INNER_SEARCH_FILE, PER_GROUP_FILE, PREDICTIONS_FILE, VAL_PREDICTIONS_FILE
 
-            self._final_checkpoints[run_id] = (trial.config["point"]["backbone"], ckpt.path)  # for log_front_models
+            backbone = TrialConfig.from_dict(trial.config["trial"]).point.backbone
+            self._final_checkpoints[run_id] = (backbone, ckpt.path)  # for log_front_models
 
             with ckpt.as_directory() as d:
                 for name in (PREDICTIONS_FILE, VAL_PREDICTIONS_FILE, PER_GROUP_FILE, INNER_SEARCH_FILE):
@@ -524,10 +521,9 @@ def driver_alive(tag: str | None) -> bool | None:
     return True
 
 
-def _run_name(p: TrialPoint) -> str:
-    from orchestrator.spec import freeze_label
-
-    return f"{p.backbone}-{p.paradigm}-{p.intervention}{p.magnitude:g}-f{freeze_label(p.freeze_depth)}-s{p.seed}"
+def _one_or_list(values: tuple) -> Any:
+    """An axis as a parent-run param: its value when it has one (as before it was an axis), else the list."""
+    return values[0] if len(values) == 1 else list(values)
 
 
 def _reported_weights(checkpoint: Path) -> dict:

@@ -116,3 +116,15 @@ def batch_metrics(y: Any, scores: Any, groups: Any, primary: str, threshold: flo
     from trainables.metrics import _attributes, _compute
 
     return _compute(y, scores, _attributes(groups, privileged), primary, threshold)[0]
+
+
+def trial_config(point: dict[str, Any], finetune: dict[str, Any], weights_key: str | None = None) -> Any:
+    """A ``TrialConfig`` from a test's axis values and finetuning settings written as in a sweep file
+    (``size`` among them, lists for the inner search's candidates), starting from the cache entry
+    ``weights_key`` (None: random initialisation): what the plan would hand a worker."""
+    from trainables.trial import Freeze, TrialConfig, TrialPoint, Weights
+
+    hparams = {k: tuple(v) if isinstance(v, list) else v for k, v in finetune.items() if k != "size"}
+    p = TrialPoint(point["backbone"], point["paradigm"], point["intervention"], float(point["magnitude"]),
+                   Freeze.parse(point["freeze_depth"]), int(point["seed"]), int(finetune["size"]))
+    return TrialConfig(p, hparams, Weights(weights_key))

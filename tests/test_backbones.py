@@ -8,6 +8,8 @@ from torch import nn
 
 from trainables import backbones as B
 from trainables.registry import Registry
+from trainables.schema import SchemaError
+from trainables.trial import Freeze
 
 SHAPE = (3, 32, 32)
 # classifier parameter prefix and coarse non-head group count of each tiny model
@@ -60,7 +62,7 @@ def test_depth_k_freezes_exactly_the_first_k_groups(name: str) -> None:
         all_names = {n for n, _ in model.named_parameters()}
         before = dict(model.named_parameters())
         groups = B.layer_groups(model)
-        info = B.apply_freeze(model, groups, B.resolve_freeze(k, groups.n, backbone=name))
+        info = B.apply_freeze(model, groups, Freeze.parse(k))
         frozen = {n for g in groups.params[:k] for n in g}
         assert info.frozen_groups == tuple(range(k)) and info.n_groups == groups.n
         assert _trainable(model) == all_names - frozen
@@ -73,7 +75,7 @@ def test_depth_k_freezes_exactly_the_first_k_groups(name: str) -> None:
 def test_linear_leaves_only_the_classifier_trainable(name: str) -> None:
     model = _build(name)
     groups = B.layer_groups(model)
-    info = B.apply_freeze(model, groups, B.resolve_freeze("linear", groups.n))
+    info = B.apply_freeze(model, groups, Freeze.parse("linear"))
     assert _trainable(model) == set(groups.head)
     assert 0.0 < info.frozen_fraction < 1.0
 
@@ -82,11 +84,11 @@ def test_full_freezes_nothing_and_explicit_groups_may_skip() -> None:
     model = _build("test_resnet")
     groups = B.layer_groups(model)
     all_names = {n for n, _ in model.named_parameters()}
-    info = B.apply_freeze(model, groups, B.resolve_freeze("full", groups.n))
+    info = B.apply_freeze(model, groups, Freeze.parse("full"))
     assert _trainable(model) == all_names and info.frozen_modules == () and info.frozen_fraction == 0.0
 
     model = _build("test_resnet")
-    info = B.apply_freeze(model, groups, B.resolve_freeze((2, 0), groups.n))
+    info = B.apply_freeze(model, groups, Freeze.parse((2, 0)))
     assert info.frozen_groups == (0, 2)
     assert _trainable(model) == all_names - set(groups.params[0]) - set(groups.params[2])
     assert set(groups.params[1]) <= _trainable(model)
@@ -96,7 +98,7 @@ def test_full_freezes_nothing_and_explicit_groups_may_skip() -> None:
 def test_sgd_step_leaves_frozen_weights_and_bn_statistics_untouched() -> None:
     model = _build("test_resnet")
     groups = B.layer_groups(model)
-    info = B.apply_freeze(model, groups, B.resolve_freeze(2, groups.n))  # stem + layer1
+    info = B.apply_freeze(model, groups, Freeze.parse(2))  # stem + layer1
     assert set(info.frozen_modules) == {"conv1", "bn1", "layer1"}
     before = {k: v.clone() for k, v in model.state_dict().items()}
     opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.5)
@@ -121,7 +123,7 @@ def test_sgd_step_leaves_frozen_weights_and_bn_statistics_untouched() -> None:
 def test_set_train_mode_keeps_frozen_modules_in_eval() -> None:
     model = _build("test_vit")
     groups = B.layer_groups(model)
-    info = B.apply_freeze(model, groups, B.resolve_freeze(2, groups.n))
+    info = B.apply_freeze(model, groups, Freeze.parse(2))
     model.eval()
     B.set_train_mode(model, info)
     assert model.training
@@ -135,9 +137,9 @@ def test_vit_root_parameters_freeze_from_depth_one() -> None:
     model = _build("test_vit")
     groups = B.layer_groups(model)
     assert {"pos_embed", "cls_token"} <= set(groups.params[0])
-    B.apply_freeze(model, groups, B.resolve_freeze(0, groups.n))
+    B.apply_freeze(model, groups, Freeze.parse(0))
     assert model.pos_embed.requires_grad and model.cls_token.requires_grad
-    B.apply_freeze(model, groups, B.resolve_freeze(1, groups.n))
+    B.apply_freeze(model, groups, Freeze.parse(1))
     assert not model.pos_embed.requires_grad and not model.cls_token.requires_grad
     pos = model.pos_embed.detach().clone()
     opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.5)
@@ -146,19 +148,15 @@ def test_vit_root_parameters_freeze_from_depth_one() -> None:
     assert torch.equal(pos, model.pos_embed)
 
 
-def test_resolve_freeze_values_and_errors() -> None:
-    assert B.resolve_freeze(0, 5) == () and B.resolve_freeze("full", 5) == ()
-    assert B.resolve_freeze(5, 5) == (0, 1, 2, 3, 4) == B.resolve_freeze("linear", 5)
-    assert B.resolve_freeze((3, 1, 3), 5) == (1, 3) and B.resolve_freeze([4], 5) == (4,)
-    with pytest.raises(B.BackboneError) as err:
-        B.resolve_freeze(7, 5, backbone="test_resnet")
-    assert "freeze_depth 7 exceeds the 5 layer groups of test_resnet (0..4); use 0..5, 'linear' or 'full'" in str(err.value)
-    assert isinstance(err.value, ValueError)
-    for bad, words in ((-1, "negative"), ("lin", "'lin'"), (True, "bool"), ((0, 5), "[5]"), ((-1,), "[-1]"),
-                       (2.0, "2.0")):
-        with pytest.raises(B.BackboneError, match="use 0..5") as err:
-            B.resolve_freeze(bad, 5, field="axes.freeze_depth[1]")
-        assert words in str(err.value) and "axes.freeze_depth[1]" in str(err.value)
+def test_a_freeze_that_does_not_fit_the_backbone_is_refused_before_anything_freezes() -> None:
+    model = B.create_backbone("test_resnet", num_classes=2, input_shape=SHAPE)
+    groups = B.layer_groups(model)
+    with pytest.raises(SchemaError, match=f"exceeds the {groups.n} layer groups of test_resnet") as err:
+        B.apply_freeze(model, groups, Freeze.parse(groups.n + 1), backbone="test_resnet")
+    assert err.value.path == "freeze_depth" and isinstance(err.value, ValueError)
+    with pytest.raises(SchemaError, match=rf"holds indices \[{groups.n}\] outside"):
+        B.apply_freeze(model, groups, Freeze.parse([0, groups.n]))
+    assert all(p.requires_grad for p in model.parameters())
 
 
 def test_count_layer_groups_matches_the_built_model() -> None:
@@ -227,7 +225,7 @@ def test_backbone_state_round_trips_into_a_different_head() -> None:
 def test_backbone_state_across_frozen_batchnorm() -> None:
     frozen = _build("test_resnet")
     groups = B.layer_groups(frozen)
-    B.apply_freeze(frozen, groups, B.resolve_freeze("linear", groups.n))
+    B.apply_freeze(frozen, groups, Freeze.parse("linear"))
     state = B.backbone_state_dict(frozen)  # FrozenBatchNorm2d has no num_batches_tracked
     fresh = _build("test_resnet", num_classes=4)
     B.load_backbone_state(fresh, state)

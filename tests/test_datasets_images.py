@@ -10,6 +10,7 @@ import pandas as pd
 import pytest
 import torch
 
+from tests.helpers import trial_config
 from trainables.data import SPLITS, Dataset, DatasetError, ImageReadError, build_dataset
 from trainables.data import fixtures as F
 from trainables.data.images import IMAGENET_MEAN, IMAGENET_STD, decode_image
@@ -263,13 +264,13 @@ def test_streamed_batches_equal_in_process_decoding(layouts) -> None:
 
 
 def _trial(name: str, opts: dict, tmp: Path, sensitive: list[str]) -> dict:
-    ctx = TrialContext(dataset=name, dataset_options={**opts, "num_workers": 1},
-                       finetune={"size": 16, "epochs": 2, "batch_size": 8, "lr": 0.01, "weight_decay": 0.0,
-                                 "momentum": 0.9, "threshold": 0.5}, cache_root=str(tmp / "cache"))
-    point = {"backbone": "test_resnet", "paradigm": "scratch", "intervention": "correlation", "magnitude": 0.75,
-             "freeze_depth": 1, "seed": 0}
+    ctx = TrialContext(dataset=name, dataset_options={**opts, "num_workers": 1}, cache_root=str(tmp / "cache"))
+    trial = trial_config({"backbone": "test_resnet", "paradigm": "scratch", "intervention": "correlation",
+                          "magnitude": 0.75, "freeze_depth": 1, "seed": 0},
+                         {"size": 16, "epochs": 2, "batch_size": 8, "lr": 0.01, "weight_decay": 0.0, "momentum": 0.9,
+                          "threshold": 0.5})
     files: dict[int, list[str]] = {}
-    result = train_and_evaluate(point, ctx, on_epoch=lambda r, d: files.__setitem__(r["epoch"], sorted(os.listdir(d))))
+    result = train_and_evaluate(trial, ctx, on_epoch=lambda r, d: files.__setitem__(r["epoch"], sorted(os.listdir(d))))
     assert files[1] == ["state.pt"] and files[2] == sorted(["state.pt", PREDICTIONS_FILE, VAL_PREDICTIONS_FILE, PER_GROUP_FILE])
     assert result["done_training"] and result["achieved_magnitude"] == 0.75 and result["n_finetune"] == 16
     for attr in sensitive:

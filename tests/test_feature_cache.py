@@ -5,7 +5,6 @@ and stays within its budget, and trials it cannot serve exactly run the whole mo
 from __future__ import annotations
 
 import contextlib
-from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -13,11 +12,12 @@ import pytest
 import torch
 from torch import nn
 
-from tests.helpers import TINY_DATA
+from tests.helpers import TINY_DATA, trial_config
 from trainables import backbones
 from trainables import feature_cache as fc
 from trainables.data import fixtures as F
 from trainables.finetune import TrialContext, train_and_evaluate
+from trainables.trial import Freeze
 
 FT = {"size": 200, "epochs": 3, "batch_size": 50, "lr": [0.02, 0.1], "weight_decay": 0.0, "momentum": 0.9,
       "threshold": "calibrated", "select_epoch": "best_val_loss"}
@@ -26,13 +26,13 @@ SHOWN = ("accuracy", "auroc", "equalized_odds_difference", "tpr_difference", "va
 SERIES = {"n_source": 64, "n_finetune": 600, "n_val": 96, "n_test": 96, "length": 32}
 
 
-def _point(backbone: str, freeze, seed: int = 0, magnitude: float = 0.7) -> dict:
-    return {"backbone": backbone, "paradigm": "scratch", "intervention": "correlation", "magnitude": magnitude,
-            "freeze_depth": freeze, "seed": seed}
+def _point(backbone: str, freeze, seed: int = 0, magnitude: float = 0.7, **finetune):
+    return trial_config({"backbone": backbone, "paradigm": "scratch", "intervention": "correlation",
+                         "magnitude": magnitude, "freeze_depth": freeze, "seed": seed}, {**FT, **finetune})
 
 
 def _context(cache: Path | None, dataset: str = "synthetic_images", options: dict | None = None) -> TrialContext:
-    return TrialContext(dataset=dataset, dataset_options=dict(TINY_DATA if options is None else options), finetune=FT,
+    return TrialContext(dataset=dataset, dataset_options=dict(TINY_DATA if options is None else options),
                         cache_root="/none", bootstrap=0, feature_cache=str(cache) if cache else None)
 
 
@@ -69,10 +69,9 @@ def test_partial_freezing_on_cached_prefix_outputs_is_the_same_trial(tmp_path, b
 def test_folder_images_on_cached_prefix_outputs_are_the_same_trial(tmp_path):
     """Streamed folder data: the cached trial visits the finetuning rows in the loader's (seed, epoch) order."""
     opts = {**F.write_image_csv(tmp_path / "csv", n=600), "num_workers": 0}
-    ft = {**FT, "size": 60, "batch_size": 16}
-    plain = train_and_evaluate(_point("test_resnet", 2), replace(_context(None, "image_csv", opts), finetune=ft))
-    cached = train_and_evaluate(_point("test_resnet", 2), replace(_context(tmp_path / "fc", "image_csv", opts),
-                                                                  finetune=ft))
+    plain = train_and_evaluate(_point("test_resnet", 2, size=60, batch_size=16), _context(None, "image_csv", opts))
+    cached = train_and_evaluate(_point("test_resnet", 2, size=60, batch_size=16),
+                                _context(tmp_path / "fc", "image_csv", opts))
     assert cached["feature_cache"] == "first 2 of 5 layer groups on cached outputs of layer1"
     _same_trial(plain, cached)
 
@@ -87,8 +86,7 @@ def test_later_trials_on_the_same_prefix_compute_nothing(tmp_path, monkeypatch):
     first = train_and_evaluate(_point("test_resnet", 2), _context(cache))  # two lr candidates: one plan each
     assert first["feature_cache"].startswith("first 2 of 5") and len(calls) == 3  # finetuning pool, val, test
     stamps = {p.name: p.stat().st_size for p in cache.glob("*.npy")}
-    other = train_and_evaluate(_point("test_resnet", 2, magnitude=0.9), replace(_context(cache),
-                                                                                 finetune={**FT, "size": 120}))
+    other = train_and_evaluate(_point("test_resnet", 2, magnitude=0.9, size=120), _context(cache))
     assert other["feature_cache"] == first["feature_cache"] and len(calls) == 3  # no prefix computed again
     assert {p.name: p.stat().st_size for p in cache.glob("*.npy")} == stamps
     train_and_evaluate(_point("test_resnet", 2, seed=1), _context(cache))  # another random initialisation
@@ -126,7 +124,7 @@ class _Stack(nn.Module):
 
 def _plan(model: nn.Module, depth: int):
     groups = backbones.layer_groups(model)
-    info = backbones.apply_freeze(model, groups, backbones.resolve_freeze(depth, groups.n))
+    info = backbones.apply_freeze(model, groups, Freeze.parse(depth))
     return fc.plan_prefix(model, info.n_groups, info.frozen_groups, info.frozen_modules, torch.randn(8, 6),
                           contextlib.nullcontext, lambda: backbones.set_train_mode(model, info))
 

@@ -158,7 +158,7 @@ def test_options_are_part_of_the_pretraining_key_with_defaults_filled():
                                                   "pretraining.paradigms": {"simclr": {"temperature": 0.1}}})))
     other = build_plan(parse_spec(tiny_spec(**{"axes.paradigm": ["simclr"],
                                                "pretraining.paradigms": {"simclr": {"temperature": 0.2}}})))
-    assert base.pretrain_jobs[0].hparams["options"] == {"temperature": 0.1, "hidden_dim": 256, "hidden_dim_2": 128,
+    assert base.pretrain_jobs[0].hparams.options == {"temperature": 0.1, "hidden_dim": 256, "hidden_dim_2": 128,
                                                          "projection_dim": 50, "augmentations": "scale,negate",
                                                          "scale_sigma": 0.1, "negate_p": 1.0}
     assert base.pretrain_jobs[0].key == explicit.pretrain_jobs[0].key != other.pretrain_jobs[0].key
@@ -203,7 +203,7 @@ def test_file_checkpoint_is_planned_and_keyed_by_content(tmp_path):
     name = f"file:{ckpt}"
     plan = build_plan(parse_spec(tiny_spec(**{"axes.paradigm": ["scratch", name]})))
     assert plan.file_weights == {name: str(ckpt.resolve())} and not plan.pretrain_jobs
-    keys = {t.pretrain_key for t in plan.trials if t.point.paradigm == name}
+    keys = {t.config.weights.key for t in plan.trials if t.point.paradigm == name}
     assert len(keys) == 1 and keys.pop().startswith("file-")
 
 
@@ -294,9 +294,7 @@ def test_timm_weights_found_in_the_cache_are_keyed_and_materialised(tmp_path, mo
     plan = build_plan(parse_spec(tiny_spec(**{"axes.paradigm": ["timm"]})))
     (job,) = plan.pretrain_jobs
     assert job.paradigm == "timm"
-    from dataclasses import asdict
-
-    out = run_pretrain_job(asdict(job), str(tmp_path / "cache"))
+    out = run_pretrain_job(job.to_dict(), str(tmp_path / "cache"))
     assert not out.reused and out.losses == () and out.meta["weights_file"].startswith("model.safetensors:")
     state = PretrainCache(tmp_path / "cache").load(job.key)
     model = backbones.create_backbone("test_resnet", num_classes=2, input_shape=(3, 32, 32))

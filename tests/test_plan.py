@@ -6,6 +6,7 @@ import pytest
 from orchestrator.plan import build_plan
 from orchestrator.spec import SpecError, parse_spec
 from tests.helpers import run_cli, tiny_spec, write_spec
+from trainables.trial import Freeze
 
 
 def test_plan_counts_keys_and_dedups_pretraining():
@@ -17,8 +18,8 @@ def test_plan_counts_keys_and_dedups_pretraining():
     # repeats over seeds share a config key, nothing else does
     assert len({t.config_key for t in plan.trials}) == len(plan.trials) // 2
     supervised = [t for t in plan.trials if t.point.paradigm == "supervised" and t.point.backbone == "test_resnet"]
-    assert {t.pretrain_key for t in supervised} == {j.key for j in plan.pretrain_jobs if j.backbone == "test_resnet"}
-    linear = next(t for t in plan.trials if t.point.freeze_depth == "linear" and t.point.backbone == "test_resnet")
+    assert {t.config.weights.key for t in supervised} == {j.key for j in plan.pretrain_jobs if j.backbone == "test_resnet"}
+    linear = next(t for t in plan.trials if t.point.freeze_depth == Freeze("linear") and t.point.backbone == "test_resnet")
     assert linear.frozen_groups == tuple(range(plan.layer_groups["test_resnet"]))
 
 

@@ -6,7 +6,6 @@ the expected pixels exact: every pixel of a file of colour c is (c / 255 - mean)
 """
 from __future__ import annotations
 
-from dataclasses import asdict
 from pathlib import Path
 
 import numpy as np
@@ -152,16 +151,16 @@ def test_fingerprints_name_the_preprocessing_and_generated_data_is_untouched(sol
 def test_pretraining_key_includes_the_preprocessing_and_synthetic_keys_do_not(solid, monkeypatch) -> None:
     opts, _ = solid
     (job,) = build_plan(parse_spec(_folder_spec(opts, **{"axes.paradigm": ["supervised"]}))).pretrain_jobs
-    assert job.hparams["preprocessing"] == backbones.data_config("test_resnet", (3, 16, 16)).canonical()
+    assert job.hparams.preprocessing == backbones.data_config("test_resnet", (3, 16, 16)).canonical()
     # the same backbone under another preprocessing (say a newer timm's config) is another base
     imagenet = Preprocessing((3, 16, 16), interpolation="bilinear", crop_pct=0.95)
     monkeypatch.setattr(backbones, "data_config", lambda name, shape: imagenet)
     (other,) = build_plan(parse_spec(_folder_spec(opts, **{"axes.paradigm": ["supervised"]}))).pretrain_jobs
-    assert other.key != job.key and other.hparams["preprocessing"] == imagenet.canonical()
+    assert other.key != job.key and other.hparams.preprocessing == imagenet.canonical()
     monkeypatch.undo()
     # generated data: no preprocessing in the job, so its key is the one it always had
     (syn,) = build_plan(parse_spec(tiny_spec(**{"axes.paradigm": ["supervised"]}))).pretrain_jobs
-    assert "preprocessing" not in syn.hparams
+    assert syn.hparams.preprocessing is None and "preprocessing" not in syn.hparams.to_dict()
 
 
 def test_pretraining_feeds_the_model_its_own_normalisation(solid, tmp_path, monkeypatch) -> None:
@@ -176,8 +175,8 @@ def test_pretraining_feeds_the_model_its_own_normalisation(solid, tmp_path, monk
         return model
 
     monkeypatch.setattr(backbones, "create_backbone", recording)
-    out = pretrain.run_pretrain_job(asdict(job), str(tmp_path / "cache"))
-    assert seen and out.meta["hparams"]["preprocessing"] == job.hparams["preprocessing"]
+    out = pretrain.run_pretrain_job(job.to_dict(), str(tmp_path / "cache"))
+    assert seen and out.meta["hparams"]["preprocessing"] == job.hparams.preprocessing
     allowed = {tuple(np.round((c / 255.0 - 0.5) / 0.5, 4)) for c in colours.values()}
     for batch in seen:  # every image the model saw is a source file normalised with 0.5 / 0.5
         for image in batch:
@@ -188,7 +187,7 @@ def test_pretraining_feeds_the_model_its_own_normalisation(solid, tmp_path, monk
 def test_a_worker_resolving_another_preprocessing_refuses_the_job(solid, tmp_path) -> None:
     opts, _ = solid
     (job,) = build_plan(parse_spec(_folder_spec(opts, **{"axes.paradigm": ["supervised"]}))).pretrain_jobs
-    stale = {**asdict(job), "hparams": {**job.hparams, "preprocessing": Preprocessing((3, 16, 16)).canonical()}}
+    stale = {**job.to_dict(), "hparams": {**job.hparams.to_dict(), "preprocessing": Preprocessing((3, 16, 16)).canonical()}}
     with pytest.raises(ValueError, match="install the same timm version"):
         pretrain.run_pretrain_job(stale, str(tmp_path / "cache"))
 
@@ -200,6 +199,6 @@ def test_timm_paradigm_base_is_keyed_by_its_preprocessing(solid, tmp_path, monke
     _fake_hf_cache(tmp_path / "hf")
     monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "hf"))
     (job,) = build_plan(parse_spec(_folder_spec(opts, **{"axes.paradigm": ["timm"]}))).pretrain_jobs
-    assert '"mean":[0.5,0.5,0.5]' in job.hparams["preprocessing"]
-    out = pretrain.run_pretrain_job(asdict(job), str(tmp_path / "cache"))
-    assert out.meta["hparams"]["preprocessing"] == job.hparams["preprocessing"]
+    assert '"mean":[0.5,0.5,0.5]' in job.hparams.preprocessing
+    out = pretrain.run_pretrain_job(job.to_dict(), str(tmp_path / "cache"))
+    assert out.meta["hparams"]["preprocessing"] == job.hparams.preprocessing

@@ -2,7 +2,6 @@
 a ``file:`` checkpoint changes what a trial learns compared with ``scratch``."""
 from __future__ import annotations
 
-from dataclasses import asdict
 
 import mlflow
 import pytest
@@ -93,7 +92,7 @@ def test_a_file_checkpoint_loads_and_changes_the_trial_result(tmp_path):
                         "finetune.epochs": 4, "finetune.lr": 0.05, "pretraining.epochs": 3})
     # The checkpoint: a backbone trained on the target, written by the test as a plain torch state dict.
     job = next(j for j in build_plan(parse_spec(spec)).pretrain_jobs if j.paradigm == "supervised")
-    out = run_pretrain_job(asdict(job), str(tmp_path / "own_cache"))
+    out = run_pretrain_job(job.to_dict(), str(tmp_path / "own_cache"))
     ckpt = tmp_path / "supervised_base.pt"
     torch.save(PretrainCache(tmp_path / "own_cache").load(out.key), ckpt)
     spec["axes"]["paradigm"] = ["scratch", f"file:{ckpt}"]

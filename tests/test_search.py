@@ -22,7 +22,7 @@ def test_spec_accepts_ranges_and_sampler():
     assert spec.search.sampler == "tpe" and spec.search.budget == 6 and spec.n_trials == 6
     assert spec.axes.intervention[0].magnitudes == Range(0.5, 0.95)
     assert spec.finetune.lr == Range(1e-3, 1e-1, log=True)
-    assert "lr" not in spec.finetune.fixed() and spec.finetune.fixed()["size"] == 200
+    assert "lr" not in spec.finetune.fixed() and "size" not in spec.finetune.fixed() and spec.axes.finetune_size == (200,)
 
 
 @pytest.mark.parametrize("overrides, path, fragment", [
@@ -51,7 +51,7 @@ def test_range_under_grid_says_what_to_do():
 
 def _propose(plan, journal, n):
     searcher = StudySearcher(plan, str(journal), study_name="s")
-    return [searcher.suggest(f"t{i}")["point"] for i in range(n)], searcher
+    return [searcher.suggest(f"t{i}")["trial"]["point"] for i in range(n)], searcher
 
 
 @pytest.mark.parametrize("sampler", ["tpe", "nsga2", "random"])
@@ -62,7 +62,31 @@ def test_same_spec_and_seed_propose_the_same_first_configurations(tmp_path, samp
     assert first == again
     other, _ = _propose(_plan(**{"search": {**OPTUNA, "sampler": sampler, "seed": 1}}), tmp_path / "c.journal", 4)
     assert other != first
-    assert all(0.5 <= p["magnitude"] <= 0.95 and 1e-3 <= p["finetune"]["lr"] <= 1e-1 for p in first)
+    assert all(0.5 <= p["magnitude"] <= 0.95 and 1e-3 <= p["searched"]["lr"] <= 1e-1 for p in first)
+
+
+def test_the_finetuning_size_is_searched_only_when_the_axis_has_several(tmp_path):
+    from ray.tune.search import Searcher
+
+    from trainables.trial import Freeze, TrialConfig
+
+    spec = tiny_spec(**{"search": {"type": "optuna", "sampler": "random", "budget": 16, "seed": 0},
+                        "axes.finetune_size": [64, 128], "axes.freeze_depth": [[1, 0], "linear"]})
+    del spec["finetune"]["size"]
+    plan = build_plan(parse_spec(spec))  # 16 cells: every one is proposed once
+    searcher = StudySearcher(plan, str(tmp_path / "sizes.journal"), study_name="s")
+    seen, i = set(), 0
+    while (config := searcher.suggest(f"t{i}")) != Searcher.FINISHED:
+        trial = TrialConfig.from_dict(config["trial"])  # what the worker decodes
+        assert plan.trial_for(config).config == trial
+        seen.add((trial.point.finetune_size, trial.point.freeze_depth))
+        searcher.on_trial_complete(f"t{i}", {"val_accuracy": 0.6, "val_equalized_odds_difference": 0.1})
+        i += 1
+    assert seen == {(n, f) for n in (64, 128) for f in (Freeze((0, 1)), Freeze("linear"))}
+    assert {t.params["finetune_size"] for t in searcher.study.trials} == {64, 128}
+    assert {t.params["freeze_depth"] for t in searcher.study.trials} == {"[0,1]", "linear"}  # Freeze labels
+    one = StudySearcher(_plan(), str(tmp_path / "one.journal"), study_name="s")
+    assert one.suggest("t0") and "finetune_size" not in one.study.trials[0].params  # no choice, no parameter
 
 
 @pytest.mark.parametrize("sampler", ["tpe", "nsga2", "random"])
@@ -171,7 +195,7 @@ def test_a_failed_configuration_is_not_run_again(tmp_path):
     ran, i = [], 0
     while (config := searcher.suggest(f"t{i}")) != Searcher.FINISHED:
         ran.append(plan.trial_for(config).key)
-        if config["point"]["paradigm"] == "supervised":  # these 4 cells always fail
+        if config["trial"]["point"]["paradigm"] == "supervised":  # these 4 cells always fail
             searcher.on_trial_complete(f"t{i}", None, error=True)
         else:
             searcher.on_trial_complete(f"t{i}", {"val_accuracy": 0.6, "val_equalized_odds_difference": 0.1})

@@ -8,6 +8,7 @@ import yaml
 
 from orchestrator.spec import SpecError, load_spec, parse_spec
 from tests.helpers import REPO, tiny_spec, write_spec
+from trainables.trial import Freeze
 
 
 def test_quickstart_file_parses_into_frozen_typed_spec():
@@ -17,7 +18,7 @@ def test_quickstart_file_parses_into_frozen_typed_spec():
     assert spec.axes.paradigm == ("scratch", "supervised", "biased")  # the story needs a biased base
     assert spec.axes.intervention[0].kind == "correlation"
     assert spec.axes.intervention[0].magnitudes == (0.5, 0.7, 0.9)
-    assert spec.axes.freeze_depth == (0, "linear")
+    assert spec.axes.freeze_depth == (Freeze(0), Freeze("linear"))
     assert spec.n_trials == 1 * 3 * 3 * 2 * 2 == 36
     with pytest.raises(dataclasses.FrozenInstanceError):
         spec.name = "other"  # type: ignore[misc]
@@ -50,7 +51,7 @@ def test_explicit_freeze_sets_and_intervention_lists():
         "axes.intervention": [{"kind": "correlation", "magnitudes": [0.5]},
                               {"kind": "representation", "magnitudes": [0.1, 0.3]}],
         "axes.seed": [0, 1, 2]}))
-    assert spec.axes.freeze_depth == ((0, 2), "full", 1)
+    assert spec.axes.freeze_depth == (Freeze((0, 2)), Freeze("full"), Freeze(1))
     assert [a.kind for a in spec.axes.intervention] == ["correlation", "representation"]
     assert spec.n_trials == 1 * 2 * 3 * 3 * 3
 
@@ -78,6 +79,30 @@ def test_bad_values_name_the_field(overrides, path, fragment):
     assert info.value.path == path
     assert fragment in str(info.value)
     assert path in str(info.value)
+
+
+def test_finetune_size_is_an_axis_and_one_finetune_size_is_its_one_value_form():
+    spec = parse_spec(tiny_spec(**{"axes.finetune_size": [128, 1024]}, finetune={"epochs": 2, "lr": 0.02}))
+    assert spec.axes.finetune_size == (128, 1024) and "size" not in spec.finetune.fixed()
+    assert spec.n_trials == 2 * parse_spec(tiny_spec()).n_trials
+    assert parse_spec(tiny_spec()).axes.finetune_size == (200,)  # TINY_SPEC's finetune.size
+    assert parse_spec(tiny_spec(finetune={"epochs": 2})).axes.finetune_size == (2000,)  # the default
+    assert parse_spec(tiny_spec(**{"axes.finetune_size": 64}, finetune={})).axes.finetune_size == (64,)
+
+
+@pytest.mark.parametrize("overrides, path, fragment", [
+    ({"axes.finetune_size": [128, 2]}, "axes.finetune_size[1]", ">= 4"),
+    ({"axes.finetune_size": [128, 10**8]}, "axes.finetune_size[1]", "<= 10,000,000"),
+    ({"axes.finetune_size": [128, 128]}, "axes.finetune_size[1]", "duplicate"),
+    ({"axes.finetune_size": ["big"]}, "axes.finetune_size[0]", "integer"),
+    ({"axes.finetune_size": [128.5]}, "axes.finetune_size[0]", "integer"),
+    ({"axes.finetune_size": []}, "axes.finetune_size", "non-empty"),
+    ({"axes.finetune_size": [128, 1024]}, "finetune.size", "remove finetune.size, or list its value in axes.finetune_size"),
+])
+def test_finetune_size_errors_name_the_field_the_value_and_the_fix(overrides, path, fragment):
+    with pytest.raises(SpecError) as info:
+        parse_spec(tiny_spec(**overrides))
+    assert info.value.path == path and fragment in str(info.value)
 
 
 def test_tracking_log_models_defaults_to_the_front_and_names_its_choices():

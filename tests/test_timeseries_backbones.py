@@ -5,11 +5,13 @@ import pytest
 import torch
 from torch import nn
 
+from tests.helpers import trial_config
 from trainables import backbones as B
 from trainables.finetune import TrialContext, train_and_evaluate
 from trainables.paradigms import PARADIGMS
 from trainables.pretrain import run_pretrain_job
 from trainables.pretrain_cache import PretrainCache
+from trainables.trial import Freeze
 
 NAMES = ("cnn1d_paperb", "cnn1d_tiny", "transformer1d_tiny")
 SHAPE = (5, 101)  # MESA's windows in paper B: 101 samples of 5 channels
@@ -72,7 +74,7 @@ def test_paper_b_l2_penalties_become_per_parameter_weight_decay() -> None:
     SGD weight decay 2λ on top of the sweep's, none on biases, the last layer or frozen parameters."""
     model = B.create_backbone("cnn1d_paperb", num_classes=2, input_shape=SHAPE)
     groups = B.layer_groups(model)
-    B.apply_freeze(model, groups, B.resolve_freeze((1,), groups.n))  # middle conv frozen
+    B.apply_freeze(model, groups, Freeze.parse((1,)))  # middle conv frozen
     decay = {id(p): g["weight_decay"] for g in B.param_groups(model, 0.001) for p in g["params"]}
     names = {id(p): n for n, p in model.named_parameters()}
     by_name = {names[i]: wd for i, wd in decay.items()}
@@ -101,7 +103,7 @@ SETUPS = [("full", set()), (1, {"stem"}), ((1,), {"blocks.0"}), (2, {"stem", "bl
 def test_paper_b_freezing_setups(spec, frozen_layers: set[str]) -> None:
     model = B.create_backbone("cnn1d_paperb", num_classes=2, input_shape=SHAPE)
     groups = B.layer_groups(model)
-    info = B.apply_freeze(model, groups, B.resolve_freeze(spec, groups.n))
+    info = B.apply_freeze(model, groups, Freeze.parse(spec))
     frozen = {".".join(n.split(".")[:2]) if n.startswith("blocks") else n.split(".")[0]
               for n, p in model.named_parameters() if not p.requires_grad}
     assert frozen == frozen_layers
@@ -178,10 +180,10 @@ def test_finetuning_starts_from_the_pretrained_encoder(tmp_path) -> None:
                                                 "momentum": 0.9, "seed": 0, "options": {}}}
     run_pretrain_job(job, str(tmp_path))
     ft = {"size": 32, "epochs": 1, "batch_size": 16, "lr": 0.01, "weight_decay": 0.0, "momentum": 0.9, "threshold": 0.5}
-    ctx = TrialContext("synthetic_timeseries", OPTS, ft, str(tmp_path), pretrained={"cnn1d_tiny|simclr": "simclr-key"})
-    point = {"backbone": "cnn1d_tiny", "paradigm": "simclr", "intervention": "correlation", "magnitude": 0.5,
-             "freeze_depth": "linear", "seed": 0}
-    r = train_and_evaluate(point, ctx)
+    ctx = TrialContext("synthetic_timeseries", OPTS, str(tmp_path))
+    trial = trial_config({"backbone": "cnn1d_tiny", "paradigm": "simclr", "intervention": "correlation",
+                          "magnitude": 0.5, "freeze_depth": "linear", "seed": 0}, ft, weights_key="simclr-key")
+    r = train_and_evaluate(trial, ctx)
     assert r["pretrain_ref"] == "simclr-key" and r["frozen_groups"] == "[0, 1, 2]" and r["frozen_fraction"] > 0.5
 
 

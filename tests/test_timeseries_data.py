@@ -10,6 +10,7 @@ import pandas as pd
 import pytest
 import torch
 
+from tests.helpers import trial_config
 from trainables import interventions
 from trainables.data import SPLITS, DatasetError, DatasetOptionError, build_dataset
 from trainables.data import fixtures as F
@@ -244,13 +245,13 @@ def test_arrays_errors(arrays_root: dict, tmp_path) -> None:
 FT = {"size": 48, "epochs": 2, "batch_size": 16, "lr": 0.05, "weight_decay": 0.0, "momentum": 0.9, "threshold": 0.5}
 
 
-def _point(**kw) -> dict:
-    return {"backbone": "cnn1d_tiny", "paradigm": "scratch", "intervention": "correlation", "magnitude": 0.75,
-            "freeze_depth": [0, 2], "seed": 0, **kw}
+def _point(size: int = FT["size"], **kw):
+    return trial_config({"backbone": "cnn1d_tiny", "paradigm": "scratch", "intervention": "correlation",
+                         "magnitude": 0.75, "freeze_depth": [0, 2], "seed": 0, **kw}, {**FT, "size": size})
 
 
 def test_trial_on_synthetic_timeseries_reports_every_attribute(tmp_path) -> None:
-    ctx = TrialContext("synthetic_timeseries", {**SMALL, "intersect": ["sex", "age"]}, FT, str(tmp_path))
+    ctx = TrialContext("synthetic_timeseries", {**SMALL, "intersect": ["sex", "age"]}, str(tmp_path))
     r = train_and_evaluate(_point(), ctx)
     assert r["frozen_groups"] == "[0, 2]" and r["n_groups"] == 3 and r["achieved_magnitude"] == 0.75
     for attr in ("sex", "age", "sex_x_age"):
@@ -259,13 +260,13 @@ def test_trial_on_synthetic_timeseries_reports_every_attribute(tmp_path) -> None
 
 
 def test_trial_on_timeseries_arrays(arrays_root: dict, tmp_path) -> None:
-    ctx = TrialContext("timeseries_arrays", arrays_root, {**FT, "size": 40}, str(tmp_path))
-    r = train_and_evaluate(_point(backbone="transformer1d_tiny", freeze_depth=1), ctx)
+    ctx = TrialContext("timeseries_arrays", arrays_root, str(tmp_path))
+    r = train_and_evaluate(_point(40, backbone="transformer1d_tiny", freeze_depth=1), ctx)
     assert r["done_training"] and 0 <= r["equalized_odds_difference/age_band"] <= 1
 
 
 def test_resumed_trial_ends_where_an_uninterrupted_one_does(tmp_path) -> None:
-    ctx = TrialContext("synthetic_timeseries", SMALL, FT, str(tmp_path))
+    ctx = TrialContext("synthetic_timeseries", SMALL, str(tmp_path))
     states: dict[int, dict] = {}
     on_epoch = lambda r, d: states.__setitem__(r["epoch"], torch.load(d / STATE_FILE, weights_only=True))  # noqa: E731
     whole = train_and_evaluate(_point(freeze_depth="full"), ctx, on_epoch=on_epoch)

@@ -21,7 +21,7 @@ def _example(name: str) -> dict:
 def test_timeseries_example_plans_paper_b_freezing_setups() -> None:
     plan = build_plan(parse_spec(_example("timeseries")))
     assert plan.layer_groups == {"cnn1d_paperb": 3} and len(plan.trials) == 48
-    frozen = {t.point.freeze_depth: t.frozen_groups for t in plan.trials}
+    frozen = {t.point.freeze_depth.value: t.frozen_groups for t in plan.trials}
     assert frozen == {"full": (), 1: (0,), (1,): (1,), 2: (0, 1), (0, 2): (0, 2), 3: (0, 1, 2)}
     assert {j.paradigm for j in plan.pretrain_jobs} == {"supervised", "simclr"}
 

@@ -22,19 +22,19 @@ def _finish_one_trial(plan, uri: str) -> dict:
     tracker.client.log_metric(run_id, "equalized_odds_difference", 0.125)
     tracker.client.set_terminated(run_id, "FINISHED")
     tracker.close()
-    return planned.point.as_config()
+    return planned.config
 
 
 def test_finished_trials_only_count_runs_of_this_plans_trial_keys(tmp_path):
     uri = sqlite_uri(tmp_path)
     plan = build_plan(parse_spec(tiny_spec()))
-    point = _finish_one_trial(plan, uri)
+    config = _finish_one_trial(plan, uri)
     same = SweepTracker(plan, uri)
     same.open()
-    assert same.finished_trials() == [(point, {"accuracy": 0.75, "equalized_odds_difference": 0.125})]
+    assert same.finished_trials() == [(config, {"accuracy": 0.75, "equalized_odds_difference": 0.125})]
     # same axis values, other finetuning settings: another trial key, so nothing may be skipped
     changed = build_plan(parse_spec(tiny_spec(**{"finetune.lr": 0.05})))
-    assert changed.trials[0].point.as_config() == point and changed.trials[0].key != plan.trials[0].key
+    assert changed.trials[0].point == config.point and changed.trials[0].key != plan.trials[0].key
     other = SweepTracker(changed, uri)
     other.open()
     assert other.finished_trials() == []

@@ -162,3 +162,24 @@ def test_weights_from_a_file_are_keyed_by_content(tmp_path) -> None:
     wa, wb, wc = (Weights.from_file(str(p)) for p in (a, b, c))
     assert wa.key == wb.key != wc.key and wa.key.startswith("file-") and wa.file == str(a)
     assert Weights.from_dict(json.loads(json.dumps(wa.to_dict()))) == wa
+
+
+def test_the_plans_keys_are_the_ones_sweeps_already_carry() -> None:
+    """Trial and pretraining keys name runs in MLflow, checkpoints and cache entries: building them from the
+    contract must give the keys earlier versions gave (values recorded before the contract existed)."""
+    from orchestrator.plan import build_plan
+    from orchestrator.spec import parse_spec
+    from tests.helpers import tiny_spec
+
+    plan = build_plan(parse_spec(tiny_spec(**{"axes.freeze_depth": [0, "linear", [1, 0]], "finetune.lr": [0.01, 0.1]})))
+    assert [j.key for j in plan.pretrain_jobs] == ["a2a3c77dd1a5a33c"]
+    keys = {(t.point.paradigm, t.point.magnitude, str(t.point.freeze_depth)): (t.key, t.config_key) for t in plan.trials}
+    assert keys[("scratch", 0.5, "0")] == ("493c25a08c4785d8", "e0667d93f656682c")
+    assert keys[("scratch", 0.9, "[0,1]")] == ("7282e699de104b50", "a6f89efbea5ef75d")
+    assert keys[("supervised", 0.5, "linear")] == ("9ffb23406dc5861f", "75a2efc574c5542a")
+    assert keys[("supervised", 0.9, "[0,1]")] == ("04c4fd8ede1f964a", "0151e6cfca9140ce")
+    searched = build_plan(parse_spec(tiny_spec(**{"search": {"type": "optuna", "budget": 3},
+                                                  "finetune.lr": {"low": 0.001, "high": 0.1, "log": True}})))
+    t = searched.resolve(TrialPoint("test_resnet", "supervised", "correlation", 0.9, Freeze("linear"), 0, 200,
+                                    (("lr", 0.03),)))
+    assert (t.key, t.config_key, t.config.weights.key) == ("a948538d7d55e8d8", "994d629065ceab76", "a2a3c77dd1a5a33c")

@@ -12,7 +12,7 @@ import pandas as pd
 import pytest
 import torch
 
-from tests.helpers import TINY_DATA, run_cli, tiny_spec, write_spec
+from tests.helpers import TINY_DATA, run_cli, tiny_spec, trial_config, write_spec
 from trainables import metrics
 from trainables.data import DATASETS, build_dataset
 from trainables.data.base import SplitMeta
@@ -25,13 +25,17 @@ FT = {"size": 200, "epochs": 3, "batch_size": 50, "lr": 0.05, "weight_decay": 0.
       "threshold": "calibrated", "select_epoch": "last"}
 
 
-def _context(**finetune) -> TrialContext:
-    return TrialContext(dataset="synthetic_images", dataset_options=dict(TINY_DATA), finetune={**FT, **finetune},
-                        cache_root="/nonexistent", objectives=("accuracy", "equalized_odds_difference"), bootstrap=200)
+CONTEXT = TrialContext(dataset="synthetic_images", dataset_options=dict(TINY_DATA), cache_root="/nonexistent",
+                       objectives=("accuracy", "equalized_odds_difference"), bootstrap=200)
 
 
-def _run(context: TrialContext, **kwargs):
-    """train_and_evaluate, keeping every epoch's result and the files of the last one."""
+def _trial(**finetune):
+    return trial_config(POINT, {**FT, **finetune})
+
+
+def _run(context: TrialContext, trial=None, **kwargs):
+    """train_and_evaluate (of ``trial``, default POINT with FT), keeping every epoch's result and the files of the
+    last one."""
     results, files = [], {}
 
     def on_epoch(result, folder: Path) -> None:
@@ -39,7 +43,7 @@ def _run(context: TrialContext, **kwargs):
         files.clear()
         files.update({p.name: p.read_bytes() for p in folder.iterdir()})
 
-    final = train_and_evaluate(POINT, context, on_epoch=on_epoch, **kwargs)
+    final = train_and_evaluate(trial or _trial(), context, on_epoch=on_epoch, **kwargs)
     return final, results, files
 
 
@@ -51,7 +55,7 @@ def _frame(files: dict, name: str) -> pd.DataFrame:
 
 
 def test_a_trial_scores_validation_and_test_at_the_threshold_calibrated_on_validation():
-    final, results, files = _run(_context())
+    final, results, files = _run(CONTEXT)
     assert [r["epoch"] for r in results] == [1, 2, 3] and all(np.isfinite(r["val_loss"]) for r in results)
     val, test = _frame(files, VAL_PREDICTIONS_FILE), _frame(files, PREDICTIONS_FILE)
     # paper A's rule on the validation split, recomputed from the logged scores
@@ -69,7 +73,7 @@ def test_a_trial_scores_validation_and_test_at_the_threshold_calibrated_on_valid
 
 
 def test_a_fixed_threshold_is_used_as_given_and_no_bootstrap_when_off():
-    final, _, files = _run(replace(_context(threshold=0.7), bootstrap=0))
+    final, _, files = _run(replace(CONTEXT, bootstrap=0), _trial(threshold=0.7))
     assert final["threshold"] == 0.7
     test = _frame(files, PREDICTIONS_FILE)
     assert (test["y_pred"] == (test["y_score"] >= 0.7)).all()
@@ -77,7 +81,7 @@ def test_a_fixed_threshold_is_used_as_given_and_no_bootstrap_when_off():
 
 
 def test_best_val_loss_keeps_the_epoch_with_the_lowest_validation_loss():
-    final, results, _ = _run(_context(select_epoch="best_val_loss", epochs=4, lr=0.2))
+    final, results, _ = _run(CONTEXT, _trial(select_epoch="best_val_loss", epochs=4, lr=0.2))
     losses = [r["val_loss"] for r in results]
     assert final["selected_epoch"] == 1 + int(np.argmin(losses))  # ties: the first
     assert final["selected_val_loss"] == pytest.approx(min(losses))
@@ -117,8 +121,8 @@ def inverted_val():
 
 
 def test_the_inner_search_keeps_the_lowest_validation_loss_not_the_lowest_test_loss(inverted_val):
-    context = replace(_context(lr=[0.0001, 0.03], epochs=3), dataset=inverted_val)
-    final, results, files = _run(context)
+    context = replace(CONTEXT, dataset=inverted_val)
+    final, results, files = _run(context, _trial(lr=[0.0001, 0.03], epochs=3))
     assert [r["epoch"] for r in results] == list(range(1, 7))  # 2 candidates x 3 epochs, in one step count
     table = _frame(files, INNER_SEARCH_FILE)
     assert list(table["lr"]) == [0.0001, 0.03] and table["chosen"].tolist() == [True, False]
@@ -127,7 +131,7 @@ def test_the_inner_search_keeps_the_lowest_validation_loss_not_the_lowest_test_l
     # on test, the candidate the search rejected is the better one: the choice did not look at test
     scores = {}
     for lr in (0.0001, 0.03):
-        alone, _, alone_files = _run(replace(context, finetune={**context.finetune, "lr": lr}))
+        alone, _, alone_files = _run(context, _trial(lr=lr, epochs=3))
         test = _frame(alone_files, PREDICTIONS_FILE)
         p = np.where(test["y_true"] == 1, test["y_score"], 1 - test["y_score"])
         scores[lr] = float(-np.mean(np.log(np.clip(p, 1e-12, 1))))
@@ -137,12 +141,12 @@ def test_the_inner_search_keeps_the_lowest_validation_loss_not_the_lowest_test_l
 
 
 def test_an_inner_search_interrupted_between_candidates_resumes_to_the_same_result():
-    context = _context(lr=[0.01, 0.05], weight_decay=[0.0, 1e-3], epochs=2)
-    full, _, _ = _run(context)
+    trial = _trial(lr=[0.01, 0.05], weight_decay=[0.0, 1e-3], epochs=2)
+    full, _, _ = _run(CONTEXT, trial)
     states = []
-    train_and_evaluate(POINT, context, on_epoch=lambda r, d: states.append(torch.load(d / STATE_FILE, weights_only=True)))
+    train_and_evaluate(trial, CONTEXT, on_epoch=lambda r, d: states.append(torch.load(d / STATE_FILE, weights_only=True)))
     for cut in (2, 3):  # after the first candidate ended; mid-way through the second
-        resumed = train_and_evaluate(POINT, context, state=states[cut - 1])
+        resumed = train_and_evaluate(trial, CONTEXT, state=states[cut - 1])
         assert resumed["chosen_hparams"] == full["chosen_hparams"] and resumed["accuracy"] == full["accuracy"]
         assert resumed["val_loss"] == pytest.approx(full["val_loss"])
 
@@ -178,8 +182,8 @@ def test_privileged_groups_reach_the_trial(tmp_path):
     out = run_cli("validate", str(write_spec(tmp_path, tiny_spec(**{"dataset.privileged": {"group": "green"}}))),
                   cwd=tmp_path, timeout=120)
     assert out.returncode == 0, out.stderr
-    a, _, _ = _run(replace(_context(), privileged={"group": "green"}))
-    b, _, _ = _run(replace(_context(), privileged={"group": "red"}))
+    a, _, _ = _run(replace(CONTEXT, privileged={"group": "green"}))
+    b, _, _ = _run(replace(CONTEXT, privileged={"group": "red"}))
     assert a["accuracy"] == b["accuracy"] and a["tpr_difference"] == pytest.approx(-b["tpr_difference"])
 
 
@@ -281,7 +285,7 @@ def test_the_default_privileged_group_is_the_same_on_validation_and_test(tmp_pat
                            privileged={})
     scores = {s: rng.uniform(size=len(m.labels)) for s, m in metas.items()}
     out = _evaluate(scores.__getitem__, data, {"threshold": 0.5}, tmp_path, metrics,
-                    TrialContext(dataset="-", dataset_options={}, finetune={}, cache_root="-", bootstrap=0))
+                    TrialContext(dataset="-", dataset_options={}, cache_root="-", bootstrap=0))
     val = metrics.evaluate(metas["val"].labels, scores["val"], {"group": np.array(["red", "green"], dtype=object)[
         metas["val"].groups]}, primary="group", threshold=0.5, privileged={"group": "red"})
     assert out["val_tpr_difference"] == pytest.approx(val.metrics["tpr_difference"])

@@ -11,8 +11,8 @@ Custom backbones (``BACKBONES``) must follow timm's model contract:
 as accepted by ``timm.models.group_parameters``) and ``get_classifier()`` returning the head module.
 
 Call order in a trial: ``create_backbone`` -> ``load_backbone_state`` -> ``layer_groups`` ->
-``apply_freeze`` -> build the optimizer over ``requires_grad`` parameters -> ``set_train_mode``
-before each epoch. ``apply_freeze`` turns frozen BatchNorm parameters into buffers, so compute
+``apply_freeze`` (a ``trainables.trial.Freeze``, resolved against those groups) -> build the optimizer
+over ``requires_grad`` parameters -> ``set_train_mode`` before each epoch. ``apply_freeze`` turns frozen BatchNorm parameters into buffers, so compute
 groups before freezing and build the optimizer after.
 """
 from __future__ import annotations
@@ -21,7 +21,7 @@ import functools
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable, Mapping, Union
+from typing import TYPE_CHECKING, Any, Callable, Mapping
 
 from trainables.errors import UserError
 from trainables.registry import Registry
@@ -31,11 +31,12 @@ if TYPE_CHECKING:  # torch and timm are imported lazily so that importing this m
     import torch
     from torch import nn
 
+    from trainables.trial import Freeze
+
 __all__ = [
     "BACKBONES",
     "BackboneError",
     "FreezeInfo",
-    "FreezeSpec",
     "LayerGroups",
     "apply_freeze",
     "backbone_state_dict",
@@ -46,12 +47,8 @@ __all__ = [
     "load_backbone_state",
     "load_weights_file",
     "param_groups",
-    "resolve_freeze",
     "set_train_mode",
 ]
-
-FreezeSpec = Union[int, str, tuple[int, ...]]
-"""k (first k groups), "linear" (all but the classifier), "full" (nothing frozen), or group indices."""
 
 BackboneFactory = Callable[[int, int, tuple[int, ...]], "nn.Module"]
 """``factory(num_classes, in_chans, input_shape) -> nn.Module`` for ``BACKBONES`` entries."""
@@ -65,7 +62,7 @@ _MAX_LISTED = 5
 
 
 class BackboneError(UserError, ValueError):
-    """Unknown backbone, bad freeze spec, or weights that do not fit the model."""
+    """Unknown backbone, or weights that do not fit the model."""
 
 
 # --------------------------------------------------------------------------------------- creation
@@ -239,41 +236,6 @@ def count_layer_groups(name: str, input_shape: tuple[int, ...]) -> int:
 # ------------------------------------------------------------------------------------------ freezing
 
 
-def _spec_error(field: str, spec: Any, why: str, n_groups: int, backbone: str | None) -> BackboneError:
-    of = f" of {backbone}" if backbone else ""
-    return BackboneError(f"{field} {spec!r} {why.format(of=of)}; use 0..{n_groups}, 'linear' or 'full', "
-                         "or a list of group indices")
-
-
-def resolve_freeze(spec: FreezeSpec, n_groups: int, *, field: str = "freeze_depth",
-                   backbone: str | None = None) -> tuple[int, ...]:
-    """The sorted group indices ``spec`` freezes, checked against ``n_groups``."""
-    span = f"the {n_groups} layer groups{{of}} (0..{n_groups - 1})"
-    if isinstance(spec, str):
-        if spec == "full":
-            return ()
-        if spec == "linear":
-            return tuple(range(n_groups))
-        raise _spec_error(field, spec, "is not a freeze depth", n_groups, backbone)
-    if isinstance(spec, bool):
-        raise _spec_error(field, spec, "is a bool, not a freeze depth", n_groups, backbone)
-    if isinstance(spec, int):
-        if spec < 0:
-            raise _spec_error(field, spec, "is negative", n_groups, backbone)
-        if spec > n_groups:
-            raise _spec_error(field, spec, f"exceeds {span}", n_groups, backbone)
-        return tuple(range(spec))
-    if isinstance(spec, (tuple, list)):
-        bad = [i for i in spec if isinstance(i, bool) or not isinstance(i, int)]
-        if bad:
-            raise _spec_error(field, spec, f"holds non-integer entries {bad}", n_groups, backbone)
-        out = [i for i in spec if not 0 <= i < n_groups]
-        if out:
-            raise _spec_error(field, spec, f"holds indices {out} outside {span}", n_groups, backbone)
-        return tuple(sorted(set(spec)))
-    raise _spec_error(field, spec, "is not an int, 'linear', 'full' or a list of group indices", n_groups, backbone)
-
-
 @dataclass(frozen=True)
 class FreezeInfo:
     """What ``apply_freeze`` did; recorded per trial (counts differ by architecture)."""
@@ -296,15 +258,12 @@ def _fully_frozen_modules(model: nn.Module, frozen: set[str]) -> tuple[str, ...]
     return tuple(out)
 
 
-def apply_freeze(model: nn.Module, groups: LayerGroups, frozen: tuple[int, ...]) -> FreezeInfo:
-    """Freeze the parameters of ``frozen`` groups; only freezes, so call it on a model not frozen before."""
+def apply_freeze(model: nn.Module, groups: LayerGroups, spec: Freeze, *, backbone: str | None = None) -> FreezeInfo:
+    """Freeze the parameters of the groups ``spec`` names in ``groups`` (a ``SchemaError`` naming ``backbone``
+    when it does not fit them); only freezes, so call it on a model not frozen before."""
     from timm.utils.model import freeze
 
-    bad = [g for g in frozen if isinstance(g, bool) or not isinstance(g, int) or not 0 <= g < groups.n]
-    if bad:
-        raise BackboneError(f"frozen groups {bad} are outside the {groups.n} layer groups (0..{groups.n - 1}); "
-                            "pass the output of resolve_freeze")
-    frozen = tuple(sorted(set(frozen)))
+    frozen = spec.resolve(groups.n, backbone=backbone)
     names = {n for g in frozen for n in groups.params[g]}
     params = dict(model.named_parameters())
     missing = sorted(names - params.keys())

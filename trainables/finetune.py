@@ -23,6 +23,7 @@ from typing import Any, Callable, Mapping
 import numpy as np
 
 from trainables.errors import FairsweepError
+from trainables.trial import TrialConfig, Weights
 
 __all__ = ["TrialContext", "finetune_trial", "train_and_evaluate", "PREDICTIONS_FILE", "PER_GROUP_FILE", "STATE_FILE",
            "INNER_SEARCH_FILE", "VAL_PREDICTIONS_FILE", "HEADLINE_METRICS"]
@@ -37,19 +38,16 @@ HEADLINE_METRICS = ("accuracy", "balanced_accuracy", "auroc", "worst_group_accur
 
 @dataclass(frozen=True)
 class TrialContext:
-    """What every trial of a sweep shares; built by the driver, with absolute paths only."""
+    """What every trial of a sweep shares; built by the driver, with absolute paths only. What differs
+    between trials is each one's ``TrialConfig`` (trainables/trial.py)."""
 
     dataset: str
     dataset_options: Mapping[str, Any]
-    finetune: Mapping[str, Any]  # size, epochs, batch_size, lr, weight_decay (scalars or candidate lists),
-    #                              momentum, threshold ("calibrated" or a number), select_epoch
-    cache_root: str
-    pretrained: Mapping[str, str] = field(default_factory=dict)  # "backbone|paradigm" -> cache key
-    weight_files: Mapping[str, str] = field(default_factory=dict)  # "file:..." paradigm -> checkpoint path
+    cache_root: str  # the pretraining cache, where a trial's Weights.key is read from
     cpus_per_trial: float = 1.0
-    # (point, objective metrics) of trials that already have a FINISHED MLflow run (finished after
+    # (trial, objective metrics) of trials that already have a FINISHED MLflow run (finished after
     # Tune's last state save): on resume they report those metrics at once instead of training again.
-    finished: tuple = ()
+    finished: tuple[tuple[TrialConfig, Mapping[str, float]], ...] = ()
     # pretraining key -> error, for jobs that failed in this run: their trials fail at once with it
     failed_pretraining: Mapping[str, str] = field(default_factory=dict)
     objectives: tuple[str, ...] = ()  # the sweep's (performance, fairness) metrics: they get bootstrap intervals
@@ -63,21 +61,15 @@ class PretrainingFailedError(FairsweepError, RuntimeError):
     """The pretrained base this trial starts from could not be built; the message says why."""
 
 
-def _pretrain_key(point: Mapping[str, Any], ctx: TrialContext) -> str | None:
-    return ctx.pretrained.get(f"{point['backbone']}|{point['paradigm']}")
-
-
-def _load_initial_weights(model: Any, point: Mapping[str, Any], ctx: TrialContext) -> str | None:
+def _load_initial_weights(model: Any, weights: Weights, cache_root: str) -> str | None:
+    """Load the trial's starting weights into ``model``; returns their key (None: random initialisation)."""
     from trainables import backbones, worker_cache
 
-    paradigm = point["paradigm"]
-    if paradigm in ctx.weight_files:
-        backbones.load_backbone_state(model, backbones.load_weights_file(ctx.weight_files[paradigm]))
-        return paradigm
-    key = _pretrain_key(point, ctx)
-    if key:  # read once per worker process: later trials on the same base reuse it
-        backbones.load_backbone_state(model, worker_cache.pretrained_state(ctx.cache_root, key))
-    return key
+    if weights.file is not None:
+        backbones.load_backbone_state(model, backbones.load_weights_file(weights.file))
+    elif weights.key is not None:  # read once per worker process: later trials on the same base reuse it
+        backbones.load_backbone_state(model, worker_cache.pretrained_state(cache_root, weights.key))
+    return weights.key
 
 
 def _candidates(value: Any) -> list[float]:
@@ -91,10 +83,10 @@ def _val_loss(scores: np.ndarray, labels: np.ndarray) -> float:
     return float(-np.mean(np.log(np.clip(p, 1e-12, 1.0))))
 
 
-def train_and_evaluate(point: Mapping[str, Any], context: TrialContext, *, state: Mapping[str, Any] | None = None,
+def train_and_evaluate(trial: TrialConfig, context: TrialContext, *, state: Mapping[str, Any] | None = None,
                        on_epoch: Callable[[dict[str, Any], Path], None] | None = None,
                        checkpoint_interval_s: float = 0.0) -> dict[str, Any]:
-    """One trial without Tune: finetune from ``point`` (the axis values), choose on validation, score both splits.
+    """One trial without Tune: finetune as ``trial`` says, choose on validation, score both splits.
 
     The inner search (paper A; README, "Choosing on validation"): every (lr, weight_decay) candidate trains for the
     configured epochs; each reports ``val_loss`` per epoch; the epoch kept is the last or the one with
@@ -115,18 +107,18 @@ def train_and_evaluate(point: Mapping[str, Any], context: TrialContext, *, state
 
     loop.set_threads(context.cpus_per_trial)
     device = loop.select_device()
-    ft = {**context.finetune, **(point.get("finetune") or {})}  # searched hyper-parameters (optuna) win
-    seed = int(point["seed"])
+    point, ft = trial.point, trial.finetune
+    seed = point.seed
     batch_size = int(ft["batch_size"])
     epochs = int(ft["epochs"])
     select_epoch = str(ft.get("select_epoch", "last"))
     candidates = [(lr, wd) for lr in _candidates(ft["lr"]) for wd in _candidates(ft["weight_decay"])]
 
     dataset = worker_cache.dataset(context.dataset, context.dataset_options)
-    dataset = pretrain.model_view(dataset, point["backbone"])  # folder images: the backbone's own mean/std/crop
+    dataset = pretrain.model_view(dataset, point.backbone)  # folder images: the backbone's own mean/std/crop
     pool = dataset.meta("finetune")
-    chosen = interventions.apply_intervention(point["intervention"], pool.labels, pool.groups,
-                                              float(point["magnitude"]), int(ft["size"]), seed)
+    chosen = interventions.apply_intervention(point.intervention, pool.labels, pool.groups, point.magnitude,
+                                              point.finetune_size, seed)
     y = torch.as_tensor(pool.labels[chosen.indices], dtype=torch.long, device=device)
     # Small data: the whole finetuning set on the device once. Folder data: streamed by worker processes.
     # (the whole pool is rendered once per worker process; each trial indexes its own examples out of it)
@@ -178,7 +170,7 @@ def train_and_evaluate(point: Mapping[str, Any], context: TrialContext, *, state
                           f"cache's budget of {cache.budget_bytes / 2**20:.0f} MiB)")
         weights = pretrain_ref or f"random-init-seed-{seed}"  # random initialisation depends on the seed
         for split, n in rows.items():
-            key = fc.feature_key(dataset=dataset.fingerprint(), split=split, backbone=point["backbone"],
+            key = fc.feature_key(dataset=dataset.fingerprint(), split=split, backbone=point.backbone,
                                  weights=weights, frozen=list(info.frozen_groups), cut=found.cut, device=device.type)
             features[split] = cache.get_or_compute(key, lambda: fc.compute_features(
                 found.prefix, iter(dataset.loader(split, batch_size=score_batch)), n, device,
@@ -187,12 +179,9 @@ def train_and_evaluate(point: Mapping[str, Any], context: TrialContext, *, state
 
     def build(lr: float, wd: float) -> tuple[Any, Any, Any, Any]:
         torch.manual_seed(seed)
-        model = backbones.create_backbone(point["backbone"], num_classes=2, input_shape=dataset.input_shape)
-        ref = _load_initial_weights(model, point, context)
-        groups = backbones.layer_groups(model)
-        fd = point["freeze_depth"]
-        frozen = backbones.resolve_freeze(tuple(fd) if isinstance(fd, list) else fd, groups.n, backbone=point["backbone"])
-        info = backbones.apply_freeze(model, groups, frozen)
+        model = backbones.create_backbone(point.backbone, num_classes=2, input_shape=dataset.input_shape)
+        ref = _load_initial_weights(model, trial.weights, context.cache_root)
+        info = backbones.apply_freeze(model, backbones.layer_groups(model), point.freeze_depth, backbone=point.backbone)
         model.to(device)
         # the trainable parameters; a backbone's own L2 penalties (cnn1d_paperb: paper B's) add to the decay
         opt = torch.optim.SGD(backbones.param_groups(model, wd), lr=lr, momentum=ft["momentum"])
@@ -294,20 +283,20 @@ def train_and_evaluate(point: Mapping[str, Any], context: TrialContext, *, state
 
 
 def finetune_trial(config: Mapping[str, Any], context: TrialContext) -> None:
-    """Function trainable for ``tune.with_parameters(finetune_trial, context=...)``; the axis values
-    arrive under ``config["point"]`` (one grid cell). A thin wrapper: Tune's checkpoint in, one report
-    per epoch out, with a checkpoint when one was due; the work is ``train_and_evaluate``."""
+    """Function trainable for ``tune.with_parameters(finetune_trial, context=...)``; the trial arrives as
+    ``config["trial"]``, a ``TrialConfig`` dict (a grid cell, or the searcher's proposal). A thin wrapper:
+    Tune's checkpoint in, one report per epoch out, with a checkpoint when one was due; the work is
+    ``train_and_evaluate``."""
     import torch
     from ray import tune
 
-    point = config["point"]
-    for done_point, objectives in context.finished:
-        if done_point == point:
+    trial = TrialConfig.from_dict(config["trial"])
+    for done, objectives in context.finished:
+        if done == trial:
             tune.report({"already_finished": True, **objectives})
             return
-    key = _pretrain_key(point, context)
-    if key in context.failed_pretraining:
-        raise PretrainingFailedError(context.failed_pretraining[key])
+    if trial.weights.key in context.failed_pretraining:
+        raise PretrainingFailedError(context.failed_pretraining[trial.weights.key])
     state = None
     ckpt = tune.get_checkpoint()
     if ckpt is not None:
@@ -315,8 +304,8 @@ def finetune_trial(config: Mapping[str, Any], context: TrialContext) -> None:
             state = torch.load(Path(d) / STATE_FILE, map_location="cpu", weights_only=True)
     from trainables import loop
 
-    with loop.memory_hint(loop.select_device(), int(context.finetune["batch_size"])):
-        train_and_evaluate(point, context, state=state, checkpoint_interval_s=context.checkpoint_interval_s,
+    with loop.memory_hint(loop.select_device(), int(trial.finetune["batch_size"])):
+        train_and_evaluate(trial, context, state=state, checkpoint_interval_s=context.checkpoint_interval_s,
                            on_epoch=lambda result, d: tune.report(_reportable(result),
                                                                   checkpoint=tune.Checkpoint.from_directory(d)
                                                                   if (d / STATE_FILE).exists() else None))

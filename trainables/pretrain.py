@@ -11,6 +11,7 @@ from typing import Any, Mapping
 
 from trainables.paradigms import PARADIGMS, TrainContext
 from trainables.pretrain_cache import PretrainCache
+from trainables.trial import PretrainJob
 
 __all__ = ["run_pretrain_job", "PretrainOutcome", "model_view", "preprocessing_part"]
 
@@ -54,7 +55,7 @@ class PretrainOutcome:
 
 
 def run_pretrain_job(job: Mapping[str, Any], cache_root: str, cpus: float = 1.0) -> PretrainOutcome:
-    """Build (or reuse) one cache entry. ``job`` is a ``PretrainJob`` as a dict; runs inside a Ray task.
+    """Build (or reuse) one cache entry. ``job`` is a ``PretrainJob`` as a dict (``to_dict``); runs inside a Ray task.
 
     Holding the key's lock, an intact entry is returned as is; a missing or damaged one is (re)built on
     ``loop.select_device()`` and written atomically. Concurrent calls for one key train it once.
@@ -64,8 +65,9 @@ def run_pretrain_job(job: Mapping[str, Any], cache_root: str, cpus: float = 1.0)
     from trainables import backbones, loop
     from trainables.data import build_dataset
 
+    job = PretrainJob.from_dict(job)
     cache = PretrainCache(cache_root)
-    key = job["key"]
+    key = job.key
     with cache.lock(key):
         status = cache.status(key)
         if status == "ok":
@@ -78,25 +80,25 @@ def run_pretrain_job(job: Mapping[str, Any], cache_root: str, cpus: float = 1.0)
         loop.set_threads(cpus)
         device = loop.select_device()
         started = time.time()
-        hp = dict(job["hparams"])
-        paradigm = PARADIGMS.get(job["paradigm"])
-        options = paradigm.resolve_options(hp.get("options", {}))
-        dataset = model_view(build_dataset(job["dataset"], job["dataset_options"]), job["backbone"])
-        planned = hp.get("preprocessing")
+        hp = job.hparams.to_dict()
+        paradigm = PARADIGMS.get(job.paradigm)
+        options = paradigm.resolve_options(job.hparams.options)
+        dataset = model_view(build_dataset(job.dataset, job.dataset_options), job.backbone)
+        planned = job.hparams.preprocessing
         if planned is not None and planned != dataset.preprocessing_record():
             raise ValueError(f"pretraining job {key} was planned with preprocessing {planned} but this worker resolves "
-                             f"{dataset.preprocessing_record() or 'none'} for {job['backbone']!r}; install the same "
+                             f"{dataset.preprocessing_record() or 'none'} for {job.backbone!r}; install the same "
                              "timm version on the driver and every worker")
-        torch.manual_seed(hp["seed"])
-        gen = torch.Generator().manual_seed(hp["seed"])
-        ctx = TrainContext(job["backbone"], dataset, hp, MappingProxyType(options), device, gen)
-        with loop.memory_hint(device, int(hp["batch_size"])):
+        torch.manual_seed(job.hparams.seed)
+        gen = torch.Generator().manual_seed(job.hparams.seed)
+        ctx = TrainContext(job.backbone, dataset, hp, MappingProxyType(options), device, gen)
+        with loop.memory_hint(device, job.hparams.batch_size):
             model, losses = paradigm.trainer(paradigm, ctx)
-        meta = {"backbone": job["backbone"], "paradigm": job["paradigm"], "dataset": job["dataset"],
-                "dataset_options": job["dataset_options"], "hparams": hp, "options": options,
+        meta = {"backbone": job.backbone, "paradigm": job.paradigm, "dataset": job.dataset,
+                "dataset_options": dict(job.dataset_options), "hparams": hp, "options": options,
                 "losses": [float(v) for v in losses], "device": str(device), "seconds": time.time() - started,
                 "created": time.strftime("%Y-%m-%dT%H:%M:%S"), "rebuilt_damaged": status == "damaged",
-                **paradigm.key_parts(job["backbone"])}
+                **paradigm.key_parts(job.backbone)}
         path = cache.write(key, backbones.backbone_state_dict(model), meta)
         return PretrainOutcome(key, str(path), False, status == "damaged", tuple(meta["losses"]), meta["seconds"],
                                str(device), cache.meta(key))

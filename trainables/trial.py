@@ -76,7 +76,7 @@ def _canonical_freeze(value: Any, path: str) -> int | str | tuple[int, ...]:
     return _group_index(value, path)
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, repr=False)
 class Freeze:
     """Which layer groups a trial freezes (docs/architecture.md, decision 6): the first ``k`` non-head
     groups, ``linear`` (all but the head), ``full`` (nothing) or exactly the listed groups. It means the
@@ -117,6 +117,9 @@ class Freeze:
         return str(self.value)
 
     __str__ = label
+
+    def __repr__(self) -> str:
+        return f"Freeze({self.value!r})"
 
     def to_value(self) -> int | str | list[int]:
         """The sweep file's (and JSON's) form; ``parse`` reads it back."""
