@@ -32,6 +32,8 @@ import pandas as pd
 
 from orchestrator.mlflow_runs import TAGS, WEIGHTS_ARTIFACT, run_filter, search_runs
 from trainables.errors import UserError
+from trainables.schema import SchemaError
+from trainables.trial import Freeze
 
 __all__ = ["CKAReport", "CKAError", "parse_selector", "pair_trials", "compare_representations"]
 
@@ -77,8 +79,11 @@ def _label(key: str, value: Any) -> str:
             return repr(float(value))
         except (TypeError, ValueError):
             return str(value)
-    if isinstance(value, (list, tuple)):
-        return "[" + ",".join(str(v) for v in value) + "]"
+    if key == "freeze_depth":  # the point's [0, 2] and the command line's [2,0] are one label
+        try:
+            return Freeze.from_label(value).label()
+        except SchemaError:
+            return str(value)
     if isinstance(value, Mapping):
         return json.dumps(value, sort_keys=True)
     return str(value).replace(" ", "")

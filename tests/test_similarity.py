@@ -33,6 +33,9 @@ def test_selectors_may_name_several_axes_and_values_are_compared_as_written() ->
     pairs, unmatched = pair_trials(POINTS, a, b)
     assert sorted((x, y) for x, y, _ in pairs) == [("simclr-[0, 2]-0", "supervised-full-0"),
                                                    ("simclr-[0, 2]-1", "supervised-full-1")]
+    # a freezing set is one Freeze label however it is written: [2,0] on the command line is the point's [0, 2]
+    unsorted, _ = pair_trials(POINTS, parse_selector(["paradigm=simclr", "freeze_depth=[2,0]"], "--a"), b)
+    assert sorted((x, y) for x, y, _ in unsorted) == sorted((x, y) for x, y, _ in pairs)
     # intervention.magnitude is the param name users see; 0.50 is the magnitude 0.5
     both = {**POINTS, "extra": _point("simclr", "full", 0, magnitude=0.9)}
     pairs, unmatched = pair_trials(both, parse_selector(["intervention.magnitude=0.50", "paradigm=simclr"], "--a"),
