@@ -40,10 +40,10 @@ def _env() -> dict[str, str]:
     return env
 
 
-def _pretrain(job: dict, cache: str, cpus: float) -> None:
+def _pretrain(job: dict, cache: str, cpus: float, input_cache: str | None) -> None:
     from trainables.pretrain import run_pretrain_job
 
-    run_pretrain_job(job, cache, cpus)
+    run_pretrain_job(job, cache, cpus, input_cache)
 
 
 def _trial(trial: dict, context: Any) -> dict:
@@ -57,6 +57,7 @@ def run_floor(spec: Path, workdir: Path) -> tuple[float, dict[str, dict]]:
     from orchestrator.launch import _trial_context
     from orchestrator.plan import build_plan
     from orchestrator.spec import load_spec
+    from trainables.data.images import DECODED_CACHE_DIRNAME
     from trainables.feature_cache import FEATURE_CACHE_DIRNAME
 
     started = time.perf_counter()
@@ -64,13 +65,12 @@ def run_floor(spec: Path, workdir: Path) -> tuple[float, dict[str, dict]]:
     res = plan.spec.resources
     slots = max(1, int((os.cpu_count() or 1) // max(res.cpus_per_trial, 1e-9)))
     cache = str(workdir / "pretrain_cache")
-    context = _trial_context(plan, cache)
-    if context.feature_cache:  # the same trials: with the feature cache where fairsweep has it
-        from dataclasses import replace
-
-        context = replace(context, feature_cache=str(workdir / FEATURE_CACHE_DIRNAME))
+    # the same trials: with the feature and decoded-image caches where the spec gives fairsweep them
+    context = _trial_context(plan, cache, feature_cache=str(workdir / FEATURE_CACHE_DIRNAME),
+                             input_cache=str(workdir / DECODED_CACHE_DIRNAME))
     with ProcessPoolExecutor(max_workers=slots) as pool:
-        for f in [pool.submit(_pretrain, j.to_dict(), cache, res.cpus_per_trial) for j in plan.pretrain_jobs]:
+        for f in [pool.submit(_pretrain, j.to_dict(), cache, res.cpus_per_trial, context.input_cache)
+                  for j in plan.pretrain_jobs]:
             f.result()
         futures = {t.key: pool.submit(_trial, t.config.to_dict(), context) for t in plan.trials}
         results = {key: f.result() for key, f in futures.items()}

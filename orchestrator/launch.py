@@ -94,10 +94,11 @@ def init_ray(address: str | None, *, trial_output: bool = False, dashboard: bool
 
 
 def _trial_context(plan: Plan, cache_root: str, finished: list | None = None,
-                   failed_pretraining: dict[str, str] | None = None, feature_cache: str | None = None) -> Any:
-    """What every trial shares. ``feature_cache``: the folder of the frozen-prefix feature cache (beside
-    the sweeps in the storage path, so a node's workers share it); None, or resources.feature_cache: false,
-    turns it off."""
+                   failed_pretraining: dict[str, str] | None = None, feature_cache: str | None = None,
+                   input_cache: str | None = None) -> Any:
+    """What every trial shares. ``feature_cache`` and ``input_cache``: the folders of the frozen-prefix
+    feature cache and of decoded folder images (beside the sweeps in the storage path, so a node's workers
+    share them); None, or resources.feature_cache / resources.input_cache: false, turns one off."""
     from trainables.finetune import TrialContext
 
     s = plan.spec
@@ -107,12 +108,14 @@ def _trial_context(plan: Plan, cache_root: str, finished: list | None = None,
                         objectives=(s.objectives.performance, s.objectives.fairness),
                         bootstrap=s.evaluation.bootstrap, privileged=dict(s.dataset.privileged),
                         feature_cache=feature_cache if s.resources.feature_cache else None,
+                        input_cache=input_cache if s.resources.input_cache else None,
                         checkpoint_interval_s=s.resources.checkpoint_interval_s)
 
 
 def run_pretraining(plan: Plan, cache_root: str, tracker: Any,
-                    progress: Callable[[str], None] | None = None) -> dict[str, str]:
-    """Phase 1: each pretraining key once, as Ray tasks on the trials' resources; logged to MLflow.
+                    progress: Callable[[str], None] | None = None, input_cache: str | None = None) -> dict[str, str]:
+    """Phase 1: each pretraining key once, as Ray tasks on the trials' resources; logged to MLflow. Folder
+    images are decoded through ``input_cache`` (see ``_trial_context``) when resources.input_cache is on.
 
     A job that raises is logged as a FAILED pretrain run and returned as {key: error}; the trials
     that need it then fail at once with that error, the others run, and a resume retries the job.
@@ -124,7 +127,8 @@ def run_pretraining(plan: Plan, cache_root: str, tracker: Any,
     res = plan.spec.resources
     task = ray.remote(num_cpus=res.cpus_per_trial, num_gpus=res.gpus_per_trial,
                       max_retries=max(1, res.max_failures))(with_plugins(run_pretrain_job, plan.spec.plugins))
-    refs = {task.remote(job.to_dict(), cache_root, res.cpus_per_trial): job for job in plan.pretrain_jobs}
+    decoded = input_cache if res.input_cache else None
+    refs = {task.remote(job.to_dict(), cache_root, res.cpus_per_trial, decoded): job for job in plan.pretrain_jobs}
     failed: dict[str, str] = {}
     pending = list(refs)
     total = len(refs)
@@ -347,6 +351,7 @@ def _run(plan: Plan, path: str, tracking_uri: str, cache_root: str, options: Lau
     from ray import tune
 
     from orchestrator.tracking import SweepTracker
+    from trainables.data.images import DECODED_CACHE_DIRNAME
     from trainables.feature_cache import FEATURE_CACHE_DIRNAME
     from trainables.finetune import finetune_trial
 
@@ -359,10 +364,13 @@ def _run(plan: Plan, path: str, tracking_uri: str, cache_root: str, options: Lau
     status, store_failed = "FAILED", False
     try:
         tracker.open()
-        failed_pretraining = run_pretraining(plan, cache_root, tracker, options.progress)
+        shared = Path(path).parent  # the storage path: what the workers of a node share
+        failed_pretraining = run_pretraining(plan, cache_root, tracker, options.progress,
+                                             input_cache=str(shared / DECODED_CACHE_DIRNAME))
         context = _trial_context(plan, cache_root, finished=tracker.finished_trials(),
                                  failed_pretraining=failed_pretraining,
-                                 feature_cache=str(Path(path).parent / FEATURE_CACHE_DIRNAME))
+                                 feature_cache=str(shared / FEATURE_CACHE_DIRNAME),
+                                 input_cache=str(shared / DECODED_CACHE_DIRNAME))
         res = spec.resources
         trainable = tune.with_resources(tune.with_parameters(with_plugins(finetune_trial, spec.plugins), context=context),
                                         {"cpu": res.cpus_per_trial, "gpu": res.gpus_per_trial})

@@ -218,9 +218,13 @@ class Resources:
     gpus_per_trial: float = 0.0
     max_concurrent_trials: int | None = None
     max_failures: int = 0
-    # A linear probe trains on its frozen part's outputs, computed once per content key and shared by the
-    # trials of a node (trainables/feature_cache.py); false recomputes them in every epoch of every trial.
+    # A trial whose frozen layers form a prefix (a linear probe, freeze depth k) trains on the prefix's outputs,
+    # computed once per content key and shared by the trials of a node (trainables/feature_cache.py); false
+    # recomputes them in every epoch of every trial.
     feature_cache: bool = True
+    # Folder datasets (celeba, waterbirds, image_csv) decode each split once into resized uint8 pixels that the
+    # workers of a node share (trainables/data/images.py); false decodes the files in every epoch of every trial.
+    input_cache: bool = True
     # A trial checkpoints at most this often (and always at its end); 0 checkpoints every epoch. A trial
     # interrupted in between continues from its last checkpoint and repeats the epochs since.
     checkpoint_interval_s: float = 60.0
@@ -649,7 +653,9 @@ _RESOURCES = Section.of(Resources, {
     "gpus_per_trial": _resource(gpus=True),
     "max_concurrent_trials": Option(kind=int, low=1, high=MAX_TRIALS),
     "max_failures": Option(kind=int, low=0, high=MAX_FAILURES, doc="retries of a failed trial"),
-    "feature_cache": Option(kind=bool, doc="share a linear probe's frozen features between the trials of a node"),
+    "feature_cache": Option(kind=bool, doc="share a frozen prefix's outputs (linear probe, freeze depth k) between "
+                                           "the trials of a node"),
+    "input_cache": Option(kind=bool, doc="decode folder images once into resized pixels the trials of a node share"),
     "checkpoint_interval_s": Option(kind=float, low=0.0, high=MAX_CHECKPOINT_INTERVAL_S,
                                     doc="a trial checkpoints at most this often (0: every epoch)"),
 })

@@ -3,6 +3,8 @@ once into uint8 pixels under a shared folder and fed from there; the tensors are
 a changed file makes a new entry, and a split larger than the budget streams from its files."""
 from __future__ import annotations
 
+from dataclasses import replace
+
 import numpy as np
 import pytest
 import torch
@@ -92,3 +94,30 @@ def test_pixels_then_normalize_is_timms_whole_transform(pre):
         pixels = pre.pixels(image)
         assert pixels.dtype == np.uint8 and pixels.shape == pre.input_size
         assert np.array_equal(pre.normalize(pixels).numpy(), _transform(pre)(image).numpy())
+
+
+
+def test_a_trial_on_decoded_images_is_the_same_trial(tmp_path, monkeypatch):
+    """A finetuning trial with the decoded-image cache (what launch gives it, resources.input_cache) computes what
+    it computes streaming from the files; a later trial on the same data decodes nothing."""
+    from tests.helpers import trial_config
+    from trainables.finetune import TrialContext, train_and_evaluate
+
+    opts = {**F.write_image_csv(tmp_path / "csv", n=600), "num_workers": 0}
+    point = {"backbone": "test_resnet", "paradigm": "scratch", "intervention": "correlation", "magnitude": 0.7,
+             "freeze_depth": 0, "seed": 0}
+    ft = {"size": 60, "epochs": 2, "batch_size": 16, "lr": 0.02, "weight_decay": 0.0, "momentum": 0.9,
+          "threshold": "calibrated"}
+    context = TrialContext(dataset="image_csv", dataset_options=opts, cache_root="/none", bootstrap=0)
+    streamed = train_and_evaluate(trial_config(point, ft), context)
+    decoded = []
+    real = images.decode_pixels
+    monkeypatch.setattr(images, "decode_pixels", lambda path, pre: decoded.append(path) or real(path, pre))
+    context = replace(context, input_cache=str(tmp_path / "decoded"))
+    cached = train_and_evaluate(trial_config(point, ft), context)
+    for name in ("accuracy", "auroc", "equalized_odds_difference", "val_loss", "train_loss", "threshold"):
+        assert cached[name] == streamed[name], name
+    n = sum(len(build_dataset("image_csv", opts).meta(s)) for s in ("finetune", "val", "test"))
+    assert len(decoded) == n  # each file of the splits a trial reads, once
+    train_and_evaluate(trial_config({**point, "magnitude": 0.5}, {**ft, "epochs": 1}), context)
+    assert len(decoded) == n

@@ -54,6 +54,7 @@ class TrialContext:
     bootstrap: int = 500  # resamples for the per-trial intervals (evaluation.bootstrap); 0 turns them off
     privileged: Mapping[str, Any] = field(default_factory=dict)  # dataset.privileged of the spec
     feature_cache: str | None = None  # folder of the frozen-prefix feature cache shared by a node's workers; None: off
+    input_cache: str | None = None  # folder where folder images are decoded once for a node's workers; None: off
     checkpoint_interval_s: float = 0.0  # resources.checkpoint_interval_s: at most one checkpoint this often, and the last
 
 
@@ -116,6 +117,7 @@ def train_and_evaluate(trial: TrialConfig, context: TrialContext, *, state: Mapp
 
     dataset = worker_cache.dataset(context.dataset, context.dataset_options)
     dataset = pretrain.model_view(dataset, point.backbone)  # folder images: the backbone's own mean/std/crop
+    dataset = dataset.with_input_cache(context.input_cache)  # folder images: decoded once, then read from memory
     pool = dataset.meta("finetune")
     chosen = interventions.apply_intervention(point.intervention, pool.labels, pool.groups, point.magnitude,
                                               point.finetune_size, seed)
@@ -182,7 +184,7 @@ def train_and_evaluate(trial: TrialConfig, context: TrialContext, *, state: Mapp
         model = backbones.create_backbone(point.backbone, num_classes=2, input_shape=dataset.input_shape)
         ref = _load_initial_weights(model, trial.weights, context.cache_root)
         info = backbones.apply_freeze(model, backbones.layer_groups(model), point.freeze_depth, backbone=point.backbone)
-        model.to(device)
+        model = loop.to_device(model, device)  # channels_last on CUDA
         # the trainable parameters; a backbone's own L2 penalties (cnn1d_paperb: paper B's) add to the decay
         opt = torch.optim.SGD(backbones.param_groups(model, wd), lr=lr, momentum=ft["momentum"])
         return model, opt, info, ref

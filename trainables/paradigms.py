@@ -211,8 +211,8 @@ def _train_supervised(paradigm: Paradigm, ctx: TrainContext) -> tuple[nn.Module,
 
     labels = paradigm.labels(ctx.dataset.meta("source"), ctx.options)
     hp = ctx.hparams
-    model = backbones.create_backbone(ctx.backbone, num_classes=max(2, int(labels.max()) + 1),
-                                      input_shape=ctx.dataset.input_shape).to(ctx.device)
+    model = loop.to_device(backbones.create_backbone(ctx.backbone, num_classes=max(2, int(labels.max()) + 1),
+                                                     input_shape=ctx.dataset.input_shape), ctx.device)
     y = torch.tensor(labels, dtype=torch.long, device=ctx.device)
     smoothing = float(ctx.options.get("label_smoothing", 0.0))
     loss_fn = lambda logits, target: torch.nn.functional.cross_entropy(logits, target, label_smoothing=smoothing)  # noqa: E731

@@ -381,7 +381,7 @@ def train_ssl(model: nn.Module, data: torch.Tensor | Callable[[int], Iterable[tu
     reason = spec.serves(model, tuple(probe.shape[1:]))
     if reason:
         raise ValueError(f"{method} cannot train {type(model).__name__}: {reason}")
-    model.to(device)
+    loop.to_device(model, device)  # in place; channels_last on CUDA
     with torch.no_grad():
         model.eval()
         dim = embed(model, probe).shape[1]
