@@ -1,4 +1,7 @@
-"""Matplotlib figures of a sweep (headless: the Agg backend, no display needed)."""
+"""Matplotlib figures of a sweep, drawn on ``matplotlib.figure.Figure`` objects, never through pyplot's
+global state: no display is needed, and the process's backend is left as it is (a notebook that launched a
+sweep keeps its inline plots). Save them with ``fig.savefig``. matplotlib is imported inside the functions
+that draw, so importing this module costs nothing until a figure is made."""
 from __future__ import annotations
 
 from typing import Any
@@ -11,10 +14,7 @@ __all__ = ["pareto_figure"]
 def pareto_figure(table: pd.DataFrame, performance: str, fairness: str, *, title: str = "") -> Any:
     """Every configuration coloured by paradigm, with its 95 % interval over seeds as error bars where the
     table has one (``*_ci_low``/``*_ci_high``); the front drawn as a line through its members."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    from matplotlib.figure import Figure
 
     def err(part: pd.DataFrame, metric: str) -> Any:
         if f"{metric}_ci_low" not in part:
@@ -23,7 +23,8 @@ def pareto_figure(table: pd.DataFrame, performance: str, fairness: str, *, title
         high = (part[f"{metric}_ci_high"] - part[metric]).fillna(0).clip(lower=0)
         return [low.to_numpy(), high.to_numpy()]
 
-    fig, ax = plt.subplots(figsize=(6.4, 4.8), dpi=100)
+    fig = Figure(figsize=(6.4, 4.8), dpi=100)
+    ax = fig.subplots()
     for paradigm, part in table.groupby("paradigm", sort=True):
         ax.errorbar(part[fairness], part[performance], xerr=err(part, fairness), yerr=err(part, performance), fmt="o",
                     label=str(paradigm), alpha=0.75, ms=5, elinewidth=0.8, capsize=2)
@@ -42,12 +43,10 @@ def pareto_figure(table: pd.DataFrame, performance: str, fairness: str, *, title
 def axis_figure(trials: pd.DataFrame, axis: str, performance: str, fairness: str, *, title: str = "") -> Any:
     """Unfairness and performance against one axis (e.g. intervention magnitude), a line per paradigm;
     points are means over the other axes and seeds."""
-    import matplotlib
+    from matplotlib.figure import Figure
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, axes = plt.subplots(1, 2, figsize=(10, 4), dpi=100)
+    fig = Figure(figsize=(10, 4), dpi=100)
+    axes = fig.subplots(1, 2)
     for paradigm, part in trials.groupby("paradigm", sort=True):
         means = part.groupby(axis, sort=True)[[fairness, performance]].mean()
         labels = [str(v) for v in means.index]
@@ -68,14 +67,12 @@ def axis_figure(trials: pd.DataFrame, axis: str, performance: str, fairness: str
 
 def group_bars_figure(per_group: pd.DataFrame, *, title: str = "") -> Any:
     """Per-group accuracy of each front member: one bar cluster per member, a bar per (attribute, group)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    from matplotlib.figure import Figure
 
     table = per_group.assign(group_label=per_group["attribute"].astype(str) + "=" + per_group["group"].astype(str))
     pivot = table.pivot_table(index="member", columns="group_label", values="accuracy", aggfunc="mean")
-    fig, ax = plt.subplots(figsize=(max(6.4, 1.2 * len(pivot)), 4.8), dpi=100)
+    fig = Figure(figsize=(max(6.4, 1.2 * len(pivot)), 4.8), dpi=100)
+    ax = fig.subplots()
     pivot.plot.bar(ax=ax, rot=30)
     ax.set_ylabel("accuracy")
     ax.set_ylim(0, 1)
