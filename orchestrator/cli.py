@@ -124,6 +124,23 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--select-on", choices=("val", "test"), default="val",
                    help="the split the 'fairest within' pick is made on (default val; its test metrics are reported)")
 
+    p = sub.add_parser("cka", help="paper B's layer-by-layer CKA between matched trials, per group of an attribute")
+    p.set_defaults(handler=_cmd_cka)
+    p.add_argument("sweep", help="the sweep's name (its trials must have kept their weights: tracking.log_models: all)")
+    p.add_argument("--a", action="append", required=True, metavar="AXIS=VALUE",
+                   help="the axis values of one side, e.g. paradigm=simclr (repeatable)")
+    p.add_argument("--b", action="append", required=True, metavar="AXIS=VALUE",
+                   help="the other side, e.g. paradigm=supervised; each A trial is paired with the B trial that has "
+                        "the same values on every other axis and the same seed")
+    p.add_argument("--by", metavar="ATTR", help="sensitive attribute whose groups are compared (default: the dataset's "
+                                                "primary); the best- and worst-performing groups are drawn")
+    p.add_argument("--out", default=".", help="folder for the PNG and the CSV (default: here)")
+    p.add_argument("--max-examples", type=int, default=500, help="test examples per group at most (default 500)")
+    p.add_argument("--estimator", choices=("debiased", "biased"), default="debiased",
+                   help="HSIC estimator: debiased (paper B's, the default) or the plug-in one")
+    p.add_argument("--experiment", help="MLflow experiment (default: $MLFLOW_EXPERIMENT_NAME, else the sweep's name)")
+    p.add_argument("--tracking-uri", help="MLflow tracking URI (default: $MLFLOW_TRACKING_URI, else sqlite:///mlflow.db here)")
+
     p = sub.add_parser("paradigms", help="list the pretraining paradigms and their options")
     p.set_defaults(handler=_print_paradigms)
     _add_format(p, "a list of paradigms, each with its options, defaults and bounds")
@@ -316,6 +333,39 @@ def _cmd_report(args: argparse.Namespace) -> int:
     for f in report.files:
         print(f"  {f}")
     print(f"logged under report/ of parent run {report.parent_run_id}")
+    return EXIT_OK
+
+
+def _cmd_cka(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from orchestrator.launch import resolve_tracking_uri
+    from orchestrator.query_cli import env_experiment
+    from orchestrator.similarity import compare_representations, parse_selector
+    from orchestrator.store import open_client
+    from trainables.errors import UserError
+
+    _fail_fast_http()
+    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")  # a bar per model would bury the summary
+    try:
+        a, b = parse_selector(args.a, "--a"), parse_selector(args.b, "--b")
+        client = open_client(resolve_tracking_uri(args.tracking_uri))
+        cka = compare_representations(client, args.sweep, a, b, Path(args.out), attribute=args.by,
+                                      experiment=args.experiment or env_experiment(), max_examples=args.max_examples,
+                                      debiased=args.estimator == "debiased")
+    except UserError as exc:
+        return _fail(str(exc))
+    attr = cka.table["attribute"].iat[0]
+    print(f"sweep {args.sweep!r}: {cka.n_pairs} pairs of trials ({' '.join(args.a)} vs {' '.join(args.b)})"
+          + (f"; {cka.unmatched} without a partner" if cka.unmatched else ""))
+    same = cka.table[cka.table["layer_a"] == cka.table["layer_b"]]
+    for rank, group in (("best", cka.best_group), ("worst", cka.worst_group)):
+        means = same[same["group"] == group].groupby("layer_a", sort=False)["cka"].mean()
+        print(f"  {rank} group {attr}={group}: CKA of each layer group with itself, mean over pairs: "
+              + ", ".join(f"{layer} {value:.3f}" for layer, value in means.items()))
+    for f in cka.files:
+        print(f"  {f}")
+    print(f"logged under cka/ of parent run {cka.parent_run_id}")
     return EXIT_OK
 
 

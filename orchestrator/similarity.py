@@ -258,6 +258,14 @@ def _layer_names(model: Any) -> list[str]:
     return list(layer_groups(model).names)
 
 
+def _natural(value: str) -> tuple:
+    """Rows in reading order: numbers by value, then explicit sets like [0,2], then words (full, linear)."""
+    try:
+        return (0, float(value), value)
+    except ValueError:
+        return (1 if value.startswith("[") else 2, 0.0, value)
+
+
 def _heatmaps(table: pd.DataFrame, a: Mapping[str, str], b: Mapping[str, str], attribute: str, best: str,
               worst: str) -> Any:
     """Per configuration (the shared axes without the seed; seeds averaged), the best and the worst group's
@@ -271,9 +279,10 @@ def _heatmaps(table: pd.DataFrame, a: Mapping[str, str], b: Mapping[str, str], a
              "cka", "rank"}
     config_cols = [c for c in table.columns if c not in fixed and table[c].nunique() > 1]  # what tells the rows apart
     configs = table[config_cols].drop_duplicates().to_dict("records") if config_cols else [{}]
+    configs.sort(key=lambda config: [_natural(str(config[c])) for c in config_cols])
     layers_a = list(dict.fromkeys(table["layer_a"]))
     layers_b = list(dict.fromkeys(table["layer_b"]))
-    width, height = 1.5 + 2.2 * len(layers_b), (1.2 + 0.8 * len(layers_a)) * len(configs)
+    width, height = 1.5 + 2.4 * len(layers_b), (1.4 + 0.8 * len(layers_a)) * len(configs)
     fig, axes = plt.subplots(len(configs), 2, figsize=(width, height), dpi=100, squeeze=False, layout="constrained")
     side = lambda sel: " ".join(f"{k}={v}" for k, v in sel.items())  # noqa: E731
     for r, config in enumerate(configs):
@@ -302,6 +311,6 @@ def _heatmaps(table: pd.DataFrame, a: Mapping[str, str], b: Mapping[str, str], a
             auc = (f"AUROC {','.join(a.values())} {cell['auroc_a'].mean():.3f}, {','.join(b.values())} "
                    f"{cell['auroc_b'].mean():.3f}" if len(cell) else "no examples")
             head = ", ".join(f"{k}={v}" for k, v in config.items())
-            ax.set_title("\n".join(t for t in (head, f"{what} group {attribute}={group} ({auc})") if t), fontsize=8)
+            ax.set_title("\n".join(t for t in (head, f"{what} group {attribute}={group}", auc) if t), fontsize=8)
     fig.colorbar(im, ax=axes, shrink=0.6, label="linear CKA")
     return fig
