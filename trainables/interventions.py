@@ -33,6 +33,7 @@ __all__ = [
     "INTERVENTIONS",
     "apply_intervention",
     "check_feasible",
+    "largest_feasible_size",
 ]
 
 Cell = tuple[int, int]  # (label, group)
@@ -184,6 +185,16 @@ def _largest_feasible_size(entry: Intervention, magnitude: float, avail: dict[Ce
     ks = np.minimum(sizes, np.floor(magnitude * sizes + 0.5 + 1e-9).astype(np.int64))
     ok = sizes[_fits(entry, ks, sizes, avail)]
     return int(ok[-1]) if len(ok) else 0
+
+
+def largest_feasible_size(kind: str, labels: object, groups: object, magnitude: float) -> int:
+    """The most examples of this pool that realise ``magnitude`` (0 when none does): how a paradigm that
+    pretrains on a skewed subset of the source split (``trainables.paradigms``, shortcut_correlation) sizes
+    it."""
+    entry, y, g = _pool(kind, labels, groups)
+    if entry.counts is None:
+        return len(y)
+    return _largest_feasible_size(entry, _check_magnitude(magnitude), _available(y, g), len(y))
 
 
 def check_feasible(kind: str, labels: object, groups: object, magnitudes: Iterable[float], size: int) -> None:

@@ -58,7 +58,8 @@ Trainer = Callable[["Paradigm", TrainContext], "tuple[nn.Module, list[float]]"]
 class Paradigm:
     """A registered pretraining procedure; ``doc`` is its user-facing documentation.
 
-    ``labels(meta, options)`` picks the source-split target of supervised-style paradigms;
+    ``labels(meta, options)`` picks the source-split target of supervised-style paradigms and
+    ``rows(meta, options, seed)`` the source rows they train on (None: all of them);
     ``ssl_method`` names a ``trainables.ssl`` method for self-supervised ones.
     """
 
@@ -67,6 +68,7 @@ class Paradigm:
     pretrains: bool
     trainer: Trainer | None = None
     labels: Callable[[Any, Mapping[str, Any]], np.ndarray] | None = None
+    rows: Callable[[Any, Mapping[str, Any], int], np.ndarray | None] | None = None
     ssl_method: str | None = None
     options: Mapping[str, Option] = field(default_factory=dict)
     modalities: tuple[str, ...] = ("image", "timeseries")
@@ -94,6 +96,8 @@ class Paradigm:
                                 f"{dataset.modality}; pick another paradigm for this dataset")
         if self.labels is not None:
             self.labels(dataset.meta("source"), resolved)  # raises if the dataset lacks what the paradigm needs
+        if self.rows is not None:
+            self.rows(dataset.meta("source"), resolved, 0)  # raises if the subset cannot be drawn
 
     def check_backbone(self, backbone: str, dataset: Any) -> None:
         """Raise a UserError (ParadigmError, TimmWeightsMissing) when this paradigm cannot serve ``backbone``
@@ -162,12 +166,59 @@ def _mae_constraint(options: Mapping[str, Any]) -> None:
                           f"divide decoder_dim {options['decoder_dim']}; e.g. decoder_dim 64 with decoder_heads 4")
 
 
-def _control_label(meta: Any, options: Mapping[str, Any]) -> np.ndarray:
+def _control_attribute(meta: Any, options: Mapping[str, Any]) -> np.ndarray:
     name = options["label"]
     if name not in meta.extra_labels:
         raise ParadigmError(f"pretraining.paradigms.control.label {name!r}: the dataset's source split has no such "
                             f"label (has: {', '.join(sorted(meta.extra_labels)) or 'none'})")
     return meta.extra_labels[name]
+
+
+def _group_attribute(meta: Any, options: Mapping[str, Any]) -> np.ndarray:
+    return meta.groups
+
+
+def _attribute_or_target(attribute: Callable[[Any, Mapping[str, Any]], np.ndarray]) -> Callable[..., np.ndarray]:
+    """The labels of a base built around an attribute: the attribute itself (paper A's bases), or the target
+    when ``shortcut_correlation`` is set (the attribute is then a shortcut in its rows, ``_shortcut_rows``)."""
+
+    def labels(meta: Any, options: Mapping[str, Any]) -> np.ndarray:
+        values = attribute(meta, options)  # checked either way, so a missing attribute fails at plan time
+        return values if options["shortcut_correlation"] is None else meta.labels
+
+    return labels
+
+
+def _shortcut_rows(paradigm: str, attribute: Callable[[Any, Mapping[str, Any]], np.ndarray]) -> Callable[..., Any]:
+    """The source rows of a shortcut base: the largest subset in which the attribute equals the target in a
+    share ``shortcut_correlation`` of the examples, labels balanced (the correlation intervention's
+    composition, drawn with the pretraining seed); None (every row) when the option is unset."""
+    from trainables import interventions
+
+    def rows(meta: Any, options: Mapping[str, Any], seed: int) -> np.ndarray | None:
+        share = options["shortcut_correlation"]
+        if share is None:
+            return None
+        where = f"pretraining.paradigms.{paradigm}.shortcut_correlation"
+        values = attribute(meta, options)
+        try:
+            size = interventions.largest_feasible_size("correlation", meta.labels, values, share)
+            if size == 0:
+                raise interventions.InterventionError("no subset of the source split realises it")
+            return interventions.apply_intervention("correlation", meta.labels, values, share, size, seed).indices
+        except interventions.InterventionError as exc:
+            raise ParadigmError(f"{where}: got {share}; {exc} (the target and the attribute must be binary, and "
+                                f"every (target, attribute) cell the share needs must have examples)") from None
+
+    return rows
+
+
+def _shortcut_option(attribute: str) -> Option:
+    return Option(None, kind=float, low=0.0, high=1.0, doc=f"unset: predict {attribute} itself (paper A's base). A "
+                  f"share c: predict the target instead, on the largest subset of the source split in which {attribute} "
+                  f"equals the target in a share c of the examples (labels balanced), so the base learns {attribute} as "
+                  "a shortcut beside the target and still encodes the target (e.g. 0.95 on synthetic_images, whose "
+                  "source split is balanced)")
 
 
 def _views(augmentations: str, negate_p: float) -> dict[str, Option]:
@@ -196,10 +247,11 @@ def _views_constraint(name: str) -> Callable[[Mapping[str, Any]], None]:
 # ----------------------------------------------------------------------------- trainers
 
 
-def _source_stream(ctx: TrainContext, epoch: int) -> Any:
-    """One epoch of the source split streamed by the dataset's worker processes (folder data)."""
-    n, bs = len(ctx.dataset.meta("source")), int(ctx.hparams["batch_size"])
-    return ctx.dataset.loader("source", batch_size=bs, shuffle=True, seed=int(ctx.hparams["seed"]), epoch=epoch,
+def _source_stream(ctx: TrainContext, epoch: int, rows: np.ndarray | None = None) -> Any:
+    """One epoch of the source split (or its ``rows``) streamed by the dataset's worker processes (folder data)."""
+    n = len(ctx.dataset.meta("source")) if rows is None else len(rows)
+    bs = int(ctx.hparams["batch_size"])
+    return ctx.dataset.loader("source", rows, batch_size=bs, shuffle=True, seed=int(ctx.hparams["seed"]), epoch=epoch,
                               drop_last=n > bs)
 
 
@@ -209,8 +261,12 @@ def _train_supervised(paradigm: Paradigm, ctx: TrainContext) -> tuple[nn.Module,
 
     from trainables import backbones, loop
 
-    labels = paradigm.labels(ctx.dataset.meta("source"), ctx.options)
     hp = ctx.hparams
+    meta = ctx.dataset.meta("source")
+    labels = paradigm.labels(meta, ctx.options)
+    rows = paradigm.rows(meta, ctx.options, int(hp["seed"])) if paradigm.rows is not None else None
+    if rows is not None:
+        labels = labels[rows]
     model = loop.to_device(backbones.create_backbone(ctx.backbone, num_classes=max(2, int(labels.max()) + 1),
                                                      input_shape=ctx.dataset.input_shape), ctx.device)
     y = torch.tensor(labels, dtype=torch.long, device=ctx.device)
@@ -220,14 +276,14 @@ def _train_supervised(paradigm: Paradigm, ctx: TrainContext) -> tuple[nn.Module,
     opt = torch.optim.SGD(backbones.param_groups(model, hp["weight_decay"]), lr=hp["lr"], momentum=hp["momentum"])
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=hp["epochs"])
     # Small data: the whole source split on the device once. Folder data: streamed by worker processes.
-    x = ctx.dataset.inputs("source").to(ctx.device) if ctx.dataset.in_memory else None
+    x = ctx.dataset.inputs("source", rows).to(ctx.device) if ctx.dataset.in_memory else None
     losses = []
     for epoch in range(hp["epochs"]):
         if x is not None:
             losses.append(loop.train_epoch(model, x, y, opt, batch_size=hp["batch_size"], generator=ctx.generator,
                                            device=ctx.device, loss_fn=loss_fn))
         else:
-            losses.append(loop.train_epoch_batches(model, _source_stream(ctx, epoch), y, opt, device=ctx.device,
+            losses.append(loop.train_epoch_batches(model, _source_stream(ctx, epoch, rows), y, opt, device=ctx.device,
                                                    loss_fn=loss_fn))
         sched.step()
     return model, losses
@@ -264,14 +320,19 @@ PARADIGMS.register(
         "source_correlation 0.5 the group carries no information about the label, so the model has no reason to "
         "encode it.")(_train_supervised)
 PARADIGMS.register(
-    "biased", labels=lambda m, o: m.groups, options=_SUPERVISED_OPTS,
+    "biased", labels=_attribute_or_target(_group_attribute), rows=_shortcut_rows("biased", _group_attribute),
+    options={**_SUPERVISED_OPTS, "shortcut_correlation": _shortcut_option("the sensitive attribute")},
     doc="Cross-entropy on the source split's sensitive attribute, so the representation encodes the group as a "
-        "shortcut: paper A's controlled 'biased pretrained model' (its gendered base).")(_train_supervised)
+        "shortcut: paper A's controlled 'biased pretrained model' (its gendered base). With shortcut_correlation it "
+        "predicts the target where the group is a shortcut instead, so it encodes the target as well as the "
+        "group.")(_train_supervised)
 PARADIGMS.register(
-    "control", labels=_control_label,
-    options={**_SUPERVISED_OPTS, "label": Option("stripes", doc="which extra source label to predict")},
+    "control", labels=_attribute_or_target(_control_attribute), rows=_shortcut_rows("control", _control_attribute),
+    options={**_SUPERVISED_OPTS, "label": Option("stripes", doc="which extra source label to predict"),
+             "shortcut_correlation": _shortcut_option("the label")},
     doc="Cross-entropy on an attribute unrelated to both target and group (paper A's control bases); the attribute "
-        "is an extra label of the source split.")(_train_supervised)
+        "is an extra label of the source split. With shortcut_correlation it predicts the target where that "
+        "attribute is a shortcut instead: built like a shortcut biased base, with the group left out.")(_train_supervised)
 PARADIGMS.register(
     "simclr", ssl_method="simclr", constraint=_views_constraint("simclr"),
     options={"temperature": Option(0.1, doc="NT-Xent temperature (paper B's train_model.py: 0.1)", low=0.0,
