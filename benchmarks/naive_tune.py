@@ -29,7 +29,7 @@ def trial(config: Mapping[str, Any], jobs: Mapping[str, dict], context: Any) -> 
     from trainables.pretrain import run_pretrain_job
     from trainables.trial import TrialConfig
 
-    config = TrialConfig.from_dict(config["trial"])
+    config = TrialConfig.from_tune(config)
     job = jobs.get(config.weights.key)
     with tempfile.TemporaryDirectory() as cache:
         if job is not None:  # every trial builds its own base

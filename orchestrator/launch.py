@@ -25,6 +25,7 @@ from orchestrator.storage import (CACHE_DIRNAME, artifact_location, check_storag
 from orchestrator.store import check_store, open_client, store_cause
 from trainables.errors import UserError
 from trainables.plugins import with_plugins  # a plugin's names resolve in every Ray worker too
+from trainables.trial import TUNE_KEY
 
 __all__ = ["LaunchOptions", "LaunchResult", "LaunchError", "launch", "resume"]
 
@@ -224,7 +225,7 @@ def launch(plan: Plan, options: LaunchOptions = LaunchOptions()) -> LaunchResult
             tune_config = tune.TuneConfig(search_alg=StudySearcher(plan, f"{path}/{STUDY_FILE}", study_name=spec.name),
                                           num_samples=-1, max_concurrent_trials=concurrency, reuse_actors=True)
         else:
-            param_space = {"trial": tune.grid_search([t.config.to_dict() for t in plan.trials])}
+            param_space = {TUNE_KEY: tune.grid_search([t.config.to_dict() for t in plan.trials])}
             # long-lived workers: torch, timm and the data are imported and built once per worker, not per trial
             tune_config = tune.TuneConfig(max_concurrent_trials=concurrency, reuse_actors=True)
         return tune.Tuner(

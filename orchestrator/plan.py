@@ -54,8 +54,8 @@ class Plan:
         return PlannedTrial(config, *config.keys(self.dataset_fingerprint), frozen, n)
 
     def trial_for(self, config: Mapping[str, Any]) -> PlannedTrial:
-        """The planned trial behind a Tune config, whose ``trial`` is a ``TrialConfig`` dict (the tracker's view)."""
-        return self.resolve(TrialConfig.from_dict(config["trial"]).point)
+        """The planned trial behind a Tune config (``TrialConfig.from_tune``; the tracker's view)."""
+        return self.resolve(TrialConfig.from_tune(config).point)
 
     def summary(self, n_examples: int = 3) -> str:
         s = self.spec

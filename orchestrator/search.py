@@ -22,7 +22,7 @@ from orchestrator.plan import Plan
 from orchestrator.samplers import SAMPLERS
 from orchestrator.spec import Range
 from trainables.errors import UserError
-from trainables.trial import Freeze, TrialPoint
+from trainables.trial import TUNE_KEY, Freeze, TrialPoint
 
 __all__ = ["StudySearcher", "make_sampler", "suggest_point", "search_values", "objective_names", "STUDY_FILE",
            "StudyStorageError", "resolve_storage_url", "open_rdb_storage", "check_study_storage"]
@@ -251,7 +251,7 @@ class StudySearcher(Searcher):
 
     def _config(self, point: TrialPoint) -> dict:
         """The Tune config of a point: its ``TrialConfig`` as the plan builds it (trainables/trial.py)."""
-        return {"trial": self.plan.resolve(point).config.to_dict()}
+        return {TUNE_KEY: self.plan.resolve(point).config.to_dict()}
 
     def save(self, checkpoint_path: str) -> None:
         with open(checkpoint_path, "w") as f:

@@ -311,7 +311,7 @@ class SweepTracker(tune.Callback):
         if ckpt is not None:
             from trainables.finetune import INNER_SEARCH_FILE, PER_GROUP_FILE, PREDICTIONS_FILE, VAL_PREDICTIONS_FILE
 
-            backbone = TrialConfig.from_dict(trial.config["trial"]).point.backbone
+            backbone = TrialConfig.from_tune(trial.config).point.backbone
             self._final_checkpoints[run_id] = (backbone, ckpt.path)  # for log_front_models
 
             with ckpt.as_directory() as d:

@@ -77,7 +77,7 @@ def test_the_finetuning_size_is_searched_only_when_the_axis_has_several(tmp_path
     searcher = StudySearcher(plan, str(tmp_path / "sizes.journal"), study_name="s")
     seen, i = set(), 0
     while (config := searcher.suggest(f"t{i}")) != Searcher.FINISHED:
-        trial = TrialConfig.from_dict(config["trial"])  # what the worker decodes
+        trial = TrialConfig.from_tune(config)  # what the worker decodes
         assert plan.trial_for(config).config == trial
         seen.add((trial.point.finetune_size, trial.point.freeze_depth))
         searcher.on_trial_complete(f"t{i}", {"val_accuracy": 0.6, "val_equalized_odds_difference": 0.1})

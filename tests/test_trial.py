@@ -183,3 +183,12 @@ def test_the_plans_keys_are_the_ones_sweeps_already_carry() -> None:
     t = searched.resolve(TrialPoint("test_resnet", "supervised", "correlation", 0.9, Freeze("linear"), 0, 200,
                                     (("lr", 0.03),)))
     assert (t.key, t.config_key, t.config.weights.key) == ("a948538d7d55e8d8", "994d629065ceab76", "a2a3c77dd1a5a33c")
+
+
+def test_a_tune_config_carries_the_trial_under_its_key() -> None:
+    from trainables.trial import TUNE_KEY
+
+    config = _config()
+    assert TrialConfig.from_tune(json.loads(json.dumps({TUNE_KEY: config.to_dict()}))) == config
+    with pytest.raises(ContractError, match="Tune config lacks trial"):  # e.g. a grid cell saved by an older version
+        TrialConfig.from_tune({"point": config.point.to_dict()})

@@ -286,13 +286,13 @@ def train_and_evaluate(trial: TrialConfig, context: TrialContext, *, state: Mapp
 
 def finetune_trial(config: Mapping[str, Any], context: TrialContext) -> None:
     """Function trainable for ``tune.with_parameters(finetune_trial, context=...)``; the trial arrives as
-    ``config["trial"]``, a ``TrialConfig`` dict (a grid cell, or the searcher's proposal). A thin wrapper:
+    ``config[TUNE_KEY]``, a ``TrialConfig`` dict (a grid cell, or the searcher's proposal). A thin wrapper:
     Tune's checkpoint in, one report per epoch out, with a checkpoint when one was due; the work is
     ``train_and_evaluate``."""
     import torch
     from ray import tune
 
-    trial = TrialConfig.from_dict(config["trial"])
+    trial = TrialConfig.from_tune(config)
     for done, objectives in context.finished:
         if done == trial:
             tune.report({"already_finished": True, **objectives})

@@ -22,12 +22,13 @@ from trainables.errors import FairsweepError
 from trainables.schema import SchemaError
 
 __all__ = ["Freeze", "TrialPoint", "Weights", "TrialConfig", "PretrainHParams", "PretrainJob", "ContractError",
-           "canonical_hash", "FREEZE_WORDS", "FREEZE_JSON_SCHEMA", "MAX_LAYER_GROUPS"]
+           "canonical_hash", "FREEZE_WORDS", "FREEZE_JSON_SCHEMA", "MAX_LAYER_GROUPS", "TUNE_KEY"]
 
 FREEZE_WORDS = ("linear", "full")
 MAX_LAYER_GROUPS = 10_000  # a bound on k and on group indices, so a typo cannot build a huge range
 _FREEZE_FORMS = "expected an integer k >= 0, 'linear', 'full' or a list of group indices like [0, 2]"
 _FREEZE_USE = "'linear' or 'full', or a list of group indices"
+TUNE_KEY = "trial"  # a Tune config is {TUNE_KEY: TrialConfig.to_dict()} (a grid cell, or the searcher's proposal)
 _GROUP_INDEX_SCHEMA = {"type": "integer", "minimum": 0, "maximum": MAX_LAYER_GROUPS}
 FREEZE_JSON_SCHEMA = {"anyOf": [_GROUP_INDEX_SCHEMA, {"enum": list(FREEZE_WORDS)},
                                 {"type": "array", "items": _GROUP_INDEX_SCHEMA, "minItems": 1, "uniqueItems": True}]}
@@ -159,7 +160,8 @@ def _fields(d: Any, kind: str, required: tuple[str, ...]) -> Mapping[str, Any]:
     missing = [k for k in required if k not in d]
     if missing:
         raise ContractError(f"this {kind} lacks {', '.join(missing)} (has: {', '.join(map(str, d)) or 'nothing'}); "
-                            "it was written by another fairsweep version: rerun it with this one")
+                            "it was written by another fairsweep version: resume the sweep with the version that "
+                            "launched it, or launch it anew under another name")
     return d
 
 
@@ -262,7 +264,7 @@ class TrialConfig:
                 "seed": str(p.seed)}
 
     def to_dict(self) -> dict[str, Any]:
-        """JSON-ready: what Tune carries in ``config["trial"]``."""
+        """JSON-ready: what Tune carries in ``config[TUNE_KEY]``."""
         return {"point": self.point.to_dict(),
                 "finetune": {k: list(v) if isinstance(v, tuple) else v for k, v in self.finetune.items()},
                 "weights": self.weights.to_dict()}
@@ -272,6 +274,11 @@ class TrialConfig:
         d = _fields(d, "trial config", ("point", "finetune", "weights"))
         return cls(TrialPoint.from_dict(d["point"]), {str(k): _hparam(v) for k, v in d["finetune"].items()},
                    Weights.from_dict(d["weights"]))
+
+    @classmethod
+    def from_tune(cls, config: Mapping[str, Any]) -> TrialConfig:
+        """The trial of a Tune config (``{TUNE_KEY: to_dict()}``), as the worker and the tracker receive it."""
+        return cls.from_dict(_fields(config, "Tune config", (TUNE_KEY,))[TUNE_KEY])
 
 
 # ----------------------------------------------------------------------------- pretraining
