@@ -3,6 +3,7 @@ once into uint8 pixels under a shared folder and fed from there; the tensors are
 a changed file makes a new entry, and a split larger than the budget streams from its files."""
 from __future__ import annotations
 
+import pickle
 from dataclasses import replace
 
 import numpy as np
@@ -59,6 +60,8 @@ def test_files_are_decoded_once_and_again_when_one_changes(tmp_path, monkeypatch
     assert len(decoded) == n and torch.equal(torch.cat([x for x, _ in batches]), before)  # decoded once, read twice
     again = build_dataset("image_csv", opts).with_input_cache(tmp_path / "decoded")  # as another worker builds it
     assert torch.equal(again.inputs("test"), before) and len(decoded) == n
+    shipped = pickle.loads(pickle.dumps(first))  # as Ray ships it: the entry is opened again, not copied along
+    assert torch.equal(shipped.inputs("test"), before) and len(decoded) == n
     path = again.paths("test")[3]
     Image.fromarray(F.picture(1, 0, np.random.default_rng(7), size=(30, 26))).save(path)  # the file changes
     changed = build_dataset("image_csv", opts).with_input_cache(tmp_path / "decoded")

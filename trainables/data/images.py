@@ -296,6 +296,11 @@ class FolderImages(Dataset):
                     _decoded_key(paths, self.preprocessing.geometry()), shape, np.uint8, fill)
         return self._decoded_splits[memo]
 
+    def __copy__(self) -> FolderImages:  # views (for_model, with_input_cache) share the decoded-pixels memo
+        view = object.__new__(type(self))
+        view.__dict__.update(self.__dict__)
+        return view
+
     def __getstate__(self) -> dict[str, Any]:  # the memo's memory maps are not shipped to another process
         return {**self.__dict__, "_decoded_splits": {}}
 
