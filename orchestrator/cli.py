@@ -1,17 +1,23 @@
 # PYTHON_ARGCOMPLETE_OK  (argcomplete's marker: tab completion, see README "Shell completion")
-"""The ``fairsweep`` command. Heavy libraries (Ray, MLflow, torch, timm) are imported only by the
-subcommands that need them, so ``--help`` and ``validate`` answer at once.
+"""The ``fairsweep`` command. Heavy libraries (Ray, MLflow, pandas, torch, timm) are imported only by
+the subcommands that need them, inside them, so ``--help`` and ``validate`` answer at once: that is the
+reason for every import inside a function of this module.
 
 Exit codes: 0 success, 1 a sweep that ran but had failed trials, 2 bad input or an environment the user
 can fix (spec, names, paths, an unreachable or unusable tracking store, a sweep another driver runs), and
-nothing was started; 130 interrupted (resume it). ``fairsweep --help`` lists them (``_EPILOG``).
+nothing was started; 130 interrupted (resume it). ``fairsweep --help`` lists them (``_EPILOG``). Errors
+become exit codes in one place, ``main``: a ``UserError`` (trainables/errors.py) prints its message and
+exits 2; any other exception is a bug and keeps its traceback (exit 1).
 """
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import sys
-from typing import Sequence
+from typing import Iterator, Sequence
+
+from trainables.errors import UserError
 
 __all__ = ["main"]
 
@@ -20,7 +26,8 @@ EXIT_OK, EXIT_TRIALS_FAILED, EXIT_USAGE, EXIT_INTERRUPTED = 0, 1, 2, 130
 _EPILOG = """\
 exit codes:
   0    done
-  1    the sweep ran but some trials failed (retry them: fairsweep resume NAME --retry-errored)
+  1    the sweep ran but some trials failed (retry them: fairsweep resume NAME --retry-errored), or
+       fairsweep itself failed: a traceback follows (a bug; please report it)
   2    bad input or an environment to fix (spec, names, paths, tracking or study store, a sweep
        another driver runs, cache clear not confirmed); nothing was started
   130  interrupted (Ctrl-C); continue with: fairsweep resume NAME
@@ -177,6 +184,15 @@ def _fail(message: str) -> int:
     return EXIT_USAGE
 
 
+@contextlib.contextmanager
+def _in_file(path: str, *kinds: type[Exception]) -> Iterator[None]:
+    """An error of ``kinds`` (a field of the sweep file, its study database) names the file first."""
+    try:
+        yield
+    except kinds as exc:
+        raise UserError(f"{path}: {exc}") from None
+
+
 def _spec(path: str):
     """The spec file, its experiment defaulting to $MLFLOW_EXPERIMENT_NAME (spec > environment > name)."""
     from orchestrator.query_cli import env_experiment
@@ -192,69 +208,42 @@ def _plan(path: str):
 
 
 def _launch_options(args: argparse.Namespace):
-    from orchestrator.launch import LaunchOptions
+    from orchestrator import api
 
-    def progress(line: str) -> None:
-        print(f"[fairsweep] {line}", file=sys.stderr, flush=True)
-
-    return LaunchOptions(tracking_uri=args.tracking_uri, address=args.address, storage=args.storage,
-                         cache_dir=args.cache_dir, max_concurrent_trials=args.max_concurrent, verbose=0 if args.quiet else 1,
-                         progress=None if args.quiet else progress, trial_output=args.verbose, dashboard=args.dashboard)
+    return api.launch_options(tracking_uri=args.tracking_uri, address=args.address, storage=args.storage,
+                              cache_dir=args.cache_dir, max_concurrent=args.max_concurrent, quiet=args.quiet,
+                              verbose=args.verbose, dashboard=args.dashboard)
 
 
 def _cmd_launch(args: argparse.Namespace) -> int:
-    from orchestrator.launch import LaunchError, launch
     from orchestrator.plan import build_plan
     from orchestrator.spec import SpecError
-    from orchestrator.storage import StorageError, resolve_tracking_uri
-    from orchestrator.store import StoreError, check_store
 
-    try:
-        spec = _spec(args.spec)
-        if not args.dry_run:  # in seconds, before the plan loads torch and the launch starts Ray
-            if spec.search.type == "optuna" and spec.search.storage:  # the study's database, before anything is written
-                from orchestrator.search import StudyStorageError, check_study_storage
-
-                try:
-                    check_study_storage(spec)
-                except StudyStorageError as exc:
-                    return _fail(f"{args.spec}: {exc}")
-            check_store(resolve_tracking_uri(args.tracking_uri), create=True)
-        plan = build_plan(spec)
+    with _in_file(args.spec, SpecError):
+        spec = _spec(args.spec)  # a mistake in the file answers at once, before Ray and MLflow load
         if args.dry_run:
-            print(plan.summary())
+            print(build_plan(spec).summary())
             return EXIT_OK
-        result = launch(plan, _launch_options(args))
-    except SpecError as exc:
-        return _fail(f"{args.spec}: {exc}")
-    except (LaunchError, StorageError, StoreError) as exc:
-        return _fail(str(exc))
-    return _print_summary(result, args)
+    from orchestrator import api
+    from orchestrator.launch import launch
+    from orchestrator.search import StudyStorageError
+
+    with _in_file(args.spec, SpecError, StudyStorageError):
+        plan = api.checked_plan(spec, args.tracking_uri)  # in seconds, before the plan loads torch and Ray starts
+    return _print_summary(launch(plan, _launch_options(args)), args)
 
 
 def _cmd_resume(args: argparse.Namespace) -> int:
-    from orchestrator.launch import LaunchError, resume
-    from orchestrator.spec import SpecError
-    from orchestrator.storage import StorageError
-    from orchestrator.store import StoreError
+    from orchestrator.launch import resume
 
-    try:
-        result = resume(args.name, _launch_options(args), retry_errored=args.retry_errored)
-    except (LaunchError, SpecError, StorageError, StoreError) as exc:
-        return _fail(str(exc))
-    return _print_summary(result, args)
+    return _print_summary(resume(args.name, _launch_options(args), retry_errored=args.retry_errored), args)
 
 
 def _cmd_status(args: argparse.Namespace) -> int:
     from orchestrator.status import sweep_status
-    from orchestrator.storage import StorageError
-    from orchestrator.store import StoreError
 
     _fail_fast_http()
-    try:
-        status = sweep_status(args.name, args.storage, args.tracking_uri)
-    except (StorageError, StoreError) as exc:
-        return _fail(str(exc))
+    status = sweep_status(args.name, args.storage, args.tracking_uri)
     print(_json(status.to_dict()) if args.format == "json" else status.render())
     return EXIT_OK
 
@@ -314,21 +303,16 @@ def _front_story(result, perf: str, fair: str) -> str:
 def _cmd_report(args: argparse.Namespace) -> int:
     from pathlib import Path
 
-    from orchestrator.query import SweepNotFoundError
+    from orchestrator.query_cli import env_experiment
     from orchestrator.report import write_report
-    from orchestrator.storage import StorageError, resolve_tracking_uri
-    from orchestrator.store import StoreError, open_client
+    from orchestrator.storage import resolve_tracking_uri
+    from orchestrator.store import open_client
 
     _fail_fast_http()
-    try:
-        from orchestrator.query_cli import env_experiment
-
-        client = open_client(resolve_tracking_uri(args.tracking_uri))
-        report = write_report(client, args.sweep, Path(args.out), experiment=args.experiment or env_experiment(),
-                              performance=args.perf, fairness=args.fairness, max_drop=args.max_drop,
-                              select_on=args.select_on)
-    except (StorageError, StoreError, SweepNotFoundError, ValueError) as exc:
-        return _fail(str(exc))
+    client = open_client(resolve_tracking_uri(args.tracking_uri))
+    report = write_report(client, args.sweep, Path(args.out), experiment=args.experiment or env_experiment(),
+                          performance=args.perf, fairness=args.fairness, max_drop=args.max_drop,
+                          select_on=args.select_on)
     print(f"sweep {args.sweep!r}: {report.n_trials} trials, {report.front_size} configurations on the front")
     for f in report.files:
         print(f"  {f}")
@@ -390,10 +374,8 @@ def _print_paradigms(args: argparse.Namespace) -> int:
 def _cmd_validate(args: argparse.Namespace) -> int:
     from orchestrator.spec import SpecError
 
-    try:
+    with _in_file(args.spec, SpecError):
         plan = _plan(args.spec)
-    except SpecError as exc:
-        return _fail(f"{args.spec}: {exc}")
     print(_json(_plan_record(plan)) if args.format == "json" else plan.summary())
     return EXIT_OK
 
@@ -424,13 +406,10 @@ def _plan_record(plan) -> dict:
 
 
 def _cmd_cache(args: argparse.Namespace) -> int:
-    from orchestrator.storage import CACHE_DIRNAME, StorageError, resolve_storage
+    from orchestrator.storage import CACHE_DIRNAME, resolve_storage
     from trainables.pretrain_cache import PretrainCache
 
-    try:
-        root = args.cache_dir or os.path.join(resolve_storage(args.storage), CACHE_DIRNAME)
-    except StorageError as exc:
-        return _fail(str(exc))
+    root = args.cache_dir or os.path.join(resolve_storage(args.storage), CACHE_DIRNAME)
     cache = PretrainCache(root)
     if args.action == "list":
         entries = cache.entries()
@@ -443,30 +422,28 @@ def _cmd_cache(args: argparse.Namespace) -> int:
                   f"{e['bytes'] / 1e6:.1f} MB  {e.get('created') or ''}")
         return EXIT_OK
     if args.format != "table":
-        return _fail("cache clear --format: only `cache list` has a json form; drop --format")
+        raise UserError("cache clear --format: only `cache list` has a json form; drop --format")
     if not args.key and not args.yes:
-        refused = _confirm_clear_all(cache, root)
-        if refused is not None:
-            return refused
+        _confirm_clear_all(cache, root)
     removed = cache.clear(args.key)
     print(f"removed {len(removed)} entries from {root}")
     return EXIT_OK
 
 
-def _confirm_clear_all(cache, root: str) -> int | None:
+def _confirm_clear_all(cache, root: str) -> None:
     """``cache clear`` without --key deletes every pretrained model, hours of work: ask on a terminal;
-    elsewhere (CI, a pipe) no one can answer, so refuse unless --yes. None: go ahead."""
+    elsewhere (CI, a pipe) no one can answer, so refuse unless --yes. Returns: go ahead."""
     n = len(cache.entries())
     if not sys.stdin.isatty():
-        return _fail(f"cache clear without --key deletes every entry in {root} ({n} now); stdin is not a terminal, so "
-                     f"nothing was asked and nothing removed: pass --yes to clear them all, or --key KEY for one")
+        raise UserError(f"cache clear without --key deletes every entry in {root} ({n} now); stdin is not a terminal, "
+                        f"so nothing was asked and nothing removed: pass --yes to clear them all, or --key KEY for one")
     if n == 0:
-        return None
+        return
     print(f"delete all {n} entries in {root}? [y/N] ", end="", file=sys.stderr, flush=True)
     answer = sys.stdin.readline().strip().lower()
     if answer not in ("y", "yes"):
-        return _fail("nothing removed (not confirmed); pass --yes to clear without asking, or --key KEY for one entry")
-    return None
+        raise UserError("nothing removed (not confirmed); pass --yes to clear without asking, or --key KEY for one "
+                        "entry")
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -484,6 +461,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     raylocal.loopback_default(getattr(args, "address", None))
     try:
         return args.handler(args)
+    except UserError as exc:  # the one place an error becomes an exit code; any other exception is a bug: exit 1
+        return _fail(str(exc))
     except KeyboardInterrupt:
         print("fairsweep: interrupted", file=sys.stderr)
         return EXIT_INTERRUPTED

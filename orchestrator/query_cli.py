@@ -1,8 +1,9 @@
-"""``fairsweep pareto|best|compare``: the query API (orchestrator.query) from the shell.
+"""``fairsweep pareto|best|compare``: the Python API's queries (orchestrator.api) from the shell.
 
-Only argparse at import time: MLflow and pandas load when a command runs, so ``fairsweep --help``
-stays instant. Bad input (unknown metric, sweep, experiment; an unreachable server) prints a clear
-message listing what exists and returns exit code 2 within a few seconds.
+Only argparse at import time: MLflow and pandas load when a command runs (the reason for the imports
+inside functions here), so ``fairsweep --help`` stays instant. Bad input (unknown metric, sweep,
+experiment; an unreachable server) raises a UserError naming what exists, within a few seconds; the
+CLI's ``main`` prints it and exits 2.
 """
 from __future__ import annotations
 
@@ -10,12 +11,13 @@ import argparse
 import json
 import math
 import os
-import sys
-from typing import Any
+from typing import Any, Callable
+
+from trainables.errors import UserError
 
 __all__ = ["add_commands", "env_experiment"]
 
-EXIT_OK, EXIT_USAGE = 0, 2
+EXIT_OK = 0
 EXPERIMENT_ENV = "MLFLOW_EXPERIMENT_NAME"
 
 
@@ -77,64 +79,42 @@ def _common(p: argparse.ArgumentParser) -> None:
                    help="table: for reading (the default); csv; json: a list of records, for programs")
 
 
-class _Usage(Exception):
-    pass
-
-
-def _fail(message: str) -> int:
-    print(f"fairsweep: error: {message}", file=sys.stderr)
-    return EXIT_USAGE
-
-
 def _pairs(items: list[str] | None, flag: str) -> dict[str, str]:
     out: dict[str, str] = {}
     for item in items or []:
         key, sep, value = item.partition("=")
         if not sep or not key:
-            raise _Usage(f"{flag} {item!r}: write COLUMN=VALUE, e.g. paradigm=supervised")
+            raise UserError(f"{flag} {item!r}: write COLUMN=VALUE, e.g. paradigm=supervised")
         out.setdefault(key, [])
         out[key].append(value)  # type: ignore[union-attr]
     return {k: v[0] if len(v) == 1 else v for k, v in out.items()}  # type: ignore[index,misc]
 
 
-def _session(args: argparse.Namespace):
-    """(client, trials, perf, fair) for the command's sweep; raises _Usage for bad input."""
-    os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
+def _flags(args: argparse.Namespace) -> dict[str, Any]:
+    """The options every query takes (orchestrator.api's keyword arguments), from the common flags."""
+    return {"experiment": args.experiment, "tracking_uri": args.tracking_uri, "perf": args.perf,
+            "fairness": args.fairness, "filters": _pairs(args.filter, "--filter")}
+
+
+# An unreachable or failing tracking server surfaces as MLflow's or requests' own exceptions, which this
+# module cannot import without loading MLflow at startup; they are known by name.
+_STORE_FAILURES = ("MlflowException", "ConnectionError", "RestException", "Timeout", "ReadTimeout", "ConnectTimeout",
+                   "MaxRetryError", "OperationalError")
+
+
+def _run(args: argparse.Namespace, ask: Callable[[Any], Any]) -> int:
+    """Print the table ``ask(orchestrator.api)`` returns; a tracking store that fails is a StoreError (exit 2)."""
+    os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")  # a question answers in seconds, not minutes
     os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "5")
-    from orchestrator.storage import StorageError, resolve_tracking_uri
+    from orchestrator import api
+    from orchestrator.store import StoreError
 
     try:
-        uri = resolve_tracking_uri(args.tracking_uri)
-    except StorageError as exc:
-        raise _Usage(str(exc)) from None
-    from orchestrator import query
-    from orchestrator.store import StoreError, open_client
-
-    try:  # the one probe every command uses: a missing, damaged or locked store, a server that is down
-        client = open_client(uri)
-    except StoreError as exc:
-        raise _Usage(str(exc)) from None
-    experiment = args.experiment or env_experiment() or args.sweep
-    perf, fair = args.perf, args.fairness
-    if not perf or not fair:
-        dperf, dfair = query.sweep_objectives(client, args.sweep, experiment)
-        perf, fair = perf or dperf, fair or dfair
-    trials = query.sweep_trials(client, args.sweep, experiment, filters=_pairs(args.filter, "--filter"))
-    return trials, perf, fair
-
-
-def _run(args: argparse.Namespace, body) -> int:
-    from orchestrator.query import SweepNotFoundError
-
-    try:
-        trials, perf, fair = _session(args)
-        table = body(trials, perf, fair)
-    except (_Usage, SweepNotFoundError, ValueError) as exc:
-        return _fail(str(exc))
-    except Exception as exc:  # MlflowException, requests errors: an unreachable or failing server
-        if type(exc).__name__ in ("MlflowException", "ConnectionError", "RestException", "Timeout", "ReadTimeout",
-                                  "ConnectTimeout", "MaxRetryError", "OperationalError"):
-            return _fail(f"tracking store error: {str(exc).splitlines()[0][:500] if str(exc) else type(exc).__name__}")
+        table = ask(api)
+    except Exception as exc:
+        if type(exc).__name__ in _STORE_FAILURES:
+            first = str(exc).splitlines()[0][:500] if str(exc) else type(exc).__name__
+            raise StoreError(f"tracking store error: {first}") from exc
         raise
     _print(table, args.format)
     return EXIT_OK
@@ -166,30 +146,17 @@ def _print(table, fmt: str) -> None:
 
 
 def _cmd_pareto(args: argparse.Namespace) -> int:
-    from orchestrator import query
-
-    return _run(args, lambda t, perf, fair: query.pareto(t, perf, fair, by_config=not args.per_trial,
-                                                         front_only=not args.all, split=args.split))
+    return _run(args, lambda api: api.front(args.sweep, per_trial=args.per_trial, all_rows=args.all, split=args.split,
+                                            **_flags(args)))
 
 
 def _cmd_best(args: argparse.Namespace) -> int:
-    from orchestrator import query
-
-    def body(t, perf, fair):
-        return query.best(t, perf, fair, max_drop=args.max_drop, max_rel_drop=args.max_rel_drop,
-                          reference=_pairs(args.reference, "--reference") or None, by_config=not args.per_trial,
-                          select_on=args.select_on)
-
-    return _run(args, body)
+    return _run(args, lambda api: api.best(args.sweep, max_drop=args.max_drop, max_rel_drop=args.max_rel_drop,
+                                           reference=_pairs(args.reference, "--reference") or None,
+                                           per_trial=args.per_trial, select_on=args.select_on, **_flags(args)))
 
 
 def _cmd_compare(args: argparse.Namespace) -> int:
-    from orchestrator import query
-
-    max_drop = args.max_drop if args.max_drop is not None or args.max_rel_drop is not None else 0.01
-
-    def body(t, perf, fair):
-        return query.compare(t, args.by, perf, fair, max_drop=max_drop, max_rel_drop=args.max_rel_drop,
-                             reference_group=args.reference, by_config=not args.per_trial, select_on=args.select_on)
-
-    return _run(args, body)
+    return _run(args, lambda api: api.compare(args.sweep, by=args.by, reference=args.reference, max_drop=args.max_drop,
+                                              max_rel_drop=args.max_rel_drop, per_trial=args.per_trial,
+                                              select_on=args.select_on, **_flags(args)))

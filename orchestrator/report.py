@@ -14,10 +14,10 @@ from typing import Any
 import pandas as pd
 
 from orchestrator import query
-from orchestrator.query import SweepNotFoundError, front_table, load_trials
+from orchestrator.query import QueryError, SweepNotFoundError, front_table, load_trials
 from trainables.trial import Freeze
 
-__all__ = ["Report", "write_report"]
+__all__ = ["Report", "write_report", "front_story"]
 
 
 @dataclass(frozen=True)
@@ -63,7 +63,7 @@ def write_report(client: Any, sweep: str, out: Path, *, experiment: str | None =
         raise SweepNotFoundError(f"sweep {sweep!r} has no finished trials yet")
     for metric in (perf, fair):
         if metric not in trials:
-            raise ValueError(f"no trial of sweep {sweep!r} has the metric {metric!r}")
+            raise QueryError(f"no trial of sweep {sweep!r} has the metric {metric!r}")
     table = front_table(trials, perf, fair)
     front = table[table["on_front"]]
     out.mkdir(parents=True, exist_ok=True)
@@ -89,7 +89,7 @@ def write_report(client: Any, sweep: str, out: Path, *, experiment: str | None =
 
     try:
         best = query.best(trials, perf, fair, max_drop=max_drop, by_config=True, select_on=select_on)
-    except ValueError as exc:  # e.g. a sweep from before validation scoring: the figures still stand
+    except QueryError as exc:  # e.g. a sweep from before validation scoring: the figures still stand
         best, skipped = pd.DataFrame(), str(exc)
     else:
         skipped = ""

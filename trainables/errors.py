@@ -7,7 +7,7 @@ prints it and exits 2, without a traceback. Anything else (a ``FairsweepError`` 
 ``UserError``, or a built-in exception raised by a bug) keeps its traceback and exits 1. That mapping
 lives in one place, ``orchestrator.cli.main``; code that turns an error into a message about the user's
 input (``build_plan``: a field path of the sweep file) catches ``UserError`` only, never a bare
-``ValueError`` that a bug can raise too.
+``ValueError`` that a bug can raise too (docs/architecture.md, decision 13).
 
 Each subclass also derives from the built-in exception it is a kind of (``ValueError``, ``KeyError``,
 ``RuntimeError``, ...), so callers that catch those keep working. This module sits at the bottom
