@@ -8,7 +8,7 @@ from typing import Any
 
 import pandas as pd
 
-__all__ = ["pareto_figure"]
+__all__ = ["pareto_figure", "axis_figure", "group_bars_figure"]
 
 
 def pareto_figure(table: pd.DataFrame, performance: str, fairness: str, *, title: str = "") -> Any:

@@ -27,7 +27,8 @@ from trainables.errors import UserError
 from trainables.plugins import with_plugins  # a plugin's names resolve in every Ray worker too
 from trainables.trial import TUNE_KEY
 
-__all__ = ["LaunchOptions", "LaunchResult", "LaunchError", "launch", "resume"]
+__all__ = ["LaunchOptions", "LaunchResult", "LaunchError", "launch", "resume", "init_ray", "run_pretraining",
+           "quiet_tune_restore_logs"]
 
 
 class LaunchError(UserError, RuntimeError):

@@ -22,7 +22,8 @@ from urllib.parse import urlparse
 from orchestrator.storage import sqlite_path
 from trainables.errors import UserError
 
-__all__ = ["StoreError", "StoreLockedError", "LOCK_WAIT_ENV", "check_store", "open_client", "lock_wait_s", "store_cause"]
+__all__ = ["StoreError", "StoreLockedError", "LOCK_WAIT_ENV", "check_store", "open_client", "lock_wait_s",
+           "store_cause", "RetryingClient"]
 
 LOCK_WAIT_ENV = "FAIRSWEEP_STORE_LOCK_WAIT_S"
 DEFAULT_LOCK_WAIT_S = 120.0

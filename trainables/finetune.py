@@ -26,7 +26,7 @@ from trainables.errors import FairsweepError
 from trainables.trial import TrialConfig, Weights
 
 __all__ = ["TrialContext", "finetune_trial", "train_and_evaluate", "PREDICTIONS_FILE", "PER_GROUP_FILE", "STATE_FILE",
-           "INNER_SEARCH_FILE", "VAL_PREDICTIONS_FILE", "HEADLINE_METRICS"]
+           "INNER_SEARCH_FILE", "VAL_PREDICTIONS_FILE", "HEADLINE_METRICS", "PretrainingFailedError"]
 
 PREDICTIONS_FILE, PER_GROUP_FILE, STATE_FILE = "predictions.csv.gz", "per_group.csv", "state.pt"
 INNER_SEARCH_FILE = "inner_search.csv"  # the inner search's candidates and their validation losses

@@ -47,7 +47,7 @@ from torch import nn
 
 from trainables.backbones import BACKBONES, BackboneError
 
-__all__ = ["CNN1d", "Transformer1d"]
+__all__ = ["CNN1d", "Transformer1d", "cnn1d_paperb", "cnn1d_tiny", "transformer1d_tiny"]
 
 
 def _sequence_shape(name: str, in_chans: int, input_shape: tuple[int, ...]) -> int:
