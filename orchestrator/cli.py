@@ -323,22 +323,18 @@ def _cmd_report(args: argparse.Namespace) -> int:
 def _cmd_cka(args: argparse.Namespace) -> int:
     from pathlib import Path
 
-    from orchestrator.launch import resolve_tracking_uri
     from orchestrator.query_cli import env_experiment
     from orchestrator.similarity import compare_representations, parse_selector
+    from orchestrator.storage import resolve_tracking_uri
     from orchestrator.store import open_client
-    from trainables.errors import UserError
 
     _fail_fast_http()
     os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")  # a bar per model would bury the summary
-    try:
-        a, b = parse_selector(args.a, "--a"), parse_selector(args.b, "--b")
-        client = open_client(resolve_tracking_uri(args.tracking_uri))
-        cka = compare_representations(client, args.sweep, a, b, Path(args.out), attribute=args.by,
-                                      experiment=args.experiment or env_experiment(), max_examples=args.max_examples,
-                                      debiased=args.estimator == "debiased")
-    except UserError as exc:
-        return _fail(str(exc))
+    a, b = parse_selector(args.a, "--a"), parse_selector(args.b, "--b")
+    client = open_client(resolve_tracking_uri(args.tracking_uri))
+    cka = compare_representations(client, args.sweep, a, b, Path(args.out), attribute=args.by,
+                                  experiment=args.experiment or env_experiment(), max_examples=args.max_examples,
+                                  debiased=args.estimator == "debiased")
     attr = cka.table["attribute"].iat[0]
     print(f"sweep {args.sweep!r}: {cka.n_pairs} pairs of trials ({' '.join(args.a)} vs {' '.join(args.b)})"
           + (f"; {cka.unmatched} without a partner" if cka.unmatched else ""))
