@@ -181,7 +181,7 @@ def build_plan(spec: SweepSpec, *, base_dir: str | None = None) -> Plan:
             file_weights[name] = str(ckpt)
             continue
         try:
-            paradigm = paradigms.PARADIGMS.get(name)
+            paradigm = paradigms.lookup(name)  # a registered name, or NAME.VARIANT
         except UnknownNameError as exc:
             raise _as_spec_error(path, name, f"{exc} (or 'file:PATH' for a local checkpoint)") from None
         options = spec.pretraining.paradigms.get(name, {})
@@ -214,8 +214,8 @@ def build_plan(spec: SweepSpec, *, base_dir: str | None = None) -> Plan:
             try:
                 if p in file_weights:
                     paradigms.check_weights_fit(file_weights[p], name, dataset.input_shape)
-                elif p in paradigms.PARADIGMS:
-                    paradigms.PARADIGMS.get(p).check_backbone(name, dataset)
+                else:
+                    paradigms.lookup(p).check_backbone(name, dataset)
             except UserError as exc:
                 raise _as_spec_error(f"axes.paradigm[{j}]", p, f"{exc} (backbone {name!r})") from None
 
@@ -226,10 +226,10 @@ def build_plan(spec: SweepSpec, *, base_dir: str | None = None) -> Plan:
     weights: dict[tuple[str, str], Weights] = {}
     for b in spec.axes.backbone:
         for p in spec.axes.paradigm:
-            if p in files or not paradigms.PARADIGMS.get(p).pretrains:
+            if p in files or not paradigms.lookup(p).pretrains:
                 weights[(b, p)] = files.get(p, Weights())  # a file: checkpoint, or the seed's random initialisation
                 continue
-            paradigm = paradigms.PARADIGMS.get(p)
+            paradigm = paradigms.lookup(p)
             hparams = PretrainHParams(pt.epochs, pt.batch_size, pt.lr, pt.weight_decay, pt.momentum, pt.seed,
                                       paradigm.resolve_options(pt.paradigms.get(p, {})),  # defaults filled: in the key
                                       # folder images: the model's own mean/std/crop

@@ -39,8 +39,39 @@ def test_shortcut_rows_realise_the_share_with_balanced_labels(paradigm, attribut
 def test_a_source_split_without_the_needed_cells_is_refused_naming_the_option():
     meta = build_dataset("synthetic_images", {**SOURCE, "source_correlation": 1.0}).meta("source")
     entry = PARADIGMS.get("biased")
-    with pytest.raises(ParadigmError, match=r"pretraining\.paradigms\.biased\.shortcut_correlation: got 0\.0"):
+    with pytest.raises(ParadigmError, match=r"shortcut_correlation 0\.0: no subset"):
         entry.rows(meta, entry.resolve_options({"shortcut_correlation": 0.0}), 0)
+
+
+def test_variants_give_one_sweep_several_bases_of_a_paradigm(tmp_path):
+    """NAME.VARIANT is the registered paradigm NAME under a name of its own: its own options, job and key."""
+    from orchestrator.plan import build_plan
+    from orchestrator.spec import SpecError, parse_spec
+    from tests.helpers import tiny_spec
+
+    spec = tiny_spec(**{"axes.paradigm": ["biased", "biased.shortcut", "control", "control.shortcut"],
+                        "pretraining.paradigms": {"biased.shortcut": {"shortcut_correlation": 0.9},
+                                                  "control.shortcut": {"shortcut_correlation": 0.9}}})
+    plan = build_plan(parse_spec(spec))
+    jobs = {j.paradigm: j for j in plan.pretrain_jobs}
+    assert sorted(jobs) == ["biased", "biased.shortcut", "control", "control.shortcut"]
+    assert len({j.key for j in jobs.values()}) == 4
+    assert jobs["biased"].hparams.options["shortcut_correlation"] is None
+    assert jobs["biased.shortcut"].hparams.options == {"label_smoothing": 0.0, "shortcut_correlation": 0.9}
+    assert {t.point.paradigm for t in plan.trials} == set(jobs)
+    assert all(t.config.weights.key == jobs[t.point.paradigm].key for t in plan.trials)
+
+    def error(**overrides) -> SpecError:
+        with pytest.raises(SpecError) as info:
+            build_plan(parse_spec(tiny_spec(**overrides)))
+        return info.value
+
+    err = error(**{"axes.paradigm": ["control", "control.hat"], "pretraining.paradigms": {"control.hat": {"label": "hat"}}})
+    assert err.path == "axes.paradigm[1]" and "'hat'" in str(err) and "stripes" in str(err)
+    err = error(**{"axes.paradigm": ["biased.x"], "pretraining.paradigms": {"biased.x": {"shortcut": 0.9}}})
+    assert err.path.startswith("pretraining.paradigms.biased.x") and "shortcut_correlation" in str(err)
+    err = error(**{"axes.paradigm": ["nonesuch.x"]})
+    assert err.path == "axes.paradigm[0]" and "nonesuch.x" in str(err)
 
 
 def test_the_trainer_fits_the_shortcut_rows_only(monkeypatch, tmp_path):
@@ -56,7 +87,7 @@ def test_the_trainer_fits_the_shortcut_rows_only(monkeypatch, tmp_path):
 
     monkeypatch.setattr(loop, "train_epoch", spy)
     data = {**SOURCE, "n_source": 80}
-    job = {"key": "shortcut-spy", "backbone": "test_convnext", "paradigm": "biased", "dataset": "synthetic_images",
+    job = {"key": "shortcut-spy", "backbone": "test_convnext", "paradigm": "biased.spy", "dataset": "synthetic_images",
            "dataset_options": data, "hparams": {"epochs": 1, "batch_size": 32, "lr": 0.05, "weight_decay": 0.0,
                                                 "momentum": 0.9, "seed": 3, "options": {"shortcut_correlation": 0.75}}}
     run_pretrain_job(job, str(tmp_path))
@@ -65,3 +96,4 @@ def test_the_trainer_fits_the_shortcut_rows_only(monkeypatch, tmp_path):
     rows = entry.rows(meta, entry.resolve_options({"shortcut_correlation": 0.75}), 3)
     assert seen["n"] == len(rows) < len(meta)
     assert np.array_equal(seen["y"], meta.labels[rows])
+

@@ -25,7 +25,7 @@ from trainables.timm_weights import content_id, timm_model_from_cache, timm_weig
 if TYPE_CHECKING:  # torch is imported lazily so that plan-time imports stay cheap
     from torch import nn
 
-__all__ = ["Paradigm", "ParadigmError", "PARADIGMS", "TrainContext", "check_weights_fit", "describe_paradigms"]
+__all__ = ["Paradigm", "ParadigmError", "PARADIGMS", "TrainContext", "check_weights_fit", "describe_paradigms", "lookup"]
 
 
 # ----------------------------------------------------------------------------- options
@@ -154,6 +154,18 @@ PARADIGMS: Registry[Paradigm] = Registry("paradigm", _paradigm)
 """
 
 
+def lookup(name: str) -> Paradigm:
+    """The paradigm an axis value names: a registered name, or ``NAME.VARIANT``, the registered paradigm NAME
+    as a base of its own (its options under ``pretraining.paradigms.NAME.VARIANT``), so one sweep holds
+    several bases of one paradigm, e.g. paper A's control bases ``control.hat`` and ``control.bangs``. An
+    unknown name raises the registry's UnknownNameError."""
+    if name in PARADIGMS or "." not in name or name.split(".", 1)[0] not in PARADIGMS:
+        return PARADIGMS.get(name)
+    from dataclasses import replace
+
+    return replace(PARADIGMS.get(name.split(".", 1)[0]), name=name)
+
+
 def describe_paradigms() -> str:
     """Every paradigm with its options: the text a user reads to write ``pretraining.paradigms``."""
     return "\n".join(PARADIGMS.get(n).describe() for n in PARADIGMS.names()) + \
@@ -169,8 +181,8 @@ def _mae_constraint(options: Mapping[str, Any]) -> None:
 def _control_attribute(meta: Any, options: Mapping[str, Any]) -> np.ndarray:
     name = options["label"]
     if name not in meta.extra_labels:
-        raise ParadigmError(f"pretraining.paradigms.control.label {name!r}: the dataset's source split has no such "
-                            f"label (has: {', '.join(sorted(meta.extra_labels)) or 'none'})")
+        raise ParadigmError(f"label {name!r}: the dataset's source split has no such extra label (has: "
+                            f"{', '.join(sorted(meta.extra_labels)) or 'none'})")
     return meta.extra_labels[name]
 
 
@@ -189,7 +201,7 @@ def _attribute_or_target(attribute: Callable[[Any, Mapping[str, Any]], np.ndarra
     return labels
 
 
-def _shortcut_rows(paradigm: str, attribute: Callable[[Any, Mapping[str, Any]], np.ndarray]) -> Callable[..., Any]:
+def _shortcut_rows(attribute: Callable[[Any, Mapping[str, Any]], np.ndarray]) -> Callable[..., Any]:
     """The source rows of a shortcut base: the largest subset in which the attribute equals the target in a
     share ``shortcut_correlation`` of the examples, labels balanced (the correlation intervention's
     composition, drawn with the pretraining seed); None (every row) when the option is unset."""
@@ -199,7 +211,6 @@ def _shortcut_rows(paradigm: str, attribute: Callable[[Any, Mapping[str, Any]], 
         share = options["shortcut_correlation"]
         if share is None:
             return None
-        where = f"pretraining.paradigms.{paradigm}.shortcut_correlation"
         values = attribute(meta, options)
         try:
             size = interventions.largest_feasible_size("correlation", meta.labels, values, share)
@@ -207,8 +218,8 @@ def _shortcut_rows(paradigm: str, attribute: Callable[[Any, Mapping[str, Any]], 
                 raise interventions.InterventionError("no subset of the source split realises it")
             return interventions.apply_intervention("correlation", meta.labels, values, share, size, seed).indices
         except interventions.InterventionError as exc:
-            raise ParadigmError(f"{where}: got {share}; {exc} (the target and the attribute must be binary, and "
-                                f"every (target, attribute) cell the share needs must have examples)") from None
+            raise ParadigmError(f"shortcut_correlation {share}: {exc} (the target and the attribute must be binary, "
+                                "and every (target, attribute) cell the share needs must have examples)") from None
 
     return rows
 
@@ -320,14 +331,14 @@ PARADIGMS.register(
         "source_correlation 0.5 the group carries no information about the label, so the model has no reason to "
         "encode it.")(_train_supervised)
 PARADIGMS.register(
-    "biased", labels=_attribute_or_target(_group_attribute), rows=_shortcut_rows("biased", _group_attribute),
+    "biased", labels=_attribute_or_target(_group_attribute), rows=_shortcut_rows(_group_attribute),
     options={**_SUPERVISED_OPTS, "shortcut_correlation": _shortcut_option("the sensitive attribute")},
     doc="Cross-entropy on the source split's sensitive attribute, so the representation encodes the group as a "
         "shortcut: paper A's controlled 'biased pretrained model' (its gendered base). With shortcut_correlation it "
         "predicts the target where the group is a shortcut instead, so it encodes the target as well as the "
         "group.")(_train_supervised)
 PARADIGMS.register(
-    "control", labels=_attribute_or_target(_control_attribute), rows=_shortcut_rows("control", _control_attribute),
+    "control", labels=_attribute_or_target(_control_attribute), rows=_shortcut_rows(_control_attribute),
     options={**_SUPERVISED_OPTS, "label": Option("stripes", doc="which extra source label to predict"),
              "shortcut_correlation": _shortcut_option("the label")},
     doc="Cross-entropy on an attribute unrelated to both target and group (paper A's control bases); the attribute "

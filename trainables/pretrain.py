@@ -9,7 +9,7 @@ from dataclasses import dataclass, field
 from types import MappingProxyType
 from typing import Any, Mapping
 
-from trainables.paradigms import PARADIGMS, TrainContext
+from trainables.paradigms import TrainContext, lookup
 from trainables.pretrain_cache import PretrainCache
 from trainables.trial import PretrainJob
 
@@ -83,7 +83,7 @@ def run_pretrain_job(job: Mapping[str, Any], cache_root: str, cpus: float = 1.0,
         device = loop.select_device()
         started = time.time()
         hp = job.hparams.to_dict()
-        paradigm = PARADIGMS.get(job.paradigm)
+        paradigm = lookup(job.paradigm)
         options = paradigm.resolve_options(job.hparams.options)
         dataset = model_view(build_dataset(job.dataset, job.dataset_options), job.backbone)
         dataset = dataset.with_input_cache(input_cache)
