@@ -8,7 +8,7 @@ from typing import Any
 
 import pandas as pd
 
-__all__ = ["pareto_figure", "axis_figure", "group_bars_figure"]
+__all__ = ["pareto_figure", "axis_figure", "group_bars_figure", "magnitude_figure", "inheritance_figure"]
 
 
 def pareto_figure(table: pd.DataFrame, performance: str, fairness: str, *, title: str = "") -> Any:
@@ -80,4 +80,93 @@ def group_bars_figure(per_group: pd.DataFrame, *, title: str = "") -> Any:
     ax.grid(alpha=0.3, axis="y")
     ax.legend(fontsize=7)
     fig.tight_layout()
+    return fig
+
+
+def _panels(n_rows: int, n_cols: int, *, width: float = 4.2, height: float = 3.2) -> tuple[Any, Any]:
+    """A figure with a grid of panels, always indexable as ``axes[row][col]``."""
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(width * n_cols, height * n_rows), dpi=100, layout="constrained")
+    return fig, fig.subplots(n_rows, n_cols, squeeze=False, sharey=True)
+
+
+def _yerr(part: pd.DataFrame, metric: str) -> Any:
+    low = (part[metric] - part[f"{metric}_ci_low"]).fillna(0).clip(lower=0)
+    high = (part[f"{metric}_ci_high"] - part[metric]).fillna(0).clip(lower=0)
+    return [low.to_numpy(), high.to_numpy()]
+
+
+def _sorted_levels(values: pd.Series) -> list:
+    from trainables.trial import Freeze
+
+    levels = list(values.dropna().unique())
+    try:
+        return sorted(levels, key=lambda v: Freeze.from_label(str(v)).sort_key())
+    except ValueError:
+        return sorted(levels, key=str)
+
+
+def magnitude_figure(configs: pd.DataFrame, metric: str, *, axis: str = "intervention.magnitude",
+                     title: str = "") -> Any:
+    """``metric`` against ``axis``, a line per paradigm with its 95 % interval over seeds as error bars; a
+    panel per freezing depth (rows) and finetuning size (columns). ``configs`` is ``query.aggregate_seeds``."""
+    depths = _sorted_levels(configs["freeze_depth"]) if "freeze_depth" in configs else [None]
+    sizes = sorted(configs["finetune.size"].dropna().unique()) if "finetune.size" in configs else [None]
+    fig, axes = _panels(len(depths), len(sizes))
+    for r, depth in enumerate(depths):
+        for c, size in enumerate(sizes):
+            ax = axes[r][c]
+            part = configs
+            if depth is not None:
+                part = part[part["freeze_depth"] == depth]
+            if size is not None:
+                part = part[part["finetune.size"] == size]
+            for paradigm, line in part.groupby("paradigm", sort=True):
+                line = line.sort_values(axis)
+                ax.errorbar(line[axis], line[metric], yerr=_yerr(line, metric), marker="o", ms=4, capsize=2,
+                            elinewidth=0.8, label=str(paradigm))
+            ax.set_title(", ".join(t for t in (f"freeze {depth}" if depth is not None else "",
+                                                f"finetuning size {size:g}" if size is not None else "") if t),
+                         fontsize=9)
+            ax.set_xlabel(axis)
+            ax.grid(alpha=0.3)
+        axes[r][0].set_ylabel(metric)
+    axes[0][0].legend(fontsize=8)
+    fig.suptitle(title or f"{metric} vs {axis} per pretrained base (mean over seeds, 95 % interval)")
+    return fig
+
+
+def inheritance_figure(table: pd.DataFrame, *, metric: str = "", title: str = "") -> Any:
+    """Paper A's size moderator: inheritance (biased base − control base, paired by seed; ``query.inheritance``)
+    against the finetuning size, a line per intervention magnitude with 95 % error bars; a panel per
+    freezing depth (rows) and control base (columns)."""
+    from matplotlib import colormaps
+
+    depths = _sorted_levels(table["freeze_depth"]) if "freeze_depth" in table else [None]
+    controls = sorted(table["control"].unique())
+    fig, axes = _panels(len(depths), len(controls))
+    magnitudes = sorted(table["intervention.magnitude"].dropna().unique()) if "intervention.magnitude" in table else [None]
+    colours = colormaps["viridis"]
+    for r, depth in enumerate(depths):
+        for c, control in enumerate(controls):
+            ax = axes[r][c]
+            part = table[table["control"] == control]
+            if depth is not None:
+                part = part[part["freeze_depth"] == depth]
+            for i, magnitude in enumerate(magnitudes):
+                line = part if magnitude is None else part[part["intervention.magnitude"] == magnitude]
+                line = line.sort_values("finetune.size")
+                ax.errorbar(line["finetune.size"], line["inheritance"], yerr=_yerr(line, "inheritance"), marker="o",
+                            ms=4, capsize=2, elinewidth=0.8, color=colours(i / max(1, len(magnitudes) - 1)),
+                            label="" if magnitude is None else f"magnitude {magnitude:g}")
+            ax.axhline(0.0, color="black", lw=0.8)
+            ax.set_xscale("log", base=2)
+            ax.set_title(f"biased − {control}" + (f", freeze {depth}" if depth is not None else ""), fontsize=9)
+            ax.set_xlabel("finetuning size")
+            ax.grid(alpha=0.3)
+        axes[r][0].set_ylabel(f"inheritance ({metric})" if metric else "inheritance")
+    if magnitudes != [None]:
+        axes[0][-1].legend(fontsize=7)
+    fig.suptitle(title or "inheritance of the biased base's unfairness vs finetuning size (paired by seed, 95 % interval)")
     return fig

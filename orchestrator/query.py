@@ -24,7 +24,7 @@ from trainables.errors import UserError
 
 __all__ = ["AXIS_PARAMS", "SPLITS", "SweepNotFoundError", "load_trials", "aggregate_seeds", "front_table", "list_sweeps",
            "parent_run", "sweep_objectives", "sweep_trials", "split_metric", "t_interval", "pareto",
-           "best", "compare", "paired_tests", "holm", "relative_change", "QueryError"]
+           "best", "compare", "paired_tests", "holm", "relative_change", "QueryError", "inheritance", "fairest_level"]
 
 AXIS_PARAMS = ("backbone", "paradigm", "intervention.kind", "intervention.magnitude", "freeze_depth", "finetune.size")
 _NUMERIC_AXES = ("intervention.magnitude", "finetune.size")
@@ -54,7 +54,7 @@ def _is_signed(metric: str) -> bool:
 
 def _objective_values(rows: pd.DataFrame, metrics: Sequence[str]) -> np.ndarray:
     """The columns as the objectives compare them: signed metrics by their distance from parity."""
-    values = rows[list(metrics)].to_numpy(float)
+    values = rows[list(metrics)].to_numpy(float, copy=True)  # a view may be read-only (copy-on-write)
     for j, m in enumerate(metrics):
         if _is_signed(m):
             values[:, j] = np.abs(values[:, j])
@@ -510,3 +510,82 @@ def _is_number(value: Any) -> bool:
     except (TypeError, ValueError):
         return False
     return True
+
+
+# -- paper A's questions -------------------------------------------------------------------------
+# Whether a biased base passes its bias on (inheritance: its unfairness minus a control base's, trials
+# paired on every other axis and the seed) and which finetuning correlation is fairest at what cost.
+
+PAPER_A_CELLS = ("freeze_depth", "finetune.size", "intervention.magnitude")
+
+
+def _interval_columns(values: np.ndarray, name: str) -> dict[str, float]:
+    low, high = t_interval(values)
+    finite = values[np.isfinite(values)]
+    return {name: float(finite.mean()) if len(finite) else math.nan, f"{name}_ci_low": low, f"{name}_ci_high": high}
+
+
+def inheritance(trials: pd.DataFrame, metric: str, *, biased: str = "biased", controls: Sequence[str] | None = None,
+                cells: Sequence[str] = PAPER_A_CELLS) -> pd.DataFrame:
+    """Paper A's inheritance per cell of ``cells`` and per control base: the biased base's ``metric`` minus the
+    control's (signed metrics by |value|), trials paired on every other axis and the seed.
+
+    Columns: ``control``, the cell axes, ``n_pairs``, ``biased`` and ``control_value`` (means over seeds)
+    and ``inheritance`` (mean paired difference), each with its 95 % Student-t interval (``_ci_low`` /
+    ``_ci_high``). ``controls`` defaults to every paradigm but the biased base and ``scratch``.
+    """
+    _check_metrics(trials, metric)
+    if "paradigm" not in trials or biased not in set(trials["paradigm"]):
+        raise QueryError(f"no trial has paradigm {biased!r}; paradigms: "
+                         f"{', '.join(sorted(map(str, trials.get('paradigm', pd.Series()).dropna().unique()))) or 'none'}")
+    present = sorted(set(trials["paradigm"].dropna()) - {biased, "scratch"})
+    controls = list(controls) if controls is not None else present
+    unknown = [c for c in controls if c not in set(trials["paradigm"])]
+    if unknown:
+        raise QueryError(f"control base(s) {unknown} have no trials; paradigms: {', '.join(sorted(set(trials['paradigm'])))}")
+    cells = [c for c in cells if c in trials]
+    others = [c for c in (*AXIS_PARAMS, "seed") if c in trials and c not in ("paradigm", *cells)]
+    values = trials.assign(_v=_objective_values(trials, [metric])[:, 0])
+    values = values[values["_v"].notna()]
+    keys = [*cells, *others]
+    # one value per matched cell (a cell run twice, e.g. by a search at two rates, is averaged)
+    side = {p: values[values["paradigm"] == p].groupby(keys, dropna=False, as_index=False)["_v"].mean()
+            for p in (biased, *controls)}
+    out = []
+    for control in controls:
+        pairs = side[biased].merge(side[control], on=keys, suffixes=("_b", "_c"))
+        for cell, part in (pairs.groupby(cells, sort=True, dropna=False) if cells else [((), pairs)]):
+            cell = cell if isinstance(cell, tuple) else (cell,)
+            b, c = part["_v_b"].to_numpy(float), part["_v_c"].to_numpy(float)
+            out.append({"control": control, **dict(zip(cells, cell)), "n_pairs": len(part),
+                        **_interval_columns(b, "biased"), **_interval_columns(c, "control_value"),
+                        **_interval_columns(b - c, "inheritance")})
+    columns = ["control", *cells, "n_pairs", *(f"{n}{s}" for n in ("biased", "control_value", "inheritance")
+                                               for s in ("", "_ci_low", "_ci_high"))]
+    return pd.DataFrame(out, columns=columns)
+
+
+def fairest_level(trials: pd.DataFrame, perf: str, fair: str, *, axis: str = "intervention.magnitude") -> pd.DataFrame:
+    """Per configuration of every axis but ``axis`` (seeds averaged): the level of ``axis`` with the least
+    mean unfairness, its ``fair`` and ``perf`` with 95 % t-intervals, the best mean ``perf`` over the levels
+    and ``perf_cost`` = best − perf at the fairest level (negative: the fairest level is also the most
+    accurate). Paper A's "correcting the finetuning data at little cost", per base."""
+    _check_metrics(trials, perf, fair)
+    if axis not in trials:
+        raise QueryError(f"no column {axis!r}; axes: {', '.join(c for c in AXIS_PARAMS if c in trials)}")
+    configs = aggregate_seeds(trials, [perf, fair])
+    configs = configs.assign(_u=_objective_values(configs, [fair])[:, 0])
+    group_by = [c for c in AXIS_PARAMS if c in configs and c != axis]
+    perf_best = "max" if _direction(perf) == "max" else "min"
+    out = []
+    for key, part in configs.groupby(group_by, sort=True, dropna=False):
+        part = part[part["_u"].notna()]
+        if part.empty:
+            continue
+        pick = part.loc[part["_u"].idxmin()]
+        best = float(part[perf].agg(perf_best))
+        cost = best - float(pick[perf]) if perf_best == "max" else float(pick[perf]) - best
+        out.append({**dict(zip(group_by, key if isinstance(key, tuple) else (key,))), f"fairest_{axis}": pick[axis],
+                    **{f"{m}{s}": pick[f"{m}{s}"] for m in (fair, perf) for s in ("", "_ci_low", "_ci_high")},
+                    f"best_{perf}": best, "perf_cost": cost, "n_seeds": int(pick["n_seeds"])})
+    return pd.DataFrame(out)

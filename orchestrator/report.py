@@ -82,6 +82,7 @@ def write_report(client: Any, sweep: str, out: Path, *, experiment: str | None =
     save(figures.axis_figure(by_depth, "freeze_depth", perf, fair), "vs_freeze_depth.png")
     if "finetune.size" in trials and trials["finetune.size"].nunique() > 1:  # axes.finetune_size
         save(figures.axis_figure(trials, "finetune.size", perf, fair), "vs_finetune_size.png")
+    paper_a = _paper_a(trials, perf, fair, out, save, files)
     with tempfile.TemporaryDirectory() as tmp:
         groups = _per_group_tables(client, front, Path(tmp))
     if not groups.empty:
@@ -95,10 +96,51 @@ def write_report(client: Any, sweep: str, out: Path, *, experiment: str | None =
         skipped = ""
     files.append(_write_summary(out / "summary.md", sweep, experiment, trials, table, perf, fair, best, max_drop, select_on,
                                 skipped))
+    if paper_a:
+        with open(out / "summary.md", "a") as fh:
+            fh.write("\n".join(paper_a) + "\n")
     if log_to_mlflow:
         for f in files:
             client.log_artifact(parent.info.run_id, str(f), artifact_path="report")
     return Report(tuple(files), parent.info.run_id, len(trials), len(front))
+
+
+def _paper_a(trials: pd.DataFrame, perf: str, fair: str, out: Path, save: Any, files: list[Path]) -> list[str]:
+    """Paper A's views of a sweep: ``fair`` and ``perf`` against the intervention magnitude per base (a panel
+    per freezing depth and finetuning size), the fairest magnitude per base and its cost
+    (``fairest_magnitude.csv``), and, when the sweep has a ``biased`` base and another pretrained one, the
+    inheritance table (``inheritance.csv``) and figure. Returns the summary's Markdown lines for them."""
+    from orchestrator import figures
+
+    if trials["intervention.magnitude"].nunique() < 2:
+        return []
+    configs = query.aggregate_seeds(trials, [perf, fair])
+    save(figures.magnitude_figure(configs, fair), "unfairness_vs_magnitude.png")
+    save(figures.magnitude_figure(configs, perf), "performance_vs_magnitude.png")
+    fairest = query.fairest_level(trials, perf, fair)
+    fairest.to_csv(out / "fairest_magnitude.csv", index=False)
+    files.append(out / "fairest_magnitude.csv")
+    lines = ["## Unfairness against the intervention magnitude (paper A)", "",
+             "`unfairness_vs_magnitude.png`, `performance_vs_magnitude.png`: means over seeds with 95 % intervals. The "
+             f"fairest magnitude per base, its {fair} and {perf}, and the {perf} it costs against the best magnitude "
+             "(`fairest_magnitude.csv`):", "", _markdown_table(fairest.drop(columns=[c for c in fairest if c.endswith("_ci_low")
+                                                                                  or c.endswith("_ci_high")])), ""]
+    controls = sorted(set(trials["paradigm"]) - {"biased", "scratch"})
+    if "biased" in set(trials["paradigm"]) and controls:
+        table = query.inheritance(trials, fair)
+        table.to_csv(out / "inheritance.csv", index=False)
+        files.append(out / "inheritance.csv")
+        if "finetune.size" in table and table["finetune.size"].nunique() > 1:
+            save(figures.inheritance_figure(table, metric=fair), "inheritance_vs_size.png")
+        lines += ["## Inheritance of the biased base's unfairness (paper A)", "",
+                  f"{fair} of the `biased` base minus that of each control base ({', '.join(controls)}), trials paired "
+                  "on every other axis and the seed; 95 % t-intervals in `inheritance.csv`"
+                  + (", and against the finetuning size in `inheritance_vs_size.png`" if "finetune.size" in table
+                     and table["finetune.size"].nunique() > 1 else "") + ".", ""]
+        shown = table[[c for c in table if not c.endswith("_ci_low") and not c.endswith("_ci_high")]].copy()
+        shown["inheritance 95% CI"] = [_interval(r, "inheritance") for _, r in table.iterrows()]
+        lines += [_markdown_table(shown), ""]
+    return lines
 
 
 def _markdown_table(frame: pd.DataFrame) -> str:

@@ -97,3 +97,81 @@ def test_the_trainer_fits_the_shortcut_rows_only(monkeypatch, tmp_path):
     assert seen["n"] == len(rows) < len(meta)
     assert np.array_equal(seen["y"], meta.labels[rows])
 
+
+# ------------------------------------------------------------------------------- paper A's queries
+
+
+def _trials(effects: dict[str, float], seeds: int = 5) -> "pd.DataFrame":
+    """A hand-made trials frame: unfairness = the base's effect + magnitude/10 + seed noise, so every
+    number a query returns can be computed by hand."""
+    import pandas as pd
+
+    rows = []
+    for paradigm, effect in effects.items():
+        for size in (128, 1024):
+            for magnitude in (0.5, 0.8):
+                for seed in range(seeds):
+                    noise = 0.01 * ((seed * 7 + len(paradigm)) % 5 - 2)
+                    unfair = effect * (2.0 if size == 128 else 1.0) + magnitude / 10 + noise
+                    rows.append({"run_id": f"{paradigm}{size}{magnitude}{seed}", "config_key": f"{paradigm}{size}{magnitude}",
+                                 "backbone": "b", "paradigm": paradigm, "intervention.kind": "correlation",
+                                 "intervention.magnitude": magnitude, "freeze_depth": "linear", "finetune.size": size,
+                                 "seed": str(seed), "accuracy": 0.9 - magnitude / 5 + noise,
+                                 "equalized_odds_difference": unfair, "tpr_difference": -unfair})
+    return pd.DataFrame(rows)
+
+
+def test_inheritance_pairs_by_seed_and_gives_intervals():
+    from orchestrator import query
+
+    trials = _trials({"biased": 0.3, "control": 0.05, "supervised": 0.0, "scratch": 0.2})
+    table = query.inheritance(trials, "equalized_odds_difference")
+    assert sorted(table["control"].unique()) == ["control", "supervised"]  # scratch is not a control base
+    assert len(table) == 2 * 2 * 2 and (table["n_pairs"] == 5).all()
+    row = table[(table["control"] == "control") & (table["finetune.size"] == 128)
+                & (table["intervention.magnitude"] == 0.8)].iloc[0]
+    b = trials[(trials["paradigm"] == "biased") & (trials["finetune.size"] == 128) & (trials["intervention.magnitude"] == 0.8)]
+    c = trials[(trials["paradigm"] == "control") & (trials["finetune.size"] == 128) & (trials["intervention.magnitude"] == 0.8)]
+    diff = b.sort_values("seed")["equalized_odds_difference"].to_numpy() - c.sort_values("seed")["equalized_odds_difference"].to_numpy()
+    assert row["inheritance"] == pytest.approx(diff.mean()) == pytest.approx(0.5, abs=0.02)
+    assert (row["inheritance_ci_low"], row["inheritance_ci_high"]) == pytest.approx(query.t_interval(diff))
+    assert row["biased"] == pytest.approx(b["equalized_odds_difference"].mean())
+    # signed metrics count by distance from parity, as the objectives do
+    signed = query.inheritance(trials, "tpr_difference", controls=["control"])
+    assert signed["inheritance"].to_numpy() == pytest.approx(
+        table[table["control"] == "control"]["inheritance"].to_numpy())
+    with pytest.raises(query.QueryError, match="no trial has paradigm 'gendered'"):
+        query.inheritance(trials, "equalized_odds_difference", biased="gendered")
+    with pytest.raises(query.QueryError, match=r"\['hats'\] have no trials"):
+        query.inheritance(trials, "equalized_odds_difference", controls=["hats"])
+
+
+def test_fairest_level_names_the_magnitude_and_its_cost():
+    from orchestrator import query
+
+    trials = _trials({"biased": 0.3, "control": 0.05})
+    table = query.fairest_level(trials, "accuracy", "equalized_odds_difference")
+    assert len(table) == 4 and (table["fairest_intervention.magnitude"] == 0.5).all()
+    assert (table["perf_cost"] == 0).all()  # here the fairest magnitude is also the most accurate
+    row = table[(table["paradigm"] == "biased") & (table["finetune.size"] == 128)].iloc[0]
+    cell = trials[(trials["paradigm"] == "biased") & (trials["finetune.size"] == 128) & (trials["intervention.magnitude"] == 0.5)]
+    assert row["equalized_odds_difference"] == pytest.approx(cell["equalized_odds_difference"].mean())
+    assert row["accuracy_ci_low"] < row["accuracy"] < row["accuracy_ci_high"]
+    costly = trials.assign(accuracy=trials["accuracy"] + trials["intervention.magnitude"] / 2.5)  # now 0.8 is best
+    assert query.fairest_level(costly, "accuracy", "equalized_odds_difference")["perf_cost"].to_numpy() == \
+        pytest.approx([0.06] * 4)
+
+
+def test_paper_a_figures_draw_every_panel(tmp_path):
+    from orchestrator import figures, query
+
+    trials = _trials({"biased": 0.3, "control": 0.05, "supervised": 0.0})
+    fig = figures.magnitude_figure(query.aggregate_seeds(trials, ["equalized_odds_difference"]),
+                                   "equalized_odds_difference")
+    assert len(fig.axes) == 2 and all(len(ax.lines) >= 3 for ax in fig.axes)
+    fig.savefig(tmp_path / "m.png")
+    fig = figures.inheritance_figure(query.inheritance(trials, "equalized_odds_difference"),
+                                     metric="equalized_odds_difference")
+    assert [ax.get_title() for ax in fig.axes] == ["biased − control, freeze linear", "biased − supervised, freeze linear"]
+    fig.savefig(tmp_path / "i.png")
+    assert (tmp_path / "m.png").stat().st_size > 0 and (tmp_path / "i.png").stat().st_size > 0
