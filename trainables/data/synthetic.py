@@ -11,10 +11,7 @@ Image of split s, index i (C=3, S=image_size):
     random column and a random row offset that is the same distribution in both halves;
   * group (primary attribute "group"): the top 3 rows of channel 0 (red, group 0) or 1 (green,
     group 1) raised by group_strength;
-  * stripes (extra label "stripes", unrelated to both): vertical stripes of period 4 on all channels;
-  * bars and tint (extra labels "bars" and "tint", only when bars_strength / tint_strength > 0): horizontal
-    stripes of period 4 on all channels, and a blue cast over the whole image. With stripes they are
-    paper A's several unrelated control attributes, each balanced within every (label, group) cell.
+  * stripes (extra label "stripes", unrelated to both): vertical stripes of period 4 on all channels.
 
 The source split has P(group == label) = source_correlation; val and test have eval_correlation (0.5,
 balanced, by default; paper A evaluates at a fixed skew, where a model using the group cue gains accuracy
@@ -53,18 +50,11 @@ OPTIONS: Mapping[str, Option] = {
     "target_strength": Option(0.8, float, 0.0),
     "group_strength": Option(1.5, float, 0.0),
     "stripe_strength": Option(0.5, float, 0.0),
-    "bars_strength": Option(0.0, float, 0.0, doc="horizontal stripes; > 0 adds the extra label 'bars' (a further "
-                            "unrelated control attribute)"),
-    "tint_strength": Option(0.0, float, 0.0, doc="blue cast over the image; > 0 adds the extra label 'tint' (a "
-                            "further unrelated control attribute)"),
     "seed": Option(0, int, 0, MAX_SEED, doc="numpy's seed range"),
 }
 
 # Stream tags keep the metadata RNG and the per-example RNGs of a split apart.
-_META_STREAM, _PIXEL_STREAM, _ATTRIBUTE_STREAM = 0, 1, 2
-# The optional control attributes: extra label -> (its strength option, its stream); absent at strength 0,
-# where the pixels, the metadata and the fingerprint are what they were before the attribute existed.
-_OPTIONAL_ATTRIBUTES = {"bars": ("bars_strength", 0), "tint": ("tint_strength", 1)}
+_META_STREAM, _PIXEL_STREAM = 0, 1
 # Balanced cells, in the order that hands a remainder out label-balanced: (label, group).
 _CELL_ORDER = ((1, 1), (0, 0), (0, 1), (1, 0))
 
@@ -98,18 +88,6 @@ def _layout(counts: Mapping[tuple[int, int], int], rng: np.random.Generator) -> 
     return tuple(np.concatenate(a).astype(np.int64)[order] for a in (labels, groups, stripes))
 
 
-def _balanced_within_cells(labels: np.ndarray, groups: np.ndarray, rng: np.random.Generator) -> np.ndarray:
-    """A binary attribute with half of every (label, group) cell set (the odd one at random), so it is
-    independent of both by construction."""
-    out = np.zeros(len(labels), dtype=np.int64)
-    for y in (0, 1):
-        for g in np.unique(groups):
-            members = rng.permutation(np.flatnonzero((labels == y) & (groups == g)))
-            half = len(members) // 2 + (len(members) % 2 and rng.integers(2))
-            out[members[:half]] = 1
-    return out
-
-
 class SyntheticImages(Dataset):
     """Deterministic synthetic images; see the module docstring for the design."""
 
@@ -127,7 +105,6 @@ class SyntheticImages(Dataset):
         self._half = size // 2
         self._max_offset = self._half - BORDER_ROWS - self._square  # >= 1 for size >= 16
         self._stripe_columns = ((np.arange(size) // 2) % 2 == 0).astype(np.float32)
-        self._bar_rows = self._stripe_columns  # the same period, across rows
 
     def _make_meta(self, split: str) -> SplitMeta:
         o = self.options
@@ -140,12 +117,8 @@ class SyntheticImages(Dataset):
         else:
             counts = dict(zip(_CELL_ORDER, _split_counts(n, len(_CELL_ORDER))))
         labels, groups, stripes = _layout(counts, rng)
-        extra = {"stripes": stripes}
-        for name, (option, stream) in _OPTIONAL_ATTRIBUTES.items():
-            if float(o[option]) > 0:
-                extra[name] = _balanced_within_cells(labels, groups, np.random.default_rng(
-                    [int(o["seed"]), SPLITS.index(split), _ATTRIBUTE_STREAM, stream]))
-        return SplitMeta(labels=labels, groups=groups, attributes={"group": groups}, extra_labels=extra)
+        return SplitMeta(labels=labels, groups=groups, attributes={"group": groups},
+                         extra_labels={"stripes": stripes})
 
     def meta(self, split: str) -> SplitMeta:
         return self._meta[check_split(split)]
@@ -182,20 +155,12 @@ class SyntheticImages(Dataset):
         # control: vertical stripes on every channel
         out += (np.float32(o["stripe_strength"]) * stripes.astype(np.float32))[:, None, None, None] \
             * self._stripe_columns[None, None, None, :]
-        if "bars" in meta.extra_labels:  # further controls: horizontal stripes, a blue cast
-            bars = meta.extra_labels["bars"][idx].astype(np.float32)
-            out += (np.float32(o["bars_strength"]) * bars)[:, None, None, None] * self._bar_rows[None, None, :, None]
-        if "tint" in meta.extra_labels:
-            out[:, 2] += (np.float32(o["tint_strength"]) * meta.extra_labels["tint"][idx].astype(np.float32))[:, None, None]
         return out
 
     def fingerprint(self) -> str:
         options = dict(self.options)
         if options.get("eval_correlation") == 0.5:  # the default, balanced: keys from before the option stay valid
             del options["eval_correlation"]
-        for option, _ in _OPTIONAL_ATTRIBUTES.values():  # absent attributes: the data of before, the keys of before
-            if options.get(option) == 0.0:
-                del options[option]
         canonical = json.dumps(options, sort_keys=True, separators=(",", ":"))
         return f"{self.name}/v{GENERATOR_VERSION}:{canonical}"
 
