@@ -7,6 +7,8 @@ never as one noisy comparison.
 """
 from __future__ import annotations
 
+from typing import Any
+
 import numpy as np
 import pytest
 
@@ -101,7 +103,7 @@ def test_the_trainer_fits_the_shortcut_rows_only(monkeypatch, tmp_path):
 # ------------------------------------------------------------------------------- paper A's queries
 
 
-def _trials(effects: dict[str, float], seeds: int = 5) -> "pd.DataFrame":
+def _trials(effects: dict[str, float], seeds: int = 5) -> Any:
     """A hand-made trials frame: unfairness = the base's effect + magnitude/10 + seed noise, so every
     number a query returns can be computed by hand."""
     import pandas as pd
