@@ -177,3 +177,43 @@ def test_paper_a_figures_draw_every_panel(tmp_path):
     assert [ax.get_title() for ax in fig.axes] == ["biased − control, freeze linear", "biased − supervised, freeze linear"]
     fig.savefig(tmp_path / "i.png")
     assert (tmp_path / "m.png").stat().st_size > 0 and (tmp_path / "i.png").stat().st_size > 0
+
+
+# ------------------------------------------------------------------------------- the shipped studies
+
+
+@pytest.mark.parametrize("name, levels", [("paper_a_synthetic.yaml", 6), ("paper_a_synthetic_full.yaml", 11)])
+def test_the_synthetic_studies_hold_paper_a_design(name, levels):
+    """Biased vs at least two control bases vs scratch, correlation levels, two sizes (128 and 1,024), a linear
+    probe and full finetuning, 5 seeds; the trimmed file says in its comments what it trims."""
+    from orchestrator.plan import build_plan
+    from orchestrator.spec import load_spec
+    from tests.helpers import REPO
+
+    path = REPO / "sweeps" / name
+    spec = load_spec(path)
+    assert {"biased", "scratch"} <= set(spec.axes.paradigm) and len(set(spec.axes.paradigm) - {"biased", "scratch"}) >= 2
+    magnitudes = spec.axes.intervention[0].magnitudes
+    assert spec.axes.intervention[0].kind == "correlation" and len(magnitudes) == levels
+    assert 0.5 in magnitudes and max(magnitudes) == 1.0 and any(0.7 <= m <= 0.8 for m in magnitudes)
+    assert {128, 1024} <= set(spec.axes.finetune_size)
+    labels = {f.label() for f in spec.axes.freeze_depth}
+    assert {"linear", "0"} <= labels and len(labels) == 3  # and one partial freeze
+    assert len(spec.axes.seed) == 5
+    assert spec.pretraining.paradigms["biased"]["shortcut_correlation"] == 0.95
+    assert spec.pretraining.paradigms["control"]["shortcut_correlation"] == 0.95
+    if levels < 11:
+        assert "Trimmed against paper A" in path.read_text()
+        assert len(build_plan(spec).trials) == 720
+
+
+def test_the_celeba_study_has_paper_a_control_attributes():
+    from orchestrator.spec import load_spec
+    from tests.helpers import REPO
+
+    spec = load_spec(REPO / "sweeps" / "paper_a_celeba.yaml")
+    controls = {p: spec.pretraining.paradigms[p]["label"] for p in spec.axes.paradigm if p.startswith("control.")}
+    assert sorted(controls.values()) == ["Bangs", "Chubby", "Wearing_Hat"]  # paper A's
+    assert set(controls.values()) <= set(spec.dataset.options["extra_labels"])
+    assert spec.dataset.options["sensitive"] == ["Male"] and "biased" in spec.axes.paradigm
+    assert len(spec.axes.intervention[0].magnitudes) == 11 and set(spec.axes.finetune_size) == {128, 1024}

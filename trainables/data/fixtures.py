@@ -48,11 +48,14 @@ def _partitions(n: int, block: int) -> np.ndarray:
     return np.array([_BLOCK_PARTITIONS[(i // block) % len(_BLOCK_PARTITIONS)] for i in range(n)], dtype=np.int64)
 
 
-def write_celeba(root: Path, n: int = 160, seed: int = 0, kaggle_csv: bool = False) -> dict[str, Any]:
-    """ROOT/img_align_celeba/*.jpg, list_attr_celeba.txt (-1/1), list_eval_partition.txt (0/1/2)."""
+def write_celeba(root: Path, n: int = 160, seed: int = 0, kaggle_csv: bool = False,
+                 attributes: Sequence[str] = CELEBA_ATTRIBUTES) -> dict[str, Any]:
+    """ROOT/img_align_celeba/*.jpg, list_attr_celeba.txt (-1/1), list_eval_partition.txt (0/1/2). The pictures
+    carry the first two ``attributes`` (label, group); every split holds every combination when n is at least
+    5 * 2 ** len(attributes)."""
     root = Path(root)
     rng = np.random.default_rng(seed)
-    k = len(CELEBA_ATTRIBUTES)
+    k = len(attributes)
     codes = _combos(n, [2] * k)
     names = [f"{i + 1:06d}.jpg" for i in range(n)]
     for name, row in zip(names, codes):
@@ -60,12 +63,12 @@ def write_celeba(root: Path, n: int = 160, seed: int = 0, kaggle_csv: bool = Fal
     signs = np.where(codes == 1, 1, -1)
     partition = _partitions(n, 2 ** k)
     if kaggle_csv:
-        attrs = pd.DataFrame(signs, columns=list(CELEBA_ATTRIBUTES))
+        attrs = pd.DataFrame(signs, columns=list(attributes))
         attrs.insert(0, "image_id", names)
         attrs.to_csv(root / "list_attr_celeba.csv", index=False)
         pd.DataFrame({"image_id": names, "partition": partition}).to_csv(root / "list_eval_partition.csv", index=False)
     else:
-        lines = [str(n), " ".join(CELEBA_ATTRIBUTES) + " "]
+        lines = [str(n), " ".join(attributes) + " "]
         lines += [f"{name} " + " ".join(f"{v:2d}" for v in row) for name, row in zip(names, signs)]
         (root / "list_attr_celeba.txt").write_text("\n".join(lines) + "\n")
         (root / "list_eval_partition.txt").write_text("".join(f"{a} {p}\n" for a, p in zip(names, partition)))
