@@ -195,7 +195,8 @@ def front_story(trials: pd.DataFrame, perf: str, fair: str, *, max_drop: float =
     """One line on what a finished sweep shows: the fairest configuration within ``max_drop`` of the best
     ``perf`` (chosen on validation when the trials have val_ metrics; test metrics reported, with their
     interval over seeds) and, where the sweep has one, the biased base under a linear probe against the
-    other pretrained bases under one (paper A's inheritance). Empty when nothing finished."""
+    other pretrained bases under one, with the paired difference and its interval (paper A's inheritance,
+    ``query.inheritance``). Empty when nothing finished."""
     if trials.empty or perf not in trials or fair not in trials:
         return ""
     select_on = "val" if f"val_{perf}" in trials and f"val_{fair}" in trials else "test"
@@ -212,4 +213,9 @@ def front_story(trials: pd.DataFrame, perf: str, fair: str, *, max_drop: float =
         others = ", ".join(f"{p} {v:.3f}" for p, v in means.items() if p not in ("biased", "scratch"))
         parts.append(f"{fair} of a linear probe on the biased base {means['biased']:.3f}"
                      + (f" (other bases: {others})" if others else "") + ", means over magnitudes and seeds")
+        if others:  # paper A's inheritance, paired on everything else, with its interval
+            gaps = query.inheritance(probes, fair, cells=())
+            parts.append("the biased base passes on " + ", ".join(
+                f"{r['inheritance']:+.3f} {_interval(r, 'inheritance')} over {r['control']}" for _, r in gaps.iterrows())
+                + f" (paired over magnitudes and seeds, {int(gaps['n_pairs'].min())} pairs)")
     return "; ".join(parts)

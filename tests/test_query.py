@@ -522,6 +522,8 @@ def test_the_launch_summary_line_names_the_fairest_pick_and_the_biased_probe():
     assert line.startswith("fairest within 0.01 of the best accuracy (chosen on val): supervised / freeze linear")
     assert "accuracy 0.850" in line and f"{FAIR} 0.100" in line
     assert f"{FAIR} of a linear probe on the biased base 0.900 (other bases: supervised 0.100)" in line
+    assert line.endswith("the biased base passes on +0.800 [0.8000, 0.8000] over supervised (paired over magnitudes "
+                         "and seeds, 2 pairs)")  # paper A's inheritance, query.inheritance
     assert front_story(trials.iloc[0:0], PERF, FAIR) == ""
 
 
