@@ -3,6 +3,10 @@ through a Tune ``Tuner`` with the MLflow tracker as a driver-side callback.
 
 Embedded by default (a local Ray bound to 127.0.0.1, SQLite MLflow and results in the working
 directory); ``address`` / ``storage`` / ``tracking_uri`` point the same plan at a cluster.
+
+Ray, the search (Ray Tune, Optuna), the tracker (MLflow) and the feature cache (torch) are imported
+inside the functions that run a sweep: they take seconds to load, Ray only after ``raylocal`` set its
+loopback default, and the API, ``fairsweep status`` and ``cache`` import this module without them.
 """
 from __future__ import annotations
 
@@ -18,13 +22,16 @@ import pandas as pd
 from orchestrator import raylocal  # before anything imports ray: a local Ray binds to 127.0.0.1
 from orchestrator.driverlock import LOCK_FILE, DriverLock, SweepBusyError, lock_holder
 from orchestrator.mlflow_runs import find_parent_run
-from orchestrator.plan import Plan
+from orchestrator.plan import Plan, build_plan
+from orchestrator.spec import parse_spec
 from orchestrator.storage import (CACHE_DIRNAME, artifact_location, check_storage_writable, experiment_path,
                                   read_sweep_record, resolve_storage, resolve_tracking_uri, sqlite_path,
                                   write_sweep_record)
 from orchestrator.store import check_store, open_client, store_cause
 from trainables.errors import UserError
+from trainables.finetune import TrialContext, finetune_trial
 from trainables.plugins import with_plugins  # a plugin's names resolve in every Ray worker too
+from trainables.pretrain import run_pretrain_job
 from trainables.trial import TUNE_KEY
 
 __all__ = ["LaunchOptions", "LaunchResult", "LaunchError", "launch", "resume", "init_ray", "run_pretraining",
@@ -101,8 +108,6 @@ def _trial_context(plan: Plan, cache_root: str, finished: list | None = None,
     """What every trial shares. ``feature_cache`` and ``input_cache``: the folders of the frozen-prefix
     feature cache and of decoded folder images (beside the sweeps in the storage path, so a node's workers
     share them); None, or resources.feature_cache / resources.input_cache: false, turns one off."""
-    from trainables.finetune import TrialContext
-
     s = plan.spec
     return TrialContext(dataset=s.dataset.name, dataset_options=dict(s.dataset.options), cache_root=cache_root,
                         cpus_per_trial=s.resources.cpus_per_trial, finished=tuple(finished or ()),
@@ -123,8 +128,6 @@ def run_pretraining(plan: Plan, cache_root: str, tracker: Any,
     that need it then fail at once with that error, the others run, and a resume retries the job.
     """
     import ray
-
-    from trainables.pretrain import run_pretrain_job
 
     res = plan.spec.resources
     task = ray.remote(num_cpus=res.cpus_per_trial, num_gpus=res.gpus_per_trial,
@@ -259,9 +262,6 @@ def resume(name: str, options: LaunchOptions = LaunchOptions(), *, retry_errored
     raylocal.loopback_default(options.address)
     from ray import tune
 
-    from orchestrator.plan import build_plan
-    from orchestrator.spec import parse_spec
-
     storage = resolve_storage(options.storage)
     path = experiment_path(storage, name)
     record = read_sweep_record(path)
@@ -355,7 +355,6 @@ def _run(plan: Plan, path: str, tracking_uri: str, cache_root: str, options: Lau
     from orchestrator.tracking import SweepTracker
     from trainables.data.images import DECODED_CACHE_DIRNAME
     from trainables.feature_cache import FEATURE_CACHE_DIRNAME
-    from trainables.finetune import finetune_trial
 
     spec = plan.spec
     quiet_tune_restore_logs()

@@ -124,7 +124,7 @@ def hypervolume(values: Any, directions: Sequence[str], reference: Sequence[floa
         upper = np.r_[ref[1], front[:-1, 1]]
         return float(np.sum((ref[0] - front[:, 0]) * (upper - front[:, 1])))
     try:
-        from optuna._hypervolume import compute_hypervolume
+        from optuna._hypervolume import compute_hypervolume  # Optuna: only 3+ objectives
     except ImportError as exc:  # a private Optuna module; its path may change between releases
         raise NotImplementedError(f"hypervolume for {m} objectives needs optuna._hypervolume.compute_hypervolume, "
                                   f"which this Optuna does not provide ({exc}); use two objectives or pin "

@@ -5,6 +5,10 @@ feasibility on the pool's metadata, freeze depths against each backbone's layer 
 The plan builds the trial contract (trainables/trial.py): a ``TrialConfig`` per trial, keyed by the hash of
 its canonical config (docs/architecture.md, decision 1), and a ``PretrainJob`` per base, keyed by everything
 that determines its weights (decision 3).
+
+The datasets (torch) and the registries the trainables fill are imported inside the functions that
+build a plan: the plan's types travel through the driver's modules and the CLI, which must not load torch
+before a plan is built.
 """
 from __future__ import annotations
 

@@ -9,10 +9,14 @@ wider than paper A's 1.96 · sd / √n at the few seeds sweeps use; NaN for one 
 (``trainables.metrics.is_signed``, e.g. ``tpr_difference``) are compared by their absolute value,
 their distance from parity; the tables keep the sign. Picks (``best``, ``compare``) are made on the
 validation split by default (``val_`` metrics) and report the test metrics of what they picked.
+
+scipy is imported inside the functions that compute intervals and paired tests: it is the slowest
+import of a query, and the front of a single seed needs none of it.
 """
 from __future__ import annotations
 
 import math
+import warnings
 from typing import Any, Mapping, Sequence
 
 import numpy as np
@@ -21,6 +25,7 @@ import pandas as pd
 from orchestrator import pareto as pareto_mod
 from orchestrator.mlflow_runs import TAGS, find_parent_run, run_filter, search_runs
 from trainables.errors import UserError
+from trainables.metrics import direction, is_signed
 
 __all__ = ["AXIS_PARAMS", "SPLITS", "SweepNotFoundError", "load_trials", "aggregate_seeds", "front_table", "list_sweeps",
            "parent_run", "sweep_objectives", "sweep_trials", "split_metric", "t_interval", "pareto",
@@ -41,14 +46,10 @@ class QueryError(UserError, ValueError):
 
 
 def _direction(metric: str) -> str:
-    from trainables.metrics import direction
-
     return direction(metric.removeprefix("val_"))
 
 
 def _is_signed(metric: str) -> bool:
-    from trainables.metrics import is_signed
-
     return is_signed(metric.removeprefix("val_"))
 
 
@@ -410,8 +411,6 @@ def paired_tests(trials: pd.DataFrame, by: str, metric: str, reference_group: An
                 if np.all(diff == 0):  # no difference at all: both tests are undefined; nothing to reject
                     rec["p_ttest"] = rec["p_wilcoxon"] = 1.0
                 else:
-                    import warnings
-
                     with warnings.catch_warnings():  # identical differences: scipy warns, the p-value stands
                         warnings.simplefilter("ignore", RuntimeWarning)
                         rec["p_ttest"] = float(stats.ttest_rel(pairs["_v"], pairs["_v_ref"]).pvalue)

@@ -13,8 +13,9 @@ from typing import Any
 
 import pandas as pd
 
-from orchestrator import query
+from orchestrator import figures, query
 from orchestrator.query import QueryError, SweepNotFoundError, front_table, load_trials
+from trainables.metrics import direction
 from trainables.trial import Freeze
 
 __all__ = ["Report", "write_report", "front_story"]
@@ -46,11 +47,6 @@ def write_report(client: Any, sweep: str, out: Path, *, experiment: str | None =
                  fairness: str | None = None, max_drop: float = 0.01, log_to_mlflow: bool = True,
                  select_on: str = "val") -> Report:
     """Write the report's PNGs and ``summary.md`` into ``out`` (and log them to the parent run)."""
-    import matplotlib.pyplot as plt
-
-    from orchestrator import figures
-    from trainables.metrics import direction
-
     experiment = experiment or sweep
     parent = query.parent_run(client, sweep, experiment)
     if not performance or not fairness:
@@ -71,7 +67,6 @@ def write_report(client: Any, sweep: str, out: Path, *, experiment: str | None =
 
     def save(fig: Any, name: str) -> None:
         fig.savefig(out / name)
-        plt.close(fig)
         files.append(out / name)
 
     save(figures.pareto_figure(table, perf, fair, title=f"{sweep}: {len(front)} of {len(table)} configurations on the front"),
@@ -110,8 +105,6 @@ def _paper_a(trials: pd.DataFrame, perf: str, fair: str, out: Path, save: Any, f
     per freezing depth and finetuning size), the fairest magnitude per base and its cost
     (``fairest_magnitude.csv``), and, when the sweep has a ``biased`` base and another pretrained one, the
     inheritance table (``inheritance.csv``) and figure. Returns the summary's Markdown lines for them."""
-    from orchestrator import figures
-
     if trials["intervention.magnitude"].nunique() < 2:
         return []
     configs = query.aggregate_seeds(trials, [perf, fair])

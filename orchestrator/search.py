@@ -7,21 +7,28 @@ sampler continues from everything it was told, and no configuration runs twice. 
 objectives (``study.set_metric_names``), so Optuna's plots and optuna-dashboard show ``val_accuracy``
 rather than "Objective 0". This is a thin adapter over Optuna's ask/tell rather than Ray's ``OptunaSearch`` because the budget counts *finished* trials (a failed trial is reported and
 replaced, never counted) and because the study must outlive a pickled searcher.
+
+Optuna is imported inside the functions that open or read a study: a grid sweep imports this module
+(the launch checks the study's storage first) but never needs Optuna, which takes a second to load.
 """
 from __future__ import annotations
 
 import json
 import math
 import os
+import sqlite3
 import uuid
+import warnings
 from typing import Any, Mapping
+from urllib.parse import urlsplit
 
 from ray.tune.search import Searcher
 
-from orchestrator.plan import Plan
+from orchestrator.plan import Plan, grid_points
 from orchestrator.samplers import SAMPLERS
 from orchestrator.spec import Range
 from trainables.errors import UserError
+from trainables.metrics import direction, is_signed
 from trainables.trial import TUNE_KEY, Freeze, TrialPoint
 
 __all__ = ["StudySearcher", "make_sampler", "suggest_point", "search_values", "objective_names", "STUDY_FILE",
@@ -111,8 +118,6 @@ class StudySearcher(Searcher):
                                         sampler=make_sampler(search.sampler, search.seed), load_if_exists=True)
             self._claim(study)
             if study.metric_names is None:
-                import warnings
-
                 with warnings.catch_warnings():  # "experimental" since Optuna 3.2; what its plots and dashboard read
                     warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
                     study.set_metric_names(self.metric_names)
@@ -234,8 +239,6 @@ class StudySearcher(Searcher):
     def _enqueue_unseen_cell(self) -> None:
         """When a categorical space is nearly used up the sampler keeps proposing what already ran:
         hand it the first cell that has not run, so the budget is still reached."""
-        from orchestrator.plan import grid_points
-
         if any(isinstance(a.magnitudes, Range) for a in self.plan.spec.axes.intervention) or self.plan.spec.finetune.ranges():
             return  # continuous axes: duplicates are improbable, nothing to enumerate
         seen = {t.user_attrs.get(_KEY_ATTR) for t in self.study.get_trials(deepcopy=False)}
@@ -267,8 +270,6 @@ def search_values(objectives: Any, result: Mapping[str, Any]) -> list[float] | N
     """What the study is told: the objectives on the VALIDATION split (``val_`` metrics), never the test
     split, which only reports; a signed metric as its absolute value (its distance from parity). None
     when the result lacks one of them."""
-    from trainables.metrics import is_signed
-
     infinite = set(str(result.get("infinite_metrics") or "").split(","))
     values = []
     for metric in (objectives.performance, objectives.fairness):
@@ -284,8 +285,6 @@ def search_values(objectives: Any, result: Mapping[str, Any]) -> list[float] | N
 def objective_names(objectives: Any) -> list[str]:
     """The names the study gives its values (what ``search_values`` tells it): ``val_accuracy``, or
     ``abs(val_tpr_difference)`` for a signed metric, whose distance from parity is what is minimised."""
-    from trainables.metrics import is_signed
-
     return [f"abs(val_{m})" if is_signed(m) else f"val_{m}" for m in (objectives.performance, objectives.fairness)]
 
 
@@ -295,8 +294,6 @@ class StudyStorageError(UserError, ValueError):
 
 def _masked(url: str) -> str:
     """The URL with any password hidden (the spec refuses one, but a library caller may pass one)."""
-    from urllib.parse import urlsplit
-
     try:
         password = urlsplit(url).password
     except ValueError:
@@ -352,8 +349,6 @@ def check_study_storage(spec: Any) -> None:
                                     f"the URL at an existing folder")
         if not os.path.exists(path):
             return  # a new file: the searcher creates it, and it holds no study yet
-        import sqlite3
-
         try:
             with sqlite3.connect(f"file:{path}?mode=ro", uri=True) as db:
                 tables = {r[0] for r in db.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
@@ -380,6 +375,4 @@ def check_study_storage(spec: Any) -> None:
 
 
 def _dir(metric: str) -> str:
-    from trainables.metrics import direction
-
     return direction(metric)

@@ -44,7 +44,7 @@ from __future__ import annotations
 
 import math
 import re
-from dataclasses import dataclass, field, replace
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
@@ -185,8 +185,6 @@ class FinetuneSpec:
 
     def fixed(self) -> dict[str, Any]:
         """Every hyper-parameter with a single value."""
-        from dataclasses import asdict
-
         return {k: v for k, v in asdict(self).items() if k not in self.ranges()}
 
 

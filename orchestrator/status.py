@@ -2,6 +2,9 @@
 
 MLflow is the ground truth for finished and failed trials (Tune saves its state only every ~10 s);
 Tune's saved state tells which trials were in flight when it was last written.
+
+Ray Tune and the driver's modules (launch, tracking: Ray, MLflow, pandas) are imported inside
+functions: a name without a sweep is refused before any of them loads.
 """
 from __future__ import annotations
 
@@ -9,6 +12,7 @@ from dataclasses import asdict, dataclass, field
 from typing import Any, Mapping
 
 from orchestrator.mlflow_runs import TAGS, find_parent_run, run_filter, search_runs
+from orchestrator.spec import SpecError, parse_spec
 from orchestrator.storage import (StorageError, experiment_path, read_sweep_record, resolve_storage,
                                   resolve_tracking_uri, sqlite_path)
 from orchestrator.store import open_client
@@ -79,7 +83,6 @@ def sweep_status(name: str, storage: str | None = None, tracking_uri: str | None
     """Raises ``StorageError`` for a name or storage without a sweep (or with a record this fairsweep
     cannot read), ``StoreError`` for an unusable store. Reads only: it never takes the driver lock, and
     never creates an MLflow database."""
-    from orchestrator.spec import SpecError, parse_spec
     from orchestrator.tracking import driver_alive
 
     path = experiment_path(resolve_storage(storage), name)

@@ -4,6 +4,9 @@ do, an SQLite schema no reader can race, and calls that wait out a busy SQLite f
 Why: MLflow retries an unreachable server for minutes; it builds an SQLite schema in place, in many
 non-atomic steps, on whichever process opens the file first (a second opener mid-build breaks both);
 and it turns "database is locked" into an exception that would end the driver's Tune loop.
+
+MLflow is imported inside the functions that open or create a store: the probe every command runs
+first answers before MLflow, which takes seconds to import, has loaded.
 """
 from __future__ import annotations
 
@@ -123,7 +126,7 @@ def _check_sqlite(path: Path, *, create: bool) -> None:
 def _holders(path: Path, budget_s: float = 5.0) -> list[str]:
     """'pid (name)' of the local processes that have ``path`` open: the likely holders of its lock."""
     try:
-        import psutil
+        import psutil  # optional (the test extra); without it the holders go unnamed
     except ImportError:
         return []
     target, found, deadline = str(path.resolve()), [], time.monotonic() + budget_s

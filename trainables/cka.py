@@ -28,6 +28,8 @@ from typing import TYPE_CHECKING, Sequence
 
 import numpy as np
 
+from trainables.backbones import BackboneError, layer_groups
+
 if TYPE_CHECKING:  # torch is imported lazily so that importing this module stays cheap
     import torch
     from torch import nn
@@ -98,8 +100,6 @@ def group_modules(model: nn.Module) -> tuple[tuple[str, ...], ...]:
     A group's output is what the last of them to run returns; for ``cnn1d_paperb`` that is each conv
     block (conv, ReLU, dropout), i.e. the activation paper B reads from each Keras ``Conv1D`` layer.
     """
-    from trainables.backbones import BackboneError, layer_groups
-
     groups = layer_groups(model)
     out = []
     for g, names in enumerate(groups.params):
@@ -122,7 +122,7 @@ def layer_group_outputs(model: nn.Module, x: torch.Tensor, *, batch_size: int = 
                         device: torch.device | str = "cpu") -> tuple[list[np.ndarray], np.ndarray]:
     """Every layer group's output on ``x`` (a list of (n, features) float32 arrays, in group order) and the
     model's P(class 1) per example, in eval mode and float32 (no autocast: CKA compares small differences)."""
-    import torch
+    import torch  # torch only where a model runs; the CKA math takes numpy arrays
 
     modules = group_modules(model)
     model = model.to(device).eval()

@@ -30,7 +30,9 @@ seed), the frozen groups and the cut.
 """
 from __future__ import annotations
 
+import hashlib
 import inspect
+import json
 import time
 from dataclasses import dataclass
 from typing import Any, Callable, Iterator
@@ -52,9 +54,6 @@ _TOLERANCE = 1e-5
 
 def feature_key(**parts: Any) -> str:
     """sha256 of the canonical JSON of what determines the features (equal parts, equal key, any process)."""
-    import hashlib
-    import json
-
     text = json.dumps(parts, sort_keys=True, separators=(",", ":"), default=str)
     return hashlib.sha256(text.encode()).hexdigest()[:24]
 
@@ -103,7 +102,7 @@ class _Tracer(fx.Tracer):
     """Traces into ``inner`` modules only; every other module is one call (timm's no-trace functions kept whole)."""
 
     def __init__(self, inner: frozenset[str]):
-        from timm.layers import get_notrace_functions, get_notrace_modules
+        from timm.layers import get_notrace_functions, get_notrace_modules  # timm only to trace a model
 
         super().__init__(autowrap_functions=tuple(get_notrace_functions()))
         self.inner = inner

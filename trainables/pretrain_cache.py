@@ -78,7 +78,7 @@ class PretrainCache:
         The file is read once and those very bytes are checked and deserialised, so a concurrent rebuild
         cannot slip unchecked weights in between the check and the load.
         """
-        from safetensors.torch import load as load_bytes
+        from safetensors.torch import load as load_bytes  # torch, only to read weights: `cache list` needs none
 
         d = self.entry(key)
         try:
@@ -93,7 +93,7 @@ class PretrainCache:
 
     def write(self, key: str, state: Mapping[str, Any], meta: Mapping[str, Any]) -> Path:
         """Write to a temporary folder, then rename into place, so readers never see half an entry."""
-        from safetensors.torch import save_file
+        from safetensors.torch import save_file  # torch, only to write weights
 
         self.root.mkdir(parents=True, exist_ok=True)
         tmp = self.root / f".tmp-{key}-{uuid.uuid4().hex[:8]}"

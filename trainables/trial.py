@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 from typing import Any, Mapping
 
 from trainables.errors import FairsweepError
+from trainables.pretrain_cache import sha256_file
 from trainables.schema import SchemaError
 
 __all__ = ["Freeze", "TrialPoint", "Weights", "TrialConfig", "PretrainHParams", "PretrainJob", "ContractError",
@@ -218,8 +219,6 @@ class Weights:
     @classmethod
     def from_file(cls, path: str) -> Weights:
         """A weights-only checkpoint, keyed by its content: the same file under another name is the same base."""
-        from trainables.pretrain_cache import sha256_file
-
         return cls("file-" + sha256_file(path)[:16], path)
 
     def to_dict(self) -> dict[str, str | None]:

@@ -15,6 +15,8 @@ import json
 from collections import OrderedDict
 from typing import Any, Callable, Hashable, Mapping
 
+from trainables.pretrain_cache import PretrainCache
+
 __all__ = ["Memo", "dataset", "split_inputs", "pretrained_state"]
 
 
@@ -49,7 +51,7 @@ _WEIGHTS = Memo(8)
 
 def dataset(name: str, options: Mapping[str, Any]) -> Any:
     """``build_dataset(name, options)``, built once per process for equal (name, options)."""
-    from trainables.data import build_dataset
+    from trainables.data import build_dataset  # torch: only a worker builds datasets
 
     key = (name, json.dumps(dict(options), sort_keys=True, default=str))
     return _DATASETS.get(key, lambda: build_dataset(name, options))
@@ -62,6 +64,4 @@ def split_inputs(ds: Any, split: str) -> Any:
 
 def pretrained_state(cache_root: str, key: str) -> Mapping[str, Any]:
     """A pretraining cache entry's weights, read (and checksummed) once per process."""
-    from trainables.pretrain_cache import PretrainCache
-
     return _WEIGHTS.get((cache_root, key), lambda: PretrainCache(cache_root).load(key))

@@ -14,6 +14,9 @@ The array's header is read at construction (shape and dtype are checked against 
 loading the data); the values are loaded once, on first use, into an in-memory float32 tensor, and
 non-finite values are an error naming the rows. Values are used as stored: standardise them
 beforehand if the features have different scales.
+
+pyarrow is imported inside the functions that read Parquet or Feather files: ``.npz`` and CSV
+sources never need it.
 """
 from __future__ import annotations
 

@@ -32,7 +32,7 @@ def picture(label: int, group: int, rng: np.random.Generator, size: tuple[int, i
 
 
 def _save(path: Path, pixels: np.ndarray) -> None:
-    from PIL import Image
+    from PIL import Image  # Pillow only when image files are written
 
     path.parent.mkdir(parents=True, exist_ok=True)
     Image.fromarray(pixels).save(path)

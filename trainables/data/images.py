@@ -114,7 +114,7 @@ def _preprocessing(preprocessing: Preprocessing | int) -> Preprocessing:
 def decode_pixels(path: str, preprocessing: Preprocessing | int) -> np.ndarray:
     """uint8 (3, H, W): the file decoded, resized and cropped as ``preprocessing`` says, not yet normalised
     (what the decoded-image cache holds); an int ``size`` means ``Preprocessing.imagenet(size)``."""
-    from PIL import Image
+    from PIL import Image  # Pillow where files are decoded (the loader's workers)
 
     pre = _preprocessing(preprocessing)
     scale = math.floor(max(pre.input_size[1:]) / min(pre.crop_pct, 1.0))  # the resize before the crop

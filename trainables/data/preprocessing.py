@@ -6,6 +6,9 @@ or 0.5/0.5 statistics that is fed ImageNet-normalised pixels still runs, with si
 so folder datasets apply the config of the model they feed (``Dataset.for_model``) through timm's own
 evaluation transform. ``Preprocessing`` is that config as a frozen, hashable value whose ``canonical()``
 text is recorded with trials and is part of pretraining cache keys.
+
+torch, timm and torchvision are imported inside the functions that build or apply a transform: a
+``Preprocessing`` and its canonical text (part of cache keys, computed when a plan is built) need none.
 """
 from __future__ import annotations
 
