@@ -111,8 +111,9 @@ def magnitude_figure(configs: pd.DataFrame, metric: str, *, axis: str = "interve
                      title: str = "") -> Any:
     """``metric`` against ``axis``, a line per paradigm with its 95 % interval over seeds as error bars; a
     panel per freezing depth (rows) and finetuning size (columns). ``configs`` is ``query.aggregate_seeds``."""
-    depths = _sorted_levels(configs["freeze_depth"]) if "freeze_depth" in configs else [None]
-    sizes = sorted(configs["finetune.size"].dropna().unique()) if "finetune.size" in configs else [None]
+    # A sweep older than the finetune_size axis has the column with no values: one panel, not zero.
+    depths = (_sorted_levels(configs["freeze_depth"]) if "freeze_depth" in configs else []) or [None]
+    sizes = (sorted(configs["finetune.size"].dropna().unique()) if "finetune.size" in configs else []) or [None]
     fig, axes = _panels(len(depths), len(sizes))
     for r, depth in enumerate(depths):
         for c, size in enumerate(sizes):
