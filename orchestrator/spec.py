@@ -493,11 +493,13 @@ def _paradigm_options(raw: Any, path: str) -> Mapping[str, Mapping[str, Any]]:
 
 
 def _paradigm_options_schema() -> dict:
-    """Each registered paradigm's own options; any other key (a plugin's paradigm) takes free-form ones."""
+    """Each registered paradigm's own options, for its name and its ``NAME.VARIANT`` bases
+    (``trainables.paradigms.lookup``); any other key (a plugin's paradigm) takes free-form options."""
     from trainables.paradigms import PARADIGMS  # as in _paradigm_names
 
-    return {**_FREE_OPTIONS_SCHEMA, "properties": {name: Section(dict(p.options), doc=p.doc).json_schema()
-                                                   for name, p in PARADIGMS.entries().items()}}
+    own = {name: Section(dict(p.options), doc=p.doc).json_schema() for name, p in PARADIGMS.entries().items()}
+    return {"type": "object", "additionalProperties": _FREE_OPTIONS_SCHEMA, "properties": own,
+            "patternProperties": {f"^{re.escape(name)}\\.": schema for name, schema in own.items()}}
 
 
 def _metric_name(value: Any, path: str) -> str:

@@ -76,6 +76,22 @@ def test_variants_give_one_sweep_several_bases_of_a_paradigm(tmp_path):
     assert err.path == "axes.paradigm[0]" and "nonesuch.x" in str(err)
 
 
+def test_the_sweep_schema_checks_a_variant_by_its_paradigm_options():
+    import jsonschema
+
+    from orchestrator.spec import json_schema
+    from tests.helpers import tiny_spec
+
+    validator = jsonschema.Draft202012Validator(json_schema())
+
+    def errors(options: dict) -> list[str]:
+        spec = tiny_spec(**{"axes.paradigm": ["control.hat"], "pretraining.paradigms": {"control.hat": options}})
+        return [e.message for e in validator.iter_errors(spec)]
+
+    assert errors({"label": "hat", "shortcut_correlation": 0.9}) == []
+    assert errors({"lable": "hat"}) and errors({"shortcut_correlation": 2})  # control's own options and bounds
+
+
 def test_the_trainer_fits_the_shortcut_rows_only(monkeypatch, tmp_path):
     """What the supervised trainer hands the loop: the subset's inputs and the target's labels on it."""
     from trainables import loop
