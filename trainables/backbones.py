@@ -46,6 +46,7 @@ __all__ = [
     "layer_groups",
     "load_backbone_state",
     "load_weights_file",
+    "outermost_modules_within",
     "param_groups",
     "set_train_mode",
 ]
@@ -246,14 +247,15 @@ class FreezeInfo:
     frozen_modules: tuple[str, ...]  # outermost modules whose parameters are all frozen; kept in eval mode
 
 
-def _fully_frozen_modules(model: nn.Module, frozen: set[str]) -> tuple[str, ...]:
-    """Outermost non-root modules that own parameters, all of them frozen (pre-order walk)."""
+def outermost_modules_within(model: nn.Module, params: set[str]) -> tuple[str, ...]:
+    """Outermost non-root modules that own parameters, all of them in ``params`` (pre-order walk): the modules
+    a set of parameter names spans, e.g. those a freeze keeps in eval mode or whose outputs CKA reads."""
     out: list[str] = []
     for name, module in model.named_modules():
         if not name or any(name.startswith(o + ".") for o in out):
             continue
         names = [f"{name}.{n}" for n, _ in module.named_parameters()]
-        if names and all(n in frozen for n in names):
+        if names and all(n in params for n in names):
             out.append(name)
     return tuple(out)
 
@@ -272,7 +274,7 @@ def apply_freeze(model: nn.Module, groups: LayerGroups, spec: Freeze, *, backbon
                             "compute layer_groups on this model, before any freezing")
     total = sum(p.numel() for p in params.values())
     n_frozen = sum(params[n].numel() for n in names)
-    modules = _fully_frozen_modules(model, names)
+    modules = outermost_modules_within(model, names)
     for n in names:  # root-level parameters (pos_embed, cls_token) belong to no frozen submodule
         params[n].requires_grad_(False)
     if modules:  # an empty list would make timm freeze the whole model

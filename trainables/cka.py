@@ -28,7 +28,7 @@ from typing import TYPE_CHECKING, Sequence
 
 import numpy as np
 
-from trainables.backbones import BackboneError, layer_groups
+from trainables.backbones import BackboneError, layer_groups, outermost_modules_within
 
 if TYPE_CHECKING:  # torch is imported lazily so that importing this module stays cheap
     import torch
@@ -103,14 +103,7 @@ def group_modules(model: nn.Module) -> tuple[tuple[str, ...], ...]:
     groups = layer_groups(model)
     out = []
     for g, names in enumerate(groups.params):
-        owned = set(names)
-        mods: list[str] = []
-        for name, module in model.named_modules():
-            if not name or any(name.startswith(m + ".") for m in mods):
-                continue
-            params = [f"{name}.{n}" for n, _ in module.named_parameters()]
-            if params and all(p in owned for p in params):
-                mods.append(name)
+        mods = outermost_modules_within(model, set(names))
         if not mods:
             raise BackboneError(f"layer group {g} ({groups.names[g]}) of {type(model).__name__} holds only root-level "
                                 "parameters, so no module's output represents it; CKA needs a module per group")
