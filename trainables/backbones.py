@@ -14,6 +14,10 @@ Call order in a trial: ``create_backbone`` -> ``load_backbone_state`` -> ``layer
 ``apply_freeze`` (a ``trainables.trial.Freeze``, resolved against those groups) -> build the optimizer
 over ``requires_grad`` parameters -> ``set_train_mode`` before each epoch. ``apply_freeze`` turns frozen BatchNorm parameters into buffers, so compute
 groups before freezing and build the optimizer after.
+
+torch, timm, safetensors and the modules that import torch (``trainables.timeseries_backbones``,
+``trainables.data``) are imported inside functions: ``trainables.paradigms`` imports this module (through
+``trainables.timm_weights``), and ``fairsweep paradigms`` lists the paradigms without loading torch.
 """
 from __future__ import annotations
 

@@ -1,14 +1,19 @@
-"""timm's pretrained weights, found only in the local Hugging Face / torch hub cache (fairsweep never downloads)."""
+"""timm's pretrained weights, found only in the local Hugging Face / torch hub cache (fairsweep never downloads).
+
+timm, torch and huggingface_hub are imported inside the functions that use them: ``trainables.paradigms``
+imports this module, and ``fairsweep paradigms`` lists the paradigms without loading torch.
+"""
 from __future__ import annotations
 
 import os
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from trainables import backbones
 from trainables.errors import UserError
 from trainables.pretrain_cache import sha256_file
 
-if TYPE_CHECKING:  # torch is imported lazily so that plan-time imports stay cheap
+if TYPE_CHECKING:
     from torch import nn
 
 __all__ = ["TimmWeightsMissing", "timm_weights_file", "timm_model_from_cache", "content_id"]
@@ -44,9 +49,7 @@ def timm_weights_file(backbone: str) -> Path:
     """
     from timm.models import get_pretrained_cfg
 
-    from trainables.backbones import BACKBONES
-
-    cfg = get_pretrained_cfg(backbone) if isinstance(backbone, str) and backbone not in BACKBONES else None
+    cfg = get_pretrained_cfg(backbone) if isinstance(backbone, str) and backbone not in backbones.BACKBONES else None
     if cfg is None:
         raise TimmWeightsMissing(f"backbone {backbone!r} has no timm pretrained weights (not a timm model with a "
                                  "pretrained config); use another paradigm or a file:PATH checkpoint")
@@ -105,8 +108,6 @@ def timm_model_from_cache(backbone: str, input_shape: tuple[int, ...]) -> nn.Mod
     """A timm model holding its cached pretrained weights; the file is read weights-only and handed to
     timm as an in-memory state dict, so timm's loader never reaches for the network."""
     import timm
-
-    from trainables import backbones
 
     path = timm_weights_file(backbone)
     state = backbones.load_weights_file(path)
