@@ -6,17 +6,22 @@ whose ``options`` are the keys accepted under ``pretraining.paradigms.NAME`` in 
 keys are errors). Checks that need only names and metadata (``check``, ``check_backbone``) run at plan
 time, before anything trains; ``file:PATH`` paradigms are checked by ``check_weights_fit``. Running a
 job and caching its result live in ``trainables.pretrain`` and ``trainables.pretrain_cache``.
+
+torch and the modules that import it (``trainables.loop``; ``trainables.ssl``, which also imports this
+module's ``ParadigmError``) are imported inside functions: ``fairsweep paradigms`` lists the paradigms and the
+plan reads their options without loading torch.
 """
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from functools import partial
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, Mapping
 
 import numpy as np
 
+from trainables import backbones, interventions
 from trainables.errors import UserError
 from trainables.registry import Registry
 from trainables.schema import Option, SchemaError, Section
@@ -129,8 +134,6 @@ def _build_for_check(backbone: str, input_shape: tuple[int, ...]) -> nn.Module:
     """The backbone on the meta device when its constructor allows (no memory for weights)."""
     import torch
 
-    from trainables import backbones
-
     try:
         with torch.device("meta"):
             return backbones.create_backbone(backbone, num_classes=2, input_shape=input_shape)
@@ -161,8 +164,6 @@ def lookup(name: str) -> Paradigm:
     unknown name raises the registry's UnknownNameError."""
     if name in PARADIGMS or "." not in name or name.split(".", 1)[0] not in PARADIGMS:
         return PARADIGMS.get(name)
-    from dataclasses import replace
-
     return replace(PARADIGMS.get(name.split(".", 1)[0]), name=name)
 
 
@@ -205,8 +206,6 @@ def _shortcut_rows(attribute: Callable[[Any, Mapping[str, Any]], np.ndarray]) ->
     """The source rows of a shortcut base: the largest subset in which the attribute equals the target in a
     share ``shortcut_correlation`` of the examples, labels balanced (the correlation intervention's
     composition, drawn with the pretraining seed); None (every row) when the option is unset."""
-    from trainables import interventions
-
     def rows(meta: Any, options: Mapping[str, Any], seed: int) -> np.ndarray | None:
         share = options["shortcut_correlation"]
         if share is None:
@@ -270,7 +269,7 @@ def _train_supervised(paradigm: Paradigm, ctx: TrainContext) -> tuple[nn.Module,
     """Cross-entropy on the paradigm's source labels; returns the model and its per-epoch losses."""
     import torch
 
-    from trainables import backbones, loop
+    from trainables import loop
 
     hp = ctx.hparams
     meta = ctx.dataset.meta("source")
@@ -301,7 +300,6 @@ def _train_supervised(paradigm: Paradigm, ctx: TrainContext) -> tuple[nn.Module,
 
 
 def _train_ssl(paradigm: Paradigm, ctx: TrainContext) -> tuple[nn.Module, list[float]]:
-    from trainables import backbones
     from trainables.ssl import train_ssl
 
     model = backbones.create_backbone(ctx.backbone, num_classes=2, input_shape=ctx.dataset.input_shape).to(ctx.device)
@@ -398,8 +396,6 @@ PARADIGMS.register(
 
 def check_weights_fit(path: str | os.PathLike, backbone: str, input_shape: tuple[int, ...]) -> None:
     """Raise BackboneError unless the weights-only checkpoint at ``path`` loads into ``backbone``."""
-    from trainables import backbones
-
     state = backbones.load_weights_file(path)
     model = backbones.create_backbone(backbone, num_classes=2, input_shape=input_shape)
     backbones.load_backbone_state(model, state)

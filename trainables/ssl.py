@@ -19,6 +19,9 @@ NT-Xent alone, so the backbone's L2 penalties (``backbones.param_groups``) are n
 Each method builds an ``Objective``: the trainable modules it adds beside the backbone and the loss of
 one batch. Option values arrive resolved and validated by the paradigm that names the method
 (``trainables.paradigms``), so this module holds no defaults of its own.
+
+lightly and timm are imported inside the functions of the objectives that use them: each takes seconds to
+load (lightly brings torchvision), and the plan imports this module to check that a method can serve a backbone.
 """
 from __future__ import annotations
 
@@ -31,6 +34,7 @@ from typing import Any, Callable, Iterable, Iterator, Mapping
 import torch
 from torch import nn
 
+from trainables import loop
 from trainables.paradigms import ParadigmError
 from trainables.registry import Registry
 
@@ -356,8 +360,6 @@ def train_ssl(model: nn.Module, data: torch.Tensor | Callable[[int], Iterable[tu
     of the epoch returning streamed batches ``(x, pos)`` (``Dataset.loader``: folder data decoded by
     worker processes), copied to the device one at a time.
     """
-    from trainables import loop
-
     started: dict[int, Iterator[torch.Tensor]] = {}  # epochs whose stream is already open
     if isinstance(data, torch.Tensor):
         x = data
