@@ -9,6 +9,7 @@ from dataclasses import dataclass, field
 from types import MappingProxyType
 from typing import Any, Mapping
 
+from trainables import backbones
 from trainables.paradigms import TrainContext, lookup
 from trainables.pretrain_cache import PretrainCache
 from trainables.trial import PretrainJob
@@ -26,8 +27,6 @@ def model_view(dataset: Any, backbone: str) -> Any:
     crop); generated data, which has no preprocessing, is returned as is without building anything."""
     if dataset.preprocessing is None:
         return dataset
-    from trainables import backbones
-
     return dataset.for_model(backbones.data_config(backbone, dataset.input_shape))
 
 
@@ -62,9 +61,11 @@ def run_pretrain_job(job: Mapping[str, Any], cache_root: str, cpus: float = 1.0,
     Holding the key's lock, an intact entry is returned as is; a missing or damaged one is (re)built on
     ``loop.select_device()`` and written atomically. Concurrent calls for one key train it once.
     """
+    # torch and the modules that import it (loop, trainables.data) load in the Ray task: orchestrator.launch
+    # imports this module and must import without torch
     import torch
 
-    from trainables import backbones, loop
+    from trainables import loop
     from trainables.data import build_dataset
 
     job = PretrainJob.from_dict(job)
