@@ -9,6 +9,10 @@ MLflow (docs/architecture.md, decision 2).
 ``train_and_evaluate`` is the trial itself and runs without a Tune session (tests, notebooks);
 ``finetune_trial`` adapts it to Tune. Small datasets are finetuned from one on-device tensor; folder
 datasets (``Dataset.in_memory`` false) stream batches decoded by DataLoader worker processes.
+
+torch, Ray Tune and the modules that import torch (``trainables.loop``, ``trainables.feature_cache``,
+``trainables.data``) are imported inside functions: ``orchestrator.launch`` imports this module on the driver,
+which imports without torch, and ``train_and_evaluate`` runs without Ray.
 """
 from __future__ import annotations
 
@@ -21,7 +25,9 @@ from pathlib import Path
 from typing import Any, Callable, Mapping
 
 import numpy as np
+import pandas as pd
 
+from trainables import backbones, interventions, metrics, pretrain, worker_cache
 from trainables.errors import FairsweepError
 from trainables.trial import TrialConfig, Weights
 
@@ -64,8 +70,6 @@ class PretrainingFailedError(FairsweepError, RuntimeError):
 
 def _load_initial_weights(model: Any, weights: Weights, cache_root: str) -> str | None:
     """Load the trial's starting weights into ``model``; returns their key (None: random initialisation)."""
-    from trainables import backbones, worker_cache
-
     if weights.file is not None:
         backbones.load_backbone_state(model, backbones.load_weights_file(weights.file))
     elif weights.key is not None:  # read once per worker process: later trials on the same base reuse it
@@ -103,7 +107,7 @@ def train_and_evaluate(trial: TrialConfig, context: TrialContext, *, state: Mapp
     """
     import torch
 
-    from trainables import backbones, interventions, loop, metrics, pretrain, worker_cache
+    from trainables import loop
     from trainables.data.base import batch_order
 
     loop.set_threads(context.cpus_per_trial)
@@ -274,8 +278,6 @@ def train_and_evaluate(trial: TrialConfig, context: TrialContext, *, state: Mapp
                     result.update({"chosen_hparams": {"lr": pick["lr"], "weight_decay": pick["weight_decay"]},
                                    "selected_epoch": pick["epoch"], "selected_val_loss": pick["val_loss"]})
                     if len(candidates) > 1:
-                        import pandas as pd
-
                         table = pd.DataFrame(progress["finished"])
                         table["chosen"] = [i == progress["chosen_index"] for i in range(len(table))]
                         table.to_csv(Path(d) / INNER_SEARCH_FILE, index=False)
@@ -343,8 +345,6 @@ def _validation_objectives(scores: np.ndarray, dataset: Any, ft: Mapping[str, An
 def _split_scores(model: Any, dataset: Any, split: str, batch_size: int, device: Any, loop: Any) -> np.ndarray:
     n = len(dataset.meta(split))
     if dataset.in_memory:
-        from trainables import worker_cache
-
         return loop.predict_scores(model, worker_cache.split_inputs(dataset, split).to(device), batch_size=batch_size,
                                    device=device)
     return loop.predict_scores_batches(model, dataset.loader(split, batch_size=batch_size), n, device=device)
@@ -360,8 +360,6 @@ def _evaluate(score: Callable[[str], np.ndarray], dataset: Any, ft: Mapping[str,
     bootstrap intervals ``NAME.ci_low`` / ``NAME.ci_high``. Predictions of both splits and the test
     split's per-group table are written into ``out``.
     """
-    import pandas as pd
-
     scores = {split: score(split) for split in ("val", "test")}
     rule = ft.get("threshold", "calibrated")
     threshold = (metrics.calibrated_threshold(dataset.meta("val").labels, scores["val"]) if rule == "calibrated"
