@@ -17,6 +17,10 @@ worst-performing group (``representation similarity.ipynb`` in Nokia-Bell-Labs/S
    the worst group side by side) are written and logged to the sweep's parent run under ``cka/``.
 
 The math is ``trainables/cka.py``; this module reads MLflow and the data.
+
+torch (and ``trainables.loop`` and ``trainables.data``, which import it), safetensors, scipy and matplotlib are
+imported inside the functions that use them: ``fairsweep cka`` imports this module to parse its selectors and
+refuses a bad one before any of them loads.
 """
 from __future__ import annotations
 
@@ -29,9 +33,15 @@ from typing import Any, Mapping, Sequence
 
 import numpy as np
 import pandas as pd
+import yaml
 
+from orchestrator import query
 from orchestrator.mlflow_runs import TAGS, WEIGHTS_ARTIFACT, run_filter, search_runs
+from orchestrator.spec import parse_spec
+from trainables import backbones
+from trainables.cka import cka_matrix, layer_group_outputs
 from trainables.errors import UserError
+from trainables.pretrain import model_view
 from trainables.schema import SchemaError
 from trainables.trial import Freeze
 
@@ -133,8 +143,6 @@ def _load_model(client: Any, run_id: str, backbone: str, input_shape: tuple[int,
     """The trial's finetuned model from its weights artifact (safetensors: weights only)."""
     from safetensors.torch import load_file
 
-    from trainables import backbones
-
     names = {a.path for a in client.list_artifacts(run_id, WEIGHTS_ARTIFACT.rsplit("/", 1)[0])}
     if WEIGHTS_ARTIFACT not in names:
         raise CKAError(f"trial run {run_id} has no finetuned weights (artifact {WEIGHTS_ARTIFACT}); CKA needs every "
@@ -175,14 +183,9 @@ def compare_representations(client: Any, sweep: str, a: Mapping[str, str], b: Ma
                             debiased: bool = True, log_to_mlflow: bool = True) -> CKAReport:
     """Pair the trials, compute the CKA matrices per group and write (and log) the CSV and the PNG."""
     import torch
-    import yaml
 
-    from orchestrator import query
-    from orchestrator.spec import parse_spec
     from trainables import loop
-    from trainables.cka import cka_matrix, layer_group_outputs
     from trainables.data import build_dataset
-    from trainables.pretrain import model_view
 
     if max_examples < 4:
         raise CKAError(f"--max-examples {max_examples}: the unbiased CKA needs at least 4 examples per group")
@@ -253,9 +256,7 @@ def compare_representations(client: Any, sweep: str, a: Mapping[str, str], b: Ma
 
 
 def _layer_names(model: Any) -> list[str]:
-    from trainables.backbones import layer_groups
-
-    return list(layer_groups(model).names)
+    return list(backbones.layer_groups(model).names)
 
 
 def _natural(value: str) -> tuple:
@@ -270,10 +271,7 @@ def _heatmaps(table: pd.DataFrame, a: Mapping[str, str], b: Mapping[str, str], a
               worst: str) -> Any:
     """Per configuration (the shared axes without the seed; seeds averaged), the best and the worst group's
     layer-by-layer CKA side by side, as paper B draws them (A's layers bottom to top, B's left to right)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    from matplotlib.figure import Figure
 
     fixed = {"run_a", "run_b", "seed", "attribute", "group", "n_examples", "auroc_a", "auroc_b", "layer_a", "layer_b",
              "cka", "rank"}
@@ -283,7 +281,8 @@ def _heatmaps(table: pd.DataFrame, a: Mapping[str, str], b: Mapping[str, str], a
     layers_a = list(dict.fromkeys(table["layer_a"]))
     layers_b = list(dict.fromkeys(table["layer_b"]))
     width, height = 1.5 + 2.4 * len(layers_b), (1.4 + 0.8 * len(layers_a)) * len(configs)
-    fig, axes = plt.subplots(len(configs), 2, figsize=(width, height), dpi=100, squeeze=False, layout="constrained")
+    fig = Figure(figsize=(width, height), dpi=100, layout="constrained")  # not pyplot: a notebook's backend stays
+    axes = fig.subplots(len(configs), 2, squeeze=False)
     side = lambda sel: " ".join(f"{k}={v}" for k, v in sel.items())  # noqa: E731
     for r, config in enumerate(configs):
         part = table
