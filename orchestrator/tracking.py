@@ -3,11 +3,16 @@
 Only the driver writes MLflow (docs/architecture.md, decision 2). Runs are found again by their tags (sweep name,
 trial key, pretraining key), never remembered only in memory, so a restarted driver continues the
 same runs instead of opening duplicates — the failure of Ray's stock MLflowLoggerCallback.
+
+torch and what loads it (``mlflow.pytorch``, safetensors, ``trainables.data``) are imported inside the functions
+that log models or weights: ``fairsweep status`` imports this module (``driver_alive``) and must not load torch.
 """
 from __future__ import annotations
 
 import json
 import math
+import os
+import socket
 import tempfile
 import time
 import traceback
@@ -15,13 +20,22 @@ from pathlib import Path
 from typing import Any, Mapping
 
 import pandas as pd
+import yaml
+from mlflow.data.code_dataset_source import CodeDatasetSource
+from mlflow.data.meta_dataset import MetaDataset
+from mlflow.entities import DatasetInput, InputTag, Metric, Param, RunTag
 
+from orchestrator import pareto as pareto_mod
 from orchestrator import raylocal  # noqa: F401 - before the first import of ray: a local Ray binds to 127.0.0.1
 from orchestrator.driverlock import driver_id
+from orchestrator.figures import pareto_figure
 from orchestrator.mlflow_runs import TAGS, WEIGHTS_ARTIFACT, find_parent_run, run_filter, search_runs
 from orchestrator.plan import Plan, PlannedTrial
-from orchestrator.query import front_table, load_trials
+from orchestrator.query import _direction, _objective_values, front_table, load_trials
+from orchestrator.store import open_client
 from ray import tune  # noqa: E402 - after raylocal
+from trainables import backbones
+from trainables.finetune import INNER_SEARCH_FILE, PER_GROUP_FILE, PREDICTIONS_FILE, STATE_FILE, VAL_PREDICTIONS_FILE
 from trainables.trial import TrialConfig, TrialPoint, canonical_hash
 
 __all__ = ["SweepTracker", "driver_id", "driver_alive"]
@@ -72,8 +86,6 @@ class SweepTracker(tune.Callback):
     def client(self) -> Any:
         """Created on first use (the store with it, for SQLite); calls wait out a locked SQLite file."""
         if self._client is None:
-            from orchestrator.store import open_client
-
             self._client = open_client(self.tracking_uri, create=True)
         return self._client
 
@@ -111,9 +123,6 @@ class SweepTracker(tune.Callback):
         return self.parent_run_id
 
     def _log_sweep_description(self) -> None:
-        import yaml
-        from mlflow.entities import Param
-
         s = self.spec
         params = {"dataset": s.dataset.name, "search.type": s.search.type, "n_trials": s.n_trials, "grid_size": s.grid_size,
                   "n_pretrain_jobs": len(self.plan.pretrain_jobs), "objectives.performance": s.objectives.performance,
@@ -135,8 +144,6 @@ class SweepTracker(tune.Callback):
     # -- pretraining ----------------------------------------------------------------------------
     def log_pretrain(self, job: Any, outcome: Any) -> str:
         """One run per pretraining key (reused if this experiment already has one)."""
-        from mlflow.entities import Metric
-
         found = list(search_runs(self.client, [self.experiment_id],
                                  run_filter(kind="pretrain", status="FINISHED", pretrain_key=job.key), limit=1))
         if found:
@@ -156,8 +163,6 @@ class SweepTracker(tune.Callback):
         return self._pretrain_run(job, "FAILED", {TAGS.ERROR: error[-4000:]}, [])
 
     def _pretrain_run(self, job: Any, status: str, tags: Mapping[str, str], metrics: list) -> str:
-        from mlflow.entities import Param
-
         run = self.client.create_run(self.experiment_id, run_name=f"pretrain-{job.backbone}-{job.paradigm}",
                                      tags={TAGS.KIND: "pretrain", TAGS.PRETRAIN_KEY: job.key, TAGS.SWEEP: self.spec.name,
                                            TAGS.PARENT: self.parent_run_id, **tags})
@@ -219,8 +224,6 @@ class SweepTracker(tune.Callback):
             self._known[key] = (run_id, status, status == "FAILED")
 
     def _create_trial_run(self, planned: PlannedTrial, tune_id: str) -> str:
-        from mlflow.entities import Param
-
         p = planned.point
         tags = {TAGS.SWEEP: self.spec.name, TAGS.KIND: "trial", TAGS.TRIAL_KEY: planned.key,
                 TAGS.CONFIG_KEY: planned.config_key, TAGS.PARENT: self.parent_run_id, TAGS.TUNE_TRIAL_ID: tune_id,
@@ -242,10 +245,6 @@ class SweepTracker(tune.Callback):
         """The trial's data as MLflow dataset inputs (the run page's "Datasets used"): its finetuning set,
         named by the intervention that chose it, and the fixed validation and test splits. Metadata only
         (name, source, digest): the digest is the data's fingerprint, so equal data shows as one dataset."""
-        from mlflow.data.code_dataset_source import CodeDatasetSource
-        from mlflow.data.meta_dataset import MetaDataset
-        from mlflow.entities import DatasetInput, InputTag
-
         p, name = planned.point, self.spec.dataset.name
         source = CodeDatasetSource({"fairsweep.dataset": name, "options": json.dumps(dict(self.spec.dataset.options),
                                                                                      sort_keys=True, default=str)})
@@ -267,8 +266,6 @@ class SweepTracker(tune.Callback):
         self._trial_run(trial)
 
     def on_trial_result(self, iteration: int, trials: list, trial: Any, result: Mapping[str, Any], **info: Any) -> None:
-        from mlflow.entities import Metric
-
         run_id = self._trial_run(trial)
         if run_id in self._done_before:
             return
@@ -286,8 +283,6 @@ class SweepTracker(tune.Callback):
                 metrics.append(Metric(k, float(v), int(result.get("timestamp", 0)) * 1000, step))
         tags, params = [], []
         if final:  # one write with the metrics: the driver's cost per trial is a few store calls
-            from mlflow.entities import Param, RunTag
-
             tags.append(RunTag(TAGS.FROZEN_GROUPS, str(result.get("frozen_groups", ""))))
             if result.get("infinite_metrics"):
                 tags.append(RunTag(TAGS.INFINITE_METRICS, str(result["infinite_metrics"])[:5000]))
@@ -309,8 +304,6 @@ class SweepTracker(tune.Callback):
             return
         ckpt = trial.checkpoint
         if ckpt is not None:
-            from trainables.finetune import INNER_SEARCH_FILE, PER_GROUP_FILE, PREDICTIONS_FILE, VAL_PREDICTIONS_FILE
-
             backbone = TrialConfig.from_tune(trial.config).point.backbone
             self._final_checkpoints[run_id] = (backbone, ckpt.path)  # for log_front_models
 
@@ -392,8 +385,6 @@ class SweepTracker(tune.Callback):
             value = "true" if row["on_front"] else "false"
             for run_id in row["run_ids"]:
                 if self._front_state.get(run_id) != value:
-                    from mlflow.entities import RunTag
-
                     tags = [RunTag(TAGS.FRONT, value)]
                     if run_id in self._run_names:  # front members stand out in the UI's run list
                         mark = FRONT_MARK if value == "true" else ""
@@ -416,7 +407,6 @@ class SweepTracker(tune.Callback):
             return []
         import mlflow.pytorch
 
-        from trainables import backbones
         from trainables.data import build_dataset
 
         shape = build_dataset(self.spec.dataset.name, self.spec.dataset.options).input_shape
@@ -446,11 +436,6 @@ class SweepTracker(tune.Callback):
         """What the MLflow UI shows on the parent run as the sweep goes: ``front_size``, ``hypervolume`` and
         ``trials_finished``, stepped by finished trials (a chart of the front growing), and the run's
         description (Markdown): the axes, the current front and how to query it."""
-        from mlflow.entities import Metric, RunTag
-
-        from orchestrator import pareto as pareto_mod
-        from orchestrator.query import _direction, _objective_values
-
         finished = int(table["n_seeds"].sum()) if len(table) else 0
         front = table[table["on_front"]] if len(table) else table
         self._front_size = len(front)
@@ -486,10 +471,6 @@ class SweepTracker(tune.Callback):
         return "\n".join(lines)
 
     def _log_front_artifacts(self, table: pd.DataFrame, perf: str, fair: str, draw: bool) -> None:
-        import matplotlib.pyplot as plt
-
-        from orchestrator.figures import pareto_figure
-
         with tempfile.TemporaryDirectory() as d:
             front = table[table["on_front"]].drop(columns=["run_ids"])
             front.to_csv(Path(d) / "front.csv", index=False)
@@ -497,7 +478,6 @@ class SweepTracker(tune.Callback):
             if draw:
                 fig = pareto_figure(table, perf, fair, title=f"{self.spec.name}: {len(front)} of {len(table)} on the front")
                 fig.savefig(Path(d) / "front.png")
-                plt.close(fig)
             self.client.log_artifacts(self.parent_run_id, d, artifact_path="pareto")
         self.client.set_tag(self.parent_run_id, TAGS.FRONT_SIZE, str(len(front)))
         self.client.set_tag(self.parent_run_id, TAGS.FRONT_SPLIT, "test")  # descriptive; picks use val
@@ -506,9 +486,6 @@ class SweepTracker(tune.Callback):
 def driver_alive(tag: str | None) -> bool | None:
     """Whether the driver named by a driver tag (``TAGS.DRIVER``) still runs; None when it ran on another
     host (or the tag is missing), where this process cannot tell."""
-    import os
-    import socket
-
     host, _, pid = (tag or "").rpartition(":")
     if not host or host != socket.gethostname() or not pid.isdigit():
         return None
@@ -530,8 +507,6 @@ def _reported_weights(checkpoint: Path) -> dict:
     """The model state of a trial's final checkpoint that its metrics describe: the inner search's and the
     epoch selection's pick (older checkpoints without an inner search: the last epoch's model)."""
     import torch
-
-    from trainables.finetune import STATE_FILE
 
     state = torch.load(checkpoint / STATE_FILE, map_location="cpu", weights_only=True)
     chosen = (state.get("progress") or {}).get("chosen")

@@ -68,10 +68,6 @@ def test_importing_the_package_loads_nothing_heavy():
 # functions: ..."); otherwise each group of such imports carries a comment on it or just above it.
 _MODULE_REASON = re.compile(r"import(?:ed|s)?(?:\s+only)?\s+inside\s+(?:a\s+|the\s+)?functions?", re.I)
 
-# Modules whose imports inside functions do not say why yet. The list may only shrink: a module that
-# has been given its reasons must leave it (the test fails while it stays here).
-_NOT_YET = {"orchestrator/tracking.py"}
-
 
 def _unexplained_imports(source: str) -> list[int]:
     """Line numbers of imports inside functions whose group has no comment (on a line of it or just above)."""
@@ -112,11 +108,8 @@ def _source_files() -> list[str]:
 @pytest.mark.parametrize("path", _source_files())
 def test_an_import_inside_a_function_says_why(path):
     bad = _unexplained_imports((REPO / path).read_text())
-    if path in _NOT_YET:
-        assert bad, f"{path} explains its imports now: take it off _NOT_YET"
-    else:
-        assert not bad, (f"{path}: imports inside functions at lines {bad} give no reason (a comment on the import "
-                         "or the line above it; or one reason for all in the module docstring); or move them to the top")
+    assert not bad, (f"{path}: imports inside functions at lines {bad} give no reason (a comment on the import "
+                     "or the line above it; or one reason for all in the module docstring); or move them to the top")
 
 
 def test_the_import_check_sees_what_it_should():
