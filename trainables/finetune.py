@@ -149,8 +149,14 @@ def train_and_evaluate(trial: TrialConfig, context: TrialContext, *, state: Mapp
         for b in order:
             yield torch.from_numpy(np.asarray(feats[rows[b]])).to(plan.dtype), torch.from_numpy(b)
 
+    feature_x: dict[str, Any] = {}  # small data: a split's cached features on the device, read once per trial
+
     def scores(net: Any, split: str) -> np.ndarray:
         """P(y = 1) for every example of ``split``: from cached features, in-memory inputs, or a stream."""
+        if plan is not None and dataset.in_memory:  # on the device once, as small data's inputs are
+            if split not in feature_x:
+                feature_x[split] = torch.from_numpy(np.array(features[split])).to(device, plan.dtype)
+            return loop.predict_scores(net, feature_x[split], batch_size=score_batch, device=device)
         if plan is not None:
             return loop.predict_scores_batches(net, feature_batches(split), len(features[split]), device=device)
         if split == "val" and val_x is not None:
