@@ -16,6 +16,7 @@ import socket
 import tempfile
 import time
 import traceback
+from importlib import metadata
 from pathlib import Path
 from typing import Any, Mapping
 
@@ -417,7 +418,8 @@ class SweepTracker(tune.Callback):
             model.eval()
             with tempfile.TemporaryDirectory() as d:
                 # pickle: the whole module object, whatever its forward does (pt2 would trace it on an example)
-                mlflow.pytorch.save_model(model, str(Path(d) / "model"), serialization_format="pickle")
+                mlflow.pytorch.save_model(model, str(Path(d) / "model"), serialization_format="pickle",
+                                          pip_requirements=_model_requirements())
                 self.client.log_artifacts(run_id, str(Path(d) / "model"), artifact_path="model")
             self._models_logged.add(run_id)
         return todo
@@ -501,6 +503,13 @@ def driver_alive(tag: str | None) -> bool | None:
 def _one_or_list(values: tuple) -> Any:
     """An axis as a parent-run param: its value when it has one (as before it was an axis), else the list."""
     return values[0] if len(values) == 1 else list(values)
+
+
+def _model_requirements() -> list[str]:
+    """What loading a front model needs, named outright: left to itself, MLflow infers it by loading the model
+    in a fresh Python process, about 18 s per model on two cores, which was most of a quickstart's wall time
+    (benchmarks/throughput.py). The pickled module refers to torch's, timm's and fairsweep's classes."""
+    return [f"{name}=={metadata.version(name)}" for name in ("torch", "timm", "fairsweep")]
 
 
 def _reported_weights(checkpoint: Path) -> dict:
