@@ -80,8 +80,9 @@ def test_the_library_binds_a_local_ray_to_loopback_unless_told_otherwise():
     assert _ray_binds_everywhere("import orchestrator.launch\nimport ray", RAY_ADDRESS="10.0.0.1:6379")[0] == "True"
     assert _ray_binds_everywhere("import orchestrator.launch\nimport ray", **{ENV: "1"})[0] == "True"
     # launch(address=...) after the import gives the setting back before ray is imported
-    code = ("import os, orchestrator.launch as L\nfrom orchestrator import raylocal\n"
-            "raylocal.loopback_default('10.0.0.1:6379')\nassert L.raylocal.ENV not in os.environ\nimport ray")
+    # (``import orchestrator.launch as L`` would bind the public launch function, which the package exports)
+    code = ("import os, orchestrator.launch\nfrom orchestrator import raylocal\n"
+            "raylocal.loopback_default('10.0.0.1:6379')\nassert raylocal.ENV not in os.environ\nimport ray")
     assert _ray_binds_everywhere(code)[0] == "True"
     # too late: ray came first, so the user is told
     value, stderr = _ray_binds_everywhere("import ray\nimport orchestrator.launch")
