@@ -134,7 +134,7 @@ def magnitude_figure(configs: pd.DataFrame, metric: str, *, axis: str = "interve
             ax.grid(alpha=0.3)
         axes[r][0].set_ylabel(metric)
     axes[0][0].legend(fontsize=8)
-    fig.suptitle(title or f"{metric} vs {axis} per pretrained base (mean over seeds, 95 % interval)")
+    fig.suptitle(title or f"{metric} vs {axis} per base (mean over seeds, 95 % interval)", fontsize=10)
     return fig
 
 
@@ -163,11 +163,15 @@ def inheritance_figure(table: pd.DataFrame, *, metric: str = "", title: str = ""
                             label="" if magnitude is None else f"magnitude {magnitude:g}")
             ax.axhline(0.0, color="black", lw=0.8)
             ax.set_xscale("log", base=2)
+            sizes = sorted(table["finetune.size"].dropna().unique())
+            ax.set_xticks(sizes, [f"{s:g}" for s in sizes])
+            ax.minorticks_off()
             ax.set_title(f"biased − {control}" + (f", freeze {depth}" if depth is not None else ""), fontsize=9)
             ax.set_xlabel("finetuning size")
             ax.grid(alpha=0.3)
         axes[r][0].set_ylabel(f"inheritance ({metric})" if metric else "inheritance")
     if magnitudes != [None]:
         axes[0][-1].legend(fontsize=7)
-    fig.suptitle(title or "inheritance of the biased base's unfairness vs finetuning size (paired by seed, 95 % interval)")
+    fig.suptitle(title or "inheritance: the biased base's unfairness minus a control's, vs finetuning size "
+                 "(paired by seed, 95 % interval)", fontsize=10)
     return fig
