@@ -93,7 +93,7 @@ def write_report(client: Any, sweep: str, out: Path, *, experiment: str | None =
                                 skipped))
     if paper_a:
         with open(out / "summary.md", "a") as fh:
-            fh.write("\n".join(paper_a) + "\n")
+            fh.write("\n" + "\n".join(paper_a) + "\n")
     if log_to_mlflow:
         for f in files:
             client.log_artifact(parent.info.run_id, str(f), artifact_path="report")
