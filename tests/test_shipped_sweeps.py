@@ -19,6 +19,8 @@ def _celeba_columns(options: dict) -> tuple[str, ...]:
     """The attributes a CelebA sweep reads (target, sensitive, extra labels), the fixture's layout at least."""
     named = [options.get("target", "Blond_Hair"), *options.get("sensitive", ["Male"]), *options.get("extra_labels", [])]
     return tuple(dict.fromkeys([*named, *F.CELEBA_ATTRIBUTES]))
+
+
 FIXTURES = {  # dataset -> writer of a small copy of its layout
     "celeba": lambda root, o: F.write_celeba(root, n=5 * 2 ** len(_celeba_columns(o)), attributes=_celeba_columns(o)),
     "waterbirds": lambda root, o: F.write_waterbirds(root),
