@@ -2,6 +2,11 @@
 
 - Tests that start Ray in this process bind it to 127.0.0.1: Ray reads the variable once, at its first
   import, so it is set here, before any test module imports ray.
+- One Ray authentication mode for the whole session: ``disabled`` (every test cluster is a throwaway on
+  loopback). Left unset, the first local ``ray.init()`` of this process sets ``RAY_AUTH_MODE=token`` in
+  ``os.environ`` and in Ray's cached per-process config; a later test that starts its own cluster with auth
+  disabled then has its driver refuse the cluster's unauthenticated calls, and every trial actor is
+  cancelled before it runs. The CLI's own default (token) is exercised by ``tests/test_loopback.py``.
 - No test may leave /tmp/ray/ray_current_cluster naming a cluster it started: a bare ``ray.init()``
   anywhere on the machine (another user's script, another test run) joins whatever cluster that file
   names, and fails when it is gone. A test whose cluster is still running there fails, and the file is
@@ -16,6 +21,7 @@ from pathlib import Path
 import pytest
 
 os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
+os.environ.setdefault("RAY_AUTH_MODE", "disabled")
 
 CURRENT_CLUSTER = Path("/tmp/ray/ray_current_cluster")
 

@@ -43,6 +43,7 @@ def _loopback(address: str) -> bool:
 def test_a_local_sweep_listens_on_loopback_only(tmp_path):
     env = cli_env()
     env.pop(ENV)  # the CLI's own default, not the test helper's, is what is tested
+    env.pop("RAY_AUTH_MODE", None)  # and Ray's own (token authentication for a new local cluster)
     spec = write_spec(tmp_path, tiny_spec(**{"axes.paradigm": ["scratch"], "axes.freeze_depth": [0]}))
     proc = start_cli("launch", str(spec), "--tracking-uri", sqlite_uri(tmp_path), "--storage", str(tmp_path / "results"),
                      "--quiet", cwd=tmp_path, env=env)
