@@ -28,11 +28,18 @@ from trainables.errors import UserError
 from trainables.metrics import direction, is_signed
 
 __all__ = ["AXIS_PARAMS", "SPLITS", "SweepNotFoundError", "load_trials", "aggregate_seeds", "front_table", "list_sweeps",
-           "parent_run", "sweep_objectives", "sweep_trials", "split_metric", "t_interval", "pareto",
+           "axis_column", "parent_run", "sweep_objectives", "sweep_trials", "split_metric", "t_interval", "pareto",
            "best", "compare", "paired_tests", "holm", "relative_change", "QueryError", "inheritance", "fairest_level"]
 
 AXIS_PARAMS = ("backbone", "paradigm", "intervention.kind", "intervention.magnitude", "freeze_depth", "finetune.size")
 _NUMERIC_AXES = ("intervention.magnitude", "finetune.size")
+# a sweep file's axis names, where the trials' column is spelled differently
+_SPEC_AXIS_COLUMNS = {"finetune_size": "finetune.size", "magnitude": "intervention.magnitude"}
+
+
+def axis_column(name: str) -> str:
+    """The trials' column for ``name``, which may be spelled as in the sweep file (``finetune_size``)."""
+    return _SPEC_AXIS_COLUMNS.get(name, name)
 _FALLBACK_RUNS = 1000  # trial runs read to name the sweeps of an experiment without parent runs
 
 
@@ -214,6 +221,7 @@ def sweep_trials(client: Any, sweep: str, experiment: str | None = None, *,
         if col not in df:
             df[col] = pd.Series(dtype=float if col in _NUMERIC_AXES else object)
     for key, value in (filters or {}).items():
+        key = axis_column(key)
         if key not in df:
             raise QueryError(f"cannot filter on {key!r}: not a column of the trials; columns: {', '.join(df.columns)}")
         df = df[_matches(df[key], value)]
@@ -453,6 +461,7 @@ def compare(trials: pd.DataFrame, by: str, perf: str, fair: str, *, max_drop: fl
     _check_metrics(trials, perf, fair)
     pareto_mod.check_budget(max_drop, max_rel_drop)
     rows = _rows(trials, [sel_perf, sel_fair, perf, fair], by_config)
+    by = axis_column(by)
     if by not in rows:
         raise QueryError(f"cannot group by {by!r}; use one of {', '.join(c for c in AXIS_PARAMS + ('seed',) if c in rows)}")
     shown = list(dict.fromkeys([sel_perf, sel_fair, perf, fair]))

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 
+import pandas as pd
 import pytest
 from mlflow.tracking import MlflowClient
 
@@ -69,6 +70,10 @@ def test_queries_group_by_the_size(launched):
     assert len(sweep_trials(client, "sizes", filters={"finetune.size": 128})) == 2
     table = compare(trials, "finetune.size", "accuracy", "equalized_odds_difference", max_drop=1.0)
     assert list(table["finetune.size"]) == [64, 128] and list(table["n_pairs"]) == [0, 2]  # paired on seed
+    # the sweep file's spelling of the axis names the same column
+    assert len(sweep_trials(client, "sizes", filters={"finetune_size": 128})) == 2
+    spelled = compare(trials, "finetune_size", "accuracy", "equalized_odds_difference", max_drop=1.0)
+    pd.testing.assert_frame_equal(spelled, table)
     out = run_cli("compare", "sizes", "--by", "finetune.size", "--max-drop", "1", "--tracking-uri", uri,
                   "--format", "json", cwd=tmp)
     assert out.returncode == 0, out.stderr[-2000:]
