@@ -128,6 +128,7 @@ def _check_complete(tmp: Path, uri: str, name: str, finished_before: dict[str, i
 
 def _finished_histories(uri: str, name: str) -> dict[str, int]:
     client = MlflowClient(uri)
+    mlflow.set_tracking_uri(uri)  # not left to whichever helper ran before
     runs = mlflow.search_runs(experiment_names=[name], filter_string="tags.`fairsweep.kind` = 'trial' AND attributes.status = 'FINISHED'")
     return {r: len(client.get_metric_history(r, "train_loss")) for r in runs["run_id"]}
 
