@@ -22,6 +22,7 @@ import pytest
 
 os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
 os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+AUTH_MODE = os.environ["RAY_AUTH_MODE"]
 
 CURRENT_CLUSTER = Path("/tmp/ray/ray_current_cluster")
 
@@ -66,3 +67,15 @@ def _ray_current_cluster_unchanged():
         CURRENT_CLUSTER.write_bytes(before)
     pytest.fail(f"the test left {CURRENT_CLUSTER} naming a cluster it started and did not stop ({before!r} -> "
                 f"{after!r}); restored it. Start test clusters with their own temp dir, and shut them down")
+
+
+@pytest.fixture(autouse=True)
+def _ray_auth_mode_unchanged():
+    """The session's Ray authentication mode is the one pinned above after every test: a test (or the code
+    it runs) that changes it in this process is named here, not by the later test whose cluster it breaks."""
+    yield
+    now = os.environ.get("RAY_AUTH_MODE")
+    if now != AUTH_MODE:
+        os.environ["RAY_AUTH_MODE"] = AUTH_MODE
+        pytest.fail(f"the test left RAY_AUTH_MODE={now!r} in this process (the session runs with {AUTH_MODE!r}); "
+                    "restored it. Ray caches the mode per process at its first init: use monkeypatch, or a subprocess")
