@@ -213,6 +213,27 @@ def _retry(fn: Callable[[], T], path: Path, *, schema: bool = False) -> T:
 
 
 # -- clients --------------------------------------------------------------------------------------
+_MLFLOW_BUSY_TIMEOUT = "PRAGMA busy_timeout = 20000"
+
+
+def _bounded_busy_timeout(conn: Any, cursor: Any, statement: str, parameters: Any, context: Any,
+                          executemany: bool) -> tuple[str, Any]:
+    """MLflow sets SQLite's busy timeout to 20 s at the start of every session, so one call on a locked file
+    would block 20 s whatever the bound; below 20 s the bound's own value is set instead."""
+    if statement.startswith(_MLFLOW_BUSY_TIMEOUT):
+        statement = f"PRAGMA busy_timeout = {int(min(lock_wait_s(), 20.0) * 1000)};"
+    return statement, parameters
+
+
+def _bound_busy_waits(client: Any) -> None:
+    """Rewrite MLflow's busy timeout on this client's engine (MLflow shares one engine per URI: once)."""
+    from sqlalchemy import event
+
+    engine = getattr(getattr(getattr(client, "_tracking_client", None), "store", None), "engine", None)
+    if engine is not None and not event.contains(engine, "before_cursor_execute", _bounded_busy_timeout):
+        event.listen(engine, "before_cursor_execute", _bounded_busy_timeout, retval=True)
+
+
 class RetryingClient:
     """An MlflowClient whose calls wait out a locked SQLite file (bounded, then StoreLockedError).
     A call that failed on the lock was rolled back by SQLite, so calling it again writes once."""
@@ -308,4 +329,5 @@ def open_client(uri: str, *, create: bool = False) -> RetryingClient:
         if create and not path.exists():
             _retry(lambda: _create_sqlite(path), path, schema=True)
         client = _retry(lambda: MlflowClient(tracking_uri=uri), path, schema=True)
+    _bound_busy_waits(client)
     return RetryingClient(client, path)

@@ -138,6 +138,34 @@ def test_calls_wait_out_a_lock_released_within_the_bound(tmp_path, monkeypatch):
         holder.close()
 
 
+def test_one_call_on_a_locked_store_waits_the_bound_not_mlflows_20_s(tmp_path, monkeypatch):
+    """MLflow sets SQLite's busy timeout to 20 s per session; a client from open_client sets the bound."""
+    from sqlalchemy import event
+
+    from orchestrator import store
+
+    uri = _mlflow_store(tmp_path)
+    monkeypatch.setenv(store.LOCK_WAIT_ENV, "0.5")
+    client = store.open_client(uri)
+    engine = client._client._tracking_client.store.engine
+    seen: list[str] = []
+
+    def record(conn, cursor, statement, *args):
+        seen.append(statement)
+
+    event.listen(engine, "after_cursor_execute", record)
+    try:
+        client.search_experiments()
+        monkeypatch.setenv(store.LOCK_WAIT_ENV, "300")  # read per session: capped at MLflow's own 20 s
+        client.search_experiments()
+    finally:
+        event.remove(engine, "after_cursor_execute", record)
+    timeouts = [s for s in seen if s.startswith("PRAGMA busy_timeout")]
+    assert timeouts == ["PRAGMA busy_timeout = 500;", "PRAGMA busy_timeout = 20000;"], timeouts
+    store.open_client(uri)  # a second client of the same URI shares the engine: the rewrite is not doubled
+    assert sum(1 for fn in engine.dispatch.before_cursor_execute if fn is store._bounded_busy_timeout) == 1
+
+
 # -- storage and names -------------------------------------------------------------------------------
 def test_an_unusable_storage_path_exits_2(tmp_path):
     spec = write_spec(tmp_path, tiny_spec())
