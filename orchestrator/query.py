@@ -34,12 +34,14 @@ __all__ = ["AXIS_PARAMS", "SPLITS", "SweepNotFoundError", "load_trials", "aggreg
 AXIS_PARAMS = ("backbone", "paradigm", "intervention.kind", "intervention.magnitude", "freeze_depth", "finetune.size")
 _NUMERIC_AXES = ("intervention.magnitude", "finetune.size")
 # a sweep file's axis names, where the trials' column is spelled differently
-_SPEC_AXIS_COLUMNS = {"finetune_size": "finetune.size", "magnitude": "intervention.magnitude"}
+_SPEC_AXIS_COLUMNS = {"finetune_size": "finetune.size"}
 
 
 def axis_column(name: str) -> str:
     """The trials' column for ``name``, which may be spelled as in the sweep file (``finetune_size``)."""
     return _SPEC_AXIS_COLUMNS.get(name, name)
+
+
 _FALLBACK_RUNS = 1000  # trial runs read to name the sweeps of an experiment without parent runs
 
 
@@ -356,11 +358,12 @@ def best(trials: pd.DataFrame, perf: str, fair: str, *, max_drop: float | None =
     if reference:
         sel = valid.copy()
         for key, value in reference.items():
+            key = axis_column(key)
             if key not in rows:
                 raise QueryError(f"reference key {key!r} is not a column; use one of {', '.join(AXIS_PARAMS)}")
             sel &= _matches(rows[key], value)
         if not sel.any():
-            values = {k: sorted(map(str, rows[k].dropna().unique())) for k in reference if k in rows}
+            values = {c: sorted(map(str, rows[c].dropna().unique())) for c in map(axis_column, reference) if c in rows}
             raise QueryError(f"no trial with both metrics matches reference {dict(reference)}; values present: {values}")
         ref_rows = rows[sel]
     else:
@@ -398,6 +401,7 @@ def paired_tests(trials: pd.DataFrame, by: str, metric: str, reference_group: An
     Wilcoxon signed-rank test (scipy), both two-sided with Holm-adjusted p-values across the groups."""
     from scipy import stats
 
+    by = axis_column(by)
     others = [c for c in (*AXIS_PARAMS, "seed") if c in trials and c != by]
     values = trials.assign(_v=_objective_values(trials, [metric])[:, 0]) if len(trials) else trials.assign(_v=np.nan)
     values = values[values["_v"].notna()]
@@ -579,6 +583,7 @@ def fairest_level(trials: pd.DataFrame, perf: str, fair: str, *, axis: str = "in
     and ``perf_cost`` = best − perf at the fairest level (negative: the fairest level is also the most
     accurate). Paper A's "correcting the finetuning data at little cost", per base."""
     _check_metrics(trials, perf, fair)
+    axis = axis_column(axis)
     if axis not in trials:
         raise QueryError(f"no column {axis!r}; axes: {', '.join(c for c in AXIS_PARAMS if c in trials)}")
     configs = aggregate_seeds(trials, [perf, fair])

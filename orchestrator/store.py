@@ -226,7 +226,9 @@ def _bounded_busy_timeout(conn: Any, cursor: Any, statement: str, parameters: An
 
 
 def _bound_busy_waits(client: Any) -> None:
-    """Rewrite MLflow's busy timeout on this client's engine (MLflow shares one engine per URI: once)."""
+    """Rewrite MLflow's busy timeout on this client's engine (MLflow shares one engine per URI: once). The
+    client's construction itself still runs under MLflow's 20 s: a lock taken between the probe and that
+    moment can hold the first open up to 20 s a try."""
     from sqlalchemy import event
 
     engine = getattr(getattr(getattr(client, "_tracking_client", None), "store", None), "engine", None)

@@ -21,7 +21,7 @@ from pathlib import Path
 import pytest
 
 os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
-os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+os.environ["RAY_AUTH_MODE"] = "disabled"  # outright: a developer's exported token mode would break the cluster tests
 AUTH_MODE = os.environ["RAY_AUTH_MODE"]
 
 CURRENT_CLUSTER = Path("/tmp/ray/ray_current_cluster")
@@ -78,4 +78,5 @@ def _ray_auth_mode_unchanged():
     if now != AUTH_MODE:
         os.environ["RAY_AUTH_MODE"] = AUTH_MODE
         pytest.fail(f"the test left RAY_AUTH_MODE={now!r} in this process (the session runs with {AUTH_MODE!r}); "
-                    "restored it. Ray caches the mode per process at its first init: use monkeypatch, or a subprocess")
+                    "restored it; Ray caches the mode per process at its first init, so a test that needs another "
+                    "mode runs Ray in a subprocess")

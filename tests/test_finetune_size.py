@@ -11,7 +11,7 @@ from mlflow.tracking import MlflowClient
 
 from orchestrator.mlflow_runs import TAGS
 from orchestrator.plan import build_plan
-from orchestrator.query import compare, sweep_trials
+from orchestrator.query import best, compare, paired_tests, sweep_trials
 from orchestrator.spec import parse_spec
 from tests.helpers import run_cli, sqlite_uri, tiny_spec, write_spec
 
@@ -74,6 +74,11 @@ def test_queries_group_by_the_size(launched):
     assert len(sweep_trials(client, "sizes", filters={"finetune_size": 128})) == 2
     spelled = compare(trials, "finetune_size", "accuracy", "equalized_odds_difference", max_drop=1.0)
     pd.testing.assert_frame_equal(spelled, table)
+    pd.testing.assert_frame_equal(
+        best(trials, "accuracy", "equalized_odds_difference", max_drop=1.0, reference={"finetune_size": 128}),
+        best(trials, "accuracy", "equalized_odds_difference", max_drop=1.0, reference={"finetune.size": 128}))
+    pd.testing.assert_frame_equal(paired_tests(trials, "finetune_size", "equalized_odds_difference", 64),
+                                  paired_tests(trials, "finetune.size", "equalized_odds_difference", 64))
     out = run_cli("compare", "sizes", "--by", "finetune.size", "--max-drop", "1", "--tracking-uri", uri,
                   "--format", "json", cwd=tmp)
     assert out.returncode == 0, out.stderr[-2000:]
