@@ -26,7 +26,7 @@ from orchestrator.storage import sqlite_path
 from trainables.errors import UserError
 
 __all__ = ["StoreError", "StoreLockedError", "LOCK_WAIT_ENV", "check_store", "open_client", "lock_wait_s",
-           "store_cause", "RetryingClient"]
+           "store_cause", "RetryingClient", "sqlalchemy_engine"]
 
 LOCK_WAIT_ENV = "FAIRSWEEP_STORE_LOCK_WAIT_S"
 DEFAULT_LOCK_WAIT_S = 120.0
@@ -225,13 +225,19 @@ def _bounded_busy_timeout(conn: Any, cursor: Any, statement: str, parameters: An
     return statement, parameters
 
 
+def sqlalchemy_engine(client: Any) -> Any:
+    """The SQLAlchemy engine behind an MlflowClient of a database store (None for others); MLflow shares
+    one per URI."""
+    return getattr(getattr(getattr(client, "_tracking_client", None), "store", None), "engine", None)
+
+
 def _bound_busy_waits(client: Any) -> None:
-    """Rewrite MLflow's busy timeout on this client's engine (MLflow shares one engine per URI: once). The
-    client's construction itself still runs under MLflow's 20 s: a lock taken between the probe and that
-    moment can hold the first open up to 20 s a try."""
+    """Rewrite MLflow's busy timeout on this client's engine (once per engine). The client's construction
+    itself still runs under MLflow's 20 s: a lock taken between the probe and that moment can hold the
+    first open up to 20 s a try."""
     from sqlalchemy import event
 
-    engine = getattr(getattr(getattr(client, "_tracking_client", None), "store", None), "engine", None)
+    engine = sqlalchemy_engine(client)
     if engine is not None and not event.contains(engine, "before_cursor_execute", _bounded_busy_timeout):
         event.listen(engine, "before_cursor_execute", _bounded_busy_timeout, retval=True)
 

@@ -21,8 +21,8 @@ from pathlib import Path
 import pytest
 
 os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
-os.environ["RAY_AUTH_MODE"] = "disabled"  # outright: a developer's exported token mode would break the cluster tests
-AUTH_MODE = os.environ["RAY_AUTH_MODE"]
+AUTH_MODE = "disabled"
+os.environ["RAY_AUTH_MODE"] = AUTH_MODE  # outright: a developer's exported token mode would break the cluster tests
 
 CURRENT_CLUSTER = Path("/tmp/ray/ray_current_cluster")
 

@@ -147,7 +147,7 @@ def test_one_call_on_a_locked_store_waits_the_bound_not_mlflows_20_s(tmp_path, m
     uri = _mlflow_store(tmp_path)
     monkeypatch.setenv(store.LOCK_WAIT_ENV, "0.5")
     client = store.open_client(uri)
-    engine = client._client._tracking_client.store.engine
+    engine = store.sqlalchemy_engine(client._client)
     seen: list[str] = []
 
     def record(conn, cursor, statement, *args):
