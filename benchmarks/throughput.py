@@ -3,7 +3,8 @@
 Three ways to run the same spec, interleaved and repeated in one invocation (A B C A B C ..., medians):
 
   floor      the same trials through ``train_and_evaluate`` (pretraining jobs first, then the trials) in a
-             pool of plain worker processes, one per trial slot: no Ray, no MLflow, no checkpoints;
+             pool of plain worker processes, one per trial slot: no Ray, no MLflow, no checkpoints; timed
+             as a fresh ``python`` process, like the launch (interpreter start and imports included);
   fairsweep  ``fairsweep launch SPEC`` (Ray, MLflow, checkpoints, the shared stages);
   naive      ``benchmarks/naive_tune.py``: a plain Tune grid with MLflowLoggerCallback and the pretraining
              inside every trial (what a user writes instead).
@@ -17,6 +18,7 @@ results). Usage:
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import statistics
 import subprocess
@@ -77,6 +79,19 @@ def run_floor(spec: Path, workdir: Path) -> tuple[float, dict[str, dict]]:
     return time.perf_counter() - started, results
 
 
+def run_floor_cold(spec: Path, workdir: Path) -> tuple[float, dict[str, dict]]:
+    """``run_floor`` in a fresh Python process, timed from outside like ``fairsweep launch``: a warm benchmark
+    process (torch already imported, forked into the pool) would leave the floor's start-up uncounted."""
+    out_file = workdir / "floor.json"
+    started = time.perf_counter()
+    out = subprocess.run([sys.executable, __file__, str(spec), "--floor-into", str(out_file)], cwd=workdir, env=_env(),
+                         capture_output=True, text=True)
+    wall = time.perf_counter() - started
+    if out.returncode != 0:
+        raise RuntimeError(f"floor failed ({out.returncode}): {out.stdout[-1500:]}{out.stderr[-1500:]}")
+    return wall, json.loads(out_file.read_text())
+
+
 def run_fairsweep(spec: Path, workdir: Path) -> tuple[float, dict[str, dict]]:
     uri = f"sqlite:///{workdir / 'mlflow.db'}"
     started = time.perf_counter()
@@ -111,9 +126,14 @@ def main() -> int:
     ap.add_argument("spec", nargs="?", default=str(REPO / "sweeps" / "quickstart.yaml"))
     ap.add_argument("--repeats", type=int, default=2)
     ap.add_argument("--skip-naive", action="store_true", help="floor and fairsweep only (the naive script is slow)")
+    ap.add_argument("--floor-into", help=argparse.SUPPRESS)  # internal: run the floor here, write its results there
     args = ap.parse_args()
     spec = Path(args.spec).resolve()
-    modes = {"floor": run_floor, "fairsweep": run_fairsweep, **({} if args.skip_naive else {"naive": run_naive})}
+    if args.floor_into:
+        _, results = run_floor(spec, Path(args.floor_into).parent)
+        Path(args.floor_into).write_text(json.dumps(results, default=str))
+        return 0
+    modes = {"floor": run_floor_cold, "fairsweep": run_fairsweep, **({} if args.skip_naive else {"naive": run_naive})}
     times: dict[str, list[float]] = {m: [] for m in modes}
     worst = 0.0
     for rep in range(args.repeats):

@@ -13,6 +13,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import threading
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterator
@@ -27,7 +28,7 @@ from orchestrator.spec import parse_spec
 from orchestrator.storage import (CACHE_DIRNAME, artifact_location, check_storage_writable, experiment_path,
                                   read_sweep_record, resolve_storage, resolve_tracking_uri, sqlite_path,
                                   write_sweep_record)
-from orchestrator.store import check_store, open_client, store_cause
+from orchestrator.store import SchemaAhead, check_store, open_client, store_cause
 from trainables.errors import UserError
 from trainables.finetune import TrialContext, finetune_trial
 from trainables.plugins import with_plugins  # a plugin's names resolve in every Ray worker too
@@ -243,13 +244,19 @@ def launch(plan: Plan, options: LaunchOptions = LaunchOptions()) -> LaunchResult
             ),
         )
 
-    with _ray_session(spec, options):  # the resource check needs Ray; it must pass before anything is written
-        with _driver_lock(path, spec.name, storage, new=True):
-            refuse_existing()  # a launch of the same sweep may have run while this one started Ray
-            _refuse_tracked_sweep(spec, tracking_uri, storage)
-            write_sweep_record(path, {"spec": dict(spec.source), "tracking_uri": tracking_uri, "cache_root": cache_root,
-                                      "cwd": os.getcwd()})  # relative file: checkpoints resolve against it on resume
-            return _run(plan, path, tracking_uri, cache_root, options, make_tuner)
+    schema = SchemaAhead(tracking_uri)  # a new store's schema is built while Ray starts; in place only once all passed
+    try:
+        with _ray_session(spec, options) as release_ray:  # the resource check needs Ray; it must pass before any write
+            with _driver_lock(path, spec.name, storage, new=True):
+                refuse_existing()  # a launch of the same sweep may have run while this one started Ray
+                _refuse_tracked_sweep(spec, tracking_uri, storage)
+                # cwd: a relative file (a checkpoint, a dataset folder) resolves against it on resume
+                write_sweep_record(path, {"spec": dict(spec.source), "tracking_uri": tracking_uri,
+                                          "cache_root": cache_root, "cwd": os.getcwd()})
+                schema.install()
+                return _run(plan, path, tracking_uri, cache_root, options, make_tuner, release_ray)
+    finally:
+        schema.discard()
 
 
 def resume(name: str, options: LaunchOptions = LaunchOptions(), *, retry_errored: bool = False) -> LaunchResult:
@@ -280,8 +287,8 @@ def resume(name: str, options: LaunchOptions = LaunchOptions(), *, retry_errored
         tuner._local_tuner.get_run_config().callbacks = [tracker]
         return tuner
 
-    with _ray_session(plan.spec, options), _driver_lock(path, name, storage, new=False):
-        return _run(plan, path, tracking_uri, cache_root, options, make_tuner)
+    with _ray_session(plan.spec, options) as release_ray, _driver_lock(path, name, storage, new=False):
+        return _run(plan, path, tracking_uri, cache_root, options, make_tuner, release_ray)
 
 
 def _busy_message(name: str, storage: str) -> str:
@@ -328,8 +335,10 @@ def _driver_lock(path: str, name: str, storage: str, *, new: bool) -> Iterator[N
 
 
 @contextlib.contextmanager
-def _ray_session(spec: Any, options: LaunchOptions) -> Iterator[None]:
-    """Ray for the block, its resources checked first; a Ray this process started is shut down after."""
+def _ray_session(spec: Any, options: LaunchOptions) -> Iterator[Callable[[], None]]:
+    """Ray for the block, its resources checked first; a Ray this process started is shut down after.
+    Yields ``release``: called once the trials are over, it shuts that Ray down in a thread while the driver
+    writes the sweep's summary (stopping a local Ray takes a second or more)."""
     import ray
 
     cluster = bool(options.address or os.environ.get("RAY_ADDRESS"))
@@ -337,19 +346,28 @@ def _ray_session(spec: Any, options: LaunchOptions) -> Iterator[None]:
     if options.dashboard and options.progress:
         options.progress(f"Ray dashboard: http://{dashboard_url}" if dashboard_url else
                          "Ray dashboard: not running (it needs ray[default]: pip install -e '.[cluster]')")
+    stopping: list[threading.Thread] = []
+
+    def release() -> None:
+        if started and not stopping:
+            stopping.append(threading.Thread(target=ray.shutdown, name="fairsweep-ray-shutdown", daemon=True))
+            stopping[0].start()
+
     try:
         _check_resources(spec.resources, local=started and not cluster)
-        yield
+        yield release
     finally:
-        if started:
+        if stopping:
+            stopping[0].join()
+        elif started:
             ray.shutdown()
 
 
 def _run(plan: Plan, path: str, tracking_uri: str, cache_root: str, options: LaunchOptions,
-         make_tuner: Callable[[Any, Any], Any]) -> LaunchResult:
+         make_tuner: Callable[[Any, Any], Any], release_ray: Callable[[], None]) -> LaunchResult:
     """Shared by launch and resume, under the driver lock with Ray up: parent run, pretraining, Tune, then
-    the summary. A store that fails mid-sweep (locked past the bound) stops it as a StoreError that says
-    how to continue."""
+    the summary (Ray released first: it needs only MLflow and the checkpoints' files). A store that fails
+    mid-sweep (locked past the bound) stops it as a StoreError that says how to continue."""
     from ray import tune
 
     from orchestrator.tracking import SweepTracker
@@ -376,6 +394,7 @@ def _run(plan: Plan, path: str, tracking_uri: str, cache_root: str, options: Lau
         trainable = tune.with_resources(tune.with_parameters(with_plugins(finetune_trial, spec.plugins), context=context),
                                         {"cpu": res.cpus_per_trial, "gpu": res.gpus_per_trial})
         make_tuner(trainable, tracker).fit()
+        release_ray()
         front = tracker.refresh_front()
         try:  # a convenience at the end: a sweep whose models cannot be logged has still finished
             tracker.log_front_models(front)

@@ -16,6 +16,7 @@ import logging
 import os
 import socket
 import sqlite3
+import threading
 import time
 from contextlib import contextmanager
 from pathlib import Path
@@ -26,7 +27,7 @@ from orchestrator.storage import sqlite_path
 from trainables.errors import UserError
 
 __all__ = ["StoreError", "StoreLockedError", "LOCK_WAIT_ENV", "check_store", "open_client", "lock_wait_s",
-           "store_cause", "RetryingClient", "sqlalchemy_engine"]
+           "store_cause", "RetryingClient", "sqlalchemy_engine", "SchemaAhead"]
 
 LOCK_WAIT_ENV = "FAIRSWEEP_STORE_LOCK_WAIT_S"
 DEFAULT_LOCK_WAIT_S = 120.0
@@ -299,29 +300,80 @@ def _init_lock(path: Path, *, create: bool) -> Iterator[None]:
         os.close(fd)  # closing drops the flock
 
 
-def _create_sqlite(path: Path) -> None:
-    """Build the full schema in a private file, then link it into place: the database appears
-    complete or not at all, so a reader polling for it (``mlflow ui``, a script) never opens it half-built."""
+def _build_schema(tmp: Path) -> None:
+    """MLflow's full schema (its migrations, default experiment included) in the private file ``tmp``."""
     from mlflow.store.tracking.sqlalchemy_store import SqlAlchemyStore
     from mlflow.tracking._tracking_service.utils import _get_sqlalchemy_store
 
-    tmp = path.with_name(f".{path.name}.creating-{os.getpid()}")
     tmp_uri = f"sqlite:///{tmp}"
     tmp.unlink(missing_ok=True)
+    _get_sqlalchemy_store(tmp_uri, None)  # what MlflowClient would build
+    engine = SqlAlchemyStore._engine_map.pop(tmp_uri, None)
+    if engine is not None:
+        engine.dispose()
+
+
+def _link_into_place(tmp: Path, path: Path) -> None:
     try:
-        _get_sqlalchemy_store(tmp_uri, None)  # what MlflowClient would build, default experiment included
-        engine = SqlAlchemyStore._engine_map.pop(tmp_uri, None)
-        if engine is not None:
-            engine.dispose()
-        try:
-            os.link(tmp, path)
-        except FileExistsError:
-            pass  # another program created it meanwhile: open that one
-        except OSError:  # a filesystem without hard links
-            if not path.exists():
-                os.replace(tmp, path)
+        os.link(tmp, path)
+    except FileExistsError:
+        pass  # another program created it meanwhile: open that one
+    except OSError:  # a filesystem without hard links
+        if not path.exists():
+            os.replace(tmp, path)
+
+
+def _create_sqlite(path: Path) -> None:
+    """Build the full schema in a private file, then link it into place: the database appears
+    complete or not at all, so a reader polling for it (``mlflow ui``, a script) never opens it half-built."""
+    tmp = path.with_name(f".{path.name}.creating-{os.getpid()}")
+    try:
+        _build_schema(tmp)
+        _link_into_place(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)
+
+
+class SchemaAhead:
+    """A new SQLite store's schema, built in a thread while the driver starts Ray, in a private file that
+    ``install`` links into place once the launch's checks have passed and ``discard`` removes otherwise.
+    Why: MLflow's migrations take seconds of a launch's fixed cost, and a refused launch must leave no
+    database behind. For a server URI or an existing file it does nothing."""
+
+    def __init__(self, uri: str):
+        path = sqlite_path(uri)
+        self._path = path if path is not None and not path.exists() else None
+        self._tmp: Path | None = None
+        self._failed = False
+        self._thread: threading.Thread | None = None
+        if self._path is not None:
+            self._tmp = self._path.with_name(f".{self._path.name}.ahead-{os.getpid()}")
+            self._thread = threading.Thread(target=self._build, name="fairsweep-mlflow-schema", daemon=True)
+            self._thread.start()
+
+    def _build(self) -> None:
+        try:
+            _build_schema(self._tmp)
+        except Exception:  # noqa: BLE001 - install then leaves the creation to open_client, which says what failed
+            self._failed = True
+
+    def install(self) -> None:
+        """Link the built schema into place (unless another process created the store meanwhile)."""
+        if self._thread is None:
+            return
+        self._thread.join()
+        if not self._failed:
+            with _init_lock(self._path, create=True):
+                if not self._path.exists():
+                    _link_into_place(self._tmp, self._path)
+        self.discard()
+
+    def discard(self) -> None:
+        if self._thread is None:
+            return
+        self._thread.join()
+        self._tmp.unlink(missing_ok=True)
+        self._thread = None
 
 
 def open_client(uri: str, *, create: bool = False) -> RetryingClient:

@@ -166,6 +166,34 @@ def test_one_call_on_a_locked_store_waits_the_bound_not_mlflows_20_s(tmp_path, m
     assert sum(1 for fn in engine.dispatch.before_cursor_execute if fn is store._bounded_busy_timeout) == 1
 
 
+def test_a_schema_built_ahead_appears_whole_and_only_once_installed(tmp_path):
+    """launch builds a new store's schema while Ray starts (SchemaAhead): the database shows up complete, at
+    install, and a discarded one (a refused launch) leaves nothing behind."""
+    from orchestrator import store
+
+    uri, db = sqlite_uri(tmp_path), tmp_path / "mlflow.db"
+    ahead = store.SchemaAhead(uri)
+    ahead._thread.join()  # built, and still private
+    assert not db.exists() and [p.name for p in tmp_path.iterdir()] == [f".mlflow.db.ahead-{os.getpid()}"]
+    ahead.install()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["mlflow.db", "mlflow.db.lock"]
+    assert [e.name for e in store.open_client(uri).search_experiments()] == ["Default"]
+
+    other = tmp_path / "other"
+    other.mkdir()
+    store.SchemaAhead(sqlite_uri(other)).discard()
+    assert list(other.iterdir()) == []
+
+    ahead = store.SchemaAhead(sqlite_uri(other))  # another program creates the store meanwhile: its store stays
+    ahead._thread.join()
+    subprocess.run([sys.executable, "-c", "from orchestrator.store import open_client; "
+                    f"open_client({sqlite_uri(other)!r}, create=True).create_experiment('theirs')"], check=True,
+                   cwd=REPO, env=cli_env(), timeout=120)
+    ahead.install()
+    assert "theirs" in [e.name for e in store.open_client(sqlite_uri(other)).search_experiments()]
+    assert sorted(p.name for p in other.iterdir()) == ["mlflow.db", "mlflow.db.lock"]
+
+
 # -- storage and names -------------------------------------------------------------------------------
 def test_an_unusable_storage_path_exits_2(tmp_path):
     spec = write_spec(tmp_path, tiny_spec())

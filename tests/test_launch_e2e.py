@@ -22,8 +22,22 @@ def launched(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("launch")
     spec = write_spec(tmp, tiny_spec())
     uri = sqlite_uri(tmp)
-    out = run_cli("launch", str(spec), "--tracking-uri", uri, "--storage", str(tmp / "results"), "--quiet", cwd=tmp)
+    out = run_cli("launch", str(spec), "--tracking-uri", uri, "--storage", str(tmp / "results"), cwd=tmp)  # not --quiet
     return tmp, uri, out
+
+
+def test_long_phases_print_progress_lines(launched):
+    """Without --quiet the driver says what it is doing: each pretraining job as it ends, then the sweep's
+    counts, front size and time left every few seconds (plain lines, also when not on a terminal)."""
+    _, _, out = launched
+    lines = [line for line in out.stderr.splitlines() if line.startswith("[fairsweep] ")]
+    assert "[fairsweep] pretraining: 1 job(s) (test_resnet/supervised)" in lines
+    assert any(line.startswith("[fairsweep] pretraining 1/1 done: test_resnet/supervised (1 epochs, last loss ")
+               for line in lines), lines
+    # Tune's own progress table shows the objectives on validation (what the choices are made on)
+    assert "val_accuracy" in out.stdout and "val_equalized_odds_difference" in out.stdout
+    trial_lines = [line for line in lines if line.startswith("[fairsweep] trials: ")]
+    assert trial_lines and "/8 finished" in trial_lines[0] and "Pareto front:" in trial_lines[0], lines
 
 
 def test_launch_exits_cleanly_and_prints_the_front(launched):

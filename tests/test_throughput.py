@@ -1,6 +1,6 @@
 """A sweep costs what its training costs: long-lived workers, the frozen-prefix feature cache through a real
-launch (identical results with it off), checkpoints by time, and a driver that refreshes the front at most
-every few seconds."""
+launch (identical results with it off) and checkpoints by time. (The driver's progress lines are tested
+with the launch of tests/test_launch_e2e.py.)"""
 from __future__ import annotations
 
 from pathlib import Path
@@ -52,20 +52,3 @@ def test_cached_features_long_lived_workers_and_checkpoints_by_time(tmp_path):
         assert [p.name for p in sorted(Path(trial.path).glob("checkpoint_*"))] == ["checkpoint_000000"]  # the only one: numbered by checkpoint, not epoch
     for trial in ExperimentAnalysis(str(plain_path)).trials:
         assert len(list(Path(trial.path).glob("checkpoint_*"))) == 2  # num_to_keep of one per epoch
-
-
-def test_long_phases_print_progress_lines(tmp_path):
-    """Without --quiet the driver says what it is doing: each pretraining job as it ends, then the sweep's
-    counts, front size and time left every few seconds (plain lines, also when not on a terminal)."""
-    spec = tiny_spec(**{"name": "talky", "axes.paradigm": ["supervised"], "finetune.epochs": 6})  # 4 trials
-    out = run_cli("launch", str(write_spec(tmp_path, spec)), "--tracking-uri", sqlite_uri(tmp_path), "--storage",
-                  str(tmp_path / "results"), cwd=tmp_path)
-    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
-    lines = [line for line in out.stderr.splitlines() if line.startswith("[fairsweep] ")]
-    assert "[fairsweep] pretraining: 1 job(s) (test_resnet/supervised)" in lines
-    assert any(line.startswith("[fairsweep] pretraining 1/1 done: test_resnet/supervised (1 epochs, last loss ")
-               for line in lines), lines
-    # Tune's own progress table shows the objectives on validation (what the choices are made on)
-    assert "val_accuracy" in out.stdout and "val_equalized_odds_difference" in out.stdout
-    trial_lines = [line for line in lines if line.startswith("[fairsweep] trials: ")]
-    assert trial_lines and "/4 finished" in trial_lines[0] and "Pareto front:" in trial_lines[0], lines
