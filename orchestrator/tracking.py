@@ -346,9 +346,6 @@ class SweepTracker(tune.Callback):
         self.progress(f"trials: {finished}/{total} finished, {running} running, {failed} failed; Pareto front: "
                       f"{self._front_size} configurations; {elapsed:.0f} s{eta}")
 
-    def on_experiment_end(self, trials: list, **info: Any) -> None:
-        self.refresh_front(draw=False)  # the driver draws the final figure once Tune has returned
-
     # -- bookkeeping for the summary and interruptions --------------------------------------------
     def _trial_runs(self, status: str | None = None) -> list:
         flt = run_filter(sweep=self.spec.name, kind="trial", status=status)
