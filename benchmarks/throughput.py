@@ -14,6 +14,9 @@ metric difference between floor and fairsweep trials of the same key (the orches
 results). Usage:
 
     .venv/bin/python benchmarks/throughput.py [SPEC] [--repeats 2] [--skip-naive]
+
+SPEC defaults to sweeps/quickstart.yaml; benchmarks/throughput_long.yaml is the same grid with training that
+takes minutes, where the ratio shows what orchestration adds beyond its fixed start-up cost.
 """
 from __future__ import annotations
 
