@@ -249,11 +249,13 @@ def launch(plan: Plan, options: LaunchOptions = LaunchOptions()) -> LaunchResult
         with _ray_session(spec, options) as release_ray:  # the resource check needs Ray; it must pass before any write
             with _driver_lock(path, spec.name, storage, new=True):
                 refuse_existing()  # a launch of the same sweep may have run while this one started Ray
+                # before this process opens the store again: MLflow's schema code is not thread-safe; and a store
+                # that did not exist holds no sweep to refuse, so what follows refuses only over an existing one
+                schema.install()
                 _refuse_tracked_sweep(spec, tracking_uri, storage)
                 # cwd: a relative file (a checkpoint, a dataset folder) resolves against it on resume
                 write_sweep_record(path, {"spec": dict(spec.source), "tracking_uri": tracking_uri,
                                           "cache_root": cache_root, "cwd": os.getcwd()})
-                schema.install()
                 return _run(plan, path, tracking_uri, cache_root, options, make_tuner, release_ray)
     finally:
         schema.discard()
