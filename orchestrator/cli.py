@@ -12,10 +12,12 @@ exits 2; any other exception is a bug and keeps its traceback (exit 1).
 from __future__ import annotations
 
 import argparse
+import atexit
 import contextlib
 import os
 import sys
-from typing import Iterator, Sequence
+import threading
+from typing import Iterator, NoReturn, Sequence
 
 from trainables.errors import UserError
 
@@ -464,5 +466,19 @@ def main(argv: Sequence[str] | None = None) -> int:
         return EXIT_INTERRUPTED
 
 
+def run() -> NoReturn:
+    """The console script (and ``python -m orchestrator.cli``): ``main``, its exit handlers, then the process
+    ends at once. Tearing down the modules of torch, Ray and MLflow afterwards did nothing a user needs and took
+    0.7 s after a query and 2.3 s after a launch (measured from the last exit handler to the process's end)."""
+    code = main()
+    for thread in threading.enumerate():  # what a normal exit waits for
+        if thread is not threading.main_thread() and not thread.daemon:
+            thread.join()
+    atexit._run_exitfuncs()  # Ray's, logging's and MLflow's exit handlers: the run's files are complete
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    run()
