@@ -108,3 +108,38 @@ def test_a_file_checkpoint_loads_and_changes_the_trial_result(tmp_path):
     # frozen features: only the checkpoint's representation can make the linear head accurate
     assert loaded["metrics.accuracy"] >= scratch["metrics.accuracy"] + 0.15, (loaded["metrics.accuracy"],
                                                                             scratch["metrics.accuracy"])
+
+
+def test_trials_on_other_bases_run_while_the_pretraining_does(tmp_path):
+    """Phase 1 under phase 2: one pretraining job on a 2-CPU machine leaves a slot free, so the scratch
+    trials run (and finish) while it trains; the supervised ones wait for it and name its run."""
+    spec = tiny_spec(**{"name": "overlap", "pretraining.epochs": 40, "axes.freeze_depth": [0]})  # 4 trials, 1 job
+    uri = sqlite_uri(tmp_path)
+    out = run_cli("launch", str(write_spec(tmp_path, spec)), "--tracking-uri", uri, "--storage", str(tmp_path / "r"),
+                  "--quiet", cwd=tmp_path, env=ENV)
+    assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-2000:]
+    (pretrain_run,) = _runs(uri, "overlap", "pretrain").itertuples()
+    logged = pretrain_run.start_time  # the driver logs a job's run as the job ends
+    trials = _runs(uri, "overlap", "trial")
+    scratch, supervised = (trials[trials["params.paradigm"] == p] for p in ("scratch", "supervised"))
+    assert (trials["status"] == "FINISHED").all() and len(scratch) == len(supervised) == 2
+    assert (scratch["end_time"] < logged).any(), "no scratch trial finished while the pretraining ran"
+    assert (supervised["end_time"] > logged).all()
+    assert (supervised["tags.fairsweep.pretrain_run_id"] == pretrain_run.run_id).all()
+
+
+@pytest.mark.parametrize("nodes, free, jobs, fits", [
+    ([{"CPU": 2.0}], {"CPU": 2.0}, 2, True),
+    ([{"CPU": 2.0}], {"CPU": 2.0}, 3, False),  # the third would wait for a slot that waiting trials hold
+    ([{"CPU": 1.5}, {"CPU": 1.5}], {"CPU": 3.0}, 3, False),  # 3 CPUs in all, but one whole slot per node
+    ([{"CPU": 8.0}], {"CPU": 1.0}, 2, False),  # the cluster is busy now
+])
+def test_trials_start_beside_the_pretraining_only_when_every_job_has_a_slot(monkeypatch, nodes, free, jobs, fits):
+    import ray
+
+    from orchestrator.pretraining import _fit_at_once
+    from orchestrator.spec import parse_spec
+
+    monkeypatch.setattr(ray, "nodes", lambda: [{"Alive": True, "Resources": r} for r in nodes])
+    monkeypatch.setattr(ray, "available_resources", lambda: free)
+    assert _fit_at_once(parse_spec(tiny_spec()).resources, jobs) is fits
