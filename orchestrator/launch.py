@@ -14,7 +14,6 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
-import threading
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterator
@@ -207,7 +206,7 @@ def launch(plan: Plan, options: LaunchOptions = LaunchOptions()) -> LaunchResult
 
     schema = SchemaAhead(tracking_uri)  # a new store's schema is built while Ray starts; in place only once all passed
     try:
-        with _ray_session(spec, options) as release_ray:  # the resource check needs Ray; it must pass before any write
+        with _ray_session(spec, options):  # the resource check needs Ray; it must pass before anything is written
             with _driver_lock(path, spec.name, storage, new=True):
                 refuse_existing()  # a launch of the same sweep may have run while this one started Ray
                 # before this process opens the store again: MLflow's schema code is not thread-safe; and a store
@@ -217,7 +216,7 @@ def launch(plan: Plan, options: LaunchOptions = LaunchOptions()) -> LaunchResult
                 # cwd: a relative file (a checkpoint, a dataset folder) resolves against it on resume
                 write_sweep_record(path, {"spec": dict(spec.source), "tracking_uri": tracking_uri,
                                           "cache_root": cache_root, "cwd": os.getcwd()})
-                return _run(plan, path, tracking_uri, cache_root, options, make_tuner, release_ray)
+                return _run(plan, path, tracking_uri, cache_root, options, make_tuner)
     finally:
         schema.discard()
 
@@ -250,8 +249,8 @@ def resume(name: str, options: LaunchOptions = LaunchOptions(), *, retry_errored
         tuner._local_tuner.get_run_config().callbacks = [tracker]
         return tuner
 
-    with _ray_session(plan.spec, options) as release_ray, _driver_lock(path, name, storage, new=False):
-        return _run(plan, path, tracking_uri, cache_root, options, make_tuner, release_ray)
+    with _ray_session(plan.spec, options), _driver_lock(path, name, storage, new=False):
+        return _run(plan, path, tracking_uri, cache_root, options, make_tuner)
 
 
 def _busy_message(name: str, storage: str) -> str:
@@ -298,10 +297,8 @@ def _driver_lock(path: str, name: str, storage: str, *, new: bool) -> Iterator[N
 
 
 @contextlib.contextmanager
-def _ray_session(spec: Any, options: LaunchOptions) -> Iterator[Callable[[], None]]:
-    """Ray for the block, its resources checked first; a Ray this process started is shut down after.
-    Yields ``release``: called once the trials are over, it shuts that Ray down in a thread while the driver
-    writes the sweep's summary (stopping a local Ray takes a second or more)."""
+def _ray_session(spec: Any, options: LaunchOptions) -> Iterator[None]:
+    """Ray for the block, its resources checked first; a Ray this process started is shut down after."""
     import ray
 
     cluster = bool(options.address or os.environ.get("RAY_ADDRESS"))
@@ -309,28 +306,18 @@ def _ray_session(spec: Any, options: LaunchOptions) -> Iterator[Callable[[], Non
     if options.dashboard and options.progress:
         options.progress(f"Ray dashboard: http://{dashboard_url}" if dashboard_url else
                          "Ray dashboard: not running (it needs ray[default]: pip install -e '.[cluster]')")
-    stopping: list[threading.Thread] = []
-
-    def release() -> None:
-        if started and not stopping:
-            stopping.append(threading.Thread(target=ray.shutdown, name="fairsweep-ray-shutdown", daemon=True))
-            stopping[0].start()
-
     try:
         _check_resources(spec.resources, local=started and not cluster)
-        yield release
+        yield
     finally:
-        if stopping:
-            stopping[0].join()
-        elif started:
+        if started:
             ray.shutdown()
 
 
 def _run(plan: Plan, path: str, tracking_uri: str, cache_root: str, options: LaunchOptions,
-         make_tuner: Callable[[Any, Any], Any], release_ray: Callable[[], None]) -> LaunchResult:
+         make_tuner: Callable[[Any, Any], Any]) -> LaunchResult:
     """Shared by launch and resume, under the driver lock with Ray up: parent run, pretraining under Tune,
-    then the summary (Ray released first: it needs only MLflow and the checkpoints' files). A store that fails
-    mid-sweep (locked past the bound) stops it as a StoreError that says how to continue."""
+    then the summary. A store that fails mid-sweep (locked past the bound) stops it as a StoreError that says how to continue."""
     from ray import tune
 
     from orchestrator.tracking import SweepTracker
@@ -351,7 +338,7 @@ def _run(plan: Plan, path: str, tracking_uri: str, cache_root: str, options: Lau
         pretraining = PretrainingPhase(plan, cache_root, tracker, options.progress,
                                        input_cache=str(shared / DECODED_CACHE_DIRNAME))
         tracker.pretraining = pretraining
-        if not pretraining.overlapped:  # more jobs than slots: phase 1 first, as a whole (see _fit_at_once)
+        if not pretraining.overlapped:  # the cluster cannot hold every job at once: phase 1 first (see _reserve)
             pretraining.finish()
         context = _trial_context(plan, cache_root, finished=tracker.finished_trials(),
                                  pretraining=pretraining.for_trials(),
@@ -361,6 +348,7 @@ def _run(plan: Plan, path: str, tracking_uri: str, cache_root: str, options: Lau
         trainable = tune.with_resources(tune.with_parameters(with_plugins(finetune_trial, spec.plugins), context=context),
                                         {"cpu": res.cpus_per_trial, "gpu": res.gpus_per_trial})
         make_tuner(trainable, tracker).fit()
+        del context, trainable  # the jobs' Ray references, dropped before Ray shuts down
         pretraining.poll()
         counts = tracker.trial_status_counts()
         failed = tracker.trial_run_ids("FAILED")
@@ -370,8 +358,11 @@ def _run(plan: Plan, path: str, tracking_uri: str, cache_root: str, options: Lau
         else:
             interrupted = finished + len(failed) < len(plan.trials)
         if not interrupted:
-            pretraining.finish()  # a job no trial waited for (all its trials had finished before) ends logged
-        release_ray()  # an interrupted sweep's jobs still running stop with Ray; a resume runs them again
+            try:
+                pretraining.finish()  # a job no trial waited for (all its trials had finished before) ends logged
+            except KeyboardInterrupt:
+                interrupted = True
+        pretraining.close()  # an interrupted sweep's jobs still running stop with Ray; a resume runs them again
         front = tracker.refresh_front()
         try:  # a convenience at the end: a sweep whose models cannot be logged has still finished
             tracker.log_front_models(front)

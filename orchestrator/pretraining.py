@@ -5,12 +5,12 @@ Why overlapped: a sweep's trials on other bases (or none) need not wait for pret
 worker's start-up (a fresh process importing torch and timm) happens meanwhile. A trial built on a job
 still running waits for that job's task (``trainables.finetune.PendingPretraining``) and fails with its
 error if it failed. The driver logs each job to MLflow as it ends, from Tune's own loop (the tracker polls
-``poll`` at every step), so MLflow is written from one thread only. When the jobs do not all fit on the
-cluster at once, phase 1 runs to its end first, as before (``_fit_at_once`` says why).
+``poll`` at every step), so MLflow is written from one thread only. The jobs' slots are reserved first
+(a placement group); when the cluster cannot hold them all at once, phase 1 runs to its end first, as
+before (``_reserve`` says why).
 """
 from __future__ import annotations
 
-import math
 from typing import Any, Callable
 
 from orchestrator.plan import Plan
@@ -18,7 +18,9 @@ from trainables.finetune import PendingPretraining
 from trainables.plugins import with_plugins  # a plugin's names resolve in every Ray worker too
 from trainables.pretrain import run_pretrain_job
 
-__all__ = ["PretrainingPhase", "run_pretraining"]
+__all__ = ["PretrainingPhase", "run_pretraining", "RESERVE_WAIT_S"]
+
+RESERVE_WAIT_S = 10.0  # how long the jobs' slots may take to be reserved before phase 1 runs first, as a whole
 
 
 class PretrainingPhase:
@@ -29,15 +31,20 @@ class PretrainingPhase:
         """``input_cache``: where folder images are decoded (``launch._trial_context``), when resources.input_cache
         is on."""
         import ray
+        from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
         res = plan.spec.resources
         task = ray.remote(num_cpus=res.cpus_per_trial, num_gpus=res.gpus_per_trial,
                           max_retries=max(1, res.max_failures))(with_plugins(run_pretrain_job, plan.spec.plugins))
         decoded = input_cache if res.input_cache else None
-        # decided before the jobs take their slots: the trials may start beside them only if all of them run at once
-        self.overlapped = _fit_at_once(res, len(plan.pretrain_jobs))
-        self._jobs = {task.remote(job.to_dict(), cache_root, res.cpus_per_trial, decoded): job
-                      for job in plan.pretrain_jobs}
+        self._group = _reserve(res, len(plan.pretrain_jobs))
+        # the trials may start beside the jobs only when every job has its slot reserved (see _reserve)
+        self.overlapped = self._group is not None or not plan.pretrain_jobs
+        self._jobs = {}
+        for i, job in enumerate(plan.pretrain_jobs):
+            where = ({"scheduling_strategy": PlacementGroupSchedulingStrategy(self._group, placement_group_bundle_index=i)}
+                     if self._group is not None else {})
+            self._jobs[task.options(**where).remote(job.to_dict(), cache_root, res.cpus_per_trial, decoded)] = job
         self._pending = list(self._jobs)
         self._ended = 0
         self._tracker = tracker
@@ -67,6 +74,16 @@ class PretrainingPhase:
         for ref in done:
             self._ended += 1
             self._log(ref)
+        if not self._pending:
+            self.close()
+
+    def close(self) -> None:
+        """Give the reserved slots back (every job has ended, or the sweep stops without them)."""
+        if self._group is not None:
+            from ray.util.placement_group import remove_placement_group
+
+            remove_placement_group(self._group)
+            self._group = None
 
     def finish(self) -> None:
         """Wait for every job and log it (a job no trial waited for, e.g. on a resume, still ends logged)."""
@@ -83,7 +100,7 @@ class PretrainingPhase:
         job = self._jobs[ref]
         try:
             outcome = ray.get(ref)
-        except (ray.exceptions.RayTaskError, ray.exceptions.WorkerCrashedError, ray.exceptions.NodeDiedError) as exc:
+        except ray.exceptions.RayError as exc:  # its own error, a crashed worker, a lost node, out of memory, ...
             self.failed[job.key] = self._tracker.log_pretrain_failure(job, str(exc))
             if self._progress:
                 self._progress(f"pretraining {self._ended}/{len(self._jobs)} failed: {job.backbone}/{job.paradigm} "
@@ -97,20 +114,23 @@ class PretrainingPhase:
                            f"{outcome.seconds:.0f} s)")
 
 
-def _fit_at_once(res: Any, jobs: int) -> bool:
-    """Whether ``jobs`` pretraining tasks (each a trial's CPUs and GPUs) all fit on the cluster's nodes now.
-    Only then may Tune start the trials beside them: a trial waiting for a job that has no slot yet would
-    hold a slot that job needs, and trials waiting on every slot would wait forever."""
+def _reserve(res: Any, jobs: int) -> Any:
+    """A placement group with one trial-sized slot per job, or None when the cluster cannot hold them all
+    within RESERVE_WAIT_S. Why: a trial waits for its base on its own slot, so a job that had no slot (or lost
+    it: a retry after its worker crashed) while waiting trials held every slot would never run. A reserved
+    slot stays the job's, retries included, until the phase ends."""
     import ray
+    from ray.util.placement_group import placement_group, remove_placement_group
 
-    def slots(resources: Any) -> int:
-        n = math.floor(resources.get("CPU", 0.0) / res.cpus_per_trial + 1e-9) if res.cpus_per_trial > 0 else jobs
-        if res.gpus_per_trial > 0:
-            n = min(n, math.floor(resources.get("GPU", 0.0) / res.gpus_per_trial + 1e-9))
-        return n
-
-    per_node = sum(slots(node["Resources"]) for node in ray.nodes() if node.get("Alive"))
-    return jobs <= min(per_node, slots(ray.available_resources()))
+    bundle = {k: v for k, v in (("CPU", res.cpus_per_trial), ("GPU", res.gpus_per_trial)) if v > 0}
+    if not jobs or not bundle:
+        return None
+    group = placement_group([dict(bundle) for _ in range(jobs)], strategy="PACK")
+    ready, _ = ray.wait([group.ready()], timeout=RESERVE_WAIT_S)
+    if ready:
+        return group
+    remove_placement_group(group)
+    return None
 
 
 def run_pretraining(plan: Plan, cache_root: str, tracker: Any, progress: Callable[[str], None] | None = None,

@@ -342,7 +342,10 @@ class SweepTracker(tune.Callback):
         failed_base = self.pretraining.run_id_of_failure(base) if self.pretraining is not None and base else None
         if failed_base:  # the trial failed on its base: name the FAILED pretrain run that holds why
             error += f"\n(the failed pretraining of its base, key {base}, is MLflow run {failed_base})"
-        self.client.set_tag(run_id, TAGS.ERROR, error[-4000:])
+        tags = [RunTag(TAGS.ERROR, error[-4000:])]
+        if base in self._pretrain_runs:  # its base may have been logged only after the trial's run was created
+            tags.append(RunTag(TAGS.PRETRAIN_RUN, self._pretrain_runs[base]))
+        self.client.log_batch(run_id, tags=tags)
         self._errored.add(run_id)
         self.client.set_terminated(run_id, "FAILED")
         self._settle(run_id, "FAILED")

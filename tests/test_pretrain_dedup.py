@@ -128,18 +128,54 @@ def test_trials_on_other_bases_run_while_the_pretraining_does(tmp_path):
     assert (supervised["tags.fairsweep.pretrain_run_id"] == pretrain_run.run_id).all()
 
 
-@pytest.mark.parametrize("nodes, free, jobs, fits", [
-    ([{"CPU": 2.0}], {"CPU": 2.0}, 2, True),
-    ([{"CPU": 2.0}], {"CPU": 2.0}, 3, False),  # the third would wait for a slot that waiting trials hold
-    ([{"CPU": 1.5}, {"CPU": 1.5}], {"CPU": 3.0}, 3, False),  # 3 CPUs in all, but one whole slot per node
-    ([{"CPU": 8.0}], {"CPU": 1.0}, 2, False),  # the cluster is busy now
-])
-def test_trials_start_beside_the_pretraining_only_when_every_job_has_a_slot(monkeypatch, nodes, free, jobs, fits):
+class _Logged:
+    """The tracker's side of the pretraining phase, recorded."""
+
+    def __init__(self):
+        self.finished, self.failed = [], []
+
+    def log_pretrain(self, job, outcome):
+        self.finished.append(job.key)
+        return f"run-{job.key}"
+
+    def log_pretrain_failure(self, job, error):
+        self.failed.append(job.key)
+        return f"failed-{job.key}"
+
+
+def test_trials_start_beside_the_pretraining_only_once_every_job_has_its_slot(tmp_path, monkeypatch):
+    """Each job's slot is reserved first (a placement group): on a cluster busy with something else the
+    reservation fails within RESERVE_WAIT_S and phase 1 runs first, as a whole; on a free one the trials
+    may start beside it. The slots are given back once the jobs have ended."""
     import ray
 
-    from orchestrator.pretraining import _fit_at_once
-    from orchestrator.spec import parse_spec
+    from orchestrator import pretraining
 
-    monkeypatch.setattr(ray, "nodes", lambda: [{"Alive": True, "Resources": r} for r in nodes])
-    monkeypatch.setattr(ray, "available_resources", lambda: free)
-    assert _fit_at_once(parse_spec(tiny_spec()).resources, jobs) is fits
+    monkeypatch.setattr(pretraining, "RESERVE_WAIT_S", 2.0)
+    plan = build_plan(parse_spec(_dedup_spec("reserve")))  # two jobs, one CPU each
+    ray.init(address="local", num_cpus=2, include_dashboard=False, configure_logging=False, log_to_driver=False)
+    try:
+        busy = ray.remote(num_cpus=1)(_Busy).remote()  # something else holds one of the two CPUs
+        ray.get(busy.ready.remote())
+        logged = _Logged()
+        phase = pretraining.PretrainingPhase(plan, str(tmp_path / "cache"), logged)
+        assert not phase.overlapped
+        phase.finish()
+        assert sorted(logged.finished) == sorted(j.key for j in plan.pretrain_jobs) and not logged.failed
+        ray.kill(busy)
+        logged = _Logged()
+        phase = pretraining.PretrainingPhase(plan, str(tmp_path / "cache"), logged)
+        assert phase.overlapped
+        pending = phase.for_trials()
+        for p in pending.values():
+            p.wait()  # what a trial on that base does
+        phase.finish()
+        assert sorted(logged.finished) == sorted(pending)
+        assert {g["state"] for g in ray.util.placement_group_table().values()} == {"REMOVED"}
+    finally:
+        ray.shutdown()
+
+
+class _Busy:
+    def ready(self) -> bool:
+        return True

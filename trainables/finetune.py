@@ -85,7 +85,7 @@ class PendingPretraining:
 
         try:
             ray.get(self.ref)
-        except (ray.exceptions.RayTaskError, ray.exceptions.WorkerCrashedError, ray.exceptions.NodeDiedError) as exc:
+        except ray.exceptions.RayError as exc:  # its own error, a crashed worker, a lost node, out of memory, ...
             cause = getattr(exc, "cause", None) or exc
             raise PretrainingFailedError(f"pretraining {self.job} failed: {f'{type(cause).__name__}: {cause}'[:2000]}; "
                                          f"fix it and `fairsweep resume {self.sweep} --retry-errored`") from None
