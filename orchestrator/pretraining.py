@@ -20,7 +20,7 @@ from trainables.pretrain import run_pretrain_job
 
 __all__ = ["PretrainingPhase", "run_pretraining", "RESERVE_WAIT_S"]
 
-RESERVE_WAIT_S = 10.0  # how long the jobs' slots may take to be reserved before phase 1 runs first, as a whole
+RESERVE_WAIT_S = 5.0  # how long the jobs' slots may take to be reserved before phase 1 runs first, as a whole
 
 
 class PretrainingPhase:
@@ -125,6 +125,9 @@ def _reserve(res: Any, jobs: int) -> Any:
     bundle = {k: v for k, v in (("CPU", res.cpus_per_trial), ("GPU", res.gpus_per_trial)) if v > 0}
     if not jobs or not bundle:
         return None
+    free = ray.available_resources()
+    if any(free.get(k, 0.0) + 1e-9 < v * jobs for k, v in bundle.items()):
+        return None  # not even in all: no need to wait for a reservation that cannot be made
     group = placement_group([dict(bundle) for _ in range(jobs)], strategy="PACK")
     ready, _ = ray.wait([group.ready()], timeout=RESERVE_WAIT_S)
     if ready:

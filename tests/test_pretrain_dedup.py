@@ -144,9 +144,9 @@ class _Logged:
 
 
 def test_trials_start_beside_the_pretraining_only_once_every_job_has_its_slot(tmp_path, monkeypatch):
-    """Each job's slot is reserved first (a placement group): on a cluster busy with something else the
-    reservation fails within RESERVE_WAIT_S and phase 1 runs first, as a whole; on a free one the trials
-    may start beside it. The slots are given back once the jobs have ended."""
+    """Each job's slot is reserved first (a placement group): on a cluster busy with something else there
+    is no reservation and phase 1 runs first, as a whole; on a free one the trials may start beside it.
+    The slots are given back once the jobs have ended."""
     import ray
 
     from orchestrator import pretraining
