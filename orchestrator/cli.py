@@ -21,7 +21,7 @@ from typing import Iterator, NoReturn, Sequence
 
 from trainables.errors import UserError
 
-__all__ = ["main"]
+__all__ = ["main", "run"]
 
 EXIT_OK, EXIT_TRIALS_FAILED, EXIT_USAGE, EXIT_INTERRUPTED = 0, 1, 2, 130
 

@@ -1,6 +1,5 @@
-"""Run a plan on Ray: phase 1 builds each pretraining key once (orchestrator/pretraining.py) while phase 2
-already runs the finetuning trials through a Tune ``Tuner``, with the MLflow tracker as a driver-side
-callback; a trial waits only for its own base.
+"""Run a plan on Ray: phase 1 builds each pretraining key once, phase 2 runs the finetuning trials
+through a Tune ``Tuner`` with the MLflow tracker as a driver-side callback.
 
 Embedded by default (a local Ray bound to 127.0.0.1, SQLite MLflow and results in the working
 directory); ``address`` / ``storage`` / ``tracking_uri`` point the same plan at a cluster.
@@ -31,8 +30,8 @@ from orchestrator.storage import (CACHE_DIRNAME, artifact_location, check_storag
 from orchestrator.store import SchemaAhead, check_store, open_client, store_cause
 from trainables.errors import UserError
 from trainables.finetune import TrialContext, finetune_trial
-from orchestrator.pretraining import PretrainingPhase, run_pretraining
 from trainables.plugins import with_plugins  # a plugin's names resolve in every Ray worker too
+from trainables.pretrain import run_pretrain_job
 from trainables.trial import TUNE_KEY
 
 __all__ = ["LaunchOptions", "LaunchResult", "LaunchError", "launch", "resume", "init_ray", "run_pretraining",
@@ -104,7 +103,7 @@ def init_ray(address: str | None, *, trial_output: bool = False, dashboard: bool
 
 
 def _trial_context(plan: Plan, cache_root: str, finished: list | None = None,
-                   pretraining: dict[str, Any] | None = None, feature_cache: str | None = None,
+                   failed_pretraining: dict[str, str] | None = None, feature_cache: str | None = None,
                    input_cache: str | None = None) -> Any:
     """What every trial shares. ``feature_cache`` and ``input_cache``: the folders of the frozen-prefix
     feature cache and of decoded folder images (beside the sweeps in the storage path, so a node's workers
@@ -112,12 +111,52 @@ def _trial_context(plan: Plan, cache_root: str, finished: list | None = None,
     s = plan.spec
     return TrialContext(dataset=s.dataset.name, dataset_options=dict(s.dataset.options), cache_root=cache_root,
                         cpus_per_trial=s.resources.cpus_per_trial, finished=tuple(finished or ()),
-                        pretraining=dict(pretraining or {}),
+                        failed_pretraining=dict(failed_pretraining or {}),
                         objectives=(s.objectives.performance, s.objectives.fairness),
                         bootstrap=s.evaluation.bootstrap, privileged=dict(s.dataset.privileged),
                         feature_cache=feature_cache if s.resources.feature_cache else None,
                         input_cache=input_cache if s.resources.input_cache else None,
                         checkpoint_interval_s=s.resources.checkpoint_interval_s)
+
+
+def run_pretraining(plan: Plan, cache_root: str, tracker: Any,
+                    progress: Callable[[str], None] | None = None, input_cache: str | None = None) -> dict[str, str]:
+    """Phase 1: each pretraining key once, as Ray tasks on the trials' resources; logged to MLflow. Folder
+    images are decoded through ``input_cache`` (see ``_trial_context``) when resources.input_cache is on.
+
+    A job that raises is logged as a FAILED pretrain run and returned as {key: error}; the trials
+    that need it then fail at once with that error, the others run, and a resume retries the job.
+    """
+    import ray
+
+    res = plan.spec.resources
+    task = ray.remote(num_cpus=res.cpus_per_trial, num_gpus=res.gpus_per_trial,
+                      max_retries=max(1, res.max_failures))(with_plugins(run_pretrain_job, plan.spec.plugins))
+    decoded = input_cache if res.input_cache else None
+    refs = {task.remote(job.to_dict(), cache_root, res.cpus_per_trial, decoded): job for job in plan.pretrain_jobs}
+    failed: dict[str, str] = {}
+    pending = list(refs)
+    total = len(refs)
+    if progress and total:
+        progress(f"pretraining: {total} job(s) ({', '.join(f'{j.backbone}/{j.paradigm}' for j in plan.pretrain_jobs)})")
+    while pending:
+        done, pending = ray.wait(pending, num_returns=1)
+        job = refs[done[0]]
+        try:
+            outcome = ray.get(done[0])
+            tracker.log_pretrain(job, outcome)
+            if progress:
+                how = ("from the cache" if outcome.reused else
+                       f"{len(outcome.losses)} epochs, last loss {outcome.losses[-1]:.4f}" if outcome.losses else "built")
+                progress(f"pretraining {total - len(pending)}/{total} done: {job.backbone}/{job.paradigm} ({how}, "
+                         f"{outcome.seconds:.0f} s)")
+        except (ray.exceptions.RayTaskError, ray.exceptions.WorkerCrashedError, ray.exceptions.NodeDiedError) as exc:
+            cause = getattr(exc, "cause", None) or exc
+            error = f"{type(cause).__name__}: {cause}"
+            run_id = tracker.log_pretrain_failure(job, str(exc))
+            failed[job.key] = (f"pretraining {job.backbone}/{job.paradigm} (key {job.key}) failed: {error[:2000]} "
+                               f"(MLflow run {run_id}); fix it and `fairsweep resume {plan.spec.name} --retry-errored`")
+    return failed
 
 
 def _check_resources(res: Any, *, local: bool) -> None:
@@ -316,8 +355,8 @@ def _ray_session(spec: Any, options: LaunchOptions) -> Iterator[None]:
 
 def _run(plan: Plan, path: str, tracking_uri: str, cache_root: str, options: LaunchOptions,
          make_tuner: Callable[[Any, Any], Any]) -> LaunchResult:
-    """Shared by launch and resume, under the driver lock with Ray up: parent run, pretraining under Tune,
-    then the summary. A store that fails mid-sweep (locked past the bound) stops it as a StoreError that says how to continue."""
+    """Shared by launch and resume, under the driver lock with Ray up: parent run, pretraining, Tune, then
+    the summary. A store that fails mid-sweep (locked past the bound) stops it as a StoreError that says how to continue."""
     from ray import tune
 
     from orchestrator.tracking import SweepTracker
@@ -334,22 +373,21 @@ def _run(plan: Plan, path: str, tracking_uri: str, cache_root: str, options: Lau
     try:
         tracker.open()
         shared = Path(path).parent  # the storage path: what the workers of a node share
-        # phase 1 runs under phase 2: a trial waits only for its own base, logged as it ends from Tune's loop
-        pretraining = PretrainingPhase(plan, cache_root, tracker, options.progress,
-                                       input_cache=str(shared / DECODED_CACHE_DIRNAME))
-        tracker.pretraining = pretraining
-        if not pretraining.overlapped:  # the cluster cannot hold every job at once: phase 1 first (see _reserve)
-            pretraining.finish()
+        failed_pretraining = run_pretraining(plan, cache_root, tracker, options.progress,
+                                             input_cache=str(shared / DECODED_CACHE_DIRNAME))
         context = _trial_context(plan, cache_root, finished=tracker.finished_trials(),
-                                 pretraining=pretraining.for_trials(),
+                                 failed_pretraining=failed_pretraining,
                                  feature_cache=str(shared / FEATURE_CACHE_DIRNAME),
                                  input_cache=str(shared / DECODED_CACHE_DIRNAME))
         res = spec.resources
         trainable = tune.with_resources(tune.with_parameters(with_plugins(finetune_trial, spec.plugins), context=context),
                                         {"cpu": res.cpus_per_trial, "gpu": res.gpus_per_trial})
         make_tuner(trainable, tracker).fit()
-        del context, trainable  # the jobs' Ray references, dropped before Ray shuts down
-        pretraining.poll()
+        front = tracker.refresh_front()
+        try:  # a convenience at the end: a sweep whose models cannot be logged has still finished
+            tracker.log_front_models(front)
+        except Exception as exc:  # noqa: BLE001 - e.g. a checkpoint on storage this driver cannot read
+            logging.getLogger(__name__).warning("the front's models were not logged to MLflow: %s", exc)
         counts = tracker.trial_status_counts()
         failed = tracker.trial_run_ids("FAILED")
         finished = counts.get("FINISHED", 0)
@@ -357,17 +395,6 @@ def _run(plan: Plan, path: str, tracking_uri: str, cache_root: str, options: Lau
             interrupted = finished < spec.search.budget and len(failed) < max(spec.search.budget, 10)
         else:
             interrupted = finished + len(failed) < len(plan.trials)
-        if not interrupted:
-            try:
-                pretraining.finish()  # a job no trial waited for (all its trials had finished before) ends logged
-            except KeyboardInterrupt:
-                interrupted = True
-        pretraining.close()  # an interrupted sweep's jobs still running stop with Ray; a resume runs them again
-        front = tracker.refresh_front()
-        try:  # a convenience at the end: a sweep whose models cannot be logged has still finished
-            tracker.log_front_models(front)
-        except Exception as exc:  # noqa: BLE001 - e.g. a checkpoint on storage this driver cannot read
-            logging.getLogger(__name__).warning("the front's models were not logged to MLflow: %s", exc)
         if interrupted:
             tracker.mark_in_flight_killed()
         else:

@@ -81,8 +81,6 @@ class SweepTracker(tune.Callback):
         self._progress_at = -math.inf
         self._started_at = time.monotonic()
         self._front_size = 0
-        self._base_of: dict[str, str] = {}  # run id -> the pretraining key its trial starts from
-        self.pretraining: Any = None  # this run's PretrainingPhase (orchestrator/pretraining.py): polled at every step
 
     # -- plumbing -------------------------------------------------------------------------------
     @property
@@ -96,7 +94,6 @@ class SweepTracker(tune.Callback):
         state = dict(self.__dict__)
         state["_client"] = None
         state["progress"] = None  # a function of this driver's terminal: not part of the sweep's state
-        state["pretraining"] = None  # this driver's Ray tasks
         return state
 
     # -- sweep ----------------------------------------------------------------------------------
@@ -219,8 +216,6 @@ class SweepTracker(tune.Callback):
             self._known[planned.key] = (run_id, "RUNNING", False)
         self._runs[trial.trial_id] = run_id
         self._key_of[run_id] = planned.key
-        if planned.config.weights.key:
-            self._base_of[run_id] = planned.config.weights.key
         return run_id
 
     def _settle(self, run_id: str, status: str) -> None:
@@ -268,10 +263,6 @@ class SweepTracker(tune.Callback):
     def _inner_search(self) -> bool:
         return any(isinstance(v, (list, tuple)) for v in self.spec.finetune.fixed().values())
 
-    def on_step_begin(self, iteration: int, trials: list, **info: Any) -> None:
-        if self.pretraining is not None:  # the pretraining jobs that ended since: logged, in this thread
-            self.pretraining.poll()
-
     def on_trial_start(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
         self._trial_run(trial)
 
@@ -303,9 +294,6 @@ class SweepTracker(tune.Callback):
                 params = [Param(f"finetune.{k}", repr(float(v))) for k, v in chosen.items()]
             if result.get("preprocessing"):  # folder images: the mean/std/size/crop the backbone was fed
                 params.append(Param("preprocessing", str(result["preprocessing"])[:500]))
-            base_run = self._pretrain_runs.get(self._base_of.get(run_id, ""))
-            if base_run:  # its base may have been logged only after the trial's run was created
-                tags.append(RunTag(TAGS.PRETRAIN_RUN, base_run))
         for i in range(0, max(len(metrics), 1), 1000):
             if metrics[i:i + 1000] or (i == 0 and (tags or params)):
                 self.client.log_batch(run_id, metrics=metrics[i:i + 1000], tags=tags if i == 0 else [],
@@ -338,14 +326,7 @@ class SweepTracker(tune.Callback):
     def on_trial_error(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
         run_id = self._trial_run(trial)
         error = _error_text(trial)
-        base = self._base_of.get(run_id)
-        failed_base = self.pretraining.run_id_of_failure(base) if self.pretraining is not None and base else None
-        if failed_base:  # the trial failed on its base: name the FAILED pretrain run that holds why
-            error += f"\n(the failed pretraining of its base, key {base}, is MLflow run {failed_base})"
-        tags = [RunTag(TAGS.ERROR, error[-4000:])]
-        if base in self._pretrain_runs:  # its base may have been logged only after the trial's run was created
-            tags.append(RunTag(TAGS.PRETRAIN_RUN, self._pretrain_runs[base]))
-        self.client.log_batch(run_id, tags=tags)
+        self.client.set_tag(run_id, TAGS.ERROR, error[-4000:])
         self._errored.add(run_id)
         self.client.set_terminated(run_id, "FAILED")
         self._settle(run_id, "FAILED")

@@ -54,9 +54,8 @@ class TrialContext:
     # (trial, objective metrics) of trials that already have a FINISHED MLflow run (finished after
     # Tune's last state save): on resume they report those metrics at once instead of training again.
     finished: tuple[tuple[TrialConfig, Mapping[str, float]], ...] = ()
-    # pretraining key -> the job still running when the trials start: a trial built on it waits for it (and
-    # fails with its error if it failed); trials on other bases, or none, run meanwhile
-    pretraining: Mapping[str, "PendingPretraining"] = field(default_factory=dict)
+    # pretraining key -> error, for jobs that failed in this run: their trials fail at once with it
+    failed_pretraining: Mapping[str, str] = field(default_factory=dict)
     objectives: tuple[str, ...] = ()  # the sweep's (performance, fairness) metrics: they get bootstrap intervals
     bootstrap: int = 500  # resamples for the per-trial intervals (evaluation.bootstrap); 0 turns them off
     privileged: Mapping[str, Any] = field(default_factory=dict)  # dataset.privileged of the spec
@@ -67,28 +66,6 @@ class TrialContext:
 
 class PretrainingFailedError(FairsweepError, RuntimeError):
     """The pretrained base this trial starts from could not be built; the message says why."""
-
-
-@dataclass(frozen=True)
-class PendingPretraining:
-    """A pretraining job of this run, as a trial sees it: the Ray task building its base (``ref``), which
-    the trial waits for before it loads the weights. Why: the trials start while pretraining runs, so
-    trials on other bases (or none) use the free workers, and every worker starts up meanwhile."""
-
-    ref: Any  # the ObjectRef of run_pretrain_job's Ray task
-    job: str  # "backbone/paradigm (key KEY)", for the error
-    sweep: str
-
-    def wait(self) -> None:
-        """Return once the base is built; raise PretrainingFailedError naming the job if it failed."""
-        import ray
-
-        try:
-            ray.get(self.ref)
-        except ray.exceptions.RayError as exc:  # its own error, a crashed worker, a lost node, out of memory, ...
-            cause = getattr(exc, "cause", None) or exc
-            raise PretrainingFailedError(f"pretraining {self.job} failed: {f'{type(cause).__name__}: {cause}'[:2000]}; "
-                                         f"fix it and `fairsweep resume {self.sweep} --retry-errored`") from None
 
 
 def _load_initial_weights(model: Any, weights: Weights, cache_root: str) -> str | None:
@@ -328,9 +305,8 @@ def finetune_trial(config: Mapping[str, Any], context: TrialContext) -> None:
         if done == trial:
             tune.report({"already_finished": True, **objectives})
             return
-    pending = context.pretraining.get(trial.weights.key) if trial.weights.key else None
-    if pending is not None:
-        pending.wait()
+    if trial.weights.key in context.failed_pretraining:
+        raise PretrainingFailedError(context.failed_pretraining[trial.weights.key])
     state = None
     ckpt = tune.get_checkpoint()
     if ckpt is not None:
