@@ -82,27 +82,28 @@ def run_floor(spec: Path, workdir: Path) -> tuple[float, dict[str, dict]]:
     return time.perf_counter() - started, results
 
 
+def _timed(what: str, cmd: list[str], workdir: Path) -> float:
+    """Wall time of ``cmd`` as a fresh process in ``workdir``; raises with its output if it fails."""
+    started = time.perf_counter()
+    out = subprocess.run(cmd, cwd=workdir, env=_env(), capture_output=True, text=True)
+    wall = time.perf_counter() - started
+    if out.returncode != 0:
+        raise RuntimeError(f"{what} failed ({out.returncode}): {out.stdout[-1500:]}{out.stderr[-1500:]}")
+    return wall
+
+
 def run_floor_cold(spec: Path, workdir: Path) -> tuple[float, dict[str, dict]]:
     """``run_floor`` in a fresh Python process, timed from outside like ``fairsweep launch``: a warm benchmark
     process (torch already imported, forked into the pool) would leave the floor's start-up uncounted."""
     out_file = workdir / "floor.json"
-    started = time.perf_counter()
-    out = subprocess.run([sys.executable, __file__, str(spec), "--floor-into", str(out_file)], cwd=workdir, env=_env(),
-                         capture_output=True, text=True)
-    wall = time.perf_counter() - started
-    if out.returncode != 0:
-        raise RuntimeError(f"floor failed ({out.returncode}): {out.stdout[-1500:]}{out.stderr[-1500:]}")
+    wall = _timed("floor", [sys.executable, __file__, str(spec), "--floor-into", str(out_file)], workdir)
     return wall, json.loads(out_file.read_text())
 
 
 def run_fairsweep(spec: Path, workdir: Path) -> tuple[float, dict[str, dict]]:
     uri = f"sqlite:///{workdir / 'mlflow.db'}"
-    started = time.perf_counter()
-    out = subprocess.run([sys.executable, "-m", "orchestrator.cli", "launch", str(spec), "--quiet", "--tracking-uri", uri,
-                          "--storage", str(workdir / "results")], cwd=workdir, env=_env(), capture_output=True, text=True)
-    wall = time.perf_counter() - started
-    if out.returncode != 0:
-        raise RuntimeError(f"fairsweep launch failed ({out.returncode}): {out.stdout[-1500:]}{out.stderr[-1500:]}")
+    wall = _timed("fairsweep launch", [sys.executable, "-m", "orchestrator.cli", "launch", str(spec), "--quiet",
+                                       "--tracking-uri", uri, "--storage", str(workdir / "results")], workdir)
     from mlflow.tracking import MlflowClient
 
     from orchestrator.plan import build_plan
@@ -115,13 +116,8 @@ def run_fairsweep(spec: Path, workdir: Path) -> tuple[float, dict[str, dict]]:
 
 
 def run_naive(spec: Path, workdir: Path) -> tuple[float, dict]:
-    started = time.perf_counter()
-    out = subprocess.run([sys.executable, str(REPO / "benchmarks" / "naive_tune.py"), str(spec), str(workdir / "naive"),
-                          f"sqlite:///{workdir / 'naive.db'}"], cwd=workdir, env=_env(), capture_output=True, text=True)
-    wall = time.perf_counter() - started
-    if out.returncode != 0:
-        raise RuntimeError(f"naive script failed ({out.returncode}): {out.stdout[-1500:]}{out.stderr[-1500:]}")
-    return wall, {}
+    return _timed("naive script", [sys.executable, str(REPO / "benchmarks" / "naive_tune.py"), str(spec),
+                                    str(workdir / "naive"), f"sqlite:///{workdir / 'naive.db'}"], workdir), {}
 
 
 def main() -> int:
