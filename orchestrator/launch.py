@@ -116,7 +116,7 @@ def _trial_context(plan: Plan, cache_root: str, finished: list | None = None,
                         bootstrap=s.evaluation.bootstrap, privileged=dict(s.dataset.privileged),
                         feature_cache=feature_cache if s.resources.feature_cache else None,
                         input_cache=input_cache if s.resources.input_cache else None,
-                        checkpoint_interval_s=s.resources.checkpoint_interval_s)
+                        checkpoint_interval_s=s.resources.checkpoint_interval_s, precision=s.resources.precision)
 
 
 def run_pretraining(plan: Plan, cache_root: str, tracker: Any,

@@ -33,6 +33,7 @@ class TAGS:
     FROZEN_GROUPS = "fairsweep.frozen_groups"
     INFINITE_METRICS = "fairsweep.infinite_metrics"  # ratios against a zero rate: +inf, which MLflow cannot hold
     FEATURE_CACHE = "fairsweep.feature_cache"  # whether it trained on cached frozen-prefix features, and why (not)
+    DEVICE, PRECISION = "fairsweep.device", "fairsweep.precision"  # where it trained, and in bf16 or fp32
     FRONT = "fairsweep.pareto_front"  # "true" on the front's members, "false" on the others
     # a pretraining run's cache entry
     REUSED_CACHE, REBUILT_DAMAGED, CACHE_PATH = "fairsweep.reused_cache", "fairsweep.rebuilt_damaged", "fairsweep.cache_path"

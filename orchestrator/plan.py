@@ -237,7 +237,8 @@ def build_plan(spec: SweepSpec, *, base_dir: str | None = None) -> Plan:
             hparams = PretrainHParams(pt.epochs, pt.batch_size, pt.lr, pt.weight_decay, pt.momentum, pt.seed,
                                       paradigm.resolve_options(pt.paradigms.get(p, {})),  # defaults filled: in the key
                                       # folder images: the model's own mean/std/crop
-                                      pretrain.preprocessing_part(dataset, b).get("preprocessing"))
+                                      pretrain.preprocessing_part(dataset, b).get("preprocessing"),
+                                      spec.resources.precision)
             job = PretrainJob.create(b, p, spec.dataset.name, spec.dataset.options, hparams,
                                      dataset_fingerprint=dataset.fingerprint(), key_parts=paradigm.key_parts(b))
             jobs.append(job)

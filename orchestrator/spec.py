@@ -53,7 +53,7 @@ import yaml
 from orchestrator.samplers import SAMPLERS
 from trainables.plugins import MODULE_PATTERN, PluginError, import_plugin
 from trainables.schema import Custom, ListOf, Option, SchemaError, Section, as_mapping, at, distinct, excerpt
-from trainables.trial import FREEZE_JSON_SCHEMA, Freeze
+from trainables.trial import FREEZE_JSON_SCHEMA, PRECISIONS, Freeze
 
 __all__ = [
     "SpecError",
@@ -226,6 +226,9 @@ class Resources:
     # A trial checkpoints at most this often (and always at its end); 0 checkpoints every epoch. A trial
     # interrupted in between continues from its last checkpoint and repeats the epochs since.
     checkpoint_interval_s: float = 60.0
+    # bf16: autocast to bfloat16 on GPUs that support it (fast; some models learn differently, README "GPUs");
+    # fp32: full precision everywhere, TF32 off, what the CPU computes. Bases trained in fp32 are keyed apart.
+    precision: str = "bf16"
 
 
 @dataclass(frozen=True)
@@ -658,6 +661,9 @@ _RESOURCES = Section.of(Resources, {
     "input_cache": Option(kind=bool, doc="decode folder images once into resized pixels the trials of a node share"),
     "checkpoint_interval_s": Option(kind=float, low=0.0, high=MAX_CHECKPOINT_INTERVAL_S,
                                     doc="a trial checkpoints at most this often (0: every epoch)"),
+    "precision": Option(kind=str, choices=PRECISIONS,
+                        doc="bf16: bfloat16 autocast on GPUs that support it; fp32: full precision, TF32 off "
+                            "(on CPUs both are fp32)"),
 })
 
 _SEARCH = Section.of(SearchSpec, {

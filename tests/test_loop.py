@@ -1,4 +1,4 @@
-"""The training loop's failure messages: divergence and running out of memory say what to change."""
+"""The training loop: failure messages that say what to change (divergence, out of memory), and precision."""
 from __future__ import annotations
 
 import pytest
@@ -30,3 +30,26 @@ def test_divergence_names_the_learning_rate():
     with pytest.raises(loop.NonFiniteLossError, match="lower the learning rate"):
         loop.train_epoch(model, x, y, opt, batch_size=4, generator=torch.Generator().manual_seed(0),
                          device=torch.device("cpu"))
+
+
+@pytest.mark.filterwarnings("ignore:CUDA is not available")
+def test_precision_decides_autocast_and_tf32(monkeypatch):
+    """bf16 autocasts only on a CUDA device with bf16 support; fp32 never does and turns TF32 off."""
+    cuda, cpu = torch.device("cuda"), torch.device("cpu")
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: True)
+    assert isinstance(loop.autocast(cuda, "bf16"), torch.autocast) and loop.effective_precision(cuda) == "bf16"
+    assert not isinstance(loop.autocast(cuda, "fp32"), torch.autocast)
+    assert loop.effective_precision(cuda, "fp32") == "fp32"
+    assert not isinstance(loop.autocast(cpu, "bf16"), torch.autocast) and loop.effective_precision(cpu) == "fp32"
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: False)  # an older GPU: fp32 whatever asked
+    assert not isinstance(loop.autocast(cuda, "bf16"), torch.autocast) and loop.effective_precision(cuda) == "fp32"
+    with pytest.raises(ValueError, match="'fp16' is not one of bf16, fp32"):
+        loop.autocast(cpu, "fp16")
+    before = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+    try:
+        loop.set_precision("fp32")
+        assert (torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32) == (False, False)
+        loop.set_precision("bf16")
+        assert (torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32) == (True, True)
+    finally:
+        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = before

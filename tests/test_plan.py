@@ -34,6 +34,22 @@ def test_keys_are_stable_and_change_with_the_config():
     assert [j.key for j in a.pretrain_jobs] != [j.key for j in d.pretrain_jobs]
 
 
+def test_precision_keys_the_bases_apart_and_is_checked():
+    """A base trained in fp32 is not the bf16 one (bf16 learns differently on some models: README, "GPUs"), so
+    resources.precision: fp32 enters the pretraining keys; bf16, the default, leaves them as they were."""
+    default = build_plan(parse_spec(tiny_spec()))
+    bf16 = build_plan(parse_spec(tiny_spec(**{"resources.precision": "bf16"})))
+    fp32 = build_plan(parse_spec(tiny_spec(**{"resources.precision": "fp32"})))
+    assert [j.key for j in default.pretrain_jobs] == [j.key for j in bf16.pretrain_jobs]
+    assert "precision" not in default.pretrain_jobs[0].to_dict()["hparams"]
+    assert [j.hparams.precision for j in fp32.pretrain_jobs] == ["fp32"]
+    assert not {j.key for j in default.pretrain_jobs} & {j.key for j in fp32.pretrain_jobs}
+    supervised = [t for t in fp32.trials if t.point.paradigm == "supervised"]
+    assert {t.config.weights.key for t in supervised} == {fp32.pretrain_jobs[0].key}
+    with pytest.raises(SpecError, match=r"resources.precision: got 'fp16'; expected one of: bf16, fp32"):
+        parse_spec(tiny_spec(**{"resources.precision": "fp16"}))
+
+
 @pytest.mark.parametrize("overrides, path, fragment", [
     ({"axes.freeze_depth": [9]}, "axes.freeze_depth[0]", "exceeds"),
     ({"axes.freeze_depth": [[0, 7]]}, "axes.freeze_depth[0]", "test_resnet"),

@@ -38,6 +38,10 @@ def test_cached_features_long_lived_workers_and_checkpoints_by_time(tmp_path):
     assert len(probes) == 4 and (probes["tags.fairsweep.feature_cache"] == "linear probe on cached pre-logits").all()
     assert cached[cached["params.freeze_depth"] == "0"]["tags.fairsweep.feature_cache"].str.startswith("off").all()
     assert plain["tags.fairsweep.feature_cache"].str.startswith("off (resources.feature_cache: false)").all()
+    # where each trial trained, and in what precision (bf16 autocast is asked for, but a CPU computes fp32)
+    assert (cached["tags.fairsweep.device"] == "cpu").all() and (cached["tags.fairsweep.precision"] == "fp32").all()
+    base = mlflow.search_runs(experiment_names=["cached"], filter_string="tags.`fairsweep.kind` = 'pretrain'")
+    assert base[["tags.fairsweep.device", "tags.fairsweep.precision"]].values.tolist() == [["cpu", "fp32"]]
     for key in cached.index:
         for m in COMPARED:
             assert cached.loc[key, f"metrics.{m}"] == pytest.approx(plain.loc[key, f"metrics.{m}"], abs=1e-5), (key, m)

@@ -3,6 +3,7 @@ of TrialConfig and PretrainJob that carry a trial into Tune, a worker, MLflow an
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 
 import jsonschema
 import pytest
@@ -150,8 +151,13 @@ def test_pretrain_jobs_round_trip_and_are_keyed_by_what_makes_their_weights(prep
                                                                     preprocessing)),
               job(dataset_options={"n_source": 800}), PretrainJob.create(
                   "test_resnet", "simclr", "synthetic_images", {"n_source": 400}, hp, dataset_fingerprint="fp",
-                  key_parts={"weights_file": "model.safetensors:0123"})]
-    assert len({made.key, *(o.key for o in others)}) == 5
+                  key_parts={"weights_file": "model.safetensors:0123"}),
+              job(hparams=replace(hp, precision="fp32"))]  # a base trained in fp32 is not the bf16 one
+    assert len({made.key, *(o.key for o in others)}) == 6
+    # bf16, the default, stays out of the key: keys made before resources.precision existed still match
+    assert "precision" not in carried["hparams"]
+    fp32 = job(hparams=replace(hp, precision="fp32")).to_dict()
+    assert fp32["hparams"]["precision"] == "fp32" and PretrainJob.from_dict(fp32).hparams.precision == "fp32"
 
 
 def test_weights_from_a_file_are_keyed_by_content(tmp_path) -> None:

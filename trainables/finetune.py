@@ -62,6 +62,7 @@ class TrialContext:
     feature_cache: str | None = None  # folder of the frozen-prefix feature cache shared by a node's workers; None: off
     input_cache: str | None = None  # folder where folder images are decoded once for a node's workers; None: off
     checkpoint_interval_s: float = 0.0  # resources.checkpoint_interval_s: at most one checkpoint this often, and the last
+    precision: str = "bf16"  # resources.precision: bf16 autocast on a GPU that supports it, or fp32 (loop.autocast)
 
 
 class PretrainingFailedError(FairsweepError, RuntimeError):
@@ -111,7 +112,9 @@ def train_and_evaluate(trial: TrialConfig, context: TrialContext, *, state: Mapp
     from trainables.data.base import batch_order
 
     loop.set_threads(context.cpus_per_trial)
+    loop.set_precision(context.precision)
     device = loop.select_device()
+    precision = context.precision
     point, ft = trial.point, trial.finetune
     seed = point.seed
     batch_size = int(ft["batch_size"])
@@ -156,12 +159,14 @@ def train_and_evaluate(trial: TrialConfig, context: TrialContext, *, state: Mapp
         if plan is not None and dataset.in_memory:  # on the device once, as small data's inputs are
             if split not in feature_x:
                 feature_x[split] = torch.from_numpy(np.array(features[split])).to(device, plan.dtype)
-            return loop.predict_scores(net, feature_x[split], batch_size=score_batch, device=device)
+            return loop.predict_scores(net, feature_x[split], batch_size=score_batch, device=device,
+                                       precision=precision)
         if plan is not None:
-            return loop.predict_scores_batches(net, feature_batches(split), len(features[split]), device=device)
+            return loop.predict_scores_batches(net, feature_batches(split), len(features[split]), device=device,
+                                               precision=precision)
         if split == "val" and val_x is not None:
-            return loop.predict_scores(net, val_x, batch_size=score_batch, device=device)
-        return _split_scores(net, dataset, split, score_batch, device, loop)
+            return loop.predict_scores(net, val_x, batch_size=score_batch, device=device, precision=precision)
+        return _split_scores(net, dataset, split, score_batch, device, precision, loop)
 
     def use_features(model: Any, info: Any, pretrain_ref: str | None) -> tuple[Any, str]:
         """This candidate's PrefixPlan when the cache can serve the trial (``features`` filled on first use),
@@ -171,7 +176,8 @@ def train_and_evaluate(trial: TrialConfig, context: TrialContext, *, state: Mapp
         sample = (x[:8] if x is not None else next(iter(dataset.loader("finetune", chosen.indices[:8],
                                                                         batch_size=8)))[0].to(device))
         found, why = fc.plan_prefix(model, info.n_groups, info.frozen_groups, info.frozen_modules, sample,
-                                    lambda: loop.autocast(device), lambda: backbones.set_train_mode(model, info))
+                                    lambda: loop.autocast(device, precision),
+                                    lambda: backbones.set_train_mode(model, info))
         if found is None or features:
             return found, why if found else f"off ({why})"
         cache = fc.FeatureCache(context.feature_cache)
@@ -183,10 +189,11 @@ def train_and_evaluate(trial: TrialConfig, context: TrialContext, *, state: Mapp
         weights = pretrain_ref or f"random-init-seed-{seed}"  # random initialisation depends on the seed
         for split, n in rows.items():
             key = fc.feature_key(dataset=dataset.fingerprint(), split=split, backbone=point.backbone,
-                                 weights=weights, frozen=list(info.frozen_groups), cut=found.cut, device=device.type)
+                                 weights=weights, frozen=list(info.frozen_groups), cut=found.cut, device=device.type,
+                                 precision=loop.effective_precision(device, precision))
             features[split] = cache.get_or_compute(key, lambda: fc.compute_features(
                 found.prefix, iter(dataset.loader(split, batch_size=score_batch)), n, device,
-                lambda: loop.autocast(device)))
+                lambda: loop.autocast(device, precision)))
         return found, why
 
     def build(lr: float, wd: float) -> tuple[Any, Any, Any, Any]:
@@ -235,20 +242,22 @@ def train_and_evaluate(trial: TrialConfig, context: TrialContext, *, state: Mapp
         static = {"requested_magnitude": chosen.requested, "achieved_magnitude": chosen.achieved,
                   "n_finetune": int(len(chosen.indices)), "n_groups": info.n_groups,
                   "frozen_groups": json.dumps(list(info.frozen_groups)), "frozen_fraction": info.frozen_fraction,
-                  "pretrain_ref": pretrain_ref or "", "device": str(device), "feature_cache": feature_note,
+                  "pretrain_ref": pretrain_ref or "", "device": str(device),
+                  "precision": loop.effective_precision(device, precision), "feature_cache": feature_note,
                   "preprocessing": dataset.preprocessing_record()}
         train_mode = (net.train if plan is not None  # noqa: E731 - frozen layers stay in eval
                       else lambda: backbones.set_train_mode(model, info))
         for epoch in range(start_epoch, epochs):
             if fit_x is not None:
                 loss = loop.train_epoch(net, fit_x, y, opt, batch_size=batch_size, generator=gen, device=device,
-                                        train_mode=train_mode)
+                                        train_mode=train_mode, precision=precision)
             else:  # the order comes from (seed, epoch), so a resumed trial replays the same epoch
                 order = dict(batch_size=batch_size, shuffle=True, seed=seed, epoch=epoch,
                              drop_last=len(chosen.indices) > batch_size)
                 stream = (feature_batches("finetune", chosen.indices, batch_order(len(chosen.indices), **order))
                           if plan is not None else dataset.loader("finetune", chosen.indices, **order))
-                loss = loop.train_epoch_batches(net, stream, y, opt, device=device, train_mode=train_mode)
+                loss = loop.train_epoch_batches(net, stream, y, opt, device=device, train_mode=train_mode,
+                                                precision=precision)
             val_scores = scores(net, "val")
             val_loss = _val_loss(val_scores, val_labels)
             if select_epoch == "best_val_loss" and val_loss < progress["kept_loss"]:  # ties: the earlier epoch
@@ -348,12 +357,14 @@ def _validation_objectives(scores: np.ndarray, dataset: Any, ft: Mapping[str, An
     return {f"val_{m}": float(values[m]) for m in context.objectives if m in values}
 
 
-def _split_scores(model: Any, dataset: Any, split: str, batch_size: int, device: Any, loop: Any) -> np.ndarray:
+def _split_scores(model: Any, dataset: Any, split: str, batch_size: int, device: Any, precision: str,
+                  loop: Any) -> np.ndarray:
     n = len(dataset.meta(split))
     if dataset.in_memory:
         return loop.predict_scores(model, worker_cache.split_inputs(dataset, split).to(device), batch_size=batch_size,
-                                   device=device)
-    return loop.predict_scores_batches(model, dataset.loader(split, batch_size=batch_size), n, device=device)
+                                   device=device, precision=precision)
+    return loop.predict_scores_batches(model, dataset.loader(split, batch_size=batch_size), n, device=device,
+                                       precision=precision)
 
 
 def _evaluate(score: Callable[[str], np.ndarray], dataset: Any, ft: Mapping[str, Any], out: Path, metrics: Any,

@@ -2,7 +2,8 @@
 
 Model and data live on the device Ray assigned to the trial: CUDA when the trial was given a GPU
 (Ray sets CUDA_VISIBLE_DEVICES), bf16 autocast where the GPU supports it and image weights and batches
-in channels_last (``to_device``, ``on_device``), the CPU otherwise.
+in channels_last (``to_device``, ``on_device``), the CPU otherwise. ``resources.precision: fp32`` turns bf16
+autocast and TF32 off (``PRECISIONS``): some models learn differently in bf16 (README, "GPUs").
 Whole small datasets are moved to the device once and batched there, which is what keeps tiny
 models from being bound by host-to-device copies. Folder datasets are too big for that: their batches
 ``(x, pos)`` stream from DataLoader workers (``Dataset.loader``) and are copied to the device one at a
@@ -19,10 +20,11 @@ import torch
 from torch import nn
 
 from trainables.errors import FairsweepError
+from trainables.trial import PRECISIONS
 
 __all__ = ["select_device", "to_device", "on_device", "autocast", "batches", "train_epoch", "train_epoch_batches",
            "predict_scores", "predict_scores_batches", "set_threads", "NonFiniteLossError", "TrialOutOfMemoryError",
-           "memory_hint"]
+           "memory_hint", "effective_precision", "set_precision"]
 
 Loss = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
@@ -75,10 +77,25 @@ def on_device(x: torch.Tensor, device: torch.device) -> torch.Tensor:
     return x.contiguous(memory_format=torch.channels_last) if x.is_cuda and x.dim() == 4 else x
 
 
-def autocast(device: torch.device) -> contextlib.AbstractContextManager:
-    if device.type == "cuda" and torch.cuda.is_bf16_supported():
+def autocast(device: torch.device, precision: str = "bf16") -> contextlib.AbstractContextManager:
+    """bf16 autocast on a CUDA device that supports it, unless ``precision`` is fp32; a no-op otherwise."""
+    if precision not in PRECISIONS:
+        raise ValueError(f"precision {precision!r} is not one of {', '.join(PRECISIONS)}")
+    if precision == "bf16" and device.type == "cuda" and torch.cuda.is_bf16_supported():
         return torch.autocast("cuda", dtype=torch.bfloat16)
     return contextlib.nullcontext()
+
+
+def effective_precision(device: torch.device, precision: str = "bf16") -> str:
+    """What ``autocast(device, precision)`` computes in: bf16 only on a CUDA device with bf16 support."""
+    return "bf16" if precision == "bf16" and device.type == "cuda" and torch.cuda.is_bf16_supported() else "fp32"
+
+
+def set_precision(precision: str) -> None:
+    """TF32 matrix products and convolutions on for bf16, off for fp32: fp32 then computes what the CPU does,
+    to the rounding of reductions. Per process, like ``set_threads``; every trial and job sets it first."""
+    torch.backends.cuda.matmul.allow_tf32 = precision != "fp32"
+    torch.backends.cudnn.allow_tf32 = precision != "fp32"
 
 
 def set_threads(cpus: float) -> None:
@@ -94,9 +111,9 @@ def batches(n: int, batch_size: int, generator: torch.Generator | None, *, drop_
 
 
 def _step(model: nn.Module, xb: torch.Tensor, yb: torch.Tensor, optimizer: torch.optim.Optimizer,
-          device: torch.device, loss_fn: Loss, seen: int) -> float:
+          device: torch.device, loss_fn: Loss, seen: int, precision: str = "bf16") -> float:
     """One optimiser step on a batch already on the device; returns its mean loss."""
-    with autocast(device):
+    with autocast(device, precision):
         loss = loss_fn(model(on_device(xb, device)).float(), yb)
     if not torch.isfinite(loss):
         raise NonFiniteLossError(f"training loss became {loss.item()} after {seen} examples; lower the learning rate")
@@ -108,21 +125,22 @@ def _step(model: nn.Module, xb: torch.Tensor, yb: torch.Tensor, optimizer: torch
 
 def train_epoch(model: nn.Module, x: torch.Tensor, y: torch.Tensor, optimizer: torch.optim.Optimizer, *,
                 batch_size: int, generator: torch.Generator, device: torch.device,
-                loss_fn: Loss | None = None, train_mode: Callable[[], None] | None = None) -> float:
+                loss_fn: Loss | None = None, train_mode: Callable[[], None] | None = None,
+                precision: str = "bf16") -> float:
     """One pass over (x, y) in shuffled mini-batches; returns the example-weighted mean loss."""
     loss_fn = loss_fn or nn.functional.cross_entropy
     (train_mode or model.train)()
     total, count = 0.0, 0
     for idx in batches(len(x), batch_size, generator, drop_last=len(x) > batch_size):
         idx = idx.to(x.device)
-        total += _step(model, x[idx], y[idx], optimizer, device, loss_fn, count) * len(idx)
+        total += _step(model, x[idx], y[idx], optimizer, device, loss_fn, count, precision) * len(idx)
         count += len(idx)
     return total / max(count, 1)
 
 
 def train_epoch_batches(model: nn.Module, stream: Iterable[tuple[torch.Tensor, torch.Tensor]], targets: torch.Tensor,
                         optimizer: torch.optim.Optimizer, *, device: torch.device, loss_fn: Loss | None = None,
-                        train_mode: Callable[[], None] | None = None) -> float:
+                        train_mode: Callable[[], None] | None = None, precision: str = "bf16") -> float:
     """One pass over streamed batches ``(x, pos)`` (``Dataset.loader``); ``targets[pos]`` are their labels.
 
     The stream decides order and batch size (shuffle and drop the last partial batch there, as
@@ -134,18 +152,19 @@ def train_epoch_batches(model: nn.Module, stream: Iterable[tuple[torch.Tensor, t
     for xb, pos in stream:
         xb = on_device(xb, device)
         yb = targets[pos.to(targets.device)]
-        total += _step(model, xb, yb, optimizer, device, loss_fn, count) * len(pos)
+        total += _step(model, xb, yb, optimizer, device, loss_fn, count, precision) * len(pos)
         count += len(pos)
     return total / max(count, 1)
 
 
 @torch.no_grad()
-def predict_scores(model: nn.Module, x: torch.Tensor, *, batch_size: int, device: torch.device) -> np.ndarray:
+def predict_scores(model: nn.Module, x: torch.Tensor, *, batch_size: int, device: torch.device,
+                   precision: str = "bf16") -> np.ndarray:
     """P(y = 1) for every row of x, in order (the model's two logits through a softmax)."""
     model.eval()
     out = []
     for start in range(0, len(x), batch_size):
-        with autocast(device):
+        with autocast(device, precision):
             logits = model(on_device(x[start:start + batch_size], device)).float()
         out.append(torch.softmax(logits, dim=1)[:, 1].cpu())
     return torch.cat(out).numpy().astype(np.float64) if out else np.zeros(0)
@@ -153,12 +172,12 @@ def predict_scores(model: nn.Module, x: torch.Tensor, *, batch_size: int, device
 
 @torch.no_grad()
 def predict_scores_batches(model: nn.Module, stream: Iterable[tuple[torch.Tensor, torch.Tensor]], n: int, *,
-                           device: torch.device) -> np.ndarray:
+                           device: torch.device, precision: str = "bf16") -> np.ndarray:
     """P(y = 1) for ``n`` rows arriving as batches ``(x, pos)`` in any order; every row must arrive."""
     model.eval()
     out = np.full(n, np.nan)
     for xb, pos in stream:
-        with autocast(device):
+        with autocast(device, precision):
             logits = model(on_device(xb, device)).float()
         out[pos.numpy()] = torch.softmax(logits, dim=1)[:, 1].cpu().numpy()
     missing = np.flatnonzero(np.isnan(out))

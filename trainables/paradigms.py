@@ -54,6 +54,7 @@ class TrainContext:
     options: Mapping[str, Any]  # resolved paradigm options
     device: Any  # torch.device from loop.select_device()
     generator: Any  # torch.Generator seeded with hparams["seed"]
+    precision: str = "bf16"  # resources.precision: pass it to loop's training functions (loop.autocast)
 
 
 Trainer = Callable[["Paradigm", TrainContext], "tuple[nn.Module, list[float]]"]
@@ -291,10 +292,10 @@ def _train_supervised(paradigm: Paradigm, ctx: TrainContext) -> tuple[nn.Module,
     for epoch in range(hp["epochs"]):
         if x is not None:
             losses.append(loop.train_epoch(model, x, y, opt, batch_size=hp["batch_size"], generator=ctx.generator,
-                                           device=ctx.device, loss_fn=loss_fn))
+                                           device=ctx.device, loss_fn=loss_fn, precision=ctx.precision))
         else:
             losses.append(loop.train_epoch_batches(model, _source_stream(ctx, epoch, rows), y, opt, device=ctx.device,
-                                                   loss_fn=loss_fn))
+                                                   loss_fn=loss_fn, precision=ctx.precision))
         sched.step()
     return model, losses
 
@@ -306,7 +307,7 @@ def _train_ssl(paradigm: Paradigm, ctx: TrainContext) -> tuple[nn.Module, list[f
     # folder data: each epoch's shuffled batches decoded by worker processes
     data = ctx.dataset.inputs("source").to(ctx.device) if ctx.dataset.in_memory else partial(_source_stream, ctx)
     losses = train_ssl(model, data, method=paradigm.ssl_method, options=ctx.options, modality=ctx.dataset.modality,
-                       hparams=ctx.hparams, device=ctx.device, generator=ctx.generator)
+                       hparams=ctx.hparams, device=ctx.device, generator=ctx.generator, precision=ctx.precision)
     return model, losses
 
 

@@ -81,6 +81,7 @@ def run_pretrain_job(job: Mapping[str, Any], cache_root: str, cpus: float = 1.0,
             _log.warning("pretraining cache entry %s under %s is damaged; discarding and rebuilding it", key, cache_root)
         cache._sweep_leftovers(key)
         loop.set_threads(cpus)
+        loop.set_precision(job.hparams.precision)
         device = loop.select_device()
         started = time.time()
         hp = job.hparams.to_dict()
@@ -95,12 +96,13 @@ def run_pretrain_job(job: Mapping[str, Any], cache_root: str, cpus: float = 1.0,
                              "timm version on the driver and every worker")
         torch.manual_seed(job.hparams.seed)
         gen = torch.Generator().manual_seed(job.hparams.seed)
-        ctx = TrainContext(job.backbone, dataset, hp, MappingProxyType(options), device, gen)
+        ctx = TrainContext(job.backbone, dataset, hp, MappingProxyType(options), device, gen, job.hparams.precision)
         with loop.memory_hint(device, job.hparams.batch_size):
             model, losses = paradigm.trainer(paradigm, ctx)
         meta = {"backbone": job.backbone, "paradigm": job.paradigm, "dataset": job.dataset,
                 "dataset_options": dict(job.dataset_options), "hparams": hp, "options": options,
-                "losses": [float(v) for v in losses], "device": str(device), "seconds": time.time() - started,
+                "losses": [float(v) for v in losses], "device": str(device),
+                "precision": loop.effective_precision(device, job.hparams.precision), "seconds": time.time() - started,
                 "created": time.strftime("%Y-%m-%dT%H:%M:%S"), "rebuilt_damaged": status == "damaged",
                 **paradigm.key_parts(job.backbone)}
         path = cache.write(key, backbones.backbone_state_dict(model), meta)

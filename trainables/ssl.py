@@ -353,7 +353,7 @@ for _m in (SSLMethod("simclr", _simclr), SSLMethod("vicreg", _vicreg), SSLMethod
 
 def train_ssl(model: nn.Module, data: torch.Tensor | Callable[[int], Iterable[tuple[torch.Tensor, torch.Tensor]]], *,
               method: str, options: Mapping[str, Any], modality: str, hparams: Mapping[str, Any], device: torch.device,
-              generator: torch.Generator) -> list[float]:
+              generator: torch.Generator, precision: str = "bf16") -> list[float]:
     """Pretrain ``model``'s representation on unlabeled inputs; returns the mean loss of each epoch.
 
     ``data`` is either every input already on ``device`` (small data, batched there) or a function
@@ -399,7 +399,7 @@ def train_ssl(model: nn.Module, data: torch.Tensor | Callable[[int], Iterable[tu
         for xb in started.pop(epoch) if epoch in started else epoch_batches(epoch):
             if len(xb) < 2:  # contrastive and batch-statistics losses need two examples
                 continue
-            with loop.autocast(device):
+            with loop.autocast(device, precision):
                 loss = objective.loss(model, xb)
             if not math.isfinite(loss.item()):
                 raise loop.NonFiniteLossError(f"{method} loss became {loss.item()}; lower pretraining.lr")

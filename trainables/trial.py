@@ -23,7 +23,8 @@ from trainables.pretrain_cache import sha256_file
 from trainables.schema import SchemaError
 
 __all__ = ["Freeze", "TrialPoint", "Weights", "TrialConfig", "PretrainHParams", "PretrainJob", "ContractError",
-           "canonical_hash", "FREEZE_WORDS", "FREEZE_JSON_SCHEMA", "MAX_LAYER_GROUPS", "TUNE_KEY"]
+           "canonical_hash", "FREEZE_WORDS", "FREEZE_JSON_SCHEMA", "MAX_LAYER_GROUPS", "TUNE_KEY",
+           "PRECISIONS"]
 
 FREEZE_WORDS = ("linear", "full")
 MAX_LAYER_GROUPS = 10_000  # a bound on k and on group indices, so a typo cannot build a huge range
@@ -283,6 +284,10 @@ class TrialConfig:
 # ----------------------------------------------------------------------------- pretraining
 
 
+# resources.precision: bf16 autocast on GPUs that support it, or fp32 throughout (trainables/loop.py)
+PRECISIONS = ("bf16", "fp32")
+
+
 @dataclass(frozen=True)
 class PretrainHParams:
     """A pretraining job's hyper-parameters: the spec's ``pretraining`` section, the paradigm's options with
@@ -296,17 +301,23 @@ class PretrainHParams:
     seed: int
     options: Mapping[str, Any] = field(default_factory=dict)
     preprocessing: str | None = None  # canonical text; None for generated data, whose keys stay as they were
+    # resources.precision: a base trained in fp32 differs from a bf16 one, so fp32 enters the job's key (and bf16,
+    # the default, stays out of it: keys made before the option existed stay as they were)
+    precision: str = "bf16"
 
     def to_dict(self) -> dict[str, Any]:
         d = {"epochs": self.epochs, "batch_size": self.batch_size, "lr": self.lr, "weight_decay": self.weight_decay,
              "momentum": self.momentum, "seed": self.seed, "options": dict(self.options)}
-        return {**d, "preprocessing": self.preprocessing} if self.preprocessing is not None else d
+        if self.preprocessing is not None:
+            d["preprocessing"] = self.preprocessing
+        return {**d, "precision": self.precision} if self.precision != "bf16" else d
 
     @classmethod
     def from_dict(cls, d: Mapping[str, Any]) -> PretrainHParams:
         d = _fields(d, "pretraining hparams", ("epochs", "batch_size", "lr", "weight_decay", "momentum", "seed"))
         return cls(int(d["epochs"]), int(d["batch_size"]), float(d["lr"]), float(d["weight_decay"]),
-                   float(d["momentum"]), int(d["seed"]), dict(d.get("options") or {}), d.get("preprocessing"))
+                   float(d["momentum"]), int(d["seed"]), dict(d.get("options") or {}), d.get("preprocessing"),
+                   str(d.get("precision", "bf16")))
 
 
 @dataclass(frozen=True)
