@@ -57,6 +57,7 @@ class Trainer:
 
         self.s = Setup(**setup)
         loop.set_threads(self.s.threads)
+        loop.set_precision("bf16")  # as a trial of a sweep with resources.precision: bf16 (the default)
         self.device = torch.device(self.s.device)
         torch.manual_seed(0)
         shape = (3, self.s.image_size, self.s.image_size)

@@ -45,10 +45,10 @@ def _env() -> dict[str, str]:
     return env
 
 
-def _pretrain(job: dict, cache: str, cpus: float, input_cache: str | None) -> None:
+def _pretrain(job: dict, cache: str, cpus: float, input_cache: str | None, input_cache_bytes: int | None) -> None:
     from trainables.pretrain import run_pretrain_job
 
-    run_pretrain_job(job, cache, cpus, input_cache)
+    run_pretrain_job(job, cache, cpus, input_cache, input_cache_bytes)
 
 
 def _trial(trial: dict, context: Any) -> dict:
@@ -74,7 +74,8 @@ def run_floor(spec: Path, workdir: Path) -> tuple[float, dict[str, dict]]:
     context = _trial_context(plan, cache, feature_cache=str(workdir / FEATURE_CACHE_DIRNAME),
                              input_cache=str(workdir / DECODED_CACHE_DIRNAME))
     with ProcessPoolExecutor(max_workers=slots) as pool:
-        for f in [pool.submit(_pretrain, j.to_dict(), cache, res.cpus_per_trial, context.input_cache)
+        for f in [pool.submit(_pretrain, j.to_dict(), cache, res.cpus_per_trial, context.input_cache,
+                              context.input_cache_bytes)
                   for j in plan.pretrain_jobs]:
             f.result()
         futures = {t.key: pool.submit(_trial, t.config.to_dict(), context) for t in plan.trials}

@@ -116,6 +116,8 @@ def _trial_context(plan: Plan, cache_root: str, finished: list | None = None,
                         bootstrap=s.evaluation.bootstrap, privileged=dict(s.dataset.privileged),
                         feature_cache=feature_cache if s.resources.feature_cache else None,
                         input_cache=input_cache if s.resources.input_cache else None,
+                        feature_cache_bytes=s.resources.feature_cache_bytes,
+                        input_cache_bytes=s.resources.input_cache_bytes,
                         checkpoint_interval_s=s.resources.checkpoint_interval_s, precision=s.resources.precision)
 
 
@@ -133,7 +135,8 @@ def run_pretraining(plan: Plan, cache_root: str, tracker: Any,
     task = ray.remote(num_cpus=res.cpus_per_trial, num_gpus=res.gpus_per_trial,
                       max_retries=max(1, res.max_failures))(with_plugins(run_pretrain_job, plan.spec.plugins))
     decoded = input_cache if res.input_cache else None
-    refs = {task.remote(job.to_dict(), cache_root, res.cpus_per_trial, decoded): job for job in plan.pretrain_jobs}
+    refs = {task.remote(job.to_dict(), cache_root, res.cpus_per_trial, decoded, res.input_cache_bytes): job
+            for job in plan.pretrain_jobs}
     failed: dict[str, str] = {}
     pending = list(refs)
     total = len(refs)

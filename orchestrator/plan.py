@@ -225,6 +225,9 @@ def build_plan(spec: SweepSpec, *, base_dir: str | None = None) -> Plan:
 
     # Pretraining jobs: one per (backbone, paradigm) that needs training; every pair's starting weights.
     pt = spec.pretraining
+    # what the jobs compute in: bf16 autocast only where they get a GPU (keys: trainables/trial.py PretrainHParams)
+    res = spec.resources
+    planned_precision = "bf16" if res.precision == "bf16" and res.gpus_per_trial > 0 else "fp32"
     jobs: list[PretrainJob] = []
     files = {p: Weights.from_file(path) for p, path in file_weights.items()}  # keyed by content
     weights: dict[tuple[str, str], Weights] = {}
@@ -238,7 +241,7 @@ def build_plan(spec: SweepSpec, *, base_dir: str | None = None) -> Plan:
                                       paradigm.resolve_options(pt.paradigms.get(p, {})),  # defaults filled: in the key
                                       # folder images: the model's own mean/std/crop
                                       pretrain.preprocessing_part(dataset, b).get("preprocessing"),
-                                      spec.resources.precision)
+                                      planned_precision)
             job = PretrainJob.create(b, p, spec.dataset.name, spec.dataset.options, hparams,
                                      dataset_fingerprint=dataset.fingerprint(), key_parts=paradigm.key_parts(b))
             jobs.append(job)

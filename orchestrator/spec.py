@@ -96,6 +96,7 @@ MAX_BOOTSTRAP = 100_000
 MAX_RATE = 10.0  # finetune.lr / weight_decay: larger values only diverge
 MAX_CANDIDATES = 16  # per inner-search list
 MAX_CHECKPOINT_INTERVAL_S = 86_400.0
+MAX_CACHE_GB = 1_048_576.0  # a cache budget of 1 PiB: beyond any node's disk
 MAX_PATH_CHARS = 4096
 MAX_PATH_PART_BYTES = 255  # NAME_MAX: a longer part fails the lookup itself
 MAX_METRIC_CHARS = 200
@@ -220,15 +221,25 @@ class Resources:
     # computed once per content key and shared by the trials of a node (trainables/feature_cache.py); false
     # recomputes them in every epoch of every trial.
     feature_cache: bool = True
+    feature_cache_gb: float = 4.0  # its budget per node (GiB); the least recently read entries go first beyond it
     # Folder datasets (celeba, waterbirds, image_csv) decode each split once into resized uint8 pixels that the
     # workers of a node share (trainables/data/images.py); false decodes the files in every epoch of every trial.
     input_cache: bool = True
+    input_cache_gb: float = 16.0  # its budget per node (GiB; CelebA at 64 px takes 2.5); least recently read out
     # A trial checkpoints at most this often (and always at its end); 0 checkpoints every epoch. A trial
     # interrupted in between continues from its last checkpoint and repeats the epochs since.
     checkpoint_interval_s: float = 60.0
     # bf16: autocast to bfloat16 on GPUs that support it (fast; some models learn differently, README "GPUs");
     # fp32: full precision everywhere, TF32 off, what the CPU computes. Bases trained in fp32 are keyed apart.
     precision: str = "bf16"
+
+    @property
+    def feature_cache_bytes(self) -> int:
+        return int(self.feature_cache_gb * 2**30)
+
+    @property
+    def input_cache_bytes(self) -> int:
+        return int(self.input_cache_gb * 2**30)
 
 
 @dataclass(frozen=True)
@@ -658,7 +669,13 @@ _RESOURCES = Section.of(Resources, {
     "max_failures": Option(kind=int, low=0, high=MAX_FAILURES, doc="retries of a failed trial"),
     "feature_cache": Option(kind=bool, doc="share a frozen prefix's outputs (linear probe, freeze depth k) between "
                                            "the trials of a node"),
+    "feature_cache_gb": Option(kind=float, low=0.0, high=MAX_CACHE_GB, low_open=True,
+                               doc="the feature cache's budget per node in GiB; least recently read entries go "
+                                   "first beyond it, and a trial whose outputs alone exceed it runs uncached"),
     "input_cache": Option(kind=bool, doc="decode folder images once into resized pixels the trials of a node share"),
+    "input_cache_gb": Option(kind=float, low=0.0, high=MAX_CACHE_GB, low_open=True,
+                             doc="the decoded-image cache's budget per node in GiB; least recently read out, and a "
+                                 "split that alone exceeds it streams from its files"),
     "checkpoint_interval_s": Option(kind=float, low=0.0, high=MAX_CHECKPOINT_INTERVAL_S,
                                     doc="a trial checkpoints at most this often (0: every epoch)"),
     "precision": Option(kind=str, choices=PRECISIONS,

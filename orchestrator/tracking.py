@@ -45,7 +45,7 @@ __all__ = ["SweepTracker", "driver_id", "driver_alive"]
 FRONT_MARK = "[front] "  # prefixed to the run names of the front's members (the MLflow UI's run list)
 FRONT_REFRESH_S = 5.0  # the front is recomputed at most this often while trials finish, and at the end
 _PER_EPOCH = {"train_loss", "val_loss", "epoch"}  # logged every epoch; everything else once, with the final result
-_NON_METRIC = {"frozen_groups", "pretrain_ref", "device", "precision", "done_training", "chosen_hparams",
+_NON_METRIC = {"frozen_groups", "pretrain_ref", "device", "compute_precision", "done_training", "chosen_hparams",
                "infinite_metrics", "feature_cache", "preprocessing", "trial_id", "date",
                "hostname", "node_ip",
                "pid", "experiment_id", "experiment_tag", "timestamp", "time_this_iter_s", "time_total_s",
@@ -293,8 +293,8 @@ class SweepTracker(tune.Callback):
                 tags.append(RunTag(TAGS.INFINITE_METRICS, str(result["infinite_metrics"])[:5000]))
             if result.get("feature_cache"):
                 tags.append(RunTag(TAGS.FEATURE_CACHE, str(result["feature_cache"])[:500]))
-            tags += [RunTag(tag, str(result[k])) for tag, k in ((TAGS.DEVICE, "device"), (TAGS.PRECISION, "precision"))
-                     if result.get(k)]
+            tags += [RunTag(tag, str(result[k])) for tag, k in ((TAGS.DEVICE, "device"),
+                                                                (TAGS.PRECISION, "compute_precision")) if result.get(k)]
             chosen = result.get("chosen_hparams") or {}
             if self._inner_search() and chosen:  # the inner search's pick, known only now
                 params = [Param(f"finetune.{k}", repr(float(v))) for k, v in chosen.items()]

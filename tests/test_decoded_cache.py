@@ -11,6 +11,7 @@ import pytest
 import torch
 from PIL import Image
 
+from orchestrator.spec import Resources
 from trainables.data import SPLITS, build_dataset
 from trainables.data import fixtures as F
 from trainables.data import images
@@ -124,3 +125,30 @@ def test_a_trial_on_decoded_images_is_the_same_trial(tmp_path, monkeypatch):
     assert len(decoded) == n  # each file of the splits a trial reads, once
     train_and_evaluate(trial_config({**point, "magnitude": 0.5}, {**ft, "epochs": 1}), context)
     assert len(decoded) == n
+    # a budget too small for any split (resources.input_cache_gb): every split streams from its files again
+    tight = replace(context, input_cache=str(tmp_path / "tight"), input_cache_bytes=1024)
+    again = train_and_evaluate(trial_config(point, ft), tight)
+    assert again["accuracy"] == streamed["accuracy"] and len(decoded) > n  # decoded again, not read from a cache
+    assert not list((tmp_path / "tight").glob("*.npy"))
+    assert Resources().input_cache_bytes == images.DECODED_BUDGET_BYTES  # the spec's default is the module's
+
+
+def test_pretraining_decodes_within_the_sweeps_budget(tmp_path):
+    """Launch hands each pretraining job the folder and budget of the decoded-image cache
+    (resources.input_cache_gb): within it the source split is decoded into the cache, beyond it streamed."""
+    from orchestrator.plan import build_plan
+    from orchestrator.spec import parse_spec
+    from tests.helpers import tiny_spec
+    from trainables.pretrain import run_pretrain_job
+
+    opts = {**F.write_image_csv(tmp_path / "csv", n=200), "num_workers": 0}
+    spec = parse_spec(tiny_spec(**{"dataset": {"name": "image_csv", "options": opts}, "axes.paradigm": ["supervised"],
+                                   "finetune.size": 30, "resources.input_cache_gb": 1e-6}))  # 1 KiB: no split fits
+    (job,) = build_plan(spec).pretrain_jobs
+    tight = run_pretrain_job(job.to_dict(), str(tmp_path / "a"), 1, str(tmp_path / "tight"),
+                             spec.resources.input_cache_bytes)
+    assert spec.resources.input_cache_bytes == 1073 and not list((tmp_path / "tight").glob("*.npy"))
+    roomy = run_pretrain_job(job.to_dict(), str(tmp_path / "b"), 1, str(tmp_path / "roomy"),
+                             Resources().input_cache_bytes)
+    assert len(list((tmp_path / "roomy").glob("*.npy"))) == 1  # the source split, decoded once
+    assert roomy.losses == tight.losses  # the same pixels either way

@@ -5,6 +5,7 @@ and stays within its budget, and trials it cannot serve exactly run the whole mo
 from __future__ import annotations
 
 import contextlib
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -12,7 +13,10 @@ import pytest
 import torch
 from torch import nn
 
-from tests.helpers import TINY_DATA, trial_config
+from orchestrator.launch import _trial_context
+from orchestrator.plan import build_plan
+from orchestrator.spec import Resources, parse_spec
+from tests.helpers import TINY_DATA, tiny_spec, trial_config
 from trainables import backbones
 from trainables import feature_cache as fc
 from trainables.data import fixtures as F
@@ -99,10 +103,16 @@ def test_trials_the_cache_cannot_serve_exactly_run_the_whole_model(tmp_path, mon
     assert train_and_evaluate(_point("test_resnet", 0), _context(cache))["feature_cache"] == "off (nothing is frozen)"
     scattered = train_and_evaluate(_point("test_resnet", [1, 2]), _context(cache))
     assert scattered["feature_cache"] == "off (frozen groups [1, 2] are not a prefix of the network)"
-    monkeypatch.setattr(fc, "DEFAULT_BUDGET_BYTES", 100_000)  # layer1's outputs of 1,200 rows take 9 MiB
-    big = train_and_evaluate(_point("test_resnet", 2), _context(cache))
-    assert big["feature_cache"].startswith("off (the outputs of layer1 take 9 MiB, more than the feature cache's")
+    # the budget a sweep sets (resources.feature_cache_gb), as launch hands it to the trials
+    plan = build_plan(parse_spec(tiny_spec(**{"resources.feature_cache_gb": 0.005})))
+    small = replace(_trial_context(plan, "/none", feature_cache=str(cache)), dataset_options=dict(TINY_DATA),
+                    bootstrap=0)
+    assert small.feature_cache_bytes == 5_368_709
+    big = train_and_evaluate(_point("test_resnet", 2), small)  # layer1's outputs of 1,200 rows take 9 MiB
+    assert big["feature_cache"] == ("off (the outputs of layer1 take 9 MiB, more than the feature cache's budget "
+                                    "of 5 MiB)")
     assert not list(cache.glob("*.npy"))
+    assert Resources().feature_cache_bytes == fc.DEFAULT_BUDGET_BYTES  # the spec's default is the module's
 
 
 class _Stack(nn.Module):

@@ -49,7 +49,39 @@ def test_precision_decides_autocast_and_tf32(monkeypatch):
     try:
         loop.set_precision("fp32")
         assert (torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32) == (False, False)
-        loop.set_precision("bf16")
-        assert (torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32) == (True, True)
+        loop.set_precision("bf16")  # torch's defaults
+        assert (torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32) == (False, True)
+        with pytest.raises(ValueError, match="'fp16' is not one of"):
+            loop.set_precision("fp16")
     finally:
         torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = before
+
+
+def test_a_sweeps_fp32_reaches_every_autocast_of_its_jobs_and_trials(tmp_path, monkeypatch):
+    """resources.precision: fp32 on a GPU sweep: every autocast of pretraining (supervised and SSL) and of the
+    trials (whole model and cached prefix) is asked for fp32, so none would run in bf16 on the GPU."""
+    from dataclasses import replace
+
+    from orchestrator.launch import _trial_context
+    from orchestrator.plan import build_plan
+    from orchestrator.spec import parse_spec
+    from tests.helpers import tiny_spec
+    from trainables.finetune import train_and_evaluate
+    from trainables.pretrain import run_pretrain_job
+
+    asked = []
+    real = loop.autocast
+    monkeypatch.setattr(loop, "autocast", lambda device, precision="bf16": asked.append(precision) or real(device,
+                                                                                                            precision))
+    spec = tiny_spec(**{"axes.paradigm": ["supervised", "simclr"], "axes.intervention.magnitudes": [0.5],
+                        "resources.gpus_per_trial": 0.5, "resources.precision": "fp32"})
+    plan = build_plan(parse_spec(spec))
+    for job in plan.pretrain_jobs:
+        run_pretrain_job(job.to_dict(), str(tmp_path / "cache"))
+    assert len(asked) > 10 and set(asked) == {"fp32"}
+    asked.clear()
+    context = replace(_trial_context(plan, str(tmp_path / "cache"), feature_cache=str(tmp_path / "features")),
+                      bootstrap=0)
+    notes = {train_and_evaluate(t.config, context)["feature_cache"] for t in plan.trials}
+    assert "linear probe on cached pre-logits" in notes and "off (nothing is frozen)" in notes
+    assert len(asked) > 10 and set(asked) == {"fp32"}

@@ -35,17 +35,21 @@ def test_keys_are_stable_and_change_with_the_config():
 
 
 def test_precision_keys_the_bases_apart_and_is_checked():
-    """A base trained in fp32 is not the bf16 one (bf16 learns differently on some models: README, "GPUs"), so
-    resources.precision: fp32 enters the pretraining keys; bf16, the default, leaves them as they were."""
-    default = build_plan(parse_spec(tiny_spec()))
-    bf16 = build_plan(parse_spec(tiny_spec(**{"resources.precision": "bf16"})))
-    fp32 = build_plan(parse_spec(tiny_spec(**{"resources.precision": "fp32"})))
-    assert [j.key for j in default.pretrain_jobs] == [j.key for j in bf16.pretrain_jobs]
-    assert "precision" not in default.pretrain_jobs[0].to_dict()["hparams"]
-    assert [j.hparams.precision for j in fp32.pretrain_jobs] == ["fp32"]
-    assert not {j.key for j in default.pretrain_jobs} & {j.key for j in fp32.pretrain_jobs}
-    supervised = [t for t in fp32.trials if t.point.paradigm == "supervised"]
-    assert {t.config.weights.key for t in supervised} == {fp32.pretrain_jobs[0].key}
+    """A base trained in bf16 is not the fp32 one (bf16 learns differently on some models: README, "GPUs"). A job
+    computes in bf16 only on a GPU with resources.precision bf16 (the default): that enters its key; CPU sweeps and
+    fp32 GPU sweeps compute the same and keep the keys they had before the option existed."""
+    def plan(**resources):
+        return build_plan(parse_spec(tiny_spec(**{f"resources.{k}": v for k, v in resources.items()})))
+
+    cpu, cpu_fp32 = plan(), plan(precision="fp32")
+    gpu_bf16, gpu_fp32 = plan(gpus_per_trial=0.5), plan(gpus_per_trial=0.5, precision="fp32")
+    assert cpu.spec.resources.precision == "bf16" and cpu.pretrain_jobs[0].hparams.precision == "fp32"
+    assert [j.key for j in cpu.pretrain_jobs] == [j.key for j in cpu_fp32.pretrain_jobs] == \
+        [j.key for j in gpu_fp32.pretrain_jobs] and "precision" not in cpu.pretrain_jobs[0].to_dict()["hparams"]
+    assert [j.hparams.precision for j in gpu_bf16.pretrain_jobs] == ["bf16"]
+    assert not {j.key for j in cpu.pretrain_jobs} & {j.key for j in gpu_bf16.pretrain_jobs}
+    supervised = [t for t in gpu_bf16.trials if t.point.paradigm == "supervised"]
+    assert {t.config.weights.key for t in supervised} == {gpu_bf16.pretrain_jobs[0].key}
     with pytest.raises(SpecError, match=r"resources.precision: got 'fp16'; expected one of: bf16, fp32"):
         parse_spec(tiny_spec(**{"resources.precision": "fp16"}))
 

@@ -152,12 +152,14 @@ def test_pretrain_jobs_round_trip_and_are_keyed_by_what_makes_their_weights(prep
               job(dataset_options={"n_source": 800}), PretrainJob.create(
                   "test_resnet", "simclr", "synthetic_images", {"n_source": 400}, hp, dataset_fingerprint="fp",
                   key_parts={"weights_file": "model.safetensors:0123"}),
-              job(hparams=replace(hp, precision="fp32"))]  # a base trained in fp32 is not the bf16 one
+              job(hparams=replace(hp, precision="bf16"))]  # a base trained in bf16 is not the fp32 one
     assert len({made.key, *(o.key for o in others)}) == 6
-    # bf16, the default, stays out of the key: keys made before resources.precision existed still match
-    assert "precision" not in carried["hparams"]
-    fp32 = job(hparams=replace(hp, precision="fp32")).to_dict()
-    assert fp32["hparams"]["precision"] == "fp32" and PretrainJob.from_dict(fp32).hparams.precision == "fp32"
+    # fp32, the default, stays out of the key: keys made before resources.precision existed still match
+    assert "precision" not in carried["hparams"] and made.hparams.precision == "fp32"
+    bf16 = job(hparams=replace(hp, precision="bf16")).to_dict()
+    assert bf16["hparams"]["precision"] == "bf16" and PretrainJob.from_dict(bf16).hparams.precision == "bf16"
+    with pytest.raises(ContractError, match="precision 'fp16' is not one of bf16, fp32"):
+        PretrainJob.from_dict({**bf16, "hparams": {**bf16["hparams"], "precision": "fp16"}})
 
 
 def test_weights_from_a_file_are_keyed_by_content(tmp_path) -> None:

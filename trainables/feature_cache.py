@@ -23,10 +23,11 @@ and records why.
 
 ``FeatureCache`` keeps the outputs as ``.npy`` files under a folder the workers of a node share (the
 storage path's ``_feature_cache``; ``trainables.array_cache``), read memory-mapped, within a byte budget
-(``DEFAULT_BUDGET_BYTES``; least recently read entries go first; a trial whose outputs alone exceed it
-runs uncached). The key is the hash of what determines the bytes: the dataset's fingerprint, the split,
-the backbone, the starting weights (the pretraining key or checkpoint; for random initialisation, the
-seed), the frozen groups and the cut.
+(a sweep's ``resources.feature_cache_gb``, ``DEFAULT_BUDGET_BYTES`` by default; least recently read entries
+go first; a trial whose outputs alone exceed it runs uncached). The key is the hash of what determines the
+bytes: the dataset's fingerprint, the split, the backbone, the starting weights (the pretraining key or
+checkpoint; for random initialisation, the seed), the frozen groups, the cut, the device type and the
+precision computed in.
 """
 from __future__ import annotations
 
@@ -47,7 +48,7 @@ __all__ = ["FeatureCache", "PrefixPlan", "plan_prefix", "compute_features", "fea
            "FEATURE_CACHE_DIRNAME", "LINEAR_PROBE_NOTE"]
 
 FEATURE_CACHE_DIRNAME = "_feature_cache"
-DEFAULT_BUDGET_BYTES = 4 << 30  # 4 GiB per cache folder; the least recently read entries go first beyond it
+DEFAULT_BUDGET_BYTES = 4 << 30  # 4 GiB per folder (resources.feature_cache_gb); least recently read out beyond
 LINEAR_PROBE_NOTE = "linear probe on cached pre-logits"
 _TOLERANCE = 1e-5
 

@@ -61,6 +61,9 @@ class TrialContext:
     privileged: Mapping[str, Any] = field(default_factory=dict)  # dataset.privileged of the spec
     feature_cache: str | None = None  # folder of the frozen-prefix feature cache shared by a node's workers; None: off
     input_cache: str | None = None  # folder where folder images are decoded once for a node's workers; None: off
+    # the two caches' budgets in bytes (resources.feature_cache_gb, input_cache_gb); None: the modules' defaults
+    feature_cache_bytes: int | None = None
+    input_cache_bytes: int | None = None
     checkpoint_interval_s: float = 0.0  # resources.checkpoint_interval_s: at most one checkpoint this often, and the last
     precision: str = "bf16"  # resources.precision: bf16 autocast on a GPU that supports it, or fp32 (loop.autocast)
 
@@ -124,7 +127,8 @@ def train_and_evaluate(trial: TrialConfig, context: TrialContext, *, state: Mapp
 
     dataset = worker_cache.dataset(context.dataset, context.dataset_options)
     dataset = pretrain.model_view(dataset, point.backbone)  # folder images: the backbone's own mean/std/crop
-    dataset = dataset.with_input_cache(context.input_cache)  # folder images: decoded once, then read from memory
+    # folder images: decoded once, then read from memory
+    dataset = dataset.with_input_cache(context.input_cache, context.input_cache_bytes)
     pool = dataset.meta("finetune")
     chosen = interventions.apply_intervention(point.intervention, pool.labels, pool.groups, point.magnitude,
                                               point.finetune_size, seed)
@@ -180,17 +184,19 @@ def train_and_evaluate(trial: TrialConfig, context: TrialContext, *, state: Mapp
                                     lambda: backbones.set_train_mode(model, info))
         if found is None or features:
             return found, why if found else f"off ({why})"
-        cache = fc.FeatureCache(context.feature_cache)
+        cache = fc.FeatureCache(context.feature_cache, context.feature_cache_bytes)
         rows = {split: len(dataset.meta(split)) for split in ("finetune", "val", "test")}
         need = found.bytes_per_example * sum(rows.values())
         if not cache.fits(need):
             return None, (f"off (the outputs of {found.cut} take {need / 2**20:.0f} MiB, more than the feature "
                           f"cache's budget of {cache.budget_bytes / 2**20:.0f} MiB)")
         weights = pretrain_ref or f"random-init-seed-{seed}"  # random initialisation depends on the seed
+        # bf16 outputs are keyed apart; fp32 ones keep the keys they had before resources.precision existed
+        bf16 = {"precision": "bf16"} if loop.effective_precision(device, precision) == "bf16" else {}
         for split, n in rows.items():
             key = fc.feature_key(dataset=dataset.fingerprint(), split=split, backbone=point.backbone,
                                  weights=weights, frozen=list(info.frozen_groups), cut=found.cut, device=device.type,
-                                 precision=loop.effective_precision(device, precision))
+                                 **bf16)
             features[split] = cache.get_or_compute(key, lambda: fc.compute_features(
                 found.prefix, iter(dataset.loader(split, batch_size=score_batch)), n, device,
                 lambda: loop.autocast(device, precision)))
@@ -243,7 +249,7 @@ def train_and_evaluate(trial: TrialConfig, context: TrialContext, *, state: Mapp
                   "n_finetune": int(len(chosen.indices)), "n_groups": info.n_groups,
                   "frozen_groups": json.dumps(list(info.frozen_groups)), "frozen_fraction": info.frozen_fraction,
                   "pretrain_ref": pretrain_ref or "", "device": str(device),
-                  "precision": loop.effective_precision(device, precision), "feature_cache": feature_note,
+                  "compute_precision": loop.effective_precision(device, precision), "feature_cache": feature_note,
                   "preprocessing": dataset.preprocessing_record()}
         train_mode = (net.train if plan is not None  # noqa: E731 - frozen layers stay in eval
                       else lambda: backbones.set_train_mode(model, info))

@@ -92,10 +92,13 @@ def effective_precision(device: torch.device, precision: str = "bf16") -> str:
 
 
 def set_precision(precision: str) -> None:
-    """TF32 matrix products and convolutions on for bf16, off for fp32: fp32 then computes what the CPU does,
-    to the rounding of reductions. Per process, like ``set_threads``; every trial and job sets it first."""
-    torch.backends.cuda.matmul.allow_tf32 = precision != "fp32"
-    torch.backends.cudnn.allow_tf32 = precision != "fp32"
+    """fp32: TF32 off for matrix products and convolutions, so a GPU computes what the CPU does, to the
+    rounding of reductions; bf16: torch's defaults (TF32 for convolutions only). Per process, like
+    ``set_threads``; every trial and pretraining job sets it first."""
+    if precision not in PRECISIONS:
+        raise ValueError(f"precision {precision!r} is not one of {', '.join(PRECISIONS)}")
+    torch.backends.cuda.matmul.allow_tf32 = False
+    torch.backends.cudnn.allow_tf32 = precision == "bf16"
 
 
 def set_threads(cpus: float) -> None:

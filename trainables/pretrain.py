@@ -54,9 +54,10 @@ class PretrainOutcome:
 
 
 def run_pretrain_job(job: Mapping[str, Any], cache_root: str, cpus: float = 1.0,
-                     input_cache: str | None = None) -> PretrainOutcome:
+                     input_cache: str | None = None, input_cache_bytes: int | None = None) -> PretrainOutcome:
     """Build (or reuse) one cache entry. ``job`` is a ``PretrainJob`` as a dict (``to_dict``); runs inside a Ray task.
     ``input_cache``: the folder where folder images are decoded once (``Dataset.with_input_cache``); None: never.
+    ``input_cache_bytes``: its budget (resources.input_cache_gb); None: the dataset's default.
 
     Holding the key's lock, an intact entry is returned as is; a missing or damaged one is (re)built on
     ``loop.select_device()`` and written atomically. Concurrent calls for one key train it once.
@@ -88,7 +89,7 @@ def run_pretrain_job(job: Mapping[str, Any], cache_root: str, cpus: float = 1.0,
         paradigm = lookup(job.paradigm)
         options = paradigm.resolve_options(job.hparams.options)
         dataset = model_view(build_dataset(job.dataset, job.dataset_options), job.backbone)
-        dataset = dataset.with_input_cache(input_cache)
+        dataset = dataset.with_input_cache(input_cache, input_cache_bytes)
         planned = job.hparams.preprocessing
         if planned is not None and planned != dataset.preprocessing_record():
             raise ValueError(f"pretraining job {key} was planned with preprocessing {planned} but this worker resolves "

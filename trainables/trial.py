@@ -301,23 +301,27 @@ class PretrainHParams:
     seed: int
     options: Mapping[str, Any] = field(default_factory=dict)
     preprocessing: str | None = None  # canonical text; None for generated data, whose keys stay as they were
-    # resources.precision: a base trained in fp32 differs from a bf16 one, so fp32 enters the job's key (and bf16,
-    # the default, stays out of it: keys made before the option existed stay as they were)
-    precision: str = "bf16"
+    # what the job computes in: bf16 (a GPU sweep with resources.precision bf16) or fp32 (an fp32 sweep, or any
+    # sweep on CPUs). A bf16 base differs from an fp32 one, so bf16 enters the key; fp32 stays out of it, so CPU
+    # keys made before the option existed stay as they were
+    precision: str = "fp32"
 
     def to_dict(self) -> dict[str, Any]:
         d = {"epochs": self.epochs, "batch_size": self.batch_size, "lr": self.lr, "weight_decay": self.weight_decay,
              "momentum": self.momentum, "seed": self.seed, "options": dict(self.options)}
         if self.preprocessing is not None:
             d["preprocessing"] = self.preprocessing
-        return {**d, "precision": self.precision} if self.precision != "bf16" else d
+        return {**d, "precision": self.precision} if self.precision != "fp32" else d
 
     @classmethod
     def from_dict(cls, d: Mapping[str, Any]) -> PretrainHParams:
         d = _fields(d, "pretraining hparams", ("epochs", "batch_size", "lr", "weight_decay", "momentum", "seed"))
+        if d.get("precision", "fp32") not in PRECISIONS:
+            raise ContractError(f"pretraining hparams: precision {d['precision']!r} is not one of "
+                                f"{', '.join(PRECISIONS)}")
         return cls(int(d["epochs"]), int(d["batch_size"]), float(d["lr"]), float(d["weight_decay"]),
                    float(d["momentum"]), int(d["seed"]), dict(d.get("options") or {}), d.get("preprocessing"),
-                   str(d.get("precision", "bf16")))
+                   str(d.get("precision", "fp32")))
 
 
 @dataclass(frozen=True)

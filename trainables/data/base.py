@@ -192,10 +192,11 @@ class Dataset(abc.ABC):
         its fingerprint and cache keys. Folder datasets return a view with that preprocessing."""
         return self
 
-    def with_input_cache(self, folder: str | os.PathLike | None) -> Dataset:
-        """This dataset with its decoded inputs cached under ``folder`` (shared by a node's workers), so
-        files are decoded once rather than in every epoch of every trial; the inputs are the same. Data
-        held in memory has nothing to decode: returned as is. Folder datasets return a caching view."""
+    def with_input_cache(self, folder: str | os.PathLike | None, budget_bytes: int | None = None) -> Dataset:
+        """This dataset with its decoded inputs cached under ``folder`` (shared by a node's workers, within
+        ``budget_bytes``; None: the dataset's default), so files are decoded once rather than in every epoch
+        of every trial; the inputs are the same. Data held in memory has nothing to decode: returned as is.
+        Folder datasets return a caching view."""
         return self
 
     def preprocessing_record(self) -> str:

@@ -39,7 +39,7 @@ __all__ = ["FolderImages", "ImageReadError", "decode_image", "decode_pixels", "i
            "DECODED_BUDGET_BYTES"]
 
 DECODED_CACHE_DIRNAME = "_decoded_cache"
-DECODED_BUDGET_BYTES = 16 << 30  # 16 GiB per cache folder (CelebA at 64 px takes 2.5 GiB); LRU beyond it
+DECODED_BUDGET_BYTES = 16 << 30  # 16 GiB per folder (resources.input_cache_gb; CelebA at 64 px: 2.5 GiB); LRU
 _FILL_BATCH = 64
 IMAGENET_MEAN = np.array(_MEAN, dtype=np.float32)
 IMAGENET_STD = np.array(_STD, dtype=np.float32)
@@ -264,8 +264,8 @@ class FolderImages(Dataset):
         keyed by the preprocessing's geometry and each file's path, size and modification time, in row
         order, so a changed, added or removed file makes a new entry (unchanged files count as unchanged
         content, as for make or rsync: hashing every byte would cost what the cache saves). Entries share a
-        budget (``DECODED_BUDGET_BYTES`` by default; least recently read out); a split that alone exceeds it
-        is streamed from the files."""
+        budget (a sweep's ``resources.input_cache_gb``, ``DECODED_BUDGET_BYTES`` by default; least recently
+        read out); a split that alone exceeds it is streamed from the files."""
         if folder is None:
             return self
         view = copy.copy(self)
