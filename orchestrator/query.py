@@ -15,6 +15,7 @@ import of a query, and the front of a single seed needs none of it.
 """
 from __future__ import annotations
 
+import functools
 import math
 import warnings
 from typing import Any, Mapping, Sequence
@@ -73,14 +74,21 @@ def _objective_values(rows: pd.DataFrame, metrics: Sequence[str]) -> np.ndarray:
 
 def t_interval(values: Sequence[float], confidence: float = 0.95) -> tuple[float, float]:
     """Student-t interval of the mean of ``values`` (NaN, NaN for fewer than two finite values)."""
-    from scipy import stats
-
     x = np.asarray(values, dtype=float)
     x = x[np.isfinite(x)]
     if len(x) < 2:
         return (math.nan, math.nan)
-    half = float(stats.t.ppf(0.5 + confidence / 2, len(x) - 1) * x.std(ddof=1) / math.sqrt(len(x)))
+    half = _t_quantile(0.5 + confidence / 2, len(x) - 1) * float(x.std(ddof=1)) / math.sqrt(len(x))
     return (float(x.mean() - half), float(x.mean() + half))
+
+
+@functools.lru_cache(maxsize=256)
+def _t_quantile(q: float, df: int) -> float:
+    """Student-t quantile: scipy's ppf costs ~5 ms a call, and a front refresh asks for the same few hundreds of
+    times."""
+    from scipy import stats
+
+    return float(stats.t.ppf(q, df))
 
 
 def _experiment(client: Any, experiment: str) -> Any:
