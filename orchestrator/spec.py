@@ -221,16 +221,18 @@ class Resources:
     # computed once per content key and shared by the trials of a node (trainables/feature_cache.py); false
     # recomputes them in every epoch of every trial.
     feature_cache: bool = True
-    feature_cache_gb: float = 4.0  # its budget per node (GiB); the least recently read entries go first beyond it
+    # its budget (GiB) on each node's folder, which the sweeps of one storage path share: each keeps the folder within
+    # its own budget, least recently read entries first
+    feature_cache_gb: float = 4.0
     # Folder datasets (celeba, waterbirds, image_csv) decode each split once into resized uint8 pixels that the
     # workers of a node share (trainables/data/images.py); false decodes the files in every epoch of every trial.
     input_cache: bool = True
-    input_cache_gb: float = 16.0  # its budget per node (GiB; CelebA at 64 px takes 2.5); least recently read out
+    input_cache_gb: float = 16.0  # likewise (CelebA at 64 px takes 2.5 GiB)
     # A trial checkpoints at most this often (and always at its end); 0 checkpoints every epoch. A trial
     # interrupted in between continues from its last checkpoint and repeats the epochs since.
     checkpoint_interval_s: float = 60.0
     # bf16: autocast to bfloat16 on GPUs that support it (fast; some models learn differently, README "GPUs");
-    # fp32: full precision everywhere, TF32 off, what the CPU computes. Bases trained in fp32 are keyed apart.
+    # fp32: full precision everywhere, TF32 off, what the CPU computes. Bases a GPU trains in bf16 are keyed apart.
     precision: str = "bf16"
 
     @property

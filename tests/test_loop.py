@@ -33,31 +33,41 @@ def test_divergence_names_the_learning_rate():
 
 
 @pytest.mark.filterwarnings("ignore:CUDA is not available")
-def test_precision_decides_autocast_and_tf32(monkeypatch):
+def test_precision_decides_autocast_and_tf32(monkeypatch, tf32_restored):
     """bf16 autocasts only on a CUDA device with bf16 support; fp32 never does and turns TF32 off."""
     cuda, cpu = torch.device("cuda"), torch.device("cpu")
     monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: True)
-    assert isinstance(loop.autocast(cuda, "bf16"), torch.autocast) and loop.effective_precision(cuda) == "bf16"
+    assert isinstance(loop.autocast(cuda, "bf16"), torch.autocast) and loop.effective_precision(cuda, "bf16") == "bf16"
     assert not isinstance(loop.autocast(cuda, "fp32"), torch.autocast)
     assert loop.effective_precision(cuda, "fp32") == "fp32"
-    assert not isinstance(loop.autocast(cpu, "bf16"), torch.autocast) and loop.effective_precision(cpu) == "fp32"
+    assert not isinstance(loop.autocast(cpu, "bf16"), torch.autocast)
+    assert loop.effective_precision(cpu, "bf16") == "fp32"
     monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: False)  # an older GPU: fp32 whatever asked
-    assert not isinstance(loop.autocast(cuda, "bf16"), torch.autocast) and loop.effective_precision(cuda) == "fp32"
+    assert not isinstance(loop.autocast(cuda, "bf16"), torch.autocast)
+    assert loop.effective_precision(cuda, "bf16") == "fp32"
     with pytest.raises(ValueError, match="'fp16' is not one of bf16, fp32"):
         loop.autocast(cpu, "fp16")
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: True)
+    loop.set_precision("fp32")
+    assert (torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32) == (False, False)
+    # a function not told the precision (a plugin's trainer) follows the process's, as the sweep set it
+    assert loop.process_precision() == "fp32" and not isinstance(loop.autocast(cuda), torch.autocast)
+    loop.set_precision("bf16")  # torch's defaults
+    assert (torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32) == (False, True)
+    assert loop.process_precision() == "bf16" and isinstance(loop.autocast(cuda), torch.autocast)
+    with pytest.raises(ValueError, match="'fp16' is not one of"):
+        loop.set_precision("fp16")
+
+
+@pytest.fixture
+def tf32_restored():
+    """The process-wide flags ``set_precision`` sets go back to what they were when the test ends."""
     before = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
-    try:
-        loop.set_precision("fp32")
-        assert (torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32) == (False, False)
-        loop.set_precision("bf16")  # torch's defaults
-        assert (torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32) == (False, True)
-        with pytest.raises(ValueError, match="'fp16' is not one of"):
-            loop.set_precision("fp16")
-    finally:
-        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = before
+    yield
+    torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = before
 
 
-def test_a_sweeps_fp32_reaches_every_autocast_of_its_jobs_and_trials(tmp_path, monkeypatch):
+def test_a_sweeps_fp32_reaches_every_autocast_of_its_jobs_and_trials(tmp_path, monkeypatch, tf32_restored):
     """resources.precision: fp32 on a GPU sweep: every autocast of pretraining (supervised and SSL) and of the
     trials (whole model and cached prefix) is asked for fp32, so none would run in bf16 on the GPU."""
     from dataclasses import replace

@@ -179,3 +179,21 @@ def test_cli_cache_defaults_to_the_storage_path(tmp_path):
     PretrainCache(storage / "_pretrain_cache").write("dddd", {"w": torch.ones(2)}, {"backbone": "b", "paradigm": "p"})
     out = run_cli("cache", "list", "--storage", str(storage), cwd=tmp_path, timeout=120)
     assert out.returncode == 0 and "1 entries" in out.stdout and "dddd" in out.stdout
+
+
+def test_an_entry_trained_in_another_precision_is_rebuilt_not_reused(built, caplog):
+    """A base a GPU trained before resources.precision existed ran under bf16 autocast and its key names no
+    precision, the key an fp32 or CPU job has now: it is rebuilt, never handed to the fp32 job."""
+    from safetensors.torch import load_file
+
+    cache, out = built
+    assert out.meta["precision"] == "fp32" and out.meta["device"] == "cpu"
+    weights = load_file(str(cache.entry(out.key) / WEIGHTS))
+    old_gpu = {k: v for k, v in cache.meta(out.key).items() if k not in ("precision", "sha256", "meta_sha256", "key")}
+    cache.write(out.key, weights, {**old_gpu, "device": "cuda:0", "created": "before"})
+    assert cache.status(out.key) == "ok"
+    with caplog.at_level("WARNING", logger="trainables.pretrain"):
+        again = run_pretrain_job(_job(), str(cache.root))
+    assert not again.reused and again.meta["precision"] == "fp32" and again.meta["created"] != "before"
+    assert "was trained in bf16, not fp32; rebuilding it" in caplog.text
+    assert run_pretrain_job(_job(), str(cache.root)).reused  # and the rebuilt one is reused

@@ -1,6 +1,9 @@
 """The driver-side tracker against a real SQLite store: what resume may skip, what a new launch may adopt."""
 from __future__ import annotations
 
+import subprocess
+import sys
+
 import mlflow
 import pytest
 from mlflow.tracking import MlflowClient
@@ -10,7 +13,7 @@ from orchestrator.plan import build_plan
 from orchestrator.spec import parse_spec
 from orchestrator.storage import artifact_location
 from orchestrator.tracking import SweepTracker
-from tests.helpers import run_cli, sqlite_uri, tiny_spec, write_spec
+from tests.helpers import REPO, run_cli, sqlite_uri, tiny_spec, write_spec
 
 
 def _finish_one_trial(plan, uri: str) -> dict:
@@ -74,3 +77,16 @@ def test_driver_alive_tells_a_live_driver_from_a_dead_one():
     done = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
     assert driver_alive(f"{socket.gethostname()}:{done.stdout.strip()}") is False  # exited and reaped
     assert driver_alive("another-host:1") is None and driver_alive(None) is None and driver_alive("garbage") is None
+
+
+def test_the_front_models_flavour_loads_without_lightning_and_leaves_it_importable():
+    """``log_front_models`` imports mlflow.pytorch without pytorch_lightning (2.7 s); the block is only for that
+    import: mlflow's Lightning autologging module still imports afterwards, for whoever asks."""
+    code = ("import sys\nfrom orchestrator.tracking import _import_mlflow_pytorch\n"
+            "m = _import_mlflow_pytorch()\n"
+            "print(callable(m.save_model), 'pytorch_lightning' in sys.modules,"
+            " 'mlflow.pytorch._lightning_autolog' in sys.modules)\n"
+            "import mlflow.pytorch._lightning_autolog\nprint('pytorch_lightning' in sys.modules)\n")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300, cwd=REPO)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.split() == ["True", "False", "False", "True"]

@@ -191,12 +191,13 @@ def train_and_evaluate(trial: TrialConfig, context: TrialContext, *, state: Mapp
             return None, (f"off (the outputs of {found.cut} take {need / 2**20:.0f} MiB, more than the feature "
                           f"cache's budget of {cache.budget_bytes / 2**20:.0f} MiB)")
         weights = pretrain_ref or f"random-init-seed-{seed}"  # random initialisation depends on the seed
-        # bf16 outputs are keyed apart; fp32 ones keep the keys they had before resources.precision existed
-        bf16 = {"precision": "bf16"} if loop.effective_precision(device, precision) == "bf16" else {}
+        # on a GPU the key names the precision (entries made before resources.precision existed were bf16 and named
+        # none); CPU keys, always fp32, stay as they were
+        named = {"precision": loop.effective_precision(device, precision)} if device.type == "cuda" else {}
         for split, n in rows.items():
             key = fc.feature_key(dataset=dataset.fingerprint(), split=split, backbone=point.backbone,
                                  weights=weights, frozen=list(info.frozen_groups), cut=found.cut, device=device.type,
-                                 **bf16)
+                                 **named)
             features[split] = cache.get_or_compute(key, lambda: fc.compute_features(
                 found.prefix, iter(dataset.loader(split, batch_size=score_batch)), n, device,
                 lambda: loop.autocast(device, precision)))

@@ -24,7 +24,7 @@ from trainables.trial import PRECISIONS
 
 __all__ = ["select_device", "to_device", "on_device", "autocast", "batches", "train_epoch", "train_epoch_batches",
            "predict_scores", "predict_scores_batches", "set_threads", "NonFiniteLossError", "TrialOutOfMemoryError",
-           "memory_hint", "effective_precision", "set_precision"]
+           "memory_hint", "effective_precision", "set_precision", "process_precision"]
 
 Loss = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
@@ -77,8 +77,17 @@ def on_device(x: torch.Tensor, device: torch.device) -> torch.Tensor:
     return x.contiguous(memory_format=torch.channels_last) if x.is_cuda and x.dim() == 4 else x
 
 
-def autocast(device: torch.device, precision: str = "bf16") -> contextlib.AbstractContextManager:
-    """bf16 autocast on a CUDA device that supports it, unless ``precision`` is fp32; a no-op otherwise."""
+def process_precision() -> str:
+    """What ``set_precision`` last set in this process, read from the torch flag it sets (fp32 turns cuDNN's TF32
+    off; torch's default, bf16, leaves it on): what the training functions compute in when not told, so a
+    plugin's trainer that does not pass ``precision`` still follows its sweep's ``resources.precision``."""
+    return "bf16" if torch.backends.cudnn.allow_tf32 else "fp32"
+
+
+def autocast(device: torch.device, precision: str | None = None) -> contextlib.AbstractContextManager:
+    """bf16 autocast on a CUDA device that supports it, unless ``precision`` (default: ``process_precision``) is
+    fp32; a no-op otherwise."""
+    precision = process_precision() if precision is None else precision
     if precision not in PRECISIONS:
         raise ValueError(f"precision {precision!r} is not one of {', '.join(PRECISIONS)}")
     if precision == "bf16" and device.type == "cuda" and torch.cuda.is_bf16_supported():
@@ -86,8 +95,9 @@ def autocast(device: torch.device, precision: str = "bf16") -> contextlib.Abstra
     return contextlib.nullcontext()
 
 
-def effective_precision(device: torch.device, precision: str = "bf16") -> str:
+def effective_precision(device: torch.device, precision: str | None = None) -> str:
     """What ``autocast(device, precision)`` computes in: bf16 only on a CUDA device with bf16 support."""
+    precision = process_precision() if precision is None else precision
     return "bf16" if precision == "bf16" and device.type == "cuda" and torch.cuda.is_bf16_supported() else "fp32"
 
 
@@ -114,7 +124,7 @@ def batches(n: int, batch_size: int, generator: torch.Generator | None, *, drop_
 
 
 def _step(model: nn.Module, xb: torch.Tensor, yb: torch.Tensor, optimizer: torch.optim.Optimizer,
-          device: torch.device, loss_fn: Loss, seen: int, precision: str = "bf16") -> float:
+          device: torch.device, loss_fn: Loss, seen: int, precision: str | None = None) -> float:
     """One optimiser step on a batch already on the device; returns its mean loss."""
     with autocast(device, precision):
         loss = loss_fn(model(on_device(xb, device)).float(), yb)
@@ -129,7 +139,7 @@ def _step(model: nn.Module, xb: torch.Tensor, yb: torch.Tensor, optimizer: torch
 def train_epoch(model: nn.Module, x: torch.Tensor, y: torch.Tensor, optimizer: torch.optim.Optimizer, *,
                 batch_size: int, generator: torch.Generator, device: torch.device,
                 loss_fn: Loss | None = None, train_mode: Callable[[], None] | None = None,
-                precision: str = "bf16") -> float:
+                precision: str | None = None) -> float:
     """One pass over (x, y) in shuffled mini-batches; returns the example-weighted mean loss."""
     loss_fn = loss_fn or nn.functional.cross_entropy
     (train_mode or model.train)()
@@ -143,7 +153,7 @@ def train_epoch(model: nn.Module, x: torch.Tensor, y: torch.Tensor, optimizer: t
 
 def train_epoch_batches(model: nn.Module, stream: Iterable[tuple[torch.Tensor, torch.Tensor]], targets: torch.Tensor,
                         optimizer: torch.optim.Optimizer, *, device: torch.device, loss_fn: Loss | None = None,
-                        train_mode: Callable[[], None] | None = None, precision: str = "bf16") -> float:
+                        train_mode: Callable[[], None] | None = None, precision: str | None = None) -> float:
     """One pass over streamed batches ``(x, pos)`` (``Dataset.loader``); ``targets[pos]`` are their labels.
 
     The stream decides order and batch size (shuffle and drop the last partial batch there, as
@@ -162,7 +172,7 @@ def train_epoch_batches(model: nn.Module, stream: Iterable[tuple[torch.Tensor, t
 
 @torch.no_grad()
 def predict_scores(model: nn.Module, x: torch.Tensor, *, batch_size: int, device: torch.device,
-                   precision: str = "bf16") -> np.ndarray:
+                   precision: str | None = None) -> np.ndarray:
     """P(y = 1) for every row of x, in order (the model's two logits through a softmax)."""
     model.eval()
     out = []
@@ -175,7 +185,7 @@ def predict_scores(model: nn.Module, x: torch.Tensor, *, batch_size: int, device
 
 @torch.no_grad()
 def predict_scores_batches(model: nn.Module, stream: Iterable[tuple[torch.Tensor, torch.Tensor]], n: int, *,
-                           device: torch.device, precision: str = "bf16") -> np.ndarray:
+                           device: torch.device, precision: str | None = None) -> np.ndarray:
     """P(y = 1) for ``n`` rows arriving as batches ``(x, pos)`` in any order; every row must arrive."""
     model.eval()
     out = np.full(n, np.nan)

@@ -53,6 +53,12 @@ class PretrainOutcome:
     meta: Mapping[str, Any] = field(default_factory=dict)
 
 
+def _built_precision(meta: Mapping[str, Any]) -> str:
+    """What a cache entry was trained in: its meta says so; entries made before resources.precision existed were
+    bf16 if trained on a GPU (autocast was always on there) and fp32 otherwise."""
+    return str(meta.get("precision") or ("bf16" if str(meta.get("device", "cpu")).startswith("cuda") else "fp32"))
+
+
 def run_pretrain_job(job: Mapping[str, Any], cache_root: str, cpus: float = 1.0,
                      input_cache: str | None = None, input_cache_bytes: int | None = None) -> PretrainOutcome:
     """Build (or reuse) one cache entry. ``job`` is a ``PretrainJob`` as a dict (``to_dict``); runs inside a Ray task.
@@ -74,16 +80,21 @@ def run_pretrain_job(job: Mapping[str, Any], cache_root: str, cpus: float = 1.0,
     key = job.key
     with cache.lock(key):
         status = cache.status(key)
+        device = loop.select_device()
+        wanted = loop.effective_precision(device, job.hparams.precision)
         if status == "ok":
             meta = cache.meta(key)
-            return PretrainOutcome(key, str(cache.entry(key)), True, False, tuple(meta.get("losses", ())), 0.0,
-                                   meta.get("device", "cpu"), meta)
+            built = _built_precision(meta)
+            if built == wanted:
+                return PretrainOutcome(key, str(cache.entry(key)), True, False, tuple(meta.get("losses", ())), 0.0,
+                                       meta.get("device", "cpu"), meta)
+            _log.warning("pretraining cache entry %s under %s was trained in %s, not %s; rebuilding it", key,
+                         cache_root, built, wanted)
         if status == "damaged":
             _log.warning("pretraining cache entry %s under %s is damaged; discarding and rebuilding it", key, cache_root)
         cache._sweep_leftovers(key)
         loop.set_threads(cpus)
         loop.set_precision(job.hparams.precision)
-        device = loop.select_device()
         started = time.time()
         hp = job.hparams.to_dict()
         paradigm = lookup(job.paradigm)

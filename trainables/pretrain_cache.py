@@ -107,7 +107,7 @@ class PretrainCache:
         with open(tmp / WEIGHTS, "rb") as fh:
             os.fsync(fh.fileno())
         dest = self.entry(key)
-        if dest.exists():  # a damaged entry: move it aside first (rename is atomic, rmtree is not)
+        if dest.exists():  # damaged, or trained in another precision: move it aside first (rename is atomic)
             self._discard(dest)
         tmp.rename(dest)
         return dest

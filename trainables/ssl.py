@@ -353,7 +353,7 @@ for _m in (SSLMethod("simclr", _simclr), SSLMethod("vicreg", _vicreg), SSLMethod
 
 def train_ssl(model: nn.Module, data: torch.Tensor | Callable[[int], Iterable[tuple[torch.Tensor, torch.Tensor]]], *,
               method: str, options: Mapping[str, Any], modality: str, hparams: Mapping[str, Any], device: torch.device,
-              generator: torch.Generator, precision: str = "bf16") -> list[float]:
+              generator: torch.Generator, precision: str | None = None) -> list[float]:
     """Pretrain ``model``'s representation on unlabeled inputs; returns the mean loss of each epoch.
 
     ``data`` is either every input already on ``device`` (small data, batched there) or a function
