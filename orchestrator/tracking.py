@@ -38,6 +38,7 @@ from orchestrator.store import open_client
 from ray import tune  # noqa: E402 - after raylocal
 from trainables import backbones
 from trainables.finetune import INNER_SEARCH_FILE, PER_GROUP_FILE, PREDICTIONS_FILE, STATE_FILE, VAL_PREDICTIONS_FILE
+from trainables.pretrain import built_precision
 from trainables.trial import TrialConfig, TrialPoint, canonical_hash
 
 __all__ = ["SweepTracker", "driver_id", "driver_alive"]
@@ -157,10 +158,8 @@ class SweepTracker(tune.Callback):
             run_id = self._pretrain_run(job, "FINISHED", {TAGS.REUSED_CACHE: str(outcome.reused).lower(),
                                                           TAGS.REBUILT_DAMAGED: str(outcome.rebuilt_damaged).lower(),
                                                           TAGS.CACHE_PATH: outcome.path,
-                                                          TAGS.DEVICE: str(outcome.meta.get("device", outcome.device)),
-                                                          # (entries built before resources.precision lack it)
-                                                          **({TAGS.PRECISION: str(outcome.meta["precision"])}
-                                                             if "precision" in outcome.meta else {})}, metrics)
+                                                          TAGS.DEVICE: outcome.device,
+                                                          TAGS.PRECISION: built_precision(outcome.meta)}, metrics)
         self._pretrain_runs[job.key] = run_id
         return run_id
 

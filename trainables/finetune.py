@@ -118,6 +118,7 @@ def train_and_evaluate(trial: TrialConfig, context: TrialContext, *, state: Mapp
     loop.set_precision(context.precision)
     device = loop.select_device()
     precision = context.precision
+    computed = loop.effective_precision(device, precision)  # what autocast gives: bf16 only on a GPU that has it
     point, ft = trial.point, trial.finetune
     seed = point.seed
     batch_size = int(ft["batch_size"])
@@ -193,7 +194,7 @@ def train_and_evaluate(trial: TrialConfig, context: TrialContext, *, state: Mapp
         weights = pretrain_ref or f"random-init-seed-{seed}"  # random initialisation depends on the seed
         # on a GPU the key names the precision (entries made before resources.precision existed were bf16 and named
         # none); CPU keys, always fp32, stay as they were
-        named = {"precision": loop.effective_precision(device, precision)} if device.type == "cuda" else {}
+        named = {"precision": computed} if device.type == "cuda" else {}
         for split, n in rows.items():
             key = fc.feature_key(dataset=dataset.fingerprint(), split=split, backbone=point.backbone,
                                  weights=weights, frozen=list(info.frozen_groups), cut=found.cut, device=device.type,
@@ -250,7 +251,7 @@ def train_and_evaluate(trial: TrialConfig, context: TrialContext, *, state: Mapp
                   "n_finetune": int(len(chosen.indices)), "n_groups": info.n_groups,
                   "frozen_groups": json.dumps(list(info.frozen_groups)), "frozen_fraction": info.frozen_fraction,
                   "pretrain_ref": pretrain_ref or "", "device": str(device),
-                  "compute_precision": loop.effective_precision(device, precision), "feature_cache": feature_note,
+                  "compute_precision": computed, "feature_cache": feature_note,
                   "preprocessing": dataset.preprocessing_record()}
         train_mode = (net.train if plan is not None  # noqa: E731 - frozen layers stay in eval
                       else lambda: backbones.set_train_mode(model, info))

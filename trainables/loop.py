@@ -87,10 +87,7 @@ def process_precision() -> str:
 def autocast(device: torch.device, precision: str | None = None) -> contextlib.AbstractContextManager:
     """bf16 autocast on a CUDA device that supports it, unless ``precision`` (default: ``process_precision``) is
     fp32; a no-op otherwise."""
-    precision = process_precision() if precision is None else precision
-    if precision not in PRECISIONS:
-        raise ValueError(f"precision {precision!r} is not one of {', '.join(PRECISIONS)}")
-    if precision == "bf16" and device.type == "cuda" and torch.cuda.is_bf16_supported():
+    if effective_precision(device, precision) == "bf16":
         return torch.autocast("cuda", dtype=torch.bfloat16)
     return contextlib.nullcontext()
 
@@ -98,6 +95,8 @@ def autocast(device: torch.device, precision: str | None = None) -> contextlib.A
 def effective_precision(device: torch.device, precision: str | None = None) -> str:
     """What ``autocast(device, precision)`` computes in: bf16 only on a CUDA device with bf16 support."""
     precision = process_precision() if precision is None else precision
+    if precision not in PRECISIONS:
+        raise ValueError(f"precision {precision!r} is not one of {', '.join(PRECISIONS)}")
     return "bf16" if precision == "bf16" and device.type == "cuda" and torch.cuda.is_bf16_supported() else "fp32"
 
 

@@ -14,7 +14,7 @@ from trainables.paradigms import TrainContext, lookup
 from trainables.pretrain_cache import PretrainCache
 from trainables.trial import PretrainJob
 
-__all__ = ["run_pretrain_job", "PretrainOutcome", "model_view", "preprocessing_part"]
+__all__ = ["run_pretrain_job", "PretrainOutcome", "model_view", "preprocessing_part", "built_precision"]
 
 _log = logging.getLogger(__name__)
 
@@ -53,7 +53,7 @@ class PretrainOutcome:
     meta: Mapping[str, Any] = field(default_factory=dict)
 
 
-def _built_precision(meta: Mapping[str, Any]) -> str:
+def built_precision(meta: Mapping[str, Any]) -> str:
     """What a cache entry was trained in: its meta says so; entries made before resources.precision existed were
     bf16 if trained on a GPU (autocast was always on there) and fp32 otherwise."""
     return str(meta.get("precision") or ("bf16" if str(meta.get("device", "cpu")).startswith("cuda") else "fp32"))
@@ -84,7 +84,7 @@ def run_pretrain_job(job: Mapping[str, Any], cache_root: str, cpus: float = 1.0,
         wanted = loop.effective_precision(device, job.hparams.precision)
         if status == "ok":
             meta = cache.meta(key)
-            built = _built_precision(meta)
+            built = built_precision(meta)
             if built == wanted:
                 return PretrainOutcome(key, str(cache.entry(key)), True, False, tuple(meta.get("losses", ())), 0.0,
                                        meta.get("device", "cpu"), meta)
@@ -114,7 +114,7 @@ def run_pretrain_job(job: Mapping[str, Any], cache_root: str, cpus: float = 1.0,
         meta = {"backbone": job.backbone, "paradigm": job.paradigm, "dataset": job.dataset,
                 "dataset_options": dict(job.dataset_options), "hparams": hp, "options": options,
                 "losses": [float(v) for v in losses], "device": str(device),
-                "precision": loop.effective_precision(device, job.hparams.precision), "seconds": time.time() - started,
+                "precision": wanted, "seconds": time.time() - started,
                 "created": time.strftime("%Y-%m-%dT%H:%M:%S"), "rebuilt_damaged": status == "damaged",
                 **paradigm.key_parts(job.backbone)}
         path = cache.write(key, backbones.backbone_state_dict(model), meta)
