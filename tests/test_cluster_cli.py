@@ -14,12 +14,14 @@ from tests.helpers import cli_env, run_cli, sqlite_uri, tiny_spec, write_spec
 
 pytestmark = pytest.mark.slow
 
-EPOCHS = 12
+EPOCHS = 20
+LEFT = 6  # epochs still to run when the node dies: the kill lands before the trial can finish
 
 
 def _kill_when_both_workers_are_mid_trial(cluster, doomed, uri: str, name: str, stop: threading.Event) -> None:
-    """Remove ``doomed`` once two trials (one per worker: the head has no CPUs) are between their first
-    epoch and their half-way point, so a trial is certainly in flight on the node that dies."""
+    """Remove ``doomed`` once two trials (one per worker: the head has no CPUs) have each reported an epoch
+    and have at least LEFT epochs to go, so a trial is certainly in flight on the node that dies. The
+    window is most of a trial, as the two workers' trials need not start together on a loaded machine."""
     from orchestrator.store import open_client
 
     client, deadline = None, time.monotonic() + 300
@@ -31,7 +33,7 @@ def _kill_when_both_workers_are_mid_trial(cluster, doomed, uri: str, name: str, 
             done = [len(client.get_metric_history(r.info.run_id, "train_loss")) for r in runs]
         except Exception:  # noqa: BLE001 - the store does not exist yet, or is busy
             done = []
-        if sum(1 <= n <= EPOCHS // 2 for n in done) >= 2:
+        if sum(1 <= n <= EPOCHS - LEFT for n in done) >= 2:
             cluster.remove_node(doomed)
             stop.set()
             return
