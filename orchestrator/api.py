@@ -80,9 +80,11 @@ def launch_options(*, tracking_uri: str | None = None, address: str | None = Non
                    cache_dir: str | None = None, max_concurrent: int | None = None, quiet: bool = False,
                    verbose: bool = False, dashboard: bool = False) -> LaunchOptions:
     """``LaunchOptions`` from the flags of ``fairsweep launch`` and ``resume``, with their meaning: ``quiet``
-    silences Tune's table and the progress lines (on stderr), ``verbose`` forwards the trials' own output."""
+    silences the progress lines (on stderr); ``verbose`` adds Tune's own output (its status table, a table of
+    each trial's configuration and results: thousands of lines for a sweep of dozens of trials) and forwards
+    the trials' own output. Tune's report of a failed trial shows either way."""
     return LaunchOptions(tracking_uri=tracking_uri, address=address, storage=storage, cache_dir=cache_dir,
-                         max_concurrent_trials=max_concurrent, verbose=0 if quiet else 1,
+                         max_concurrent_trials=max_concurrent, verbose=1 if verbose else 0,
                          progress=None if quiet else _progress_line, trial_output=verbose, dashboard=dashboard)
 
 

@@ -81,8 +81,9 @@ def _add_format(p: argparse.ArgumentParser, what: str) -> None:
 def _add_run_flags(p: argparse.ArgumentParser) -> None:
     """Flags of the commands that run trials (launch, resume)."""
     p.add_argument("--max-concurrent", type=int, help="at most this many trials at once")
-    p.add_argument("--quiet", action="store_true", help="no Tune progress table and no fairsweep progress lines")
-    p.add_argument("--verbose", action="store_true", help="also show the trials' own output (their prints and warnings)")
+    p.add_argument("--quiet", action="store_true", help="no fairsweep progress lines")
+    p.add_argument("--verbose", action="store_true",
+                   help="also show Tune's tables (status, each trial's config and results) and the trials' own output")
     p.add_argument("--dashboard", action="store_true",
                    help="start Ray's dashboard (a local Ray serves it on http://127.0.0.1:8265)")
     _add_target_flags(p)
@@ -284,7 +285,8 @@ def _print_summary(result, args: argparse.Namespace) -> int:
     if result.failed:
         print(f"failed trial runs: {', '.join(result.failed)} (see the {TAGS.ERROR} tag of each)")
         print(f"retry them with: fairsweep resume {plan.spec.name}{where} --retry-errored")
-    print(f"\nMLflow: parent run {result.parent_run_id} in experiment {plan.spec.experiment!r}")
+    print(f"\nTune results (checkpoints, experiment state): {result.experiment_path}")
+    print(f"MLflow: parent run {result.parent_run_id} in experiment {plan.spec.experiment!r}")
     print(f"open it with: mlflow ui --backend-store-uri {result.tracking_uri}")
     if result.interrupted:
         print(f"\ninterrupted before every trial ended; continue with: fairsweep resume {plan.spec.name}{where}", file=sys.stderr)

@@ -10,6 +10,7 @@ that log models or weights: ``fairsweep status`` imports this module (``driver_a
 from __future__ import annotations
 
 import json
+import logging
 import math
 import os
 import socket
@@ -33,7 +34,7 @@ from orchestrator.driverlock import driver_id
 from orchestrator.figures import pareto_figure
 from orchestrator.mlflow_runs import TAGS, WEIGHTS_ARTIFACT, find_parent_run, run_filter, search_runs
 from orchestrator.plan import Plan, PlannedTrial
-from orchestrator.query import _direction, _objective_values, front_table, load_trials
+from orchestrator.query import _direction, _is_signed, _objective_values, front_table, load_trials
 from orchestrator.store import open_client
 from ray import tune  # noqa: E402 - after raylocal
 from trainables import backbones
@@ -83,6 +84,7 @@ class SweepTracker(tune.Callback):
         self._progress_at = -math.inf
         self._started_at = time.monotonic()
         self._front_size = 0
+        self._val_objectives: dict[str, tuple[float, float]] = {}  # run id -> its final (val perf, val fairness)
 
     # -- plumbing -------------------------------------------------------------------------------
     @property
@@ -288,6 +290,7 @@ class SweepTracker(tune.Callback):
                 metrics.append(Metric(k, float(v), int(result.get("timestamp", 0)) * 1000, step))
         tags, params = [], []
         if final:  # one write with the metrics: the driver's cost per trial is a few store calls
+            self._remember_val_objectives(run_id, result)
             tags.append(RunTag(TAGS.FROZEN_GROUPS, str(result.get("frozen_groups", ""))))
             if result.get("infinite_metrics"):
                 tags.append(RunTag(TAGS.INFINITE_METRICS, str(result["infinite_metrics"])[:5000]))
@@ -350,7 +353,28 @@ class SweepTracker(tune.Callback):
         ended, elapsed = finished + failed, time.monotonic() - self._started_at
         eta = f", about {elapsed / ended * max(total - ended, 0):.0f} s left" if ended and total > ended else ""
         self.progress(f"trials: {finished}/{total} finished, {running} running, {failed} failed; Pareto front: "
-                      f"{self._front_size} configurations; {elapsed:.0f} s{eta}")
+                      f"{self._front_size} configurations;{self._val_summary()} {elapsed:.0f} s{eta}")
+
+    def _remember_val_objectives(self, run_id: str, result: Mapping[str, Any]) -> None:
+        perf, fair = self.spec.objectives.performance, self.spec.objectives.fairness
+        values = [result.get(f"val_{m}") for m in (perf, fair)]
+        if all(isinstance(v, (int, float)) and math.isfinite(v) for v in values):
+            self._val_objectives[run_id] = (float(values[0]), float(values[1]))
+
+    def _val_summary(self) -> str:
+        """The finished trials' best validation objectives, each on its own (the split the sweep's choices are
+        made on; the front itself is on test): what Tune's per-trial tables would otherwise be read for."""
+        if not self._val_objectives:
+            return ""
+        parts = []
+        for i, metric in enumerate((self.spec.objectives.performance, self.spec.objectives.fairness)):
+            values = [v[i] for v in self._val_objectives.values()]
+            if _is_signed(metric):  # closest to parity
+                best = min(values, key=abs)
+            else:
+                best = max(values) if _direction(metric) == "max" else min(values)
+            parts.append(f"val_{metric} {best:.3f}")
+        return f" best so far: {', '.join(parts)};"
 
     # -- bookkeeping for the summary and interruptions --------------------------------------------
     def _trial_runs(self, status: str | None = None) -> list:
@@ -413,17 +437,22 @@ class SweepTracker(tune.Callback):
         from trainables.data import build_dataset
 
         shape = build_dataset(self.spec.dataset.name, self.spec.dataset.options).input_shape
-        for run_id in todo:
-            backbone, path = self._final_checkpoints[run_id]
-            model = backbones.create_backbone(backbone, num_classes=2, input_shape=shape)
-            model.load_state_dict(_reported_weights(Path(path)))
-            model.eval()
-            with tempfile.TemporaryDirectory() as d:
-                # pickle: the whole module object, whatever its forward does (pt2 would trace it on an example)
-                mlflow_pytorch.save_model(model, str(Path(d) / "model"), serialization_format="pickle",
-                                          pip_requirements=_model_requirements())
-                self.client.log_artifacts(run_id, str(Path(d) / "model"), artifact_path="model")
-            self._models_logged.add(run_id)
+        once = _OnlyOnce()  # MLflow's warning about pickle holds for the batch, not for each model of it
+        logging.getLogger(mlflow_pytorch.__name__).addFilter(once)
+        try:
+            for run_id in todo:
+                backbone, path = self._final_checkpoints[run_id]
+                model = backbones.create_backbone(backbone, num_classes=2, input_shape=shape)
+                model.load_state_dict(_reported_weights(Path(path)))
+                model.eval()
+                with tempfile.TemporaryDirectory() as d:
+                    # pickle: the whole module object, whatever its forward does (pt2 would trace it on an example)
+                    mlflow_pytorch.save_model(model, str(Path(d) / "model"), serialization_format="pickle",
+                                              pip_requirements=_model_requirements())
+                    self.client.log_artifacts(run_id, str(Path(d) / "model"), artifact_path="model")
+                self._models_logged.add(run_id)
+        finally:
+            logging.getLogger(mlflow_pytorch.__name__).removeFilter(once)
         return todo
 
     def _log_weights(self, run_id: str, checkpoint: Path) -> None:
@@ -530,6 +559,21 @@ def _model_requirements() -> list[str]:
     in a fresh Python process, about 18 s per model on two cores, which was most of a quickstart's wall time
     (benchmarks/throughput.py). The pickled module refers to torch's, timm's and fairsweep's classes."""
     return [f"{name}=={metadata.version(name)}" for name in ("torch", "timm", "fairsweep")]
+
+
+class _OnlyOnce(logging.Filter):
+    """Passes each distinct message once."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.seen: set[str] = set()
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        message = record.getMessage()
+        if message in self.seen:
+            return False
+        self.seen.add(message)
+        return True
 
 
 def _reported_weights(checkpoint: Path) -> dict:

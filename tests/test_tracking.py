@@ -90,3 +90,44 @@ def test_the_front_models_flavour_loads_without_lightning_and_leaves_it_importab
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300, cwd=REPO)
     assert out.returncode == 0, out.stderr[-2000:]
     assert out.stdout.split() == ["True", "False", "False", "True"]
+
+
+def test_progress_lines_name_the_best_validation_objectives_so_far():
+    """The progress line carries what Tune's per-trial tables (now only with --verbose) were read for: the
+    best validation objectives of the finished trials, each in its own direction, signed ones nearest 0."""
+    tracker = SweepTracker(build_plan(parse_spec(tiny_spec())), "sqlite:///unused.db")
+    assert tracker._val_summary() == ""  # nothing finished: nothing claimed
+    tracker._remember_val_objectives("a", {"val_accuracy": 0.7, "val_equalized_odds_difference": 0.05})
+    tracker._remember_val_objectives("b", {"val_accuracy": 0.9, "val_equalized_odds_difference": 0.3})
+    tracker._remember_val_objectives("c", {"val_accuracy": float("nan"), "val_equalized_odds_difference": 0.0})
+    assert tracker._val_summary() == " best so far: val_accuracy 0.900, val_equalized_odds_difference 0.050;"
+    signed = SweepTracker(build_plan(parse_spec(tiny_spec(**{"objectives.fairness": "tpr_difference"}))),
+                          "sqlite:///unused.db")
+    for run, value in (("a", -0.4), ("b", 0.1), ("c", -0.05)):
+        signed._remember_val_objectives(run, {"val_accuracy": 0.8, "val_tpr_difference": value})
+    assert signed._val_summary() == " best so far: val_accuracy 0.800, val_tpr_difference -0.050;"
+
+
+def test_tune_tables_only_with_verbose_and_progress_lines_unless_quiet():
+    from orchestrator.api import launch_options
+
+    default, quiet, verbose = launch_options(), launch_options(quiet=True), launch_options(verbose=True)
+    assert (default.verbose, quiet.verbose, verbose.verbose) == (0, 0, 1)
+    assert default.progress is not None and quiet.progress is None
+    assert not default.trial_output and verbose.trial_output
+
+
+def test_a_repeated_library_warning_is_passed_once(caplog):
+    import logging
+
+    from orchestrator.tracking import _OnlyOnce
+
+    logger, once = logging.getLogger("fairsweep.test.once"), _OnlyOnce()
+    logger.addFilter(once)
+    try:
+        for message in ("pickle", "pickle", "other", "pickle"):
+            logger.warning(message)
+    finally:
+        logger.removeFilter(once)
+    logger.warning("pickle")  # the filter is gone: passes again
+    assert [r.getMessage() for r in caplog.records] == ["pickle", "other", "pickle"]
