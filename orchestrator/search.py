@@ -13,6 +13,7 @@ Optuna is imported inside the functions that open or read a study: a grid sweep 
 """
 from __future__ import annotations
 
+import fnmatch
 import json
 import math
 import os
@@ -80,6 +81,7 @@ class StudySearcher(Searcher):
 
     storage_url: str | None = None  # class defaults: a searcher pickled by an older fairsweep lacks them
     sweep_id: str | None = None
+    _resumed: frozenset = frozenset()  # Tune trial ids a restore runs again (read beside the searcher's state)
 
     def __init__(self, plan: Plan, journal_path: str, *, study_name: str):
         s = plan.spec
@@ -148,9 +150,16 @@ class StudySearcher(Searcher):
                                     f"(optuna delete-study --storage URL --study-name {self.study_name})")
 
     def _fail_orphans(self) -> None:
-        """Trials asked before a driver died but unknown to the restored Tune run will never report."""
+        """Trials asked before a driver died but unknown to the restored Tune run will never report. Tune
+        writes its trials' state before the searcher's, so a driver killed between the two leaves trials that
+        Tune resumes but the searcher's saved state lacks: those are live again (the study names each trial's
+        Tune id), not orphans; failing them would let a finished trial go uncounted and the search run one more."""
         from optuna.trial import TrialState
 
+        for t in self._study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
+            tune_id = t.user_attrs.get("tune_trial_id")
+            if tune_id in self._resumed and tune_id not in self._live:
+                self._live[tune_id] = t.number
         live = set(self._live.values())
         orphans = [t.number for t in self._study.get_trials(deepcopy=False, states=(TrialState.RUNNING,))
                    if t.number not in live]
@@ -263,7 +272,27 @@ class StudySearcher(Searcher):
     def restore(self, checkpoint_path: str) -> None:
         with open(checkpoint_path) as f:
             self._live = {k: int(v) for k, v in json.load(f)["live"].items()}
+        self._resumed = unfinished_tune_trials(os.path.dirname(checkpoint_path))
         self._study = None  # reopen from the journal, failing orphans against the restored live set
+
+
+def unfinished_tune_trials(experiment_dir: str) -> frozenset:
+    """Ids of the trials that Tune's newest experiment state in ``experiment_dir`` holds as unfinished
+    (PENDING, RUNNING, PAUSED): the ones a restore runs again, as the state Tune itself restores from (the
+    searcher's state is restored from the same folder). Empty when there is none or it cannot be read."""
+    from ray.tune.execution.tune_controller import TuneController
+
+    pattern = TuneController.CKPT_FILE_TMPL.format("*")
+    names = fnmatch.filter(os.listdir(experiment_dir), pattern) if os.path.isdir(experiment_dir) else []
+    if not names:
+        return frozenset()
+    try:
+        with open(os.path.join(experiment_dir, max(names))) as f:  # Tune's choice: the newest by its timestamp
+            trial_data = json.load(f)["trial_data"]
+        states = [json.loads(trial_state) for trial_state, _ in trial_data]
+        return frozenset(st["trial_id"] for st in states if st.get("status") in ("PENDING", "RUNNING", "PAUSED"))
+    except (OSError, ValueError, KeyError, TypeError):  # a state Tune could not restore from either
+        return frozenset()
 
 
 def search_values(objectives: Any, result: Mapping[str, Any]) -> list[float] | None:

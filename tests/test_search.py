@@ -155,6 +155,57 @@ def test_a_restored_searcher_continues_the_same_study(tmp_path):
     assert restored.finished() == 2
 
 
+def _tune_state(folder, **statuses):
+    """An experiment state file as Tune writes it (TuneController.save_to_dir): its trials' JSON states."""
+    import json
+
+    from ray.tune.experiment import Trial
+
+    trials = []
+    for trial_id, status in statuses.items():
+        trial = Trial("finetune_trial", stub=True, trial_id=trial_id)
+        trial.set_status(status)
+        trials.append(trial.get_json_state())
+    (folder / "experiment_state-2026-11-30_00-00-00.json").write_text(json.dumps({"trial_data": trials}))
+
+
+def test_a_trial_tune_resumes_but_the_searchers_state_lacks_is_live_not_orphaned(tmp_path):
+    """Tune writes its trials' state, then the searcher's: a driver killed between the two leaves a trial
+    that Tune resumes (and runs to the end) but the searcher's saved state does not list. It must count when
+    it finishes, or the search runs one trial more than its budget."""
+    import pickle
+
+    plan = _plan()
+    searcher = StudySearcher(plan, str(tmp_path / "s.journal"), study_name="s")
+    searcher.suggest("t0")
+    searcher.suggest("t1")
+    searcher.on_trial_complete("t0", {"val_accuracy": 0.7, "val_equalized_odds_difference": 0.2})
+    searcher.save(str(tmp_path / "searcher-state.json"))  # the searcher's last save: t1 in flight
+    searcher.suggest("t2")
+    searcher.suggest("t3")
+    # Tune's last trial state, written after t2 was asked; the driver died before the searcher's was:
+    # t2 is resumed by Tune, t3 (asked after both) is a true orphan
+    _tune_state(tmp_path, t0="TERMINATED", t1="RUNNING", t2="PENDING")
+    (tmp_path / "experiment_state-2026-11-29_00-00-00.json").write_text("{}")  # an older session's: not read
+    restored = pickle.loads(pickle.dumps(searcher))
+    restored.restore(str(tmp_path / "searcher-state.json"))
+    states = {t.user_attrs["tune_trial_id"]: t.state.name for t in restored.study.trials}
+    assert states == {"t0": "COMPLETE", "t1": "RUNNING", "t2": "RUNNING", "t3": "FAIL"}
+    restored.on_trial_complete("t2", {"val_accuracy": 0.6, "val_equalized_odds_difference": 0.1})
+    assert restored.finished() == 2  # t2 counted
+
+
+def test_without_tune_state_beside_it_the_searcher_trusts_its_own(tmp_path):
+    from orchestrator.search import unfinished_tune_trials
+
+    assert unfinished_tune_trials(str(tmp_path)) == frozenset()
+    assert unfinished_tune_trials(str(tmp_path / "absent")) == frozenset()
+    (tmp_path / "experiment_state-2026-11-30_00-00-00.json").write_text('{"trial_data": [')  # cut short
+    assert unfinished_tune_trials(str(tmp_path)) == frozenset()
+    _tune_state(tmp_path, a="PENDING", b="PAUSED", c="ERROR", d="TERMINATED", e="RUNNING")
+    assert unfinished_tune_trials(str(tmp_path)) == {"a", "b", "e"}
+
+
 def test_the_optuna_example_plans_with_ranges_and_a_budget():
     from orchestrator.spec import load_spec
     from tests.helpers import REPO
