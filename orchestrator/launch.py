@@ -49,7 +49,7 @@ class LaunchOptions:
     storage: str | None = None
     cache_dir: str | None = None
     max_concurrent_trials: int | None = None
-    verbose: int = 1
+    verbose: int = 0  # Tune's own output: 1 adds its status table and a table per trial (the CLI's --verbose)
     # one line per event of the long phases (a pretraining job done; the sweep's counts, front and ETA every
     # few seconds): the CLI prints them, plain lines whether or not the output is a terminal
     progress: Callable[[str], None] | None = None
@@ -378,7 +378,9 @@ def _run(plan: Plan, path: str, tracking_uri: str, cache_root: str, options: Lau
         shared = Path(path).parent  # the storage path: what the workers of a node share
         failed_pretraining = run_pretraining(plan, cache_root, tracker, options.progress,
                                              input_cache=str(shared / DECODED_CACHE_DIRNAME))
-        context = _trial_context(plan, cache_root, finished=tracker.finished_trials(),
+        finished = tracker.finished_trials()
+        tracker.remember_finished(finished)
+        context = _trial_context(plan, cache_root, finished=finished,
                                  failed_pretraining=failed_pretraining,
                                  feature_cache=str(shared / FEATURE_CACHE_DIRNAME),
                                  input_cache=str(shared / DECODED_CACHE_DIRNAME))

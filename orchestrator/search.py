@@ -81,7 +81,8 @@ class StudySearcher(Searcher):
 
     storage_url: str | None = None  # class defaults: a searcher pickled by an older fairsweep lacks them
     sweep_id: str | None = None
-    _resumed: frozenset = frozenset()  # Tune trial ids a restore runs again (read beside the searcher's state)
+    max_concurrent: int | None = None  # the sweep's max_concurrent_trials, kept here rather than by Tune's wrapper
+    _resumed: frozenset = frozenset()  # Tune trial ids a restore runs again (from Tune's state in the sweep folder)
 
     def __init__(self, plan: Plan, journal_path: str, *, study_name: str):
         s = plan.spec
@@ -184,9 +185,17 @@ class StudySearcher(Searcher):
     def set_search_properties(self, metric: Any, mode: Any, config: Any, **spec: Any) -> bool:
         return True  # objectives come from the sweep spec
 
+    def set_max_concurrency(self, max_concurrent: int) -> bool:
+        """The searcher limits concurrency itself: Tune's ConcurrencyLimiter keeps its own list of live trials,
+        saved apart from this searcher's, and drops the completion of a trial missing from it (after a driver
+        was killed mid-save), which would leave that trial live here for ever and the search waiting on it."""
+        self.max_concurrent = max_concurrent
+        return True
+
     def suggest(self, trial_id: str) -> dict | None:
         from optuna.trial import TrialState
 
+        self.study  # opened first: reopening adopts the trials a restore resumes
         if trial_id in self._live:  # Tune asks again for a restored trial
             point = json.loads(self.study.trials[self._live[trial_id]].user_attrs["point"])
             return self._config(TrialPoint.from_dict(point))
@@ -195,6 +204,8 @@ class StudySearcher(Searcher):
             return Searcher.FINISHED
         if done + len(self._live) >= self.budget:
             return None  # enough in flight; ask again if one of them fails
+        if self.max_concurrent and len(self._live) >= self.max_concurrent:
+            return None
         for attempt in range(_MAX_DUPLICATE_DRAWS):
             if attempt == _ENQUEUE_AFTER:
                 self._enqueue_unseen_cell()
@@ -218,13 +229,18 @@ class StudySearcher(Searcher):
         raise RuntimeError(f"the {self.plan.spec.search.sampler} sampler proposed {_MAX_DUPLICATE_DRAWS} configurations in a "
                            f"row that already ran; the space ({self.plan.spec.grid_size} cells) looks exhausted — use a grid")
 
+    def on_trial_result(self, trial_id: str, result: Mapping[str, Any]) -> None:
+        if result.get("done_training"):  # a trial's final result: told now, whatever wraps this searcher
+            self.on_trial_complete(trial_id, result)
+
     def on_trial_complete(self, trial_id: str, result: Mapping[str, Any] | None = None, error: bool = False) -> None:
         from optuna.trial import TrialState
 
+        study = self.study  # opened first: reopening adopts the trials a restore resumes, before any is told
         number = self._live.pop(trial_id, None)
         if number is None:
-            return
-        if self.study.trials[number].state != TrialState.RUNNING:
+            return  # told at its final result, or not this study's
+        if study.trials[number].state != TrialState.RUNNING:
             return  # told before the driver died (the trial finished after Tune's last state save)
         values = search_values(self.plan.spec.objectives, result) if result and not error else None
         if values is None:
@@ -272,7 +288,9 @@ class StudySearcher(Searcher):
     def restore(self, checkpoint_path: str) -> None:
         with open(checkpoint_path) as f:
             self._live = {k: int(v) for k, v in json.load(f)["live"].items()}
-        self._resumed = unfinished_tune_trials(os.path.dirname(checkpoint_path))
+        # the sweep folder (the journal's), where Tune's restore read its trials: the copy beside the searcher's
+        # state is a staging folder, which on a long-lived cluster may hold a newer file a killed driver left
+        self._resumed = unfinished_tune_trials(os.path.dirname(self.journal_path))
         self._study = None  # reopen from the journal, failing orphans against the restored live set
 
 

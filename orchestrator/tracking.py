@@ -355,6 +355,11 @@ class SweepTracker(tune.Callback):
         self.progress(f"trials: {finished}/{total} finished, {running} running, {failed} failed; Pareto front: "
                       f"{self._front_size} configurations;{self._val_summary()} {elapsed:.0f} s{eta}")
 
+    def remember_finished(self, finished: list[tuple[TrialConfig, dict]]) -> None:
+        """A resumed sweep's earlier finished trials (``finished_trials``) count in the progress line's best."""
+        for i, (_, metrics) in enumerate(finished):
+            self._remember_val_objectives(f"finished before this driver: {i}", metrics)
+
     def _remember_val_objectives(self, run_id: str, result: Mapping[str, Any]) -> None:
         perf, fair = self.spec.objectives.performance, self.spec.objectives.fairness
         values = [result.get(f"val_{m}") for m in (perf, fair)]

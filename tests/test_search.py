@@ -303,3 +303,42 @@ def test_an_infinite_validation_objective_reaches_the_study_as_infinite_not_as_a
     got = search_values(obj, {"val_accuracy": 0.8, "infinite_metrics": "fdr_ratio_deviation,val_fdr_ratio_deviation"})
     assert got == [0.8, float("inf")]
     assert search_values(obj, {"val_accuracy": 0.8}) is None  # missing for another reason: a failure
+
+
+def test_the_searcher_limits_concurrency_itself_so_tunes_wrapper_never_drops_a_completion(tmp_path):
+    """Tune wraps a searcher in a ConcurrencyLimiter for max_concurrent_trials unless the searcher limits
+    concurrency itself; the wrapper's own list of live trials, saved apart, drops completions it lacks."""
+    from ray.tune.search import ConcurrencyLimiter
+
+    searcher = StudySearcher(_plan(), str(tmp_path / "s.journal"), study_name="s")
+    limiter = ConcurrencyLimiter(searcher, max_concurrent=2)
+    assert limiter._limit_concurrency is False and searcher.max_concurrent == 2
+    assert limiter.suggest("t0") and limiter.suggest("t1") and limiter.suggest("t2") is None  # two at a time
+    limiter.on_trial_complete("t0", {"val_accuracy": 0.7, "val_equalized_odds_difference": 0.2})
+    assert searcher.finished() == 1 and limiter.suggest("t3")
+
+
+def test_a_final_result_is_told_once_even_if_the_completion_never_arrives(tmp_path):
+    searcher = StudySearcher(_plan(), str(tmp_path / "s.journal"), study_name="s")
+    searcher.suggest("t0")
+    searcher.on_trial_result("t0", {"val_accuracy": 0.7, "val_equalized_odds_difference": 0.2})  # an epoch
+    assert searcher.finished() == 0
+    final = {"val_accuracy": 0.8, "val_equalized_odds_difference": 0.1, "done_training": True}
+    searcher.on_trial_result("t0", final)
+    assert searcher.finished() == 1 and "t0" not in searcher._live
+    searcher.on_trial_complete("t0", final)  # Tune's completion after it: nothing told twice
+    assert searcher.finished() == 1 and [t.values for t in searcher.study.trials] == [[0.8, 0.1]]
+
+
+def test_a_resumed_trial_that_completes_before_anything_else_is_asked_still_counts(tmp_path):
+    import pickle
+
+    searcher = StudySearcher(_plan(), str(tmp_path / "s.journal"), study_name="s")
+    searcher.suggest("t0")
+    searcher.save(str(tmp_path / "searcher-state.json"))  # before t1 was asked
+    searcher.suggest("t1")
+    _tune_state(tmp_path, t0="RUNNING", t1="RUNNING")
+    restored = pickle.loads(pickle.dumps(searcher))
+    restored.restore(str(tmp_path / "searcher-state.json"))
+    restored.on_trial_complete("t1", {"val_accuracy": 0.6, "val_equalized_odds_difference": 0.1})  # the first call
+    assert restored.finished() == 1 and set(restored._live) == {"t0"}

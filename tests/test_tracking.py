@@ -101,6 +101,10 @@ def test_progress_lines_name_the_best_validation_objectives_so_far():
     tracker._remember_val_objectives("b", {"val_accuracy": 0.9, "val_equalized_odds_difference": 0.3})
     tracker._remember_val_objectives("c", {"val_accuracy": float("nan"), "val_equalized_odds_difference": 0.0})
     assert tracker._val_summary() == " best so far: val_accuracy 0.900, val_equalized_odds_difference 0.050;"
+    # a resumed sweep's trials that finished under an earlier driver count too (what finished_trials reads)
+    tracker.remember_finished([(tracker.plan.trials[0].config, {"accuracy": 0.99, "val_accuracy": 0.95,
+                                                                "val_equalized_odds_difference": 0.04})])
+    assert tracker._val_summary() == " best so far: val_accuracy 0.950, val_equalized_odds_difference 0.040;"
     signed = SweepTracker(build_plan(parse_spec(tiny_spec(**{"objectives.fairness": "tpr_difference"}))),
                           "sqlite:///unused.db")
     for run, value in (("a", -0.4), ("b", 0.1), ("c", -0.05)):

@@ -282,7 +282,7 @@ def train_and_evaluate(trial: TrialConfig, context: TrialContext, *, state: Mapp
                 if ci + 1 < len(candidates):
                     progress.update(candidate=ci + 1, epoch=0, kept=None, kept_loss=math.inf)
             step = ci * epochs + epoch + 1
-            # the objectives on validation first: Tune's progress table shows a trial's first metrics
+            # the objectives on validation first: Tune's progress table (--verbose) shows a trial's first metrics
             result = {**_validation_objectives(val_scores, dataset, ft, context, metrics), **static, "epoch": step,
                       "train_loss": loss, "val_loss": val_loss}
             with tempfile.TemporaryDirectory() as d:
