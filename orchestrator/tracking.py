@@ -85,6 +85,7 @@ class SweepTracker(tune.Callback):
         self._started_at = time.monotonic()
         self._front_size = 0
         self._val_objectives: dict[str, tuple[float, float]] = {}  # run id -> its final (val perf, val fairness)
+        self._ended_at: list[float] = []  # when each trial this driver saw end ended (time.monotonic)
 
     # -- plumbing -------------------------------------------------------------------------------
     @property
@@ -226,6 +227,7 @@ class SweepTracker(tune.Callback):
 
     def _settle(self, run_id: str, status: str) -> None:
         """Record how a run ended, for later trials of the same key in this driver."""
+        self._ended_at.append(time.monotonic())
         key = self._key_of.get(run_id)
         if key is not None:
             self._known[key] = (run_id, status, status == "FAILED")
@@ -343,7 +345,7 @@ class SweepTracker(tune.Callback):
 
     def _report_progress(self, trials: list) -> None:
         """At most every FRONT_REFRESH_S: finished / running / failed of the sweep's trials, the front's size
-        and an estimate of the time left (elapsed per ended trial, times the trials left)."""
+        and an estimate of the time left (``time_left``)."""
         if self.progress is None or time.monotonic() - self._progress_at < FRONT_REFRESH_S:
             return
         self._progress_at = time.monotonic()
@@ -351,7 +353,8 @@ class SweepTracker(tune.Callback):
         finished, failed, running = status.count("TERMINATED"), status.count("ERROR"), status.count("RUNNING")
         total = self.spec.n_trials
         ended, elapsed = finished + failed, time.monotonic() - self._started_at
-        eta = f", about {elapsed / ended * max(total - ended, 0):.0f} s left" if ended and total > ended else ""
+        left = time_left(self._ended_at, total - ended)
+        eta = f", about {left:.0f} s left" if left is not None else ""
         self.progress(f"trials: {finished}/{total} finished, {running} running, {failed} failed; Pareto front: "
                       f"{self._front_size} configurations;{self._val_summary()} {elapsed:.0f} s{eta}")
 
@@ -564,6 +567,15 @@ def _model_requirements() -> list[str]:
     in a fresh Python process, about 18 s per model on two cores, which was most of a quickstart's wall time
     (benchmarks/throughput.py). The pickled module refers to torch's, timm's and fairsweep's classes."""
     return [f"{name}=={metadata.version(name)}" for name in ("torch", "timm", "fairsweep")]
+
+
+def time_left(ended_at: list[float], remaining: int) -> float | None:
+    """Seconds until ``remaining`` more trials end, at the pace trials have been ending (the time between the
+    first and the last ending, per ending: all slots together). The time before the first ending (Ray,
+    pretraining, worker start-up) says nothing about the rest, so it does not count; None until two ended."""
+    if remaining <= 0 or len(ended_at) < 2 or ended_at[-1] <= ended_at[0]:
+        return None
+    return (ended_at[-1] - ended_at[0]) / (len(ended_at) - 1) * remaining
 
 
 class _OnlyOnce(logging.Filter):
