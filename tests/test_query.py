@@ -533,3 +533,13 @@ def test_paired_tests_pair_each_matched_cell_once():
             for p, fs in (("supervised", (0.30, 0.40)), ("simclr", (0.10, 0.20))) for s in ("0", "1") for f in fs]
     got = query.paired_tests(_frame(rows), "paradigm", FAIR, "supervised").set_index("paradigm")
     assert got.loc["simclr", "n_pairs"] == 2 and got.loc["simclr", "mean_diff"] == pytest.approx(-0.2)
+
+
+def test_the_t_quantile_is_scipy_stats_own():
+    from scipy import stats
+
+    from orchestrator.query import _t_quantile
+
+    for df in (1, 2, 5, 30, 1000):
+        for q in (0.5, 0.9, 0.975, 0.995):
+            assert _t_quantile(q, df) == pytest.approx(float(stats.t.ppf(q, df)), rel=1e-12, abs=1e-12)
