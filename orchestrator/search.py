@@ -290,11 +290,11 @@ class StudySearcher(Searcher):
             self._live = {k: int(v) for k, v in json.load(f)["live"].items()}
         # the sweep folder (the journal's), where Tune's restore read its trials: the copy beside the searcher's
         # state is a staging folder, which on a long-lived cluster may hold a newer file a killed driver left
-        self._resumed = unfinished_tune_trials(os.path.dirname(self.journal_path))
+        self._resumed = _unfinished_tune_trials(os.path.dirname(self.journal_path))
         self._study = None  # reopen from the journal, failing orphans against the restored live set
 
 
-def unfinished_tune_trials(experiment_dir: str) -> frozenset:
+def _unfinished_tune_trials(experiment_dir: str) -> frozenset:
     """Ids of the trials that Tune's newest experiment state in ``experiment_dir`` holds as unfinished
     (PENDING, RUNNING, PAUSED): the ones a restore runs again, as the state Tune itself restores from (the
     searcher's state is restored from the same folder). Empty when there is none or it cannot be read."""

@@ -345,7 +345,7 @@ class SweepTracker(tune.Callback):
 
     def _report_progress(self, trials: list) -> None:
         """At most every FRONT_REFRESH_S: finished / running / failed of the sweep's trials, the front's size
-        and an estimate of the time left (``time_left``)."""
+        and an estimate of the time left (``_time_left``)."""
         if self.progress is None or time.monotonic() - self._progress_at < FRONT_REFRESH_S:
             return
         self._progress_at = time.monotonic()
@@ -353,7 +353,7 @@ class SweepTracker(tune.Callback):
         finished, failed, running = status.count("TERMINATED"), status.count("ERROR"), status.count("RUNNING")
         total = self.spec.n_trials
         ended, elapsed = finished + failed, time.monotonic() - self._started_at
-        left = time_left(self._ended_at, total - ended)
+        left = _time_left(self._ended_at, total - ended)
         eta = f", about {left:.0f} s left" if left is not None else ""
         self.progress(f"trials: {finished}/{total} finished, {running} running, {failed} failed; Pareto front: "
                       f"{self._front_size} configurations;{self._val_summary()} {elapsed:.0f} s{eta}")
@@ -569,7 +569,7 @@ def _model_requirements() -> list[str]:
     return [f"{name}=={metadata.version(name)}" for name in ("torch", "timm", "fairsweep")]
 
 
-def time_left(ended_at: list[float], remaining: int) -> float | None:
+def _time_left(ended_at: list[float], remaining: int) -> float | None:
     """Seconds until ``remaining`` more trials end, at the pace trials have been ending (the time between the
     first and the last ending, per ending: all slots together). The time before the first ending (Ray,
     pretraining, worker start-up) says nothing about the rest, so it does not count; None until two ended."""

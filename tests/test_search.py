@@ -196,14 +196,14 @@ def test_a_trial_tune_resumes_but_the_searchers_state_lacks_is_live_not_orphaned
 
 
 def test_without_tune_state_beside_it_the_searcher_trusts_its_own(tmp_path):
-    from orchestrator.search import unfinished_tune_trials
+    from orchestrator.search import _unfinished_tune_trials
 
-    assert unfinished_tune_trials(str(tmp_path)) == frozenset()
-    assert unfinished_tune_trials(str(tmp_path / "absent")) == frozenset()
+    assert _unfinished_tune_trials(str(tmp_path)) == frozenset()
+    assert _unfinished_tune_trials(str(tmp_path / "absent")) == frozenset()
     (tmp_path / "experiment_state-2026-11-30_00-00-00.json").write_text('{"trial_data": [')  # cut short
-    assert unfinished_tune_trials(str(tmp_path)) == frozenset()
+    assert _unfinished_tune_trials(str(tmp_path)) == frozenset()
     _tune_state(tmp_path, a="PENDING", b="PAUSED", c="ERROR", d="TERMINATED", e="RUNNING")
-    assert unfinished_tune_trials(str(tmp_path)) == {"a", "b", "e"}
+    assert _unfinished_tune_trials(str(tmp_path)) == {"a", "b", "e"}
 
 
 def test_the_optuna_example_plans_with_ranges_and_a_budget():

@@ -138,10 +138,10 @@ def test_a_repeated_library_warning_is_passed_once(caplog):
 
 
 def test_time_left_follows_the_pace_of_endings_not_the_start_up_before_them():
-    from orchestrator.tracking import time_left
+    from orchestrator.tracking import _time_left
 
     # 30 s of start-up, then a trial ends every 2 s: 10 left take 20 s, whatever the start-up cost
-    assert time_left([30.0, 32.0, 34.0, 36.0], 10) == pytest.approx(20.0)
-    assert time_left([30.0], 10) is None and time_left([], 5) is None  # no pace yet
-    assert time_left([30.0, 30.0], 4) is None  # two at once: no pace either
-    assert time_left([30.0, 32.0], 0) is None  # nothing left
+    assert _time_left([30.0, 32.0, 34.0, 36.0], 10) == pytest.approx(20.0)
+    assert _time_left([30.0], 10) is None and _time_left([], 5) is None  # no pace yet
+    assert _time_left([30.0, 30.0], 4) is None  # two at once: no pace either
+    assert _time_left([30.0, 32.0], 0) is None  # nothing left
