@@ -229,8 +229,10 @@ def launch(plan: Plan, options: LaunchOptions = LaunchOptions()) -> LaunchResult
             from orchestrator.search import STUDY_FILE, StudySearcher
 
             param_space: dict = {}
-            tune_config = tune.TuneConfig(search_alg=StudySearcher(plan, f"{path}/{STUDY_FILE}", study_name=spec.name),
-                                          num_samples=-1, max_concurrent_trials=concurrency, reuse_actors=True)
+            # the searcher holds the cap itself: Tune's wrapper for max_concurrent_trials would keep a second
+            # list of live trials, saved apart, and lose completions after a driver killed mid-save
+            searcher = StudySearcher(plan, f"{path}/{STUDY_FILE}", study_name=spec.name, max_concurrent=concurrency)
+            tune_config = tune.TuneConfig(search_alg=searcher, num_samples=-1, reuse_actors=True)
         else:
             param_space = {TUNE_KEY: tune.grid_search([t.config.to_dict() for t in plan.trials])}
             # long-lived workers: torch, timm and the data are imported and built once per worker, not per trial
@@ -289,10 +291,23 @@ def resume(name: str, options: LaunchOptions = LaunchOptions(), *, retry_errored
         tuner = tune.Tuner.restore(path, trainable, resume_unfinished=True, resume_errored=retry_errored)
         # Tune restores the callbacks it pickled; swap in this driver's tracker (fresh client, this URI).
         tuner._local_tuner.get_run_config().callbacks = [tracker]
+        _searcher_holds_the_cap(tuner._local_tuner._tune_config, options.max_concurrent_trials)
         return tuner
 
     with _ray_session(plan.spec, options), _driver_lock(path, name, storage, new=False):
         return _run(plan, path, tracking_uri, cache_root, options, make_tuner)
+
+
+def _searcher_holds_the_cap(tune_config: Any, override: int | None) -> None:
+    """On resume, an optuna sweep's concurrency cap lives in its study searcher, never in Tune's
+    ConcurrencyLimiter (see launch): a sweep launched before that had Tune wrap its searcher, so the cap moves
+    into the searcher here; ``--max-concurrent``, if given, replaces it. A grid sweep is left as it was."""
+    from orchestrator.search import StudySearcher
+
+    searcher = tune_config.search_alg
+    if isinstance(searcher, StudySearcher):
+        searcher.max_concurrent = override or tune_config.max_concurrent_trials or searcher.max_concurrent
+        tune_config.max_concurrent_trials = None
 
 
 def _busy_message(name: str, storage: str) -> str:

@@ -82,9 +82,9 @@ class StudySearcher(Searcher):
     storage_url: str | None = None  # class defaults: a searcher pickled by an older fairsweep lacks them
     sweep_id: str | None = None
     max_concurrent: int | None = None  # the sweep's max_concurrent_trials, kept here rather than by Tune's wrapper
-    _resumed: frozenset = frozenset()  # Tune trial ids a restore runs again (from Tune's state in the sweep folder)
+    _resumed: frozenset | None = None  # Tune trial ids a restore runs again; None: no Tune state was read
 
-    def __init__(self, plan: Plan, journal_path: str, *, study_name: str):
+    def __init__(self, plan: Plan, journal_path: str, *, study_name: str, max_concurrent: int | None = None):
         s = plan.spec
         directions = ["maximize" if _dir(m) == "max" else "minimize" for m in (s.objectives.performance, s.objectives.fairness)]
         super().__init__(metric=None, mode=None)
@@ -96,6 +96,7 @@ class StudySearcher(Searcher):
         # resolved now, in the launch directory: the pickled searcher resumes from anywhere
         self.storage_url = resolve_storage_url(s.search.storage)
         self.sweep_id = uuid.uuid4().hex
+        self.max_concurrent = max_concurrent
         self._live: dict[str, int] = {}  # Tune trial id -> Optuna trial number
         self._study = None
 
@@ -151,19 +152,24 @@ class StudySearcher(Searcher):
                                     f"(optuna delete-study --storage URL --study-name {self.study_name})")
 
     def _fail_orphans(self) -> None:
-        """Trials asked before a driver died but unknown to the restored Tune run will never report. Tune
-        writes its trials' state before the searcher's, so a driver killed between the two leaves trials that
-        Tune resumes but the searcher's saved state lacks: those are live again (the study names each trial's
-        Tune id), not orphans; failing them would let a finished trial go uncounted and the search run one more."""
+        """Reconcile the restored live set with the study and with Tune's restored trials, then fail the orphans:
+        trials asked before a driver died that the restored Tune run will never report. Tune's trial state and
+        this searcher's are saved (and uploaded) apart, so a killed driver can leave either one newer:
+        - a live entry whose study trial was already told (finished or failed) is dropped;
+        - a live entry Tune's state does not hold as unfinished will never report: dropped, its trial an orphan;
+        - a study trial Tune resumes (the study names each trial's Tune id) is live, not an orphan: failing it
+          would let it finish uncounted and the search run one trial past its budget."""
         from optuna.trial import TrialState
 
-        for t in self._study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
+        running = {t.number: t for t in self._study.get_trials(deepcopy=False, states=(TrialState.RUNNING,))}
+        self._live = {tune_id: n for tune_id, n in self._live.items()
+                      if n in running and (self._resumed is None or tune_id in self._resumed)}
+        for t in running.values():
             tune_id = t.user_attrs.get("tune_trial_id")
-            if tune_id in self._resumed and tune_id not in self._live:
+            if self._resumed and tune_id in self._resumed and tune_id not in self._live:
                 self._live[tune_id] = t.number
         live = set(self._live.values())
-        orphans = [t.number for t in self._study.get_trials(deepcopy=False, states=(TrialState.RUNNING,))
-                   if t.number not in live]
+        orphans = [n for n in running if n not in live]
         if orphans:  # recorded first, so a driver killed in between still knows they are orphans
             known = self._study.user_attrs.get(_ORPHAN_ATTR, [])
             self._study.set_user_attr(_ORPHAN_ATTR, sorted(set(known) | set(orphans)))
@@ -186,9 +192,11 @@ class StudySearcher(Searcher):
         return True  # objectives come from the sweep spec
 
     def set_max_concurrency(self, max_concurrent: int) -> bool:
-        """The searcher limits concurrency itself: Tune's ConcurrencyLimiter keeps its own list of live trials,
-        saved apart from this searcher's, and drops the completion of a trial missing from it (after a driver
-        was killed mid-save), which would leave that trial live here for ever and the search waiting on it."""
+        """The searcher limits concurrency itself (the launch gives it the cap and Tune none): Tune's
+        ConcurrencyLimiter keeps its own list of live trials, saved apart from this searcher's, and drops the
+        completion of a trial missing from it (after a driver was killed mid-save), which would leave that
+        trial live here for ever and the search waiting on it. Should Tune wrap it anyway, the wrapper passes
+        everything through."""
         self.max_concurrent = max_concurrent
         return True
 
@@ -229,17 +237,13 @@ class StudySearcher(Searcher):
         raise RuntimeError(f"the {self.plan.spec.search.sampler} sampler proposed {_MAX_DUPLICATE_DRAWS} configurations in a "
                            f"row that already ran; the space ({self.plan.spec.grid_size} cells) looks exhausted — use a grid")
 
-    def on_trial_result(self, trial_id: str, result: Mapping[str, Any]) -> None:
-        if result.get("done_training"):  # a trial's final result: told now, whatever wraps this searcher
-            self.on_trial_complete(trial_id, result)
-
     def on_trial_complete(self, trial_id: str, result: Mapping[str, Any] | None = None, error: bool = False) -> None:
         from optuna.trial import TrialState
 
         study = self.study  # opened first: reopening adopts the trials a restore resumes, before any is told
         number = self._live.pop(trial_id, None)
         if number is None:
-            return  # told at its final result, or not this study's
+            return  # not a trial of this study's live set
         if study.trials[number].state != TrialState.RUNNING:
             return  # told before the driver died (the trial finished after Tune's last state save)
         values = search_values(self.plan.spec.objectives, result) if result and not error else None
@@ -294,23 +298,23 @@ class StudySearcher(Searcher):
         self._study = None  # reopen from the journal, failing orphans against the restored live set
 
 
-def _unfinished_tune_trials(experiment_dir: str) -> frozenset:
+def _unfinished_tune_trials(experiment_dir: str) -> frozenset | None:
     """Ids of the trials that Tune's newest experiment state in ``experiment_dir`` holds as unfinished
-    (PENDING, RUNNING, PAUSED): the ones a restore runs again, as the state Tune itself restores from (the
-    searcher's state is restored from the same folder). Empty when there is none or it cannot be read."""
+    (PENDING, RUNNING, PAUSED): the ones a restore runs again, read as Tune's restore reads that folder.
+    None when there is no state or it cannot be read (then nothing is known about Tune's trials)."""
     from ray.tune.execution.tune_controller import TuneController
 
     pattern = TuneController.CKPT_FILE_TMPL.format("*")
     names = fnmatch.filter(os.listdir(experiment_dir), pattern) if os.path.isdir(experiment_dir) else []
     if not names:
-        return frozenset()
+        return None
     try:
         with open(os.path.join(experiment_dir, max(names))) as f:  # Tune's choice: the newest by its timestamp
             trial_data = json.load(f)["trial_data"]
         states = [json.loads(trial_state) for trial_state, _ in trial_data]
         return frozenset(st["trial_id"] for st in states if st.get("status") in ("PENDING", "RUNNING", "PAUSED"))
     except (OSError, ValueError, KeyError, TypeError):  # a state Tune could not restore from either
-        return frozenset()
+        return None
 
 
 def search_values(objectives: Any, result: Mapping[str, Any]) -> list[float] | None:

@@ -198,10 +198,10 @@ def test_a_trial_tune_resumes_but_the_searchers_state_lacks_is_live_not_orphaned
 def test_without_tune_state_beside_it_the_searcher_trusts_its_own(tmp_path):
     from orchestrator.search import _unfinished_tune_trials
 
-    assert _unfinished_tune_trials(str(tmp_path)) == frozenset()
-    assert _unfinished_tune_trials(str(tmp_path / "absent")) == frozenset()
+    assert _unfinished_tune_trials(str(tmp_path)) is None
+    assert _unfinished_tune_trials(str(tmp_path / "absent")) is None
     (tmp_path / "experiment_state-2026-11-30_00-00-00.json").write_text('{"trial_data": [')  # cut short
-    assert _unfinished_tune_trials(str(tmp_path)) == frozenset()
+    assert _unfinished_tune_trials(str(tmp_path)) is None
     _tune_state(tmp_path, a="PENDING", b="PAUSED", c="ERROR", d="TERMINATED", e="RUNNING")
     assert _unfinished_tune_trials(str(tmp_path)) == {"a", "b", "e"}
 
@@ -310,24 +310,32 @@ def test_the_searcher_limits_concurrency_itself_so_tunes_wrapper_never_drops_a_c
     concurrency itself; the wrapper's own list of live trials, saved apart, drops completions it lacks."""
     from ray.tune.search import ConcurrencyLimiter
 
-    searcher = StudySearcher(_plan(), str(tmp_path / "s.journal"), study_name="s")
-    limiter = ConcurrencyLimiter(searcher, max_concurrent=2)
+    searcher = StudySearcher(_plan(), str(tmp_path / "s.journal"), study_name="s", max_concurrent=2)
+    limiter = ConcurrencyLimiter(searcher, max_concurrent=2)  # were it wrapped anyway: everything passes through
     assert limiter._limit_concurrency is False and searcher.max_concurrent == 2
     assert limiter.suggest("t0") and limiter.suggest("t1") and limiter.suggest("t2") is None  # two at a time
     limiter.on_trial_complete("t0", {"val_accuracy": 0.7, "val_equalized_odds_difference": 0.2})
     assert searcher.finished() == 1 and limiter.suggest("t3")
 
 
-def test_a_final_result_is_told_once_even_if_the_completion_never_arrives(tmp_path):
-    searcher = StudySearcher(_plan(), str(tmp_path / "s.journal"), study_name="s")
-    searcher.suggest("t0")
-    searcher.on_trial_result("t0", {"val_accuracy": 0.7, "val_equalized_odds_difference": 0.2})  # an epoch
-    assert searcher.finished() == 0
-    final = {"val_accuracy": 0.8, "val_equalized_odds_difference": 0.1, "done_training": True}
-    searcher.on_trial_result("t0", final)
-    assert searcher.finished() == 1 and "t0" not in searcher._live
-    searcher.on_trial_complete("t0", final)  # Tune's completion after it: nothing told twice
-    assert searcher.finished() == 1 and [t.values for t in searcher.study.trials] == [[0.8, 0.1]]
+def test_a_restore_drops_live_entries_that_will_never_report(tmp_path):
+    """The searcher's saved live set can be newer or older than Tune's trials: an entry already told, or one
+    Tune does not resume, would hold the budget or the concurrency cap for ever and stall the search."""
+    import pickle
+
+    searcher = StudySearcher(_plan(), str(tmp_path / "s.journal"), study_name="s", max_concurrent=3)
+    for i in range(3):
+        searcher.suggest(f"t{i}")
+    searcher.save(str(tmp_path / "searcher-state.json"))  # t0, t1, t2 live
+    searcher.on_trial_complete("t0", {"val_accuracy": 0.7, "val_equalized_odds_difference": 0.2})  # told, unsaved
+    _tune_state(tmp_path, t0="TERMINATED", t1="RUNNING")  # t2 is not in Tune's state: it never runs again
+    restored = pickle.loads(pickle.dumps(searcher))
+    restored.restore(str(tmp_path / "searcher-state.json"))
+    assert restored.suggest("t3") is not None  # the cap of 3 is not held by t0 and t2
+    assert set(restored._live) == {"t1", "t3"}
+    states = {t.user_attrs["tune_trial_id"]: t.state.name for t in restored.study.trials}
+    assert states == {"t0": "COMPLETE", "t1": "RUNNING", "t2": "FAIL", "t3": "RUNNING"}
+    assert restored.finished() == 1
 
 
 def test_a_resumed_trial_that_completes_before_anything_else_is_asked_still_counts(tmp_path):
@@ -342,3 +350,21 @@ def test_a_resumed_trial_that_completes_before_anything_else_is_asked_still_coun
     restored.restore(str(tmp_path / "searcher-state.json"))
     restored.on_trial_complete("t1", {"val_accuracy": 0.6, "val_equalized_odds_difference": 0.1})  # the first call
     assert restored.finished() == 1 and set(restored._live) == {"t0"}
+
+
+def test_on_resume_the_cap_moves_from_tunes_wrapper_into_the_searcher(tmp_path):
+    """A sweep launched before the searcher held its cap had Tune wrap it in a ConcurrencyLimiter, whose
+    restored state would drop completions again: resume gives the cap to the searcher and none to Tune."""
+    from ray import tune
+
+    from orchestrator.launch import _searcher_holds_the_cap
+
+    old = tune.TuneConfig(search_alg=StudySearcher(_plan(), str(tmp_path / "a"), study_name="s"), max_concurrent_trials=2)
+    _searcher_holds_the_cap(old, None)
+    assert old.max_concurrent_trials is None and old.search_alg.max_concurrent == 2
+    new = tune.TuneConfig(search_alg=StudySearcher(_plan(), str(tmp_path / "b"), study_name="s", max_concurrent=2))
+    _searcher_holds_the_cap(new, 3)  # --max-concurrent 3 on resume
+    assert new.max_concurrent_trials is None and new.search_alg.max_concurrent == 3
+    grid = tune.TuneConfig(max_concurrent_trials=2)
+    _searcher_holds_the_cap(grid, 3)
+    assert grid.max_concurrent_trials == 2  # a grid sweep is left as it was
