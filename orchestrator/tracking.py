@@ -332,7 +332,7 @@ class SweepTracker(tune.Callback):
         self._settle(run_id, "FINISHED")
         if time.monotonic() - self._front_at >= FRONT_REFRESH_S:  # at most every few seconds; always at the end
             self.refresh_front(draw=False)
-        self._report_progress(trials)
+        self._report_progress(trials, just_ended=(trial, "TERMINATED"))
 
     def on_trial_error(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
         run_id = self._trial_run(trial)
@@ -341,15 +341,16 @@ class SweepTracker(tune.Callback):
         self._errored.add(run_id)
         self.client.set_terminated(run_id, "FAILED")
         self._settle(run_id, "FAILED")
-        self._report_progress(trials)
+        self._report_progress(trials, just_ended=(trial, "ERROR"))
 
-    def _report_progress(self, trials: list) -> None:
+    def _report_progress(self, trials: list, just_ended: tuple[Any, str] | None = None) -> None:
         """At most every FRONT_REFRESH_S: finished / running / failed of the sweep's trials, the front's size
         and an estimate of the time left (``_time_left``)."""
         if self.progress is None or time.monotonic() - self._progress_at < FRONT_REFRESH_S:
             return
         self._progress_at = time.monotonic()
-        status = [getattr(t, "status", "") for t in trials]
+        # Tune calls back before it marks the trial that just ended: count it as it ended
+        status = [just_ended[1] if just_ended and t is just_ended[0] else getattr(t, "status", "") for t in trials]
         finished, failed, running = status.count("TERMINATED"), status.count("ERROR"), status.count("RUNNING")
         total = self.spec.n_trials
         ended, elapsed = finished + failed, time.monotonic() - self._started_at

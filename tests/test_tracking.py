@@ -145,3 +145,14 @@ def test_time_left_follows_the_pace_of_endings_not_the_start_up_before_them():
     assert _time_left([30.0], 10) is None and _time_left([], 5) is None  # no pace yet
     assert _time_left([30.0, 30.0], 4) is None  # two at once: no pace either
     assert _time_left([30.0, 32.0], 0) is None  # nothing left
+
+
+def test_the_progress_line_counts_the_trial_that_just_ended_as_ended():
+    """Tune calls the tracker back before it marks the trial that just ended: it is not still running."""
+    from types import SimpleNamespace
+
+    lines: list[str] = []
+    tracker = SweepTracker(build_plan(parse_spec(tiny_spec())), "sqlite:///unused.db", progress=lines.append)
+    trials = [SimpleNamespace(status="RUNNING"), SimpleNamespace(status="RUNNING"), SimpleNamespace(status="TERMINATED")]
+    tracker._report_progress(trials, just_ended=(trials[0], "TERMINATED"))
+    assert lines and lines[0].startswith("trials: 2/8 finished, 1 running, 0 failed;"), lines
