@@ -84,7 +84,7 @@ class SweepTracker(tune.Callback):
         self._progress_at = -math.inf
         self._started_at = time.monotonic()
         self._front_size = 0
-        self._val_objectives: dict[str, tuple[float, float]] = {}  # run id -> its final (val perf, val fairness)
+        self._val_best: list[float] | None = None  # the best val (perf, fairness) of the finished trials
         self._ended_at: list[float] = []  # when each trial this driver saw end ended (time.monotonic)
 
     # -- plumbing -------------------------------------------------------------------------------
@@ -292,7 +292,7 @@ class SweepTracker(tune.Callback):
                 metrics.append(Metric(k, float(v), int(result.get("timestamp", 0)) * 1000, step))
         tags, params = [], []
         if final:  # one write with the metrics: the driver's cost per trial is a few store calls
-            self._remember_val_objectives(run_id, result)
+            self._remember_val_objectives(result)
             tags.append(RunTag(TAGS.FROZEN_GROUPS, str(result.get("frozen_groups", ""))))
             if result.get("infinite_metrics"):
                 tags.append(RunTag(TAGS.INFINITE_METRICS, str(result["infinite_metrics"])[:5000]))
@@ -361,29 +361,34 @@ class SweepTracker(tune.Callback):
 
     def remember_finished(self, finished: list[tuple[TrialConfig, dict]]) -> None:
         """A resumed sweep's earlier finished trials (``finished_trials``) count in the progress line's best."""
-        for i, (_, metrics) in enumerate(finished):
-            self._remember_val_objectives(f"finished before this driver: {i}", metrics)
+        for _, metrics in finished:
+            self._remember_val_objectives(metrics)
 
-    def _remember_val_objectives(self, run_id: str, result: Mapping[str, Any]) -> None:
-        perf, fair = self.spec.objectives.performance, self.spec.objectives.fairness
-        values = [result.get(f"val_{m}") for m in (perf, fair)]
-        if all(isinstance(v, (int, float)) and math.isfinite(v) for v in values):
-            self._val_objectives[run_id] = (float(values[0]), float(values[1]))
+    def _remember_val_objectives(self, result: Mapping[str, Any]) -> None:
+        """Keep each objective's best finished value on validation (the split the sweep's choices are made on;
+        the front itself is on test): what Tune's per-trial tables would otherwise be read for. A signed metric's
+        best is the one nearest parity."""
+        objectives = (self.spec.objectives.performance, self.spec.objectives.fairness)
+        values = [result.get(f"val_{m}") for m in objectives]
+        if not all(isinstance(v, (int, float)) and math.isfinite(v) for v in values):
+            return
+        if self._val_best is None:
+            self._val_best = [float(v) for v in values]
+            return
+        for i, (metric, value) in enumerate(zip(objectives, values)):
+            best = self._val_best[i]
+            if _is_signed(metric):
+                better = abs(value) < abs(best)
+            else:
+                better = value > best if _direction(metric) == "max" else value < best
+            if better:
+                self._val_best[i] = float(value)
 
     def _val_summary(self) -> str:
-        """The finished trials' best validation objectives, each on its own (the split the sweep's choices are
-        made on; the front itself is on test): what Tune's per-trial tables would otherwise be read for."""
-        if not self._val_objectives:
+        if self._val_best is None:
             return ""
-        parts = []
-        for i, metric in enumerate((self.spec.objectives.performance, self.spec.objectives.fairness)):
-            values = [v[i] for v in self._val_objectives.values()]
-            if _is_signed(metric):  # closest to parity
-                best = min(values, key=abs)
-            else:
-                best = max(values) if _direction(metric) == "max" else min(values)
-            parts.append(f"val_{metric} {best:.3f}")
-        return f" best so far: {', '.join(parts)};"
+        objectives = (self.spec.objectives.performance, self.spec.objectives.fairness)
+        return f" best so far: {', '.join(f'val_{m} {v:.3f}' for m, v in zip(objectives, self._val_best))};"
 
     # -- bookkeeping for the summary and interruptions --------------------------------------------
     def _trial_runs(self, status: str | None = None) -> list:

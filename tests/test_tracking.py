@@ -97,9 +97,9 @@ def test_progress_lines_name_the_best_validation_objectives_so_far():
     best validation objectives of the finished trials, each in its own direction, signed ones nearest 0."""
     tracker = SweepTracker(build_plan(parse_spec(tiny_spec())), "sqlite:///unused.db")
     assert tracker._val_summary() == ""  # nothing finished: nothing claimed
-    tracker._remember_val_objectives("a", {"val_accuracy": 0.7, "val_equalized_odds_difference": 0.05})
-    tracker._remember_val_objectives("b", {"val_accuracy": 0.9, "val_equalized_odds_difference": 0.3})
-    tracker._remember_val_objectives("c", {"val_accuracy": float("nan"), "val_equalized_odds_difference": 0.0})
+    tracker._remember_val_objectives({"val_accuracy": 0.7, "val_equalized_odds_difference": 0.05})
+    tracker._remember_val_objectives({"val_accuracy": 0.9, "val_equalized_odds_difference": 0.3})
+    tracker._remember_val_objectives({"val_accuracy": float("nan"), "val_equalized_odds_difference": 0.0})
     assert tracker._val_summary() == " best so far: val_accuracy 0.900, val_equalized_odds_difference 0.050;"
     # a resumed sweep's trials that finished under an earlier driver count too (what finished_trials reads)
     tracker.remember_finished([(tracker.plan.trials[0].config, {"accuracy": 0.99, "val_accuracy": 0.95,
@@ -107,8 +107,8 @@ def test_progress_lines_name_the_best_validation_objectives_so_far():
     assert tracker._val_summary() == " best so far: val_accuracy 0.950, val_equalized_odds_difference 0.040;"
     signed = SweepTracker(build_plan(parse_spec(tiny_spec(**{"objectives.fairness": "tpr_difference"}))),
                           "sqlite:///unused.db")
-    for run, value in (("a", -0.4), ("b", 0.1), ("c", -0.05)):
-        signed._remember_val_objectives(run, {"val_accuracy": 0.8, "val_tpr_difference": value})
+    for value in (-0.4, 0.1, -0.05):
+        signed._remember_val_objectives({"val_accuracy": 0.8, "val_tpr_difference": value})
     assert signed._val_summary() == " best so far: val_accuracy 0.800, val_tpr_difference -0.050;"
 
 
