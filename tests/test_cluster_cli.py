@@ -16,10 +16,11 @@ pytestmark = pytest.mark.slow
 
 EPOCHS = 20
 LEFT = 6  # epochs still to run when the node dies: the kill lands before the trial can finish
+FIRST = 2  # epochs reported before: the first checkpoint is registered (tests/test_fault_tolerance.py, FIRST)
 
 
 def _kill_when_both_workers_are_mid_trial(cluster, doomed, uri: str, name: str, stop: threading.Event) -> None:
-    """Remove ``doomed`` once two trials (one per worker: the head has no CPUs) have each reported an epoch
+    """Remove ``doomed`` once two trials (one per worker: the head has no CPUs) have each reported FIRST epochs
     and have at least LEFT epochs to go, so a trial is certainly in flight on the node that dies. The
     window is most of a trial, as the two workers' trials need not start together on a loaded machine."""
     from orchestrator.store import open_client
@@ -33,7 +34,7 @@ def _kill_when_both_workers_are_mid_trial(cluster, doomed, uri: str, name: str, 
             done = [len(client.get_metric_history(r.info.run_id, "train_loss")) for r in runs]
         except Exception:  # noqa: BLE001 - the store does not exist yet, or is busy
             done = []
-        if sum(1 <= n <= EPOCHS - LEFT for n in done) >= 2:
+        if sum(FIRST <= n <= EPOCHS - LEFT for n in done) >= 2:
             cluster.remove_node(doomed)
             stop.set()
             return

@@ -21,6 +21,11 @@ pytestmark = pytest.mark.slow
 
 EPOCHS = 20  # of the node-failure test's trials: long enough that one is always in flight when its node dies
 LEFT = 6  # epochs a trial still has to run when its node dies: the kill lands before it can finish
+# epochs a trial has reported before its node dies: Tune registers an epoch's checkpoint with a separate call to
+# the actor after that epoch's result, so a node lost right after a trial's first result can take the trial's
+# only checkpoint with it, and the retry rightly starts from scratch; once a second result is in, the first
+# checkpoint is registered (Tune runs the next epoch only after the save) and the retry must continue from it
+FIRST = 2
 
 
 def _nan_checkpoint(path: Path) -> Path:
@@ -136,10 +141,11 @@ def test_worker_node_failure_retries_trials(tmp_path, monkeypatch):
                 epochs_done = [len(client.get_metric_history(r.info.run_id, "train_loss")) for r in runs]
             except Exception:  # noqa: BLE001 - store not created yet / locked
                 epochs_done = []
-            # both workers busy (one trial each, past their first epoch and at least LEFT epochs from their
-            # last): the doomed node certainly has a trial in flight that cannot finish before it is gone. The
-            # window is most of a trial: the two workers' trials need not start together on a loaded machine.
-            if sum(1 <= n <= EPOCHS - LEFT for n in epochs_done) >= 2:
+            # both workers busy (one trial each, at least FIRST epochs in and at least LEFT from their last):
+            # the doomed node certainly has a trial in flight that cannot finish before it is gone, and that
+            # trial has a registered checkpoint to continue from. The window is most of a trial: the two
+            # workers' trials need not start together on a loaded machine.
+            if sum(FIRST <= n <= EPOCHS - LEFT for n in epochs_done) >= 2:
                 cluster.remove_node(doomed)
                 killed.set()
                 return
