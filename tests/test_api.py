@@ -3,6 +3,7 @@ MLflow, its SweepResult checked against what the store holds; the queries, statu
 quickstart notebook executed end to end."""
 from __future__ import annotations
 
+import gc
 import itertools
 import subprocess
 import sys
@@ -34,6 +35,7 @@ def test_launch_returns_what_mlflow_holds_and_the_queries_agree(tmp_path, monkey
     spec = tiny_spec(**{"axes.seed": [0, 1]})  # 2 paradigms x 2 magnitudes x 2 depths x 2 seeds
     result = launch(spec, tracking_uri=uri, storage=storage, quiet=True)
 
+    assert gc.get_freeze_count() == 0  # the driver froze its long-lived objects for the sweep only
     assert isinstance(result, SweepResult)
     assert (result.name, result.experiment, result.tracking_uri) == ("tiny", "tiny", uri)
     assert (result.performance, result.fairness) == (PERF, FAIR)
@@ -135,3 +137,34 @@ def test_the_sweep_figures_leave_the_process_matplotlib_backend_alone(tmp_path):
     assert proc.stdout.strip() == "svg"
     for name in ("front.png", "axis.png"):
         assert (tmp_path / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_the_driver_freezes_its_long_lived_objects_only_for_the_sweep():
+    """The sweep's driver leaves the objects that exist before it (torch, Ray, MLflow) out of its full collections,
+    still collects what the sweep discards, and hands the process back with its collector as it found it; a
+    process that froze objects itself keeps them frozen."""
+    import weakref
+
+    from orchestrator.launch import _long_lived_objects_frozen
+
+    class Node:
+        pass
+
+    assert gc.get_freeze_count() == 0
+    with _long_lived_objects_frozen():
+        assert gc.get_freeze_count() > 0
+        cycle = Node()
+        cycle.me = cycle
+        alive = weakref.ref(cycle)
+        del cycle
+        gc.collect()
+        assert alive() is None  # made during the sweep: collected as usual
+    assert gc.get_freeze_count() == 0
+    gc.freeze()
+    try:
+        frozen = gc.get_freeze_count()
+        with _long_lived_objects_frozen():
+            pass
+        assert gc.get_freeze_count() == frozen
+    finally:
+        gc.unfreeze()

@@ -42,6 +42,7 @@ def test_long_phases_print_progress_lines(launched):
                for line in trial_lines), trial_lines
     # Tune's tables (a configuration and a result table per trial) only with --verbose
     assert "started with configuration" not in out.stdout and "Trial status:" not in out.stdout
+    assert "Configuration for experiment" not in out.stdout and "TensorBoard" not in out.stdout
     assert "Tune results (checkpoints, experiment state): " in out.stdout
 
 

@@ -121,6 +121,25 @@ def test_tune_tables_only_with_verbose_and_progress_lines_unless_quiet():
     assert not default.trial_output and verbose.trial_output
 
 
+def test_tunes_console_reporter_is_the_silent_one_only_for_a_quiet_fit(monkeypatch):
+    """At verbosity 0 the fit runs under Tune's older console reporter (the newer one prints a configuration table
+    and a TensorBoard hint whatever the verbosity); the process's own setting is back afterwards."""
+    import os
+
+    from orchestrator.launch import _tune_console
+
+    monkeypatch.delenv("RAY_AIR_NEW_OUTPUT", raising=False)
+    with _tune_console(0):
+        assert os.environ["RAY_AIR_NEW_OUTPUT"] == "0"
+    assert "RAY_AIR_NEW_OUTPUT" not in os.environ
+    with _tune_console(1):
+        assert "RAY_AIR_NEW_OUTPUT" not in os.environ
+    monkeypatch.setenv("RAY_AIR_NEW_OUTPUT", "1")
+    with _tune_console(0):
+        assert os.environ["RAY_AIR_NEW_OUTPUT"] == "0"
+    assert os.environ["RAY_AIR_NEW_OUTPUT"] == "1"
+
+
 def test_a_repeated_library_warning_is_passed_once(caplog):
     import logging
 
