@@ -291,8 +291,11 @@ def resume(name: str, options: LaunchOptions = LaunchOptions(), *, retry_errored
 
     def make_tuner(trainable: Any, tracker: Any) -> Any:
         tuner = tune.Tuner.restore(path, trainable, resume_unfinished=True, resume_errored=retry_errored)
-        # Tune restores the callbacks it pickled; swap in this driver's tracker (fresh client, this URI).
-        tuner._local_tuner.get_run_config().callbacks = [tracker]
+        # Tune restores the run config it pickled: this driver's tracker (fresh client, this URI) replaces the
+        # old one, and this command's verbosity the launch's (`_tune_console` follows the same option)
+        run_config = tuner._local_tuner.get_run_config()
+        run_config.callbacks = [tracker]
+        run_config.verbose = options.verbose
         _searcher_holds_the_cap(tuner._local_tuner._tune_config, options.max_concurrent_trials)
         return tuner
 
@@ -385,10 +388,11 @@ def _run(plan: Plan, path: str, tracking_uri: str, cache_root: str, options: Lau
 
 @contextlib.contextmanager
 def _long_lived_objects_frozen() -> Iterator[None]:
-    """The driver's full collections skip what exists before the sweep: the modules of torch, timm, Ray and MLflow
-    (~0.5 M objects, which every full collection re-scanned: ~0.9 s of a quickstart's driver CPU, beside its
-    trials on the same cores). What the sweep creates is collected as usual; the frozen objects become
-    collectable again after it. A process that froze objects itself keeps its own policy."""
+    """The driver's full collections skip what exists before the sweep: the modules the plan and Ray's start
+    loaded (torch, timm, Ray, MLflow: ~0.5 M objects, which every full collection re-scanned: ~0.9 s of a
+    quickstart's driver CPU, beside its trials on the same cores). What the sweep creates is collected as
+    usual; the frozen objects become collectable again after it. A process that froze objects itself keeps
+    its own policy."""
     if gc.get_freeze_count():
         yield
         return
@@ -403,7 +407,8 @@ def _long_lived_objects_frozen() -> Iterator[None]:
 def _tune_console(verbose: int) -> Iterator[None]:
     """Tune's console output as asked: at verbosity 0 its newer console reporter still prints a configuration
     table and a TensorBoard hint naming a temporary Ray folder; its older one, chosen for the fit, prints nothing
-    but errors. The variable is restored afterwards (a later fit in this process may ask for output)."""
+    (a failed trial is still reported, with its traceback, by Tune's logger). The variable is restored afterwards
+    (a later fit in this process may ask for output)."""
     if verbose:
         yield
         return

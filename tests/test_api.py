@@ -29,7 +29,7 @@ def _dominated(point: tuple[float, float], others: list[tuple[float, float]]) ->
 
 
 @pytest.mark.slow
-def test_launch_returns_what_mlflow_holds_and_the_queries_agree(tmp_path, monkeypatch):
+def test_launch_returns_what_mlflow_holds_and_the_queries_agree(tmp_path, monkeypatch, capsys):
     monkeypatch.chdir(tmp_path)
     uri, storage = sqlite_uri(tmp_path), str(tmp_path / "results")
     spec = tiny_spec(**{"axes.seed": [0, 1]})  # 2 paradigms x 2 magnitudes x 2 depths x 2 seeds
@@ -86,9 +86,14 @@ def test_launch_returns_what_mlflow_holds_and_the_queries_agree(tmp_path, monkey
 
     with pytest.raises(LaunchError, match="already exists"):  # a second launch of one name is refused
         launch(spec, tracking_uri=uri, storage=storage, quiet=True)
+    capsys.readouterr()
     again = resume("tiny", storage=storage, quiet=True)  # nothing left to run: the same sweep comes back
     assert (again.parent_run_id, again.finished, again.failed) == (result.parent_run_id, 16, ())
     pd.testing.assert_frame_equal(again.front, result.front)
+    assert "Configuration for experiment" not in capsys.readouterr().out  # no Tune tables when quiet
+    # Tune's output follows the resuming command, not the launch it restores (which was quiet)
+    loud = resume("tiny", storage=storage, verbose=True)
+    assert "Trial status: 16 TERMINATED" in capsys.readouterr().out and loud.finished == 16
 
 
 def test_a_mistake_raises_the_user_error_the_cli_prints(tmp_path, monkeypatch):
