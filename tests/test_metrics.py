@@ -7,6 +7,8 @@ import numpy as np
 import pytest
 from fairlearn.metrics import (MetricFrame, demographic_parity_difference, equalized_odds_difference,
                                false_positive_rate, true_positive_rate)
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from sklearn.metrics import average_precision_score, f1_score, roc_auc_score
 
 from tests.helpers import batch_metrics
@@ -318,3 +320,15 @@ def test_bootstrap_chunks_follow_one_random_stream(monkeypatch):
     draws = batch_metrics(y[order], s[idx], {"sex": attrs["sex"][order]}, "sex", 0.5)
     for name in ("auroc", "accuracy_gap"):
         assert ci[name] == pytest.approx(tuple(np.quantile(draws[name], [0.025, 0.975])), abs=1e-12)
+
+
+@settings(max_examples=200, deadline=None)
+@given(rows=st.integers(1, 4), n=st.integers(0, 12), levels=st.integers(1, 6), seed=st.integers(0, 10_000))
+def test_row_ranks_are_scipys_average_ranks(rows: int, n: int, levels: int, seed: int) -> None:
+    """The rank AUROC's ranks, ties averaged, are scipy's (rankdata), on rows with few distinct values (many ties)."""
+    from scipy.stats import rankdata
+
+    from trainables.metrics import _row_ranks
+
+    x = np.random.default_rng(seed).integers(0, levels, size=(rows, n)).astype(float) / levels
+    np.testing.assert_array_equal(_row_ranks(x), rankdata(x, axis=1))

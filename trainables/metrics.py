@@ -849,10 +849,23 @@ def calibrated_threshold(y_true: Sequence[int] | np.ndarray, y_score: Sequence[f
 
 
 def _row_ranks(x: np.ndarray) -> np.ndarray:
-    """Ranks 1..n within each row, ties sharing their average rank (what the Mann-Whitney AUROC needs)."""
-    from scipy.stats import rankdata  # scipy only for the rank AUROC: metrics import fast
-
-    return rankdata(x, axis=1)
+    """Ranks 1..n within each row, ties sharing their average rank (what the Mann-Whitney AUROC needs): the
+    numbers of ``scipy.stats.rankdata(x, axis=1)`` for finite ``x``, computed the same way (a stable sort,
+    then each run of equal values given the mean of its positions), without importing scipy.stats, which
+    cost each trial worker about 1 s."""
+    order = np.argsort(x, axis=1, kind="stable")
+    ordered = np.take_along_axis(x, order, axis=1)
+    n = x.shape[1]
+    starts = np.ones(ordered.shape, dtype=bool)
+    starts[:, 1:] = ordered[:, 1:] != ordered[:, :-1]  # a run of equal values begins here
+    ends = np.ones(ordered.shape, dtype=bool)
+    ends[:, :-1] = starts[:, 1:]
+    position = np.arange(n)
+    first = np.maximum.accumulate(np.where(starts, position, 0), axis=1)  # where each value's run begins
+    last = np.minimum.accumulate(np.where(ends, position, n)[:, ::-1], axis=1)[:, ::-1]  # and where it ends
+    ranks = np.empty(x.shape, dtype=float)
+    np.put_along_axis(ranks, order, (first + last) / 2 + 1, axis=1)
+    return ranks
 
 
 def _batch_auroc(scores: np.ndarray, pos: np.ndarray) -> np.ndarray:
