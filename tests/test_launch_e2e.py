@@ -149,6 +149,17 @@ def test_report_of_unknown_sweep_lists_what_exists(launched):
     assert out.returncode == 2 and "no sweep 'nosuch'" in out.stderr and "tiny" in out.stderr
 
 
+def test_cka_of_a_sweep_that_kept_no_weights_exits_2_with_the_fix(launched):
+    """The default (tracking.log_models: front) keeps no trial's weights, so ``fairsweep cka`` has nothing
+    to compare: exit 2, no traceback, nothing written, and the message names the setting that keeps them."""
+    tmp, uri, _ = launched
+    refused = run_cli("cka", "tiny", "--a", "paradigm=scratch", "--b", "paradigm=supervised",
+                      "--out", str(tmp / "cka"), "--tracking-uri", uri, cwd=tmp, timeout=300)
+    assert refused.returncode == 2, refused.stdout + refused.stderr
+    assert "has no finetuned weights" in refused.stderr and "tracking: {log_models: all}" in refused.stderr
+    assert "Traceback" not in refused.stderr and not (tmp / "cka").exists()
+
+
 def _parent_id(uri: str) -> str:
     mlflow.set_tracking_uri(uri)
     runs = mlflow.search_runs(experiment_names=["tiny"], filter_string="tags.`fairsweep.kind` = 'sweep'")
