@@ -6,12 +6,15 @@ import re
 import subprocess
 import sys
 
+import pytest
+
 from tests.helpers import REPO, cli_env
 
 ROW = re.compile(r"(single process|\d+ trials? per GPU \(gpus_per_trial [\d.]+\)) +([\d.]+) images/s  busy ([\d.]+)  "
                  r"ratio ([\d.]+)$")
 
 
+@pytest.mark.slow  # it starts a local Ray for the packings' actors
 def test_the_gpu_benchmark_runs_its_code_paths_on_cpu():
     out = subprocess.run([sys.executable, str(REPO / "benchmarks" / "gpu_trial.py"), "--device", "cpu", "--tiny",
                           "--packings", "1", "2"], cwd=REPO, env=cli_env(), capture_output=True, text=True, timeout=900)
