@@ -80,3 +80,24 @@ def _ray_auth_mode_unchanged():
         pytest.fail(f"the test left RAY_AUTH_MODE={now!r} in this process (the session runs with {AUTH_MODE!r}); "
                     "restored it; Ray caches the mode per process at its first init, so a test that needs another "
                     "mode runs Ray in a subprocess")
+
+
+@pytest.fixture
+def ray_cluster_record():
+    """For tests that start ``ray.cluster_utils.Cluster``: it writes its head's address to
+    /tmp/ray/ray_current_cluster and deletes the file on shutdown, whoever wrote it. The test runs holding an
+    exclusive lock on a file beside the suite's temp folders, so two test files running at once (``make
+    test`` runs two) never have clusters up together, where each would put back the other's dead address;
+    and what the record said before is put back after the test. Yields the record's path."""
+    import fcntl
+    import tempfile
+
+    with open(Path(tempfile.gettempdir()) / "fairsweep-tests-ray-cluster.lock", "a") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # released when the file is closed
+        before = _current_cluster()
+        try:
+            yield CURRENT_CLUSTER
+        finally:
+            if before is not None:
+                CURRENT_CLUSTER.parent.mkdir(parents=True, exist_ok=True)
+                CURRENT_CLUSTER.write_bytes(before)

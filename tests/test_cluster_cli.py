@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import threading
 import time
-from pathlib import Path
 
 import mlflow
 import pytest
@@ -41,7 +40,7 @@ def _kill_when_both_workers_are_mid_trial(cluster, doomed, uri: str, name: str, 
         time.sleep(0.3)
 
 
-def test_the_cli_runs_a_sweep_on_a_multi_node_cluster_through_a_lost_node(tmp_path, monkeypatch):
+def test_the_cli_runs_a_sweep_on_a_multi_node_cluster_through_a_lost_node(tmp_path, monkeypatch, ray_cluster_record):
     from ray.cluster_utils import Cluster
 
     for key, value in {"RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0", "RAY_AUTH_MODE": "disabled"}.items():
@@ -49,8 +48,6 @@ def test_the_cli_runs_a_sweep_on_a_multi_node_cluster_through_a_lost_node(tmp_pa
     spec = tiny_spec(**{"name": "multinode", "finetune.epochs": EPOCHS, "axes.freeze_depth": [0],
                         "resources.max_failures": 3, "resources.checkpoint_interval_s": 0})  # 4 trials
     uri = sqlite_uri(tmp_path)
-    address_file = Path("/tmp/ray/ray_current_cluster")  # Cluster writes it and deletes it on shutdown
-    recorded = address_file.read_text() if address_file.exists() else None
     cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 0})
     gcs_address = cluster.address
     doomed = cluster.add_node(num_cpus=1)
@@ -67,11 +64,9 @@ def test_the_cli_runs_a_sweep_on_a_multi_node_cluster_through_a_lost_node(tmp_pa
     finally:
         killed.set()
         killer.join(timeout=30)
-        cluster.shutdown()
-        if recorded is not None:
-            address_file.write_text(recorded)
+        cluster.shutdown()  # deletes Ray's record; the fixture puts back what it said before the test
     assert was_killed, "the worker node was never removed"
-    record = address_file.read_text() if address_file.exists() else ""
+    record = ray_cluster_record.read_text() if ray_cluster_record.exists() else ""
     assert gcs_address not in record  # Ray's machine-wide record never names the stopped test cluster
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
     assert "4 trials finished, 0 failed" in out.stdout

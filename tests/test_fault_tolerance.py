@@ -103,7 +103,7 @@ def test_failed_pretraining_fails_its_trials_with_the_reason_and_the_rest_run(tm
     assert runs[runs["tags.fairsweep.kind"] == "sweep"]["status"].iloc[0] == "FINISHED"
 
 
-def test_worker_node_failure_retries_trials(tmp_path, monkeypatch):
+def test_worker_node_failure_retries_trials(tmp_path, monkeypatch, ray_cluster_record):
     import ray
     from ray.cluster_utils import Cluster
 
@@ -118,10 +118,6 @@ def test_worker_node_failure_retries_trials(tmp_path, monkeypatch):
                         "resources.max_failures": 3, "resources.checkpoint_interval_s": 0})  # 4 trials
     plan = build_plan(parse_spec(spec))
     uri = sqlite_uri(tmp_path)
-    # Cluster writes its head's address to /tmp/ray/ray_current_cluster and deletes that file on shutdown,
-    # whoever had written it before: put back what was there.
-    address_file = Path("/tmp/ray/ray_current_cluster")
-    recorded = address_file.read_text() if address_file.exists() else None
     cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 0})  # trials can only run on workers
     gcs_address = cluster.address
     doomed = cluster.add_node(num_cpus=1)
@@ -162,9 +158,7 @@ def test_worker_node_failure_retries_trials(tmp_path, monkeypatch):
         ray.shutdown()
         node_pids = [info.process.pid for node in (cluster.head_node, *cluster.worker_nodes)
                      for infos in node.all_processes.values() for info in infos if info.process is not None]
-        cluster.shutdown()
-        if recorded is not None:
-            address_file.write_text(recorded)
+        cluster.shutdown()  # deletes Ray's record; the fixture puts back what it said before the test
     # the test cluster is gone: none of its processes (GCS, raylets, their workers' parents) outlives the test
     import psutil
 
@@ -178,7 +172,7 @@ def test_worker_node_failure_retries_trials(tmp_path, monkeypatch):
     while any(alive(p) for p in node_pids) and time.monotonic() < deadline:
         time.sleep(0.5)
     assert node_pids and not [p for p in node_pids if alive(p)]
-    record = address_file.read_text() if address_file.exists() else ""
+    record = ray_cluster_record.read_text() if ray_cluster_record.exists() else ""
     assert gcs_address not in record  # Ray's machine-wide record never names the stopped test cluster
     assert was_killed, "the worker node was never removed"
     assert result.failed == [] and result.finished == 4 and not result.interrupted

@@ -61,7 +61,9 @@ def test_an_unreachable_tracking_server_exits_2_within_seconds(tmp_path, command
         _record(tmp_path / "results", spec, DOWN)
     out, seconds = _timed(*args, "--tracking-uri", DOWN, cwd=tmp_path)
     _usage_error(out, f"cannot reach the MLflow tracking server at {DOWN}", "mlflow server")
-    assert seconds < 10, f"{command} took {seconds:.1f} s"
+    # MLflow alone retries for minutes; the bound leaves room for the CLI's start on a machine loaded by a
+    # test file running beside this one (make test runs two)
+    assert seconds < 30, f"{command} took {seconds:.1f} s"
     if command == "launch":
         assert not (tmp_path / "results").exists()
     assert not (tmp_path / "report").exists()

@@ -304,7 +304,9 @@ def _free_port() -> int:
 
 
 def test_cli_unreachable_server_exit_2(tmp_path):
-    r = run_cli("pareto", "sA", "--tracking-uri", f"http://127.0.0.1:{_free_port()}", cwd=tmp_path, timeout=60)
+    # the discard port, where nothing listens: a port found free a moment ago could be taken meanwhile by a
+    # Ray of a test file running beside this one
+    r = run_cli("pareto", "sA", "--tracking-uri", "http://127.0.0.1:9", cwd=tmp_path, timeout=60)
     assert r.returncode == 2 and "cannot reach" in r.stderr
 
 
