@@ -13,6 +13,9 @@ import yaml
 
 REPO = Path(__file__).resolve().parent.parent
 
+UNREACHABLE_URI = "http://127.0.0.1:9"  # the discard port: nothing listens there (a port found free a moment
+# ago could be taken meanwhile, e.g. by the Ray of a test file running beside)
+
 TINY_DATA = {"n_source": 400, "n_finetune": 600, "n_val": 200, "n_test": 400, "image_size": 32, "seed": 0}
 
 TINY_SPEC: dict[str, Any] = {

@@ -205,18 +205,23 @@ GRACE_S = 5.0  # `ray stop` waits 16 s. On SIGTERM most of a node's processes ex
 # took about 10 s and its GCS about 32 s, which the test need not wait for
 
 
-def _group_alive(pgid: int) -> list[int]:
-    """Pids still alive in process group ``pgid`` (zombies excluded)."""
+def _group_alive(pgid: int, within: float = 0.0) -> list[int]:
+    """Pids still alive in process group ``pgid`` (zombies excluded) once it has emptied or ``within`` seconds
+    have passed."""
     import psutil
 
-    alive = []
-    for proc in psutil.process_iter(["pid", "status"]):
-        try:
-            if os.getpgid(proc.pid) == pgid and proc.info["status"] != psutil.STATUS_ZOMBIE:
-                alive.append(proc.pid)
-        except (ProcessLookupError, psutil.Error):
-            continue
-    return alive
+    deadline = time.monotonic() + within
+    while True:
+        alive = []
+        for proc in psutil.process_iter(["pid", "status"]):
+            try:
+                if os.getpgid(proc.pid) == pgid and proc.info["status"] != psutil.STATUS_ZOMBIE:
+                    alive.append(proc.pid)
+            except (ProcessLookupError, psutil.Error):
+                continue
+        if not alive or time.monotonic() >= deadline:
+            return alive
+        time.sleep(0.2)
 
 
 def test_sweep_on_a_ray_start_head_cluster_through_address(tmp_path):
@@ -255,16 +260,10 @@ def test_sweep_on_a_ray_start_head_cluster_through_address(tmp_path):
         assert (tmp_path / "shared" / "_pretrain_cache").is_dir()
     finally:
         os.killpg(head.pid, signal.SIGTERM)  # what `ray stop` sends first
-        deadline = time.monotonic() + GRACE_S
-        while _group_alive(head.pid) and time.monotonic() < deadline:
-            time.sleep(0.2)
-        if _group_alive(head.pid):
+        if _group_alive(head.pid, within=GRACE_S):
             os.killpg(head.pid, signal.SIGKILL)  # what `ray stop` sends after its grace period
         head.wait(timeout=30)
-        deadline = time.monotonic() + 30
-        while _group_alive(head.pid) and time.monotonic() < deadline:
-            time.sleep(0.2)
-        left = _group_alive(head.pid)
+        left = _group_alive(head.pid, within=30)
         import shutil
 
         shutil.rmtree(temp_dir, ignore_errors=True)

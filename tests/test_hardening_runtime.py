@@ -20,10 +20,10 @@ from mlflow.tracking import MlflowClient
 
 from orchestrator.driverlock import LOCK_FILE, DriverLock, SweepBusyError, lock_holder
 from orchestrator.storage import SWEEP_RECORD
-from tests.helpers import (REPO, cli_env, finish_cli, kill_session, run_cli, sqlite_uri, start_cli, tiny_spec,
-                           write_spec)
+from tests.helpers import (REPO, UNREACHABLE_URI, cli_env, finish_cli, kill_session, run_cli, sqlite_uri, start_cli,
+                           tiny_spec, write_spec)
 
-DOWN = "http://127.0.0.1:9"  # the discard port: nothing listens there
+DOWN = UNREACHABLE_URI
 SMALL = {"axes.paradigm": ["scratch"], "axes.freeze_depth": [0]}  # 2 trials, no pretraining job
 
 

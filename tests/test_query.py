@@ -15,7 +15,7 @@ import pandas as pd
 import pytest
 
 from orchestrator import query
-from tests.helpers import REPO, cli_env, run_cli, sqlite_uri
+from tests.helpers import REPO, UNREACHABLE_URI, cli_env, run_cli, sqlite_uri
 
 PERF, FAIR = "accuracy", "equalized_odds_difference"
 TOL = 1e-12
@@ -304,9 +304,7 @@ def _free_port() -> int:
 
 
 def test_cli_unreachable_server_exit_2(tmp_path):
-    # the discard port, where nothing listens: a port found free a moment ago could be taken meanwhile by a
-    # Ray of a test file running beside this one
-    r = run_cli("pareto", "sA", "--tracking-uri", "http://127.0.0.1:9", cwd=tmp_path, timeout=60)
+    r = run_cli("pareto", "sA", "--tracking-uri", UNREACHABLE_URI, cwd=tmp_path, timeout=60)
     assert r.returncode == 2 and "cannot reach" in r.stderr
 
 
