@@ -1,7 +1,7 @@
 """What the shared pretraining stage saves: one small grid run twice on the same local Ray.
 
-  shared  - fairsweep's way: phase 1 trains each pretraining key once (``launch.run_pretraining``), then
-            the Tune trials load it from the cache;
+  shared  - fairsweep's way: the first trial of each base builds it once into the shared cache (the others of
+            that base wait for it on the key's lock), then every trial loads it from the cache;
   inside  - every trial pretrains its own base into a private cache, then finetunes (what a sweep without
             the shared stage would do).
 
@@ -44,13 +44,6 @@ def grid(seeds: int, magnitudes: list[float], pretrain_epochs: int, n_source: in
     }
 
 
-class _NoTracking:
-    """Stands in for the MLflow tracker: the benchmark times training, not tracking."""
-
-    def log_pretrain(self, job: Any, outcome: Any) -> str:
-        return ""
-
-
 def pretrain_then_finetune(config: Mapping[str, Any], context: Any, jobs: Mapping[str, dict]) -> None:
     """The no-sharing trainable: pretrain this trial's base into a private cache, then the normal trial."""
     from trainables.finetune import finetune_trial
@@ -74,7 +67,7 @@ def _fit(trainable: Any, plan: Plan, storage: Path, name: str) -> dict[str, dict
     res = plan.spec.resources
     tuner = tune.Tuner(
         tune.with_resources(trainable, {"cpu": res.cpus_per_trial, "gpu": res.gpus_per_trial}),
-        param_space={"trial": tune.grid_search([t.config.to_dict() for t in plan.trials])},
+        param_space={"trial": tune.grid_search([t.config.to_dict() for t in plan.run_order()])},
         run_config=tune.RunConfig(name=name, storage_path=str(storage), verbose=0),
     )
     results = tuner.fit()
@@ -87,13 +80,13 @@ def _fit(trainable: Any, plan: Plan, storage: Path, name: str) -> dict[str, dict
 def run_shared(plan: Plan, tmp: Path) -> tuple[float, dict]:
     from ray import tune
 
-    from orchestrator.launch import _trial_context, run_pretraining
+    from orchestrator.launch import _trial_context
     from trainables.finetune import finetune_trial
 
     cache = str(tmp / "shared_cache")
     started = time.perf_counter()
-    run_pretraining(plan, cache, _NoTracking())
-    metrics = _fit(tune.with_parameters(finetune_trial, context=_trial_context(plan, cache)), plan, tmp, "shared")
+    context = _trial_context(plan, cache, driver_run="shared")
+    metrics = _fit(tune.with_parameters(finetune_trial, context=context), plan, tmp, "shared")
     return time.perf_counter() - started, metrics
 
 

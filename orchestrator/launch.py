@@ -1,5 +1,5 @@
-"""Run a plan on Ray: phase 1 builds each pretraining key once, phase 2 runs the finetuning trials
-through a Tune ``Tuner`` with the MLflow tracker as a driver-side callback.
+"""Run a plan on Ray: the finetuning trials run through a Tune ``Tuner`` with the MLflow tracker as a
+driver-side callback; the first trial that needs a pretrained base builds it, once per key, in its own worker.
 
 Embedded by default (a local Ray bound to 127.0.0.1, SQLite MLflow and results in the working
 directory); ``address`` / ``storage`` / ``tracking_uri`` point the same plan at a cluster.
@@ -33,11 +33,9 @@ from orchestrator.store import SchemaAhead, check_store, open_client, store_caus
 from trainables.errors import UserError
 from trainables.finetune import TrialContext, finetune_trial
 from trainables.plugins import with_plugins  # a plugin's names resolve in every Ray worker too
-from trainables.pretrain import run_pretrain_job
 from trainables.trial import TUNE_KEY
 
-__all__ = ["LaunchOptions", "LaunchResult", "LaunchError", "launch", "resume", "init_ray", "run_pretraining",
-           "quiet_tune_restore_logs"]
+__all__ = ["LaunchOptions", "LaunchResult", "LaunchError", "launch", "resume", "init_ray", "quiet_tune_restore_logs"]
 
 
 class LaunchError(UserError, RuntimeError):
@@ -104,16 +102,16 @@ def init_ray(address: str | None, *, trial_output: bool = False, dashboard: bool
     return True, (context.dashboard_url or "") if dashboard else ""
 
 
-def _trial_context(plan: Plan, cache_root: str, finished: list | None = None,
-                   failed_pretraining: dict[str, str] | None = None, feature_cache: str | None = None,
-                   input_cache: str | None = None) -> Any:
+def _trial_context(plan: Plan, cache_root: str, finished: list | None = None, driver_run: str = "",
+                   feature_cache: str | None = None, input_cache: str | None = None) -> Any:
     """What every trial shares. ``feature_cache`` and ``input_cache``: the folders of the frozen-prefix
     feature cache and of decoded folder images (beside the sweeps in the storage path, so a node's workers
-    share them); None, or resources.feature_cache / resources.input_cache: false, turns one off."""
+    share them); None, or resources.feature_cache / resources.input_cache: false, turns one off.
+    ``driver_run``: names this run of the sweep, under which a base that failed to build is remembered."""
     s = plan.spec
     return TrialContext(dataset=s.dataset.name, dataset_options=dict(s.dataset.options), cache_root=cache_root,
                         cpus_per_trial=s.resources.cpus_per_trial, finished=tuple(finished or ()),
-                        failed_pretraining=dict(failed_pretraining or {}),
+                        pretrain_jobs={job.key: job.to_dict() for job in plan.pretrain_jobs}, driver_run=driver_run,
                         objectives=(s.objectives.performance, s.objectives.fairness),
                         bootstrap=s.evaluation.bootstrap, privileged=dict(s.dataset.privileged),
                         feature_cache=feature_cache if s.resources.feature_cache else None,
@@ -121,47 +119,6 @@ def _trial_context(plan: Plan, cache_root: str, finished: list | None = None,
                         feature_cache_bytes=s.resources.feature_cache_bytes,
                         input_cache_bytes=s.resources.input_cache_bytes,
                         checkpoint_interval_s=s.resources.checkpoint_interval_s, precision=s.resources.precision)
-
-
-def run_pretraining(plan: Plan, cache_root: str, tracker: Any,
-                    progress: Callable[[str], None] | None = None, input_cache: str | None = None) -> dict[str, str]:
-    """Phase 1: each pretraining key once, as Ray tasks on the trials' resources; logged to MLflow. Folder
-    images are decoded through ``input_cache`` (see ``_trial_context``) when resources.input_cache is on.
-
-    A job that raises is logged as a FAILED pretrain run and returned as {key: error}; the trials
-    that need it then fail at once with that error, the others run, and a resume retries the job.
-    """
-    import ray
-
-    res = plan.spec.resources
-    task = ray.remote(num_cpus=res.cpus_per_trial, num_gpus=res.gpus_per_trial,
-                      max_retries=max(1, res.max_failures))(with_plugins(run_pretrain_job, plan.spec.plugins))
-    decoded = input_cache if res.input_cache else None
-    refs = {task.remote(job.to_dict(), cache_root, res.cpus_per_trial, decoded, res.input_cache_bytes): job
-            for job in plan.pretrain_jobs}
-    failed: dict[str, str] = {}
-    pending = list(refs)
-    total = len(refs)
-    if progress and total:
-        progress(f"pretraining: {total} job(s) ({', '.join(f'{j.backbone}/{j.paradigm}' for j in plan.pretrain_jobs)})")
-    while pending:
-        done, pending = ray.wait(pending, num_returns=1)
-        job = refs[done[0]]
-        try:
-            outcome = ray.get(done[0])
-            tracker.log_pretrain(job, outcome)
-            if progress:
-                how = ("from the cache" if outcome.reused else
-                       f"{len(outcome.losses)} epochs, last loss {outcome.losses[-1]:.4f}" if outcome.losses else "built")
-                progress(f"pretraining {total - len(pending)}/{total} done: {job.backbone}/{job.paradigm} ({how}, "
-                         f"{outcome.seconds:.0f} s)")
-        except (ray.exceptions.RayTaskError, ray.exceptions.WorkerCrashedError, ray.exceptions.NodeDiedError) as exc:
-            cause = getattr(exc, "cause", None) or exc
-            error = f"{type(cause).__name__}: {cause}"
-            run_id = tracker.log_pretrain_failure(job, str(exc))
-            failed[job.key] = (f"pretraining {job.backbone}/{job.paradigm} (key {job.key}) failed: {error[:2000]} "
-                               f"(MLflow run {run_id}); fix it and `fairsweep resume {plan.spec.name} --retry-errored`")
-    return failed
 
 
 def _check_resources(res: Any, *, local: bool) -> None:
@@ -236,7 +193,7 @@ def launch(plan: Plan, options: LaunchOptions = LaunchOptions()) -> LaunchResult
             searcher = StudySearcher(plan, f"{path}/{STUDY_FILE}", study_name=spec.name, max_concurrent=concurrency)
             tune_config = tune.TuneConfig(search_alg=searcher, num_samples=-1, reuse_actors=True)
         else:
-            param_space = {TUNE_KEY: tune.grid_search([t.config.to_dict() for t in plan.trials])}
+            param_space = {TUNE_KEY: tune.grid_search([t.config.to_dict() for t in plan.run_order()])}
             # long-lived workers: torch, timm and the data are imported and built once per worker, not per trial
             tune_config = tune.TuneConfig(max_concurrent_trials=concurrency, reuse_actors=True)
         return tune.Tuner(
@@ -440,12 +397,10 @@ def _run_sweep(plan: Plan, path: str, tracking_uri: str, cache_root: str, option
     try:
         tracker.open()
         shared = Path(path).parent  # the storage path: what the workers of a node share
-        failed_pretraining = run_pretraining(plan, cache_root, tracker, options.progress,
-                                             input_cache=str(shared / DECODED_CACHE_DIRNAME))
+        tracker.announce_pretraining()
         finished = tracker.finished_trials()
         tracker.remember_finished(finished)
-        context = _trial_context(plan, cache_root, finished=finished,
-                                 failed_pretraining=failed_pretraining,
+        context = _trial_context(plan, cache_root, finished=finished, driver_run=tracker.driver_run,
                                  feature_cache=str(shared / FEATURE_CACHE_DIRNAME),
                                  input_cache=str(shared / DECODED_CACHE_DIRNAME))
         res = spec.resources

@@ -61,6 +61,19 @@ class Plan:
         """The planned trial behind a Tune config (``TrialConfig.from_tune``; the tracker's view)."""
         return self.resolve(TrialConfig.from_tune(config).point)
 
+    def run_order(self) -> list[PlannedTrial]:
+        """The trials in the order Tune starts them: the first trial of each base to pretrain, then the rest in
+        the grid's order. Those first trials build the bases side by side on the first free slots (a trial builds
+        its base itself, trainables/finetune.py), so few trials wait on the lock of a base another one builds."""
+        jobs = {job.key for job in self.pretrain_jobs}
+        first: dict[str, int] = {}
+        for i, t in enumerate(self.trials):
+            key = t.config.weights.key
+            if key in jobs:
+                first.setdefault(key, i)
+        lead = sorted(first.values())
+        return [self.trials[i] for i in lead] + [t for i, t in enumerate(self.trials) if i not in first.values()]
+
     def summary(self, n_examples: int = 3) -> str:
         s = self.spec
         search = s.search.type if s.search.type == "grid" else f"optuna ({s.search.sampler}, budget {s.search.budget}, seed {s.search.seed}) over {s.grid_size} grid cells"

@@ -18,6 +18,8 @@ import sys
 import tempfile
 import time
 import traceback
+import uuid
+from dataclasses import replace
 from importlib import metadata
 from pathlib import Path
 from typing import Any, Mapping
@@ -38,8 +40,9 @@ from orchestrator.query import _direction, _is_signed, _objective_values, front_
 from orchestrator.store import open_client
 from ray import tune  # noqa: E402 - after raylocal
 from trainables import backbones
-from trainables.finetune import INNER_SEARCH_FILE, PER_GROUP_FILE, PREDICTIONS_FILE, STATE_FILE, VAL_PREDICTIONS_FILE
-from trainables.pretrain import built_precision
+from trainables.finetune import (INNER_SEARCH_FILE, PER_GROUP_FILE, PREDICTIONS_FILE, PRETRAIN_OUTCOME, STATE_FILE,
+                                 VAL_PREDICTIONS_FILE)
+from trainables.pretrain import PretrainingFailedError, PretrainOutcome, built_precision
 from trainables.trial import TrialConfig, TrialPoint, canonical_hash
 
 __all__ = ["SweepTracker", "driver_id", "driver_alive"]
@@ -48,7 +51,7 @@ __all__ = ["SweepTracker", "driver_id", "driver_alive"]
 FRONT_MARK = "[front] "  # prefixed to the run names of the front's members (the MLflow UI's run list)
 FRONT_REFRESH_S = 5.0  # the front is recomputed at most this often while trials finish, and at the end
 _PER_EPOCH = {"train_loss", "val_loss", "epoch"}  # logged every epoch; everything else once, with the final result
-_NON_METRIC = {"frozen_groups", "pretrain_ref", "device", "compute_precision", "done_training", "chosen_hparams",
+_NON_METRIC = {"frozen_groups", "pretrain_ref", PRETRAIN_OUTCOME, "device", "compute_precision", "done_training", "chosen_hparams",
                "infinite_metrics", "feature_cache", "preprocessing", "trial_id", "date",
                "hostname", "node_ip",
                "pid", "experiment_id", "experiment_tag", "timestamp", "time_this_iter_s", "time_total_s",
@@ -60,8 +63,11 @@ class SweepTracker(tune.Callback):
     """Writes one sweep into one MLflow experiment and keeps its Pareto front current."""
 
     def __init__(self, plan: Plan, tracking_uri: str, *, artifact_location: str | None = None,
-                 progress: Any = None):
+                 progress: Any = None, driver_run: str | None = None):
         self.plan = plan
+        # names this driver's run of the sweep for the trials (TrialContext.driver_run): a base built under it was
+        # built by this sweep now, even when the first trial to report it only waited for another one's build
+        self.driver_run = driver_run or uuid.uuid4().hex[:12]
         self.tracking_uri = tracking_uri
         self.artifact_location = artifact_location
         self.spec = plan.spec
@@ -70,6 +76,7 @@ class SweepTracker(tune.Callback):
         self.parent_run_id: str | None = None
         self._runs: dict[str, str] = {}  # Tune trial id -> MLflow run id
         self._pretrain_runs: dict[str, str] = {}  # pretraining key -> MLflow run id
+        self._pretrain_failures: dict[str, str] = {}  # pretraining key -> its FAILED run in this driver
         self._front_state: dict[str, str] = {}  # run id -> last written pareto tag
         self._done_before: set[str] = set()  # run ids already FINISHED when their Tune trial (re)started
         self._last_step: dict[str, int] = {}  # run id -> last epoch step logged
@@ -148,6 +155,49 @@ class SweepTracker(tune.Callback):
             self.client.set_terminated(self.parent_run_id, status=status)
 
     # -- pretraining ----------------------------------------------------------------------------
+    # The trials build their bases (trainables/finetune.py) and say how in their reports (PRETRAIN_OUTCOME); the
+    # first report naming a key logs its pretraining run, and a trial that failed building one logs the failure.
+    def announce_pretraining(self) -> None:
+        jobs = self.plan.pretrain_jobs
+        if self.progress and jobs:
+            self.progress(f"pretraining: {len(jobs)} job(s) ({', '.join(f'{j.backbone}/{j.paradigm}' for j in jobs)})")
+
+    def _note_pretraining(self, result: Mapping[str, Any]) -> str | None:
+        """Log the pretraining run of the base a trial's report says it built (or found built), once per key;
+        returns that run's id (None when the trial starts from no pretrained base)."""
+        raw = result.get(PRETRAIN_OUTCOME)
+        if not raw:
+            return None
+        outcome = PretrainOutcome(**json.loads(raw))
+        if outcome.key in self._pretrain_runs:
+            return self._pretrain_runs[outcome.key]
+        job = next((j for j in self.plan.pretrain_jobs if j.key == outcome.key), None)
+        if job is None:
+            return None
+        if outcome.reused and outcome.meta.get("built_in_run") == self.driver_run:
+            outcome = replace(outcome, reused=False, seconds=float(outcome.meta.get("seconds", 0.0)))
+        run_id = self.log_pretrain(job, outcome)
+        if self.progress:
+            how = ("from the cache" if outcome.reused else
+                   f"{len(outcome.losses)} epochs, last loss {outcome.losses[-1]:.4f}" if outcome.losses else "built")
+            self.progress(f"pretraining {len(self._pretrain_runs)}/{len(self.plan.pretrain_jobs)} done: {job.backbone}/"
+                          f"{job.paradigm} ({how}, {outcome.seconds:.0f} s)")
+        return run_id
+
+    def _note_pretraining_failure(self, trial: Any, error: str) -> str:
+        """A trial that failed because its base could not be built: the failure is logged as a FAILED pretrain
+        run (once per key in this driver) and the trial's error names it and how to retry."""
+        if PretrainingFailedError.__name__ not in error:
+            return error
+        job = next((j for j in self.plan.pretrain_jobs if j.key == self.plan.trial_for(trial.config).config.weights.key),
+                   None)
+        if job is None:
+            return error
+        if job.key not in self._pretrain_failures:
+            self._pretrain_failures[job.key] = self.log_pretrain_failure(job, error)
+        return (f"{error.rstrip()}\npretraining {job.backbone}/{job.paradigm} failed (MLflow run "
+                f"{self._pretrain_failures[job.key]}); fix it and `fairsweep resume {self.spec.name} --retry-errored`")
+
     def log_pretrain(self, job: Any, outcome: Any) -> str:
         """One run per pretraining key (reused if this experiment already has one)."""
         found = list(search_runs(self.client, [self.experiment_id],
@@ -278,6 +328,7 @@ class SweepTracker(tune.Callback):
         run_id = self._trial_run(trial)
         if run_id in self._done_before:
             return
+        pretrain_run = self._note_pretraining(result)
         step = int(result.get("epoch", result.get("training_iteration", 0)))
         final = bool(result.get("done_training"))
         # a trial restarted from a checkpoint older than its last report repeats those epochs: logged once
@@ -294,6 +345,8 @@ class SweepTracker(tune.Callback):
         if final:  # one write with the metrics: the driver's cost per trial is a few store calls
             self._remember_val_objectives(result)
             tags.append(RunTag(TAGS.FROZEN_GROUPS, str(result.get("frozen_groups", ""))))
+            if pretrain_run:  # a trial that started before its base was built did not know its run
+                tags.append(RunTag(TAGS.PRETRAIN_RUN, pretrain_run))
             if result.get("infinite_metrics"):
                 tags.append(RunTag(TAGS.INFINITE_METRICS, str(result["infinite_metrics"])[:5000]))
             if result.get("feature_cache"):
@@ -336,7 +389,7 @@ class SweepTracker(tune.Callback):
 
     def on_trial_error(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
         run_id = self._trial_run(trial)
-        error = _error_text(trial)
+        error = self._note_pretraining_failure(trial, _error_text(trial))
         self.client.set_tag(run_id, TAGS.ERROR, error[-4000:])
         self._errored.add(run_id)
         self.client.set_terminated(run_id, "FAILED")

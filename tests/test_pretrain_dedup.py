@@ -108,3 +108,30 @@ def test_a_file_checkpoint_loads_and_changes_the_trial_result(tmp_path):
     # frozen features: only the checkpoint's representation can make the linear head accurate
     assert loaded["metrics.accuracy"] >= scratch["metrics.accuracy"] + 0.15, (loaded["metrics.accuracy"],
                                                                             scratch["metrics.accuracy"])
+
+
+def test_trials_that_start_together_on_one_base_build_it_once(tmp_path):
+    """Two trials of one base start side by side: one builds it while the other waits on the key's lock, then
+    reads it. One pretraining run, logged as built in this sweep whichever trial reported first; both trials
+    name it; one cache entry, marked as built by this run; and the driver started no process to pretrain."""
+    uri, storage = sqlite_uri(tmp_path), tmp_path / "results"
+    spec = tiny_spec(**{"name": "waiters", "axes.paradigm": ["supervised"], "axes.freeze_depth": [0],
+                        "axes.intervention": {"kind": "correlation", "magnitudes": [0.5]}, "axes.seed": [0, 1],
+                        "finetune.epochs": 1, "resources": {"cpus_per_trial": 1, "gpus_per_trial": 0}})
+    out = run_cli("launch", str(write_spec(tmp_path, spec)), "--tracking-uri", uri, "--storage", str(storage),
+                  cwd=tmp_path, env=ENV)
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+    lines = out.stderr.splitlines()  # the progress lines
+    assert any(line.startswith("[fairsweep] pretraining 1/1 done: test_resnet/supervised (") and "epochs, last loss" in line
+               for line in lines), out.stderr[-3000:]
+
+    pre = _runs(uri, "waiters", "pretrain")
+    assert len(pre) == 1 and pre["status"].iloc[0] == "FINISHED"
+    assert pre["tags.fairsweep.reused_cache"].iloc[0] == "false"
+    trials = _runs(uri, "waiters", "trial")
+    assert len(trials) == 2 and (trials["status"] == "FINISHED").all()
+    assert _overlapping(trials), "the two trials should have started together"
+    assert (trials["tags.fairsweep.pretrain_run_id"] == pre["run_id"].iloc[0]).all()
+    (entry,) = PretrainCache(storage / "_pretrain_cache").entries()
+    assert entry["status"] == "ok"
+    assert PretrainCache(storage / "_pretrain_cache").meta(entry["key"]).get("built_in_run")

@@ -175,3 +175,40 @@ def test_the_progress_line_counts_the_trial_that_just_ended_as_ended():
     trials = [SimpleNamespace(status="RUNNING"), SimpleNamespace(status="RUNNING"), SimpleNamespace(status="TERMINATED")]
     tracker._report_progress(trials, just_ended=(trials[0], "TERMINATED"))
     assert lines and lines[0].startswith("trials: 2/8 finished, 1 running, 0 failed;"), lines
+
+
+def test_the_first_report_naming_a_base_logs_its_pretraining_run_once(tmp_path):
+    """Trials build their bases and say how in their reports; the driver logs one pretraining run per key. A trial
+    that only waited for another one's build (the entry found, but built in this driver's run) logs it as built."""
+    import json
+    from dataclasses import asdict
+
+    from trainables.finetune import PRETRAIN_OUTCOME
+    from trainables.pretrain import PretrainOutcome
+
+    uri = sqlite_uri(tmp_path)
+    plan = build_plan(parse_spec(tiny_spec(**{"axes.paradigm": ["supervised", "biased"]})))
+    said: list[str] = []
+    tracker = SweepTracker(plan, uri, artifact_location=artifact_location(uri), progress=said.append)
+    tracker.open()
+    sup, biased = plan.pretrain_jobs
+    meta = {"seconds": 3.0, "losses": [0.5, 0.25], "device": "cpu", "precision": "fp32"}
+
+    def report(job, *, built_in_run: str) -> dict:
+        outcome = PretrainOutcome(job.key, f"/cache/{job.key}", True, False, (0.5, 0.25), 0.0, "cpu",
+                                  {**meta, "built_in_run": built_in_run})
+        return {PRETRAIN_OUTCOME: json.dumps(asdict(outcome))}
+
+    first = tracker._note_pretraining(report(sup, built_in_run=tracker.driver_run))  # a waiter reported first
+    assert tracker._note_pretraining(report(sup, built_in_run=tracker.driver_run)) == first  # the builder: no new run
+    found = tracker._note_pretraining(report(biased, built_in_run="an-earlier-run"))  # built by an earlier run
+    assert tracker._note_pretraining({}) is None  # a trial from scratch names no base
+    client = MlflowClient(uri)
+    runs = client.search_runs([tracker.experiment_id], "tags.`fairsweep.kind` = 'pretrain'")
+    assert sorted(r.info.run_id for r in runs) == sorted([first, found])
+    built, reused = client.get_run(first), client.get_run(found)
+    assert built.data.tags["fairsweep.reused_cache"] == "false" and built.data.metrics["seconds"] == 3.0
+    assert [m.value for m in client.get_metric_history(first, "loss")] == [0.5, 0.25]
+    assert reused.data.tags["fairsweep.reused_cache"] == "true"
+    assert said == ["pretraining 1/2 done: test_resnet/supervised (2 epochs, last loss 0.2500, 3 s)",
+                    "pretraining 2/2 done: test_resnet/biased (from the cache, 0 s)"]

@@ -20,7 +20,7 @@ import json
 import math
 import tempfile
 import time
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Mapping
 
@@ -28,15 +28,17 @@ import numpy as np
 import pandas as pd
 
 from trainables import backbones, interventions, metrics, pretrain, worker_cache
-from trainables.errors import FairsweepError
+from trainables.pretrain import PretrainingFailedError
 from trainables.trial import TrialConfig, Weights
 
 __all__ = ["TrialContext", "finetune_trial", "train_and_evaluate", "PREDICTIONS_FILE", "PER_GROUP_FILE", "STATE_FILE",
-           "INNER_SEARCH_FILE", "VAL_PREDICTIONS_FILE", "HEADLINE_METRICS", "PretrainingFailedError"]
+           "INNER_SEARCH_FILE", "VAL_PREDICTIONS_FILE", "HEADLINE_METRICS", "PRETRAIN_OUTCOME", "PretrainingFailedError"]
 
 PREDICTIONS_FILE, PER_GROUP_FILE, STATE_FILE = "predictions.csv.gz", "per_group.csv", "state.pt"
 INNER_SEARCH_FILE = "inner_search.csv"  # the inner search's candidates and their validation losses
 VAL_PREDICTIONS_FILE = "val_predictions.csv.gz"
+# a trial's reports carry how its base was built (``PretrainOutcome`` as JSON), so the driver logs each pretraining run
+PRETRAIN_OUTCOME = "pretrain_outcome"
 # Test metrics that get bootstrap intervals besides the sweep's two objectives.
 HEADLINE_METRICS = ("accuracy", "balanced_accuracy", "auroc", "worst_group_accuracy", "equalized_odds_difference",
                     "tpr_difference", "statistical_parity_difference")
@@ -54,8 +56,12 @@ class TrialContext:
     # (trial, objective metrics) of trials that already have a FINISHED MLflow run (finished after
     # Tune's last state save): on resume they report those metrics at once instead of training again.
     finished: tuple[tuple[TrialConfig, Mapping[str, float]], ...] = ()
-    # pretraining key -> error, for jobs that failed in this run: their trials fail at once with it
-    failed_pretraining: Mapping[str, str] = field(default_factory=dict)
+    # pretraining key -> its PretrainJob as a dict: the first trial that needs a base builds it (the others of that
+    # base wait for it on the key's lock); a key missing here is read from the cache as built before
+    pretrain_jobs: Mapping[str, Mapping[str, Any]] = field(default_factory=dict)
+    # this driver's run of the sweep: a base that failed to build in it fails its later trials at once with that
+    # error; the next run (a resume) builds it again
+    driver_run: str = ""
     objectives: tuple[str, ...] = ()  # the sweep's (performance, fairness) metrics: they get bootstrap intervals
     bootstrap: int = 500  # resamples for the per-trial intervals (evaluation.bootstrap); 0 turns them off
     privileged: Mapping[str, Any] = field(default_factory=dict)  # dataset.privileged of the spec
@@ -66,10 +72,6 @@ class TrialContext:
     input_cache_bytes: int | None = None
     checkpoint_interval_s: float = 0.0  # resources.checkpoint_interval_s: at most one checkpoint this often, and the last
     precision: str = "bf16"  # resources.precision: bf16 autocast on a GPU that supports it, or fp32 (loop.autocast)
-
-
-class PretrainingFailedError(FairsweepError, RuntimeError):
-    """The pretrained base this trial starts from could not be built; the message says why."""
 
 
 def _load_initial_weights(model: Any, weights: Weights, cache_root: str) -> str | None:
@@ -322,8 +324,7 @@ def finetune_trial(config: Mapping[str, Any], context: TrialContext) -> None:
         if done == trial:
             tune.report({"already_finished": True, **objectives})
             return
-    if trial.weights.key in context.failed_pretraining:
-        raise PretrainingFailedError(context.failed_pretraining[trial.weights.key])
+    built = _pretrained_base(trial, context)
     state = None
     ckpt = tune.get_checkpoint()
     if ckpt is not None:
@@ -333,9 +334,22 @@ def finetune_trial(config: Mapping[str, Any], context: TrialContext) -> None:
 
     with loop.memory_hint(loop.select_device(), int(trial.finetune["batch_size"])):
         train_and_evaluate(trial, context, state=state, checkpoint_interval_s=context.checkpoint_interval_s,
-                           on_epoch=lambda result, d: tune.report(_reportable(result),
+                           on_epoch=lambda result, d: tune.report({**_reportable(result), **built},
                                                                   checkpoint=tune.Checkpoint.from_directory(d)
                                                                   if (d / STATE_FILE).exists() else None))
+
+
+def _pretrained_base(trial: TrialConfig, context: TrialContext) -> dict[str, str]:
+    """Build the trial's pretrained base if no trial has yet (in this worker, on the trial's resources: a sweep
+    starts no other process for it), or wait on the key's lock for the trial building it, or find it built.
+    Returns what to add to each report: how the base was built, for the driver's pretraining run; raises
+    ``PretrainingFailedError`` when it could not be built in this run of the sweep."""
+    job = context.pretrain_jobs.get(trial.weights.key or "")
+    if job is None:
+        return {}
+    outcome = pretrain.run_pretrain_job(job, context.cache_root, context.cpus_per_trial, context.input_cache,
+                                        context.input_cache_bytes, driver_run=context.driver_run or None)
+    return {PRETRAIN_OUTCOME: json.dumps(asdict(outcome), default=str)}
 
 
 def _reportable(result: Mapping[str, Any]) -> dict[str, Any]:

@@ -125,6 +125,23 @@ class PretrainCache:
         for p in self.root.glob(f".tmp-{key}-*"):
             shutil.rmtree(p, ignore_errors=True)
 
+    def record_failure(self, key: str, run: str, error: str) -> None:
+        """Remember that building ``key`` failed in ``run`` (one driver's run of a sweep), with its error."""
+        self.root.mkdir(parents=True, exist_ok=True)
+        tmp = self.root / f".tmp-failed-{key}-{uuid.uuid4().hex[:8]}"
+        tmp.write_text(error)
+        tmp.rename(self._failure_file(key, run))
+
+    def recorded_failure(self, key: str, run: str) -> str | None:
+        """The error ``record_failure`` kept for ``key`` in ``run``; None when that run has not failed to build it."""
+        try:
+            return self._failure_file(key, run).read_text()
+        except FileNotFoundError:
+            return None
+
+    def _failure_file(self, key: str, run: str) -> Path:
+        return self.root / f".failed-{key}-{run}"
+
     def lock(self, key: str) -> contextlib.AbstractContextManager:
         """An exclusive lock per key, so concurrent jobs and sweeps sharing a cache train each key once."""
         return key_lock(self.root, key)
