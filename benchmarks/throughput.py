@@ -7,13 +7,17 @@ Three ways to run the same spec, interleaved and repeated in one invocation (A B
              as a fresh ``python`` process, like the launch (interpreter start and imports included);
   fairsweep  ``fairsweep launch SPEC`` (Ray, MLflow, checkpoints, the shared stages);
   naive      ``benchmarks/naive_tune.py``: a plain Tune grid with MLflowLoggerCallback and the pretraining
-             inside every trial (what a user writes instead).
+             inside every trial (what a user writes instead);
+  tune       (with ``--bare-tune``) ``benchmarks/bare_tune.py``: Ray Tune alone on the same trials, each base
+             built once inside the trials as fairsweep does, no MLflow, no checkpoints: what Ray and Tune
+             cost before fairsweep adds anything.
 
-Prints every wall time, the medians, the ratios fairsweep/floor and naive/fairsweep, and the largest
+Prints every wall time, the medians, the ratios fairsweep/floor and naive/fairsweep (and tune/floor,
+fairsweep/tune), and the largest
 metric difference between floor and fairsweep trials of the same key (the orchestration must not change
 results). Usage:
 
-    .venv/bin/python benchmarks/throughput.py [SPEC] [--repeats 2] [--skip-naive]
+    .venv/bin/python benchmarks/throughput.py [SPEC] [--repeats 2] [--skip-naive] [--bare-tune]
 
 SPEC defaults to sweeps/quickstart.yaml; benchmarks/throughput_long.yaml is the same grid with training that
 takes minutes, where the ratio shows what orchestration adds beyond its fixed start-up cost.
@@ -121,11 +125,17 @@ def run_naive(spec: Path, workdir: Path) -> tuple[float, dict]:
                                     str(workdir / "naive"), f"sqlite:///{workdir / 'naive.db'}"], workdir), {}
 
 
+def run_bare_tune(spec: Path, workdir: Path) -> tuple[float, dict]:
+    return _timed("bare Tune", [sys.executable, str(REPO / "benchmarks" / "bare_tune.py"), str(spec),
+                                str(workdir / "bare")], workdir), {}
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("spec", nargs="?", default=str(REPO / "sweeps" / "quickstart.yaml"))
     ap.add_argument("--repeats", type=int, default=2)
     ap.add_argument("--skip-naive", action="store_true", help="floor and fairsweep only (the naive script is slow)")
+    ap.add_argument("--bare-tune", action="store_true", help="also Ray Tune alone on the same trials (bare_tune.py)")
     ap.add_argument("--floor-into", help=argparse.SUPPRESS)  # internal: run the floor here, write its results there
     args = ap.parse_args()
     spec = Path(args.spec).resolve()
@@ -133,7 +143,8 @@ def main() -> int:
         _, results = run_floor(spec, Path(args.floor_into).parent)
         Path(args.floor_into).write_text(json.dumps(results, default=str))
         return 0
-    modes = {"floor": run_floor_cold, "fairsweep": run_fairsweep, **({} if args.skip_naive else {"naive": run_naive})}
+    modes = {"floor": run_floor_cold, "fairsweep": run_fairsweep, **({"tune": run_bare_tune} if args.bare_tune else {}),
+             **({} if args.skip_naive else {"naive": run_naive})}
     times: dict[str, list[float]] = {m: [] for m in modes}
     worst = 0.0
     for rep in range(args.repeats):
@@ -155,6 +166,9 @@ def main() -> int:
     print(f"fairsweep / floor   = {med['fairsweep'] / med['floor']:.2f}  (target <= 1.3)")
     if "naive" in med:
         print(f"naive / fairsweep   = {med['naive'] / med['fairsweep']:.2f}  (target >= 3)")
+    if "tune" in med:
+        print(f"tune / floor        = {med['tune'] / med['floor']:.2f}  (what Ray and Tune alone cost)")
+        print(f"fairsweep / tune    = {med['fairsweep'] / med['tune']:.2f}  (what fairsweep adds to them)")
     print(f"largest metric difference floor vs fairsweep over {', '.join(COMPARED)}: {worst:.2e}")
     return 0
 

@@ -50,7 +50,7 @@ class LaunchOptions:
     cache_dir: str | None = None
     max_concurrent_trials: int | None = None
     verbose: int = 0  # Tune's own output: 1 adds its status table and a table per trial (the CLI's --verbose)
-    # one line per event of the long phases (a pretraining job done; the sweep's counts, front and ETA every
+    # one line per event of the long phases (a pretrained base built or found; the sweep's counts, front and ETA every
     # few seconds): the CLI prints them, plain lines whether or not the output is a terminal
     progress: Callable[[str], None] | None = None
     trial_output: bool = False  # forward the workers' stdout/stderr (the trials' own prints and warnings)
@@ -335,7 +335,7 @@ def _ray_session(spec: Any, options: LaunchOptions) -> Iterator[None]:
 
 def _run(plan: Plan, path: str, tracking_uri: str, cache_root: str, options: LaunchOptions,
          make_tuner: Callable[[Any, Any], Any]) -> LaunchResult:
-    """Shared by launch and resume, under the driver lock with Ray up: parent run, pretraining, Tune, then
+    """Shared by launch and resume, under the driver lock with Ray up: parent run, Tune (its trials build their bases), then
     the summary. A store that fails mid-sweep (locked past the bound) stops it as a StoreError that says how to continue."""
     importlib.import_module("orchestrator.tracking")  # MLflow and Tune loaded before the freeze below
     quiet_tune_restore_logs()
@@ -392,7 +392,7 @@ def _run_sweep(plan: Plan, path: str, tracking_uri: str, cache_root: str, option
     # num_to_keep forces a state snapshot after checkpoints; that is what keeps resume exact here
     os.environ.setdefault("TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S", "0")
     tracker = SweepTracker(plan, tracking_uri, artifact_location=artifact_location(tracking_uri),
-                           progress=options.progress)
+                           progress=options.progress, cache_root=cache_root)
     status, store_failed = "FAILED", False
     try:
         tracker.open()
@@ -408,6 +408,7 @@ def _run_sweep(plan: Plan, path: str, tracking_uri: str, cache_root: str, option
                                         {"cpu": res.cpus_per_trial, "gpu": res.gpus_per_trial})
         with _tune_console(options.verbose):
             make_tuner(trainable, tracker).fit()
+        tracker.log_unreported_pretraining()
         front = tracker.refresh_front()
         try:  # a convenience at the end: a sweep whose models cannot be logged has still finished
             tracker.log_front_models(front)

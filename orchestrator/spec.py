@@ -403,7 +403,7 @@ def _resource(gpus: bool) -> Custom:
         return v
 
     what = "GPUs: a fraction <= 1 (a share of one GPU) or a whole number" if gpus else "CPUs"
-    return Custom(parse, number.json_schema(), doc=f"{what} each trial (and pretraining job) reserves")
+    return Custom(parse, number.json_schema(), doc=f"{what} each trial reserves (a trial that builds its pretrained base builds it on them)")
 
 
 def _options(raw: Any, path: str) -> dict[str, Any]:

@@ -71,7 +71,7 @@ def _tune_states(path: str) -> dict[str, int]:
     quiet_tune_restore_logs()
     try:
         analysis = ExperimentAnalysis(path)
-    except Exception:  # noqa: BLE001 - no Tune state yet (stopped during pretraining): report none
+    except Exception:  # noqa: BLE001 - no Tune state yet (stopped before Tune started): report none
         return {}
     states: dict[str, int] = {}
     for trial in analysis.trials:

@@ -63,8 +63,9 @@ class SweepTracker(tune.Callback):
     """Writes one sweep into one MLflow experiment and keeps its Pareto front current."""
 
     def __init__(self, plan: Plan, tracking_uri: str, *, artifact_location: str | None = None,
-                 progress: Any = None, driver_run: str | None = None):
+                 progress: Any = None, driver_run: str | None = None, cache_root: str | None = None):
         self.plan = plan
+        self.cache_root = cache_root  # the pretraining cache: bases no trial reported are logged from it
         # names this driver's run of the sweep for the trials (TrialContext.driver_run): a base built under it was
         # built by this sweep now, even when the first trial to report it only waited for another one's build
         self.driver_run = driver_run or uuid.uuid4().hex[:12]
@@ -174,8 +175,12 @@ class SweepTracker(tune.Callback):
         job = next((j for j in self.plan.pretrain_jobs if j.key == outcome.key), None)
         if job is None:
             return None
-        if outcome.reused and outcome.meta.get("built_in_run") == self.driver_run:
-            outcome = replace(outcome, reused=False, seconds=float(outcome.meta.get("seconds", 0.0)))
+        return self._log_pretrain_outcome(job, outcome)
+
+    def _log_pretrain_outcome(self, job: Any, outcome: PretrainOutcome) -> str:
+        if outcome.reused and outcome.meta.get("built_in_run") == self.driver_run:  # found, but built in this run
+            outcome = replace(outcome, reused=False, seconds=float(outcome.meta.get("seconds", 0.0)),
+                              rebuilt_damaged=bool(outcome.meta.get("rebuilt_damaged")))
         run_id = self.log_pretrain(job, outcome)
         if self.progress:
             how = ("from the cache" if outcome.reused else
@@ -184,14 +189,41 @@ class SweepTracker(tune.Callback):
                           f"{job.paradigm} ({how}, {outcome.seconds:.0f} s)")
         return run_id
 
+    def log_unreported_pretraining(self, keys: Any = None) -> None:
+        """Log, from the cache entry's meta, the pretraining run of a base no trial reported in this driver: the
+        bases of ``keys`` (trials of theirs failed before a report), else every base built in this run (all its
+        trials failed before reporting). A base only found in the cache and never used gets no run."""
+        if not self.cache_root:
+            return
+        from trainables.pretrain_cache import PretrainCache
+
+        cache = PretrainCache(self.cache_root)
+        for job in self.plan.pretrain_jobs:
+            if job.key in self._pretrain_runs or (keys is not None and job.key not in keys):
+                continue
+            try:
+                if cache.status(job.key) != "ok":
+                    continue
+                meta = cache.meta(job.key)
+            except (OSError, ValueError):  # a cache this driver cannot read: the trials' reports are all there is
+                continue
+            if keys is None and meta.get("built_in_run") != self.driver_run:
+                continue
+            self._log_pretrain_outcome(job, PretrainOutcome(
+                job.key, str(cache.entry(job.key)), True, bool(meta.get("rebuilt_damaged")),
+                tuple(meta.get("losses", ())), 0.0, str(meta.get("device", "cpu")), meta))
+
     def _note_pretraining_failure(self, trial: Any, error: str) -> str:
         """A trial that failed because its base could not be built: the failure is logged as a FAILED pretrain
         run (once per key in this driver) and the trial's error names it and how to retry."""
-        if PretrainingFailedError.__name__ not in error:
-            return error
         job = next((j for j in self.plan.pretrain_jobs if j.key == self.plan.trial_for(trial.config).config.weights.key),
                    None)
         if job is None:
+            return error
+        if PretrainingFailedError.__name__ not in error:  # it failed after its base was built: name that run
+            self.log_unreported_pretraining(keys={job.key})
+            if job.key in self._pretrain_runs:
+                self.client.set_tag(self._trial_run(trial), TAGS.PRETRAIN_RUN, self._pretrain_runs[job.key])
             return error
         if job.key not in self._pretrain_failures:
             self._pretrain_failures[job.key] = self.log_pretrain_failure(job, error)

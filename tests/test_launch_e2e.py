@@ -164,3 +164,13 @@ def _parent_id(uri: str) -> str:
     mlflow.set_tracking_uri(uri)
     runs = mlflow.search_runs(experiment_names=["tiny"], filter_string="tags.`fairsweep.kind` = 'sweep'")
     return runs["run_id"].iloc[0]
+
+
+def test_the_first_trial_of_each_base_starts_first(launched):
+    """Tune starts the first trial of each pretrained base before the grid's other trials, so the bases build side
+    by side from the start (the grid lists scratch trials first)."""
+    _, uri, _ = launched
+    mlflow.set_tracking_uri(uri)
+    trials = mlflow.search_runs(experiment_names=["tiny"], filter_string="tags.`fairsweep.kind` = 'trial'")
+    first = trials.sort_values("start_time").iloc[0]
+    assert first["params.paradigm"] == "supervised", trials.sort_values("start_time")[["params.paradigm", "start_time"]]

@@ -2,6 +2,7 @@
 a ``file:`` checkpoint changes what a trial learns compared with ``scratch``."""
 from __future__ import annotations
 
+import json
 
 import mlflow
 import pytest
@@ -135,3 +136,9 @@ def test_trials_that_start_together_on_one_base_build_it_once(tmp_path):
     (entry,) = PretrainCache(storage / "_pretrain_cache").entries()
     assert entry["status"] == "ok"
     assert PretrainCache(storage / "_pretrain_cache").meta(entry["key"]).get("built_in_run")
+    # what each trial said in its reports (Tune's result files): exactly one built the base, the other found it
+    reused = []
+    for results in (storage / "waiters").glob("*/result.json"):
+        last = json.loads(results.read_text().strip().splitlines()[-1])
+        reused.append(json.loads(last["pretrain_outcome"])["reused"])
+    assert sorted(reused) == [False, True]

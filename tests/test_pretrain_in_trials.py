@@ -2,6 +2,9 @@
 to build in one run of a sweep fails its later trials at once with that error, while the next run builds again."""
 from __future__ import annotations
 
+import multiprocessing
+import os
+
 import pytest
 
 from orchestrator.plan import build_plan
@@ -74,3 +77,26 @@ def test_an_entry_says_which_run_built_it(tmp_path):
     assert not built.reused and built.meta["built_in_run"] == "run-a"
     found = run_pretrain_job(job.to_dict(), str(tmp_path / "cache"), driver_run="run-b")
     assert found.reused and found.meta["built_in_run"] == "run-a"  # the driver of run-b reads it as found, not built
+
+
+def _die(*args):
+    os._exit(3)  # the worker killed mid-build: no exception, no failure recorded, the key's lock released
+
+
+def test_a_build_whose_worker_died_is_tried_once_more_then_fails_its_base(tmp_path, monkeypatch):
+    """A build that kills its worker (out of memory) leaves no entry and no failure; the next trial of that base
+    builds again, as the Ray task's retry did; after MAX_BUILDS_PER_RUN deaths the base fails with a reason."""
+    (job,) = _plan(**{"axes.paradigm": ["supervised"]}).pretrain_jobs
+    cache = str(tmp_path / "cache")
+    monkeypatch.setattr(PretrainCache, "_sweep_leftovers", _die)  # the first step of a build once it is counted
+    for _ in range(pretrain.MAX_BUILDS_PER_RUN):
+        child = multiprocessing.get_context("fork").Process(target=run_pretrain_job, args=(job.to_dict(), cache),
+                                                              kwargs={"driver_run": "run-a"})
+        child.start()
+        child.join(60)
+        assert child.exitcode == 3
+    with pytest.raises(PretrainingFailedError, match=r"its worker died during 2 builds in this run"):
+        run_pretrain_job(job.to_dict(), cache, driver_run="run-a")
+    with pytest.raises(PretrainingFailedError, match=r"died during 2 builds"):  # recorded: the next trials alike
+        run_pretrain_job(job.to_dict(), cache, driver_run="run-a")
+    assert PretrainCache(cache).entries() == []

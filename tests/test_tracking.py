@@ -6,6 +6,7 @@ import sys
 
 import mlflow
 import pytest
+import torch
 from mlflow.tracking import MlflowClient
 
 from orchestrator.launch import LaunchError, _refuse_tracked_sweep
@@ -212,3 +213,42 @@ def test_the_first_report_naming_a_base_logs_its_pretraining_run_once(tmp_path):
     assert reused.data.tags["fairsweep.reused_cache"] == "true"
     assert said == ["pretraining 1/2 done: test_resnet/supervised (2 epochs, last loss 0.2500, 3 s)",
                     "pretraining 2/2 done: test_resnet/biased (from the cache, 0 s)"]
+
+
+class _Trial:
+    """What the tracker reads of a Tune trial: its id and config."""
+
+    def __init__(self, trial_id: str, planned) -> None:
+        self.trial_id, self.config = trial_id, {"trial": planned.config.to_dict()}
+
+
+def test_a_base_that_failed_to_build_is_one_failed_pretraining_run_named_by_its_trials(tmp_path):
+    from trainables.pretrain_cache import PretrainCache
+
+    uri = sqlite_uri(tmp_path)
+    plan = build_plan(parse_spec(tiny_spec(**{"axes.seed": [0, 1], "axes.freeze_depth": [0]})))
+    tracker = SweepTracker(plan, uri, artifact_location=artifact_location(uri), cache_root=str(tmp_path / "cache"))
+    tracker.open()
+    (job,) = plan.pretrain_jobs
+    sup = [t for t in plan.trials if t.config.weights.key == job.key]
+    scratch = next(t for t in plan.trials if t.config.weights.key is None)
+    error = ("Traceback ...\ntrainables.pretrain.PretrainingFailedError: pretraining test_resnet/supervised (key "
+             f"{job.key}) failed: NonFiniteLossError: loss became nan")
+    said = [tracker._note_pretraining_failure(_Trial(f"t{i}", t), error) for i, t in enumerate(sup)]
+    client = MlflowClient(uri)
+    (failed,) = client.search_runs([tracker.experiment_id], "tags.`fairsweep.kind` = 'pretrain'")
+    assert failed.info.status == "FAILED" and "loss became nan" in failed.data.tags["fairsweep.error"]
+    for text in said:  # each trial's error: the build's error, the failed run, and how to retry
+        assert text.startswith(error) and f"(MLflow run {failed.info.run_id})" in text
+        assert "`fairsweep resume tiny --retry-errored`" in text
+    assert tracker._note_pretraining_failure(_Trial("s", scratch), "OOM") == "OOM"  # no base: unchanged
+
+    # a trial that failed after its base was built, before any report: the base's run is logged from the cache
+    # and the trial names it
+    meta = {"losses": [0.5], "seconds": 2.0, "device": "cpu", "built_in_run": tracker.driver_run}
+    PretrainCache(tmp_path / "cache").write(job.key, {"w": torch.zeros(1)}, meta)
+    trial = _Trial("t9", sup[0])
+    assert tracker._note_pretraining_failure(trial, "CUDA out of memory") == "CUDA out of memory"
+    built = client.search_runs([tracker.experiment_id], "tags.`fairsweep.kind` = 'pretrain' and attributes.status = 'FINISHED'")
+    assert len(built) == 1 and built[0].data.tags["fairsweep.reused_cache"] == "false"
+    assert client.get_run(tracker._trial_run(trial)).data.tags["fairsweep.pretrain_run_id"] == built[0].info.run_id

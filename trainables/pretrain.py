@@ -19,6 +19,8 @@ __all__ = ["run_pretrain_job", "PretrainOutcome", "PretrainingFailedError", "mod
            "built_precision"]
 
 _log = logging.getLogger(__name__)
+# builds of one base in one run of a sweep whose worker died (the old Ray task's one retry); then the base fails
+MAX_BUILDS_PER_RUN = 2
 
 
 # ----------------------------------------------------------------------------- the model's preprocessing
@@ -80,7 +82,7 @@ def run_pretrain_job(job: Mapping[str, Any], cache_root: str, cpus: float = 1.0,
     trial that waited for another one's build tells the driver it was built, not found); a build that raises
     is recorded under it and raised as ``PretrainingFailedError``, and every later call with the same name (the
     other trials of that base, waiting on the lock) raises the recorded error at once instead of training
-    again; another run builds again.
+    again, as it does once MAX_BUILDS_PER_RUN builds died with their worker; another run builds again.
     """
     job = PretrainJob.from_dict(job)
     cache = PretrainCache(cache_root)
@@ -94,10 +96,21 @@ def run_pretrain_job(job: Mapping[str, Any], cache_root: str, cpus: float = 1.0,
         except Exception as exc:
             if not driver_run:
                 raise
-            message = (f"pretraining {job.backbone}/{job.paradigm} (key {key}) failed: "
-                       f"{type(exc).__name__}: {exc}")[:2000]
-            cache.record_failure(key, driver_run, message)
-            raise PretrainingFailedError(message) from exc
+            message = (str(exc) if isinstance(exc, PretrainingFailedError) else
+                       f"pretraining {job.backbone}/{job.paradigm} (key {key}) failed: {type(exc).__name__}: {exc}")
+            cache.record_failure(key, driver_run, message[:2000])
+            raise PretrainingFailedError(message[:2000]) from exc
+
+
+def _count_build(job: PretrainJob, cache: PretrainCache, driver_run: str) -> None:
+    """Count a build starting in ``driver_run``. A build that ended wrote an entry or a failure, which later calls
+    see first; so builds counted before this one died with their worker (killed for memory, a lost node). After
+    MAX_BUILDS_PER_RUN of them the base fails instead of crashing every trial of it in turn."""
+    died = cache.start_build(job.key, driver_run)
+    if died >= MAX_BUILDS_PER_RUN:
+        raise PretrainingFailedError(f"pretraining {job.backbone}/{job.paradigm} (key {job.key}) failed: its worker "
+                                     f"died during {died} builds in this run of the sweep (killed for memory? the Ray "
+                                     f"logs of its trials say why)")
 
 
 def _build(job: PretrainJob, cache: PretrainCache, cpus: float, input_cache: str | None,
@@ -124,6 +137,8 @@ def _build(job: PretrainJob, cache: PretrainCache, cpus: float, input_cache: str
                      cache_root, built, wanted)
     if status == "damaged":
         _log.warning("pretraining cache entry %s under %s is damaged; discarding and rebuilding it", key, cache_root)
+    if driver_run:
+        _count_build(job, cache, driver_run)
     cache._sweep_leftovers(key)
     loop.set_threads(cpus)
     loop.set_precision(job.hparams.precision)

@@ -139,6 +139,20 @@ class PretrainCache:
         except FileNotFoundError:
             return None
 
+    def start_build(self, key: str, run: str) -> int:
+        """Count a build of ``key`` starting in ``run``; returns how many started in that run before it. Called
+        under the key's lock."""
+        self.root.mkdir(parents=True, exist_ok=True)
+        counter = self.root / f".builds-{key}-{run}"
+        try:
+            before = int(counter.read_text() or 0)
+        except (FileNotFoundError, ValueError):
+            before = 0
+        tmp = self.root / f".tmp-builds-{key}-{uuid.uuid4().hex[:8]}"
+        tmp.write_text(str(before + 1))
+        tmp.rename(counter)
+        return before
+
     def _failure_file(self, key: str, run: str) -> Path:
         return self.root / f".failed-{key}-{run}"
 

@@ -4,7 +4,7 @@
 A finetuning trial is a ``TrialConfig``: its axis values (a ``TrialPoint``, its freezing a ``Freeze``), its
 finetuning hyper-parameters and where its starting weights come from (``Weights``: a pretraining cache
 key or a ``file:`` checkpoint). A pretrained base is a ``PretrainJob``. The plan builds them; they cross
-process boundaries as plain JSON dicts (Tune's param space and searcher, a Ray task's argument, MLflow's
+process boundaries as plain JSON dicts (Tune's param space and searcher, the trials' shared context, MLflow's
 ``fairsweep.point`` tag) and are decoded on the other side by the ``from_dict`` here, in the worker, the
 pretraining job, the tracker, the searcher and the report alike. The identities (trial keys, pretraining
 keys; decisions 1 and 3) are hashed here too, so no other module parses a freeze depth or builds a key.
@@ -351,7 +351,7 @@ class PretrainJob:
                 "dataset_options": dict(self.dataset_options), "hparams": self.hparams.to_dict()}
 
     def to_dict(self) -> dict[str, Any]:
-        """JSON-ready: what a pretraining task receives."""
+        """JSON-ready: what the trial that builds the base receives (``TrialContext.pretrain_jobs``)."""
         return {"key": self.key, **self._identity()}
 
     @classmethod
