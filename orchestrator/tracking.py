@@ -201,13 +201,11 @@ class SweepTracker(tune.Callback):
         for job in self.plan.pretrain_jobs:
             if job.key in self._pretrain_runs or (keys is not None and job.key not in keys):
                 continue
-            try:
-                if cache.status(job.key) != "ok":
-                    continue
+            try:  # the meta first: checking an entry's status hashes its weights
                 meta = cache.meta(job.key)
-            except (OSError, ValueError):  # a cache this driver cannot read: the trials' reports are all there is
-                continue
-            if keys is None and meta.get("built_in_run") != self.driver_run:
+                if (keys is None and meta.get("built_in_run") != self.driver_run) or cache.status(job.key) != "ok":
+                    continue
+            except (OSError, ValueError):  # no entry, or a cache this driver cannot read: nothing to log
                 continue
             self._log_pretrain_outcome(job, PretrainOutcome(
                 job.key, str(cache.entry(job.key)), True, bool(meta.get("rebuilt_damaged")),
