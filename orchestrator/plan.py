@@ -71,8 +71,8 @@ class Plan:
             key = t.config.weights.key
             if key in jobs:
                 first.setdefault(key, i)
-        lead = sorted(first.values())
-        return [self.trials[i] for i in lead] + [t for i, t in enumerate(self.trials) if i not in first.values()]
+        lead = set(first.values())
+        return [self.trials[i] for i in sorted(lead)] + [t for i, t in enumerate(self.trials) if i not in lead]
 
     def summary(self, n_examples: int = 3) -> str:
         s = self.spec

@@ -172,10 +172,14 @@ class SweepTracker(tune.Callback):
         outcome = PretrainOutcome(**json.loads(raw))
         if outcome.key in self._pretrain_runs:
             return self._pretrain_runs[outcome.key]
-        job = next((j for j in self.plan.pretrain_jobs if j.key == outcome.key), None)
+        job = self._pretrain_job(outcome.key)
         if job is None:
             return None
         return self._log_pretrain_outcome(job, outcome)
+
+    def _pretrain_job(self, key: str | None) -> Any:
+        """The plan's pretraining job of ``key`` (None: no pretrained base, or not this plan's)."""
+        return next((j for j in self.plan.pretrain_jobs if j.key == key), None) if key else None
 
     def _log_pretrain_outcome(self, job: Any, outcome: PretrainOutcome) -> str:
         if outcome.reused and outcome.meta.get("built_in_run") == self.driver_run:  # found, but built in this run
@@ -214,8 +218,7 @@ class SweepTracker(tune.Callback):
     def _note_pretraining_failure(self, trial: Any, error: str) -> str:
         """A trial that failed because its base could not be built: the failure is logged as a FAILED pretrain
         run (once per key in this driver) and the trial's error names it and how to retry."""
-        job = next((j for j in self.plan.pretrain_jobs if j.key == self.plan.trial_for(trial.config).config.weights.key),
-                   None)
+        job = self._pretrain_job(self.plan.trial_for(trial.config).config.weights.key)
         if job is None:
             return error
         if PretrainingFailedError.__name__ not in error:  # it failed after its base was built: name that run

@@ -127,10 +127,7 @@ class PretrainCache:
 
     def record_failure(self, key: str, run: str, error: str) -> None:
         """Remember that building ``key`` failed in ``run`` (one driver's run of a sweep), with its error."""
-        self.root.mkdir(parents=True, exist_ok=True)
-        tmp = self.root / f".tmp-failed-{key}-{uuid.uuid4().hex[:8]}"
-        tmp.write_text(error)
-        tmp.rename(self._failure_file(key, run))
+        self._write_marker(self._failure_file(key, run), error)
 
     def recorded_failure(self, key: str, run: str) -> str | None:
         """The error ``record_failure`` kept for ``key`` in ``run``; None when that run has not failed to build it."""
@@ -142,16 +139,20 @@ class PretrainCache:
     def start_build(self, key: str, run: str) -> int:
         """Count a build of ``key`` starting in ``run``; returns how many started in that run before it. Called
         under the key's lock."""
-        self.root.mkdir(parents=True, exist_ok=True)
         counter = self.root / f".builds-{key}-{run}"
         try:
             before = int(counter.read_text() or 0)
         except (FileNotFoundError, ValueError):
             before = 0
-        tmp = self.root / f".tmp-builds-{key}-{uuid.uuid4().hex[:8]}"
-        tmp.write_text(str(before + 1))
-        tmp.rename(counter)
+        self._write_marker(counter, str(before + 1))
         return before
+
+    def _write_marker(self, path: Path, text: str) -> None:
+        """A small file beside the entries, replaced whole (written aside, then renamed into place)."""
+        self.root.mkdir(parents=True, exist_ok=True)
+        tmp = self.root / f".tmp-marker-{uuid.uuid4().hex[:8]}"
+        tmp.write_text(text)
+        tmp.rename(path)
 
     def _failure_file(self, key: str, run: str) -> Path:
         return self.root / f".failed-{key}-{run}"
