@@ -196,6 +196,21 @@ def test_a_schema_built_ahead_appears_whole_and_only_once_installed(tmp_path):
     assert sorted(p.name for p in other.iterdir()) == ["mlflow.db", "mlflow.db.lock"]
 
 
+def test_the_schema_thread_keeps_the_gil_slices_short_only_while_it_runs(tmp_path):
+    """Ray's start in the main thread must not wait out 5 ms slices of the migrations: the slices are short
+    from the thread's start to its end, then what they were."""
+    from orchestrator import store
+
+    before = sys.getswitchinterval()
+    ahead = store.SchemaAhead(sqlite_uri(tmp_path))
+    assert sys.getswitchinterval() == pytest.approx(min(before, store.SCHEMA_SWITCH_INTERVAL_S))
+    ahead.install()
+    assert sys.getswitchinterval() == pytest.approx(before)
+    assert [e.name for e in store.open_client(sqlite_uri(tmp_path)).search_experiments()] == ["Default"]
+    store.SchemaAhead(sqlite_uri(tmp_path)).discard()  # an existing store: no thread, the slices untouched
+    assert sys.getswitchinterval() == pytest.approx(before)
+
+
 # -- storage and names -------------------------------------------------------------------------------
 def test_an_unusable_storage_path_exits_2(tmp_path):
     spec = write_spec(tmp_path, tiny_spec())

@@ -18,6 +18,7 @@ import pandas as pd
 import pytest
 from mlflow.tracking import MlflowClient
 
+from orchestrator.storage import sqlite_path
 from tests.helpers import cli_env, run_cli, sqlite_uri, tiny_spec, write_spec
 
 pytestmark = pytest.mark.slow
@@ -37,6 +38,11 @@ def _start(tmp: Path, spec: Path, uri: str) -> subprocess.Popen:
 
 
 def _trial_runs(name: str) -> pd.DataFrame | None:
+    """The trial runs, or None before the driver has put its store in place: a reader never creates the file
+    (MLflow's client would build the schema in place, under the driver opening it)."""
+    db = sqlite_path(mlflow.get_tracking_uri())
+    if db is not None and not db.exists():
+        return None
     try:
         return mlflow.search_runs(experiment_names=[name], filter_string="tags.`fairsweep.kind` = 'trial'")
     except Exception:  # noqa: BLE001 - the store may not exist yet or be momentarily locked
@@ -66,7 +72,7 @@ def _interrupt_when(uri: str, name: str, proc: subprocess.Popen, sig: int, *, fi
     to the driver alone, delivered as it is let go.
     """
     mlflow.set_tracking_uri(uri)
-    client = MlflowClient(uri)
+    client = None  # MlflowClient opens its store at once: made only once the driver's store is in place
     deadline = time.monotonic() + timeout
     seen: dict = {}
     while time.monotonic() < deadline:
@@ -76,6 +82,7 @@ def _interrupt_when(uri: str, name: str, proc: subprocess.Popen, sig: int, *, fi
             runs = _trial_runs(name)
             if runs is not None and len(runs):
                 seen = runs["status"].value_counts().to_dict()
+                client = client or MlflowClient(uri)
                 in_flight = [r for r in runs.loc[runs["status"] == "RUNNING", "run_id"]
                              if len(client.get_metric_history(r, "train_loss")) <= EPOCHS - epochs_to_go]
                 if seen.get("FINISHED", 0) >= finished and len(in_flight) >= running:
