@@ -15,6 +15,7 @@ import gc
 import importlib
 import logging
 import os
+import subprocess
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterator
@@ -318,8 +319,6 @@ def _driver_lock(path: str, name: str, storage: str, *, new: bool) -> Iterator[N
 @contextlib.contextmanager
 def _ray_session(spec: Any, options: LaunchOptions) -> Iterator[None]:
     """Ray for the block, its resources checked first; a Ray this process started is shut down after."""
-    import ray
-
     cluster = bool(options.address or os.environ.get("RAY_ADDRESS"))
     started, dashboard_url = init_ray(options.address, trial_output=options.trial_output, dashboard=options.dashboard)
     if options.dashboard and options.progress:
@@ -330,7 +329,23 @@ def _ray_session(spec: Any, options: LaunchOptions) -> Iterator[None]:
         yield
     finally:
         if started:
-            ray.shutdown()
+            stop_ray()
+
+
+def stop_ray() -> None:
+    """``ray.shutdown()``, less the second Ray's autoscaler monitor costs it. Ray stops the monitor after the GCS;
+    the monitor's SIGTERM handler then blocks reporting its end to the GCS that is gone, until Ray kills it 1 s
+    later. A private local instance has nothing to autoscale, so its monitor is killed outright first; a driver
+    connected to a cluster has no such process of its own (and leaves the cluster's running)."""
+    import ray
+    from ray._private import ray_constants, worker
+
+    node = getattr(worker, "_global_node", None)
+    for info in (getattr(node, "all_processes", None) or {}).get(ray_constants.PROCESS_TYPE_MONITOR, []):
+        with contextlib.suppress(OSError, subprocess.TimeoutExpired):
+            info.process.kill()
+            info.process.wait(timeout=1)
+    ray.shutdown()
 
 
 def _run(plan: Plan, path: str, tracking_uri: str, cache_root: str, options: LaunchOptions,

@@ -1,8 +1,9 @@
-"""A local sweep listens on loopback only: every socket the driver and its Ray processes listen on is
-127.0.0.1 (or ::1), with nobody having set RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER beforehand."""
+"""A local sweep's Ray: it listens on loopback only (every socket the driver and its Ray processes listen on is
+127.0.0.1 or ::1, with nobody having set RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER beforehand), and it stops whole."""
 from __future__ import annotations
 
 import ipaddress
+import json
 import subprocess
 import sys
 import time
@@ -88,3 +89,49 @@ def test_the_library_binds_a_local_ray_to_loopback_unless_told_otherwise():
     # too late: ray came first, so the user is told
     value, stderr = _ray_binds_everywhere("import ray\nimport orchestrator.launch")
     assert value == "True" and "RuntimeWarning" in stderr and "listens on every network interface" in stderr
+
+
+_STOP_LOCAL_RAY = """
+import importlib, json
+from orchestrator import raylocal
+raylocal.loopback_default(None)
+import ray
+launch = importlib.import_module("orchestrator.launch")
+assert launch.init_ray(None)[0]
+procs = {kind: [info.process for info in infos] for kind, infos in ray._private.worker._global_node.all_processes.items()}
+print(json.dumps({"pids": [p.pid for ps in procs.values() for p in ps]}), flush=True)
+seen = {}
+real_shutdown = ray.shutdown
+def shutdown(*args, **kwargs):
+    seen["alive when Ray's shutdown began"] = sorted(k for k, ps in procs.items() if any(p.poll() is None for p in ps))
+    return real_shutdown(*args, **kwargs)
+ray.shutdown = shutdown
+launch.stop_ray()
+seen["left"] = sorted(k for k, ps in procs.items() if any(p.poll() is None for p in ps))
+seen["initialized"] = ray.is_initialized()
+print(json.dumps(seen), flush=True)
+"""
+
+
+def test_stopping_a_local_ray_ends_its_monitor_first_and_leaves_nothing(tmp_path):
+    # Ray stops its autoscaler monitor after the GCS, and the monitor then blocks reporting to the GCS until Ray
+    # kills it a second later; stop_ray ends it first, so only Ray's own order is left for the rest
+    proc = subprocess.Popen([sys.executable, "-c", _STOP_LOCAL_RAY], cwd=REPO, env=cli_env(), stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, start_new_session=True)
+    pids: list[int] = []
+    try:
+        stdout, stderr = proc.communicate(timeout=180)
+        lines = [json.loads(line) for line in stdout.splitlines() if line.startswith("{")]
+        pids = lines[0]["pids"] if lines else []
+        assert proc.returncode == 0 and len(lines) == 2, stdout[-2000:] + stderr[-3000:]
+        seen = lines[1]
+        assert "monitor" not in seen["alive when Ray's shutdown began"]
+        assert {"gcs_server", "raylet"} <= set(seen["alive when Ray's shutdown began"])
+        assert seen["left"] == [] and seen["initialized"] is False
+    finally:
+        kill_session(proc)
+        for pid in pids:  # a Ray process outside the session (none expected) is stopped by its id
+            try:
+                psutil.Process(pid).kill()
+            except psutil.Error:
+                pass
