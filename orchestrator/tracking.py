@@ -161,7 +161,14 @@ class SweepTracker(tune.Callback):
     def announce_pretraining(self) -> None:
         jobs = self.plan.pretrain_jobs
         if self.progress and jobs:
-            self.progress(f"pretraining: {len(jobs)} job(s) ({', '.join(f'{j.backbone}/{j.paradigm}' for j in jobs)})")
+            names = ", ".join(f"{j.backbone}/{j.paradigm}" for j in jobs)
+            self.progress(f"pretraining: {len(jobs)} job(s) ({names})" if self._every_base_runs() else
+                          f"pretraining: up to {len(jobs)} job(s), each when the search first picks its base ({names})")
+
+    def _every_base_runs(self) -> bool:
+        """A grid runs every cell, so every base of the plan is built; a search builds only the bases it picks,
+        and may never pick some within its budget."""
+        return self.spec.search.type == "grid"
 
     def _note_pretraining(self, result: Mapping[str, Any]) -> str | None:
         """Log the pretraining run of the base a trial's report says it built (or found built), once per key;
@@ -189,8 +196,9 @@ class SweepTracker(tune.Callback):
         if self.progress:
             how = ("from the cache" if outcome.reused else
                    f"{len(outcome.losses)} epochs, last loss {outcome.losses[-1]:.4f}" if outcome.losses else "built")
-            self.progress(f"pretraining {len(self._pretrain_runs)}/{len(self.plan.pretrain_jobs)} done: {job.backbone}/"
-                          f"{job.paradigm} ({how}, {outcome.seconds:.0f} s)")
+            done, jobs = len(self._pretrain_runs), len(self.plan.pretrain_jobs)
+            count = f"{done}/{jobs}" if self._every_base_runs() else f"{done} of up to {jobs}"
+            self.progress(f"pretraining {count} done: {job.backbone}/{job.paradigm} ({how}, {outcome.seconds:.0f} s)")
         return run_id
 
     def log_unreported_pretraining(self, keys: Any = None) -> None:

@@ -215,6 +215,29 @@ def test_the_first_report_naming_a_base_logs_its_pretraining_run_once(tmp_path):
                     "pretraining 2/2 done: test_resnet/biased (from the cache, 0 s)"]
 
 
+
+def test_a_search_counts_its_bases_as_up_to_the_plans_since_it_may_never_pick_some(tmp_path):
+    import json
+    from dataclasses import asdict
+
+    from trainables.finetune import PRETRAIN_OUTCOME
+    from trainables.pretrain import PretrainOutcome
+
+    uri = sqlite_uri(tmp_path)
+    spec = tiny_spec(**{"axes.paradigm": ["supervised", "biased"], "axes.seed": [0, 1, 2]})
+    spec["search"] = {"type": "optuna", "sampler": "tpe", "budget": 2, "seed": 0}
+    plan = build_plan(parse_spec(spec))
+    said: list[str] = []
+    tracker = SweepTracker(plan, uri, artifact_location=artifact_location(uri), progress=said.append)
+    tracker.open()
+    tracker.announce_pretraining()
+    job = plan.pretrain_jobs[1]
+    outcome = PretrainOutcome(job.key, f"/cache/{job.key}", False, False, (0.5,), 2.0, "cpu", {"seconds": 2.0})
+    tracker._note_pretraining({PRETRAIN_OUTCOME: json.dumps(asdict(outcome))})
+    assert said == ["pretraining: up to 2 job(s), each when the search first picks its base "
+                    "(test_resnet/supervised, test_resnet/biased)",
+                    "pretraining 1 of up to 2 done: test_resnet/biased (1 epochs, last loss 0.5000, 2 s)"]
+
 class _Trial:
     """What the tracker reads of a Tune trial: its id and config."""
 
