@@ -329,10 +329,10 @@ def _ray_session(spec: Any, options: LaunchOptions) -> Iterator[None]:
         yield
     finally:
         if started:
-            stop_ray()
+            _stop_ray()
 
 
-def stop_ray() -> None:
+def _stop_ray() -> None:
     """``ray.shutdown()``, less the second Ray's autoscaler monitor costs it. Ray stops the monitor after the GCS;
     the monitor's SIGTERM handler then blocks reporting its end to the GCS that is gone, until Ray kills it 1 s
     later. A private local instance has nothing to autoscale, so its monitor is killed outright first; a driver

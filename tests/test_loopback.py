@@ -106,7 +106,7 @@ def shutdown(*args, **kwargs):
     seen["alive when Ray's shutdown began"] = sorted(k for k, ps in procs.items() if any(p.poll() is None for p in ps))
     return real_shutdown(*args, **kwargs)
 ray.shutdown = shutdown
-launch.stop_ray()
+launch._stop_ray()
 seen["left"] = sorted(k for k, ps in procs.items() if any(p.poll() is None for p in ps))
 seen["initialized"] = ray.is_initialized()
 print(json.dumps(seen), flush=True)
@@ -115,7 +115,7 @@ print(json.dumps(seen), flush=True)
 
 def test_stopping_a_local_ray_ends_its_monitor_first_and_leaves_nothing(tmp_path):
     # Ray stops its autoscaler monitor after the GCS, and the monitor then blocks reporting to the GCS until Ray
-    # kills it a second later; stop_ray ends it first, so only Ray's own order is left for the rest
+    # kills it a second later; _stop_ray ends it first, so only Ray's own order is left for the rest
     proc = subprocess.Popen([sys.executable, "-c", _STOP_LOCAL_RAY], cwd=REPO, env=cli_env(), stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True, start_new_session=True)
     pids: list[int] = []
