@@ -96,7 +96,7 @@ def init_ray(address: str | None, *, trial_output: bool = False, dashboard: bool
                            log_to_driver=trial_output, configure_logging=False)
     except Exception as exc:
         if dashboard and "missing packages" in str(exc):  # Ray's words when ray[default] is not installed
-            ray.shutdown()
+            _stop_ray()
             raise LaunchError("--dashboard needs Ray's dashboard packages (ray[default]); install them with "
                               "`pip install -e '.[cluster]'`, or leave out --dashboard") from None
         raise

@@ -78,10 +78,7 @@ def run_cli(*args: str, cwd: Path, timeout: float = 600, env: dict[str, str] | N
     try:
         stdout, stderr = proc.communicate(timeout=timeout)
     except subprocess.TimeoutExpired:
-        try:
-            os.killpg(proc.pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
+        kill_session(proc)
         stdout, stderr = proc.communicate()
         raise subprocess.TimeoutExpired(cmd, timeout, output=stdout, stderr=stderr) from None
     return subprocess.CompletedProcess(cmd, proc.returncode, stdout, stderr)
@@ -105,11 +102,17 @@ def finish_cli(proc: subprocess.Popen, timeout: float = 600) -> subprocess.Compl
 
 
 def kill_session(proc: subprocess.Popen) -> None:
-    """SIGKILL the session a ``start_cli`` command leads (the driver and the local Ray it started)."""
-    try:
-        os.killpg(proc.pid, signal.SIGKILL)
-    except ProcessLookupError:
-        pass
+    """SIGKILL every process of the session a ``start_cli`` command leads (the driver and the local Ray it
+    started). By session, not by process group: Ray gives each worker a group of its own, and a worker still
+    starting when its raylet dies lingers for about 45 s before it notices."""
+    import psutil
+
+    for pid in psutil.pids():
+        try:
+            if os.getsid(pid) == proc.pid:
+                os.kill(pid, signal.SIGKILL)
+        except OSError:  # gone meanwhile
+            pass
 
 
 def batch_metrics(y: Any, scores: Any, groups: Any, primary: str, threshold: float,

@@ -113,7 +113,7 @@ print(json.dumps(seen), flush=True)
 """
 
 
-def test_stopping_a_local_ray_ends_its_monitor_first_and_leaves_nothing(tmp_path):
+def test_stopping_a_local_ray_ends_its_monitor_first_and_leaves_nothing():
     # Ray stops its autoscaler monitor after the GCS, and the monitor then blocks reporting to the GCS until Ray
     # kills it a second later; _stop_ray ends it first, so only Ray's own order is left for the rest
     proc = subprocess.Popen([sys.executable, "-c", _STOP_LOCAL_RAY], cwd=REPO, env=cli_env(), stdout=subprocess.PIPE,

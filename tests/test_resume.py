@@ -19,7 +19,7 @@ import pytest
 from mlflow.tracking import MlflowClient
 
 from orchestrator.storage import sqlite_path
-from tests.helpers import cli_env, run_cli, sqlite_uri, tiny_spec, write_spec
+from tests.helpers import cli_env, kill_session, run_cli, sqlite_uri, tiny_spec, write_spec
 
 pytestmark = pytest.mark.slow
 
@@ -97,12 +97,9 @@ def _interrupt_when(uri: str, name: str, proc: subprocess.Popen, sig: int, *, fi
     raise AssertionError(f"sweep did not reach {finished} finished / {running} running trials: {seen}")
 
 
-def _stop_group(proc: subprocess.Popen) -> None:
-    """Kill whatever the driver left (its local Ray) by the process group it was started in."""
-    try:
-        os.killpg(proc.pid, signal.SIGKILL)
-    except ProcessLookupError:
-        pass
+def _stop_session(proc: subprocess.Popen) -> None:
+    """Kill whatever the driver left (its local Ray) by the session it was started in."""
+    kill_session(proc)
     proc.wait(timeout=30)
 
 
@@ -146,7 +143,7 @@ def test_sigkill_driver_then_resume(tmp_path):
     try:
         at_kill = _interrupt_when(uri, "killed", proc, signal.SIGKILL, finished=3, running=1, epochs_to_go=0)
     finally:
-        _stop_group(proc)
+        _stop_session(proc)
     before = _finished_histories(uri, "killed")
     stale = set(at_kill.loc[at_kill["status"] == "RUNNING", "run_id"])
     assert stale and _trial_counts(uri, "killed").get("RUNNING", 0) == len(stale)  # left behind by the kill
@@ -182,7 +179,7 @@ def test_sigint_stops_cleanly_then_resume(tmp_path):
         _interrupt_when(uri, "stopped", proc, signal.SIGINT, finished=2, running=1, epochs_to_go=2)
         assert proc.wait(timeout=120) == 130
     finally:
-        _stop_group(proc)
+        _stop_session(proc)
     log = (tmp_path / "driver.log").read_text()
     assert "fairsweep resume stopped" in log
     counts = _trial_counts(uri, "stopped")
@@ -215,7 +212,7 @@ def test_optuna_search_survives_sigkill_with_exactly_budget_trials(tmp_path):
     try:
         at_kill = _interrupt_when(uri, "study", proc, signal.SIGKILL, finished=2, running=1, epochs_to_go=0)
     finally:
-        _stop_group(proc)
+        _stop_session(proc)
     in_flight = set(at_kill.loc[at_kill["status"] == "RUNNING", "run_id"])
     before = _finished_histories(uri, "study")
     out = run_cli("resume", "study", "--storage", str(tmp_path / "results"), "--quiet", cwd=tmp_path)

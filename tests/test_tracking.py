@@ -178,13 +178,19 @@ def test_the_progress_line_counts_the_trial_that_just_ended_as_ended():
     assert lines and lines[0].startswith("trials: 2/8 finished, 1 running, 0 failed;"), lines
 
 
-def test_the_first_report_naming_a_base_logs_its_pretraining_run_once(tmp_path):
-    """Trials build their bases and say how in their reports; the driver logs one pretraining run per key. A trial
-    that only waited for another one's build (the entry found, but built in this driver's run) logs it as built."""
+def _base_report(outcome) -> dict:
+    """What a trial's report says of its base (trainables/finetune.py's PRETRAIN_OUTCOME)."""
     import json
     from dataclasses import asdict
 
     from trainables.finetune import PRETRAIN_OUTCOME
+
+    return {PRETRAIN_OUTCOME: json.dumps(asdict(outcome))}
+
+
+def test_the_first_report_naming_a_base_logs_its_pretraining_run_once(tmp_path):
+    """Trials build their bases and say how in their reports; the driver logs one pretraining run per key. A trial
+    that only waited for another one's build (the entry found, but built in this driver's run) logs it as built."""
     from trainables.pretrain import PretrainOutcome
 
     uri = sqlite_uri(tmp_path)
@@ -196,9 +202,8 @@ def test_the_first_report_naming_a_base_logs_its_pretraining_run_once(tmp_path):
     meta = {"seconds": 3.0, "losses": [0.5, 0.25], "device": "cpu", "precision": "fp32"}
 
     def report(job, *, built_in_run: str) -> dict:
-        outcome = PretrainOutcome(job.key, f"/cache/{job.key}", True, False, (0.5, 0.25), 0.0, "cpu",
-                                  {**meta, "built_in_run": built_in_run})
-        return {PRETRAIN_OUTCOME: json.dumps(asdict(outcome))}
+        return _base_report(PretrainOutcome(job.key, f"/cache/{job.key}", True, False, (0.5, 0.25), 0.0, "cpu",
+                                            {**meta, "built_in_run": built_in_run}))
 
     first = tracker._note_pretraining(report(sup, built_in_run=tracker.driver_run))  # a waiter reported first
     assert tracker._note_pretraining(report(sup, built_in_run=tracker.driver_run)) == first  # the builder: no new run
@@ -215,12 +220,7 @@ def test_the_first_report_naming_a_base_logs_its_pretraining_run_once(tmp_path):
                     "pretraining 2/2 done: test_resnet/biased (from the cache, 0 s)"]
 
 
-
 def test_a_search_counts_its_bases_as_up_to_the_plans_since_it_may_never_pick_some(tmp_path):
-    import json
-    from dataclasses import asdict
-
-    from trainables.finetune import PRETRAIN_OUTCOME
     from trainables.pretrain import PretrainOutcome
 
     uri = sqlite_uri(tmp_path)
@@ -232,11 +232,12 @@ def test_a_search_counts_its_bases_as_up_to_the_plans_since_it_may_never_pick_so
     tracker.open()
     tracker.announce_pretraining()
     job = plan.pretrain_jobs[1]
-    outcome = PretrainOutcome(job.key, f"/cache/{job.key}", False, False, (0.5,), 2.0, "cpu", {"seconds": 2.0})
-    tracker._note_pretraining({PRETRAIN_OUTCOME: json.dumps(asdict(outcome))})
+    tracker._note_pretraining(_base_report(PretrainOutcome(job.key, f"/cache/{job.key}", False, False, (0.5,), 2.0,
+                                                           "cpu", {"seconds": 2.0})))
     assert said == ["pretraining: up to 2 job(s), each when the search first picks its base "
                     "(test_resnet/supervised, test_resnet/biased)",
                     "pretraining 1 of up to 2 done: test_resnet/biased (1 epochs, last loss 0.5000, 2 s)"]
+
 
 class _Trial:
     """What the tracker reads of a Tune trial: its id and config."""
