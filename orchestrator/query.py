@@ -5,7 +5,8 @@ holds and what a query answers cannot drift apart.
 
 Uncertainty: a configuration's value is the mean over its seeds, shown with the standard deviation, the
 count and a 95 % Student-t interval, mean ± t(0.975, n − 1) · sd / √n (exact for normal repeats and
-wider than paper A's 1.96 · sd / √n at the few seeds sweeps use; NaN for one seed). Signed metrics
+wider than paper A's 1.96 · sd / √n at the few seeds sweeps use; NaN for one seed), clipped to the values the
+metric can take (``trainables.metrics.value_range``: a mean accuracy's interval stops at 1). Signed metrics
 (``trainables.metrics.is_signed``, e.g. ``tpr_difference``) are compared by their absolute value,
 their distance from parity; the tables keep the sign. Picks (``best``, ``compare``) are made on the
 validation split by default (``val_`` metrics) and report the test metrics of what they picked.
@@ -26,7 +27,7 @@ import pandas as pd
 from orchestrator import pareto as pareto_mod
 from orchestrator.mlflow_runs import TAGS, find_parent_run, run_filter, search_runs
 from trainables.errors import UserError
-from trainables.metrics import direction, is_signed
+from trainables.metrics import direction, is_signed, value_range
 
 __all__ = ["AXIS_PARAMS", "SPLITS", "SweepNotFoundError", "load_trials", "aggregate_seeds", "front_table", "list_sweeps",
            "axis_column", "parent_run", "sweep_objectives", "sweep_trials", "split_metric", "t_interval", "pareto",
@@ -72,14 +73,31 @@ def _objective_values(rows: pd.DataFrame, metrics: Sequence[str]) -> np.ndarray:
     return values
 
 
-def t_interval(values: Sequence[float], confidence: float = 0.95) -> tuple[float, float]:
-    """Student-t interval of the mean of ``values`` (NaN, NaN for fewer than two finite values)."""
+def t_interval(values: Sequence[float], confidence: float = 0.95,
+               bounds: tuple[float, float] = (-math.inf, math.inf)) -> tuple[float, float]:
+    """Student-t interval of the mean of ``values`` (NaN, NaN for fewer than two finite values), clipped to
+    ``bounds``, the values the mean can take: the mean lies within them, so clipping keeps the coverage."""
     x = np.asarray(values, dtype=float)
     x = x[np.isfinite(x)]
     if len(x) < 2:
         return (math.nan, math.nan)
     half = _t_quantile(0.5 + confidence / 2, len(x) - 1) * float(x.std(ddof=1)) / math.sqrt(len(x))
-    return (float(x.mean() - half), float(x.mean() + half))
+    return (float(max(x.mean() - half, bounds[0])), float(min(x.mean() + half, bounds[1])))
+
+
+def _range(metric: str) -> tuple[float, float]:
+    """The values a logged column can take: its metric's ``value_range``; unbounded for one that is not a
+    registered metric (a loss, a calibration error)."""
+    try:
+        return value_range(metric.removeprefix("val_"))
+    except UserError:
+        return (-math.inf, math.inf)
+
+
+def _objective_range(metric: str) -> tuple[float, float]:
+    """``_range`` of the column as ``_objective_values`` has it: a signed metric by its absolute value."""
+    low, high = _range(metric)
+    return (0.0, max(-low, high)) if _is_signed(metric) else (low, high)
 
 
 @functools.lru_cache(maxsize=256)
@@ -132,7 +150,7 @@ def aggregate_seeds(trials: pd.DataFrame, metrics: Sequence[str]) -> pd.DataFram
     for m in present:
         out[m] = grouped[m].mean()
         out[f"{m}_std"] = grouped[m].std(ddof=1)
-        intervals = grouped[m].agg(lambda v: t_interval(v.to_numpy()))
+        intervals = grouped[m].agg(lambda v, bounds=_range(m): t_interval(v.to_numpy(), bounds=bounds))
         out[f"{m}_ci_low"] = intervals.str[0]
         out[f"{m}_ci_high"] = intervals.str[1]
     for m in dict.fromkeys(metrics):
@@ -540,8 +558,8 @@ def _is_number(value: Any) -> bool:
 PAPER_A_CELLS = ("freeze_depth", "finetune.size", "intervention.magnitude")
 
 
-def _interval_columns(values: np.ndarray, name: str) -> dict[str, float]:
-    low, high = t_interval(values)
+def _interval_columns(values: np.ndarray, name: str, bounds: tuple[float, float]) -> dict[str, float]:
+    low, high = t_interval(values, bounds=bounds)
     finite = values[np.isfinite(values)]
     return {name: float(finite.mean()) if len(finite) else math.nan, f"{name}_ci_low": low, f"{name}_ci_high": high}
 
@@ -572,6 +590,7 @@ def inheritance(trials: pd.DataFrame, metric: str, *, biased: str = "biased", co
     # one value per matched cell (a cell run twice, e.g. by a search at two rates, is averaged)
     side = {p: values[values["paradigm"] == p].groupby(keys, dropna=False, as_index=False)["_v"].mean()
             for p in (biased, *controls)}
+    low, high = _objective_range(metric)
     out = []
     for control in controls:
         pairs = side[biased].merge(side[control], on=keys, suffixes=("_b", "_c"))
@@ -579,8 +598,9 @@ def inheritance(trials: pd.DataFrame, metric: str, *, biased: str = "biased", co
             cell = cell if isinstance(cell, tuple) else (cell,)
             b, c = part["_v_b"].to_numpy(float), part["_v_c"].to_numpy(float)
             out.append({"control": control, **dict(zip(cells, cell)), "n_pairs": len(part),
-                        **_interval_columns(b, "biased"), **_interval_columns(c, "control_value"),
-                        **_interval_columns(b - c, "inheritance")})
+                        **_interval_columns(b, "biased", (low, high)),
+                        **_interval_columns(c, "control_value", (low, high)),
+                        **_interval_columns(b - c, "inheritance", (low - high, high - low))})
     columns = ["control", *cells, "n_pairs", *(f"{n}{s}" for n in ("biased", "control_value", "inheritance")
                                                for s in ("", "_ci_low", "_ci_high"))]
     return pd.DataFrame(out, columns=columns)

@@ -9,7 +9,7 @@ from tests.helpers import batch_metrics
 from trainables.metrics import (FAIRNESS_METRICS, GROUP_METRICS, METRIC_DIRECTIONS, METRICS, OVERALL_METRICS,
                                 PERFORMANCE_METRICS, _cells, _resample_indices, bootstrap_ci,
                                 direction, evaluate, is_signed, register_metric, temporary_metric,
-                                unregister_metric)
+                                unregister_metric, value_range)
 
 BUILTIN = tuple(METRICS)
 
@@ -158,6 +158,28 @@ def test_is_signed_and_reported_only_metrics():
         is_signed("tpr_diference")
 
 
+def test_every_value_a_metric_takes_lies_in_its_range():
+    """The ranges the queries clip intervals to are the metrics' own: over many resamples of skewed and
+    balanced cases (also a classifier that predicts one class), no key leaves ``value_range``."""
+    for seed in range(4):
+        y, s, attrs = _case(200, seed=seed)
+        s = np.clip(s + 0.3 * (seed - 1.5), 0, 1)  # thresholds that predict mostly one class, or only one
+        idx = _resample_indices(_cells(y, attrs), 40, np.random.default_rng(seed))
+        for privileged in (None, {"age": 0, "sex": "f"}):
+            got = batch_metrics(y, np.stack([s[i] for i in idx]), attrs, "age", 0.5, privileged)
+            for key, values in got.items():
+                low, high = value_range(key)
+                values = np.asarray(values, dtype=float)
+                values = values[~np.isnan(values)]
+                assert ((values >= low) & (values <= high)).all(), (key, values.min(), values.max(), (low, high))
+    assert value_range("accuracy") == (0.0, 1.0) and value_range("worst:tpr_difference") == (-1.0, 1.0)
+    assert value_range("disparate_impact_deviation/sex") == (0.0, np.inf)
+    with temporary_metric("unbounded_score", lambda c: c.tp / c.n, direction="max", per_attribute=False):
+        assert value_range("unbounded_score") == (-np.inf, np.inf)
+    with temporary_metric("bounded_score", lambda c: c.tp / c.n, direction="max", per_attribute=False, bounds=(0, 1)):
+        assert value_range("bounded_score") == (0.0, 1.0)
+
+
 @pytest.mark.parametrize("name, options, fragment", [
     ("accuracy", {"direction": "max"}, "'accuracy' is already registered; call unregister_metric('accuracy')"),
     ("worst:x", {"direction": "max"}, "must be an identifier"),
@@ -167,6 +189,10 @@ def test_is_signed_and_reported_only_metrics():
     ("x", {"direction": "max", "signed": True}, "needs direction='min'"),
     ("x", {"direction": None}, "needs target=<its best value>"),
     ("x", {"direction": "min", "target": 0.0}, "only for reported metrics"),
+    ("x", {"direction": "max", "bounds": (1, 0)}, "bounds must be (low, high) with low < high"),
+    ("x", {"direction": "max", "bounds": (0,)}, "bounds must be (low, high)"),
+    ("x", {"direction": "max", "bounds": (0, float("nan"))}, "got (0, nan)"),
+    ("x", {"direction": "max", "bounds": "01"}, "bounds must be (low, high)"),
 ])
 def test_bad_registrations_are_named(name, options, fragment):
     with pytest.raises(ValueError) as info:

@@ -164,6 +164,22 @@ def test_inheritance_pairs_by_seed_and_gives_intervals():
         query.inheritance(trials, "equalized_odds_difference", controls=["hats"])
 
 
+def test_inheritance_intervals_stay_within_what_the_difference_can_take():
+    """Two seeds far apart: the bases' intervals stop at equalized odds' range [0, 1], the difference's at
+    [-1, 1]; a signed metric counts by |value|, so its bases' intervals stop at 0 too."""
+    from orchestrator import query
+
+    trials = _trials({"biased": 0.0, "control": 0.0}, seeds=2)
+    biased = trials["paradigm"] == "biased"
+    trials.loc[biased, "equalized_odds_difference"] = np.where(trials.loc[biased, "seed"] == "0", 0.02, 0.9)
+    trials["tpr_difference"] = -trials["equalized_odds_difference"]
+    for metric in ("equalized_odds_difference", "tpr_difference"):
+        row = query.inheritance(trials, metric).iloc[0]
+        assert row["n_pairs"] == 2 and (row["biased_ci_low"], row["biased_ci_high"]) == (0.0, 1.0), metric
+        assert (row["inheritance_ci_low"], row["inheritance_ci_high"]) == (-1.0, 1.0), metric
+        assert 0.0 <= row["control_value_ci_low"] < row["control_value_ci_high"] <= 1.0, metric
+
+
 def test_fairest_level_names_the_magnitude_and_its_cost():
     from orchestrator import query
 

@@ -2,7 +2,7 @@
 
 Predictions are ``y_score >= threshold``. Every metric is ONE registration (``register_metric``): from it
 follow its point estimate in ``evaluate``, its bootstrap in ``bootstrap_ci``, its ``direction``, whether
-it ``is_signed`` and its key forms. Per-attribute metrics are functions of per-group count tables
+it ``is_signed``, its ``value_range`` (the queries clip intervals over seeds to it) and its key forms. Per-attribute metrics are functions of per-group count tables
 (``GroupCounts``: n, n_pos, tp, fp, tn, fn and AUROC, arrays of shape (B, groups)), so one function
 serves the point estimate (B = 1) and the bootstrap (B resamples); a metric that cannot be written on
 counts registers with ``vectorised=False`` and is called once per resample instead. The tests hold every
@@ -89,7 +89,7 @@ from trainables.schema import did_you_mean
 __all__ = ["METRIC_DIRECTIONS", "PERFORMANCE_METRICS", "FAIRNESS_METRICS", "GROUP_METRICS", "OVERALL_METRICS",
            "REPORTED_METRICS", "METRICS", "MetricSpec", "MetricError", "OverallCounts", "GroupCounts",
            "register_metric", "unregister_metric", "temporary_metric", "Evaluation", "evaluate", "direction",
-           "is_signed", "bootstrap_ci", "calibrated_threshold"]
+           "is_signed", "value_range", "bootstrap_ci", "calibrated_threshold"]
 
 _BOOTSTRAP_CHUNK_ELEMENTS = 2_000_000  # resamples x examples per batch: bounds the bootstrap's memory to ~100 MB
 _PER_GROUP_COLUMNS = ("attribute", "group", "n", "n_pos", "accuracy", "tpr", "fpr", "selection_rate", "auroc",
@@ -122,6 +122,7 @@ class MetricSpec:
     vectorised: bool
     target: float | None  # the best value of a reported metric
     use_instead: str | None  # for a reported metric: the objective to name instead
+    bounds: tuple[float, float] = (-math.inf, math.inf)  # the values it can take: intervals are clipped to them
 
     @property
     def best(self) -> float | None:
@@ -130,13 +131,16 @@ class MetricSpec:
 
 
 def _metric_entry(name: str, fn: Callable, *, direction: str | None, per_attribute: bool = True, signed: bool = False,
-                  vectorised: bool = True, target: float | None = None, use_instead: str | None = None) -> MetricSpec:
+                  vectorised: bool = True, target: float | None = None, use_instead: str | None = None,
+                  bounds: tuple[float, float] | None = None) -> MetricSpec:
     """The entry ``register_metric(name, direction=..., ...)`` makes of ``fn``; ``evaluate``, ``bootstrap_ci``,
     ``direction`` and ``is_signed`` know it from then on (see MetricSpec for ``fn``'s signature).
 
     ``direction``: 'max' or 'min' for an objective; None for a metric that is reported but not optimised,
     which then needs ``target`` (its best value, what ``worst:`` measures distance from) and may name
     ``use_instead``. ``signed=True`` (only with 'min'): best at 0, sign kept, queries minimise |value|.
+    ``bounds=(low, high)``: the values the metric can take (e.g. (0, 1) for a rate); an interval over seeds is
+    clipped to them, since a mean accuracy cannot exceed 1. Default: unbounded, nothing clipped.
     """
     if not isinstance(name, str) or not name.isidentifier():
         raise MetricError(f"metric name must be an identifier such as 'tpr_difference' (it becomes the keys NAME, "
@@ -160,7 +164,18 @@ def _metric_entry(name: str, fn: Callable, *, direction: str | None, per_attribu
     if not callable(fn):
         raise MetricError(f"metric {name!r} must be registered on a function; got {fn!r}")
     return MetricSpec(name, fn, direction, bool(per_attribute), bool(signed), bool(vectorised),
-                      None if target is None else float(target), use_instead)
+                      None if target is None else float(target), use_instead, _checked_bounds(name, bounds))
+
+
+def _checked_bounds(name: str, bounds: Any) -> tuple[float, float]:
+    if bounds is None:
+        return (-math.inf, math.inf)
+    reals = (isinstance(bounds, SequenceABC) and len(bounds) == 2
+             and all(isinstance(b, numbers.Real) and not isinstance(b, bool) and not math.isnan(b) for b in bounds))
+    if not reals or not bounds[0] < bounds[1]:
+        raise MetricError(f"metric {name!r}: bounds must be (low, high) with low < high, the values it can take "
+                          f"(e.g. (0, 1) for a rate, (0, math.inf) for a deviation); got {bounds!r}")
+    return (float(bounds[0]), float(bounds[1]))
 
 
 _METRICS: Registry[MetricSpec] = Registry("metric", _metric_entry)  # the module's only mutable state
@@ -297,6 +312,12 @@ def direction(metric: str) -> str:
 def is_signed(metric: str) -> bool:
     """True for signed metrics (best at 0, the sign says who is favoured): objectives minimise |value|."""
     return _lookup(metric)[0].signed
+
+
+def value_range(metric: str) -> tuple[float, float]:
+    """(low, high): the values a key ``NAME``, ``NAME/attribute`` or ``worst:NAME`` can take (its registration's
+    ``bounds``; unbounded if it gave none)."""
+    return _lookup(metric)[0].bounds
 
 
 # --- count tables ----------------------------------------------------------------------------------------------
@@ -452,119 +473,121 @@ class GroupCounts:
 
 # --- built-in metrics ------------------------------------------------------------------------------------------
 
+_UNIT, _SIGNED_UNIT, _NON_NEGATIVE = (0.0, 1.0), (-1.0, 1.0), (0.0, math.inf)  # rates and gaps; signed; ratios
 
-@register_metric("accuracy", direction="max", per_attribute=False)
+
+@register_metric("accuracy", direction="max", per_attribute=False, bounds=_UNIT)
 def _accuracy(c: OverallCounts) -> np.ndarray:
     return (c.tp + c.tn) / c.n
 
 
-@register_metric("balanced_accuracy", direction="max", per_attribute=False)
+@register_metric("balanced_accuracy", direction="max", per_attribute=False, bounds=_UNIT)
 def _balanced_accuracy(c: OverallCounts) -> np.ndarray:
     return (c.tp / c.n_pos + c.tn / c.n_neg) / 2
 
 
-@register_metric("auroc", direction="max", per_attribute=False)
+@register_metric("auroc", direction="max", per_attribute=False, bounds=_UNIT)
 def _auroc(c: OverallCounts) -> np.ndarray:
     return c.auroc
 
 
-@register_metric("auprc", direction="max", per_attribute=False)
+@register_metric("auprc", direction="max", per_attribute=False, bounds=_UNIT)
 def _auprc(c: OverallCounts) -> np.ndarray:
     return c.auprc
 
 
-@register_metric("f1", direction="max", per_attribute=False)
+@register_metric("f1", direction="max", per_attribute=False, bounds=_UNIT)
 def _f1(c: OverallCounts) -> np.ndarray:
     return np.nan_to_num(_divide(2 * c.tp, 2 * c.tp + c.fp + c.fn), nan=0.0)  # scikit-learn's zero_division=0
 
 
-@register_metric("worst_group_accuracy", direction="max")
+@register_metric("worst_group_accuracy", direction="max", bounds=_UNIT)
 def _worst_group_accuracy(c: GroupCounts) -> np.ndarray:
     return c.accuracy.min(axis=1)
 
 
-@register_metric("worst_group_auroc", direction="max")
+@register_metric("worst_group_auroc", direction="max", bounds=_UNIT)
 def _worst_group_auroc(c: GroupCounts) -> np.ndarray:
     return c.auroc.min(axis=1)
 
 
-@register_metric("accuracy_gap", direction="min")
+@register_metric("accuracy_gap", direction="min", bounds=_UNIT)
 def _accuracy_gap(c: GroupCounts) -> np.ndarray:
     return c.gap(c.accuracy)
 
 
-@register_metric("auroc_gap", direction="min")
+@register_metric("auroc_gap", direction="min", bounds=_UNIT)
 def _auroc_gap(c: GroupCounts) -> np.ndarray:
     return c.gap(c.auroc)
 
 
-@register_metric("demographic_parity_difference", direction="min")
+@register_metric("demographic_parity_difference", direction="min", bounds=_UNIT)
 def _demographic_parity_difference(c: GroupCounts) -> np.ndarray:
     return c.gap(c.selection_rate)
 
 
-@register_metric("equalized_odds_difference", direction="min")
+@register_metric("equalized_odds_difference", direction="min", bounds=_UNIT)
 def _equalized_odds_difference(c: GroupCounts) -> np.ndarray:
     return np.maximum(c.gap(c.tpr), c.gap(c.fpr))
 
 
-@register_metric("equal_opportunity_difference", direction="min")
+@register_metric("equal_opportunity_difference", direction="min", bounds=_UNIT)
 def _equal_opportunity_difference(c: GroupCounts) -> np.ndarray:
     return c.gap(c.tpr)
 
 
-@register_metric("tpr_difference", direction="min", signed=True)
+@register_metric("tpr_difference", direction="min", signed=True, bounds=_SIGNED_UNIT)
 def _tpr_difference(c: GroupCounts) -> np.ndarray:
     return c.difference(c.tpr)
 
 
-@register_metric("fpr_difference", direction="min", signed=True)
+@register_metric("fpr_difference", direction="min", signed=True, bounds=_SIGNED_UNIT)
 def _fpr_difference(c: GroupCounts) -> np.ndarray:
     return c.difference(c.fpr)
 
 
-@register_metric("statistical_parity_difference", direction="min", signed=True)
+@register_metric("statistical_parity_difference", direction="min", signed=True, bounds=_SIGNED_UNIT)
 def _statistical_parity_difference(c: GroupCounts) -> np.ndarray:
     return c.difference(c.selection_rate)
 
 
-@register_metric("average_absolute_odds_difference", direction="min")
+@register_metric("average_absolute_odds_difference", direction="min", bounds=_UNIT)
 def _average_absolute_odds_difference(c: GroupCounts) -> np.ndarray:
     pairwise = (np.abs(c.differences(c.tpr)) + np.abs(c.differences(c.fpr))) / 2
     return _farthest(pairwise, 0.0)
 
 
-@register_metric("disparate_impact_ratio", direction=None, target=1.0, use_instead="disparate_impact_deviation")
+@register_metric("disparate_impact_ratio", direction=None, target=1.0, use_instead="disparate_impact_deviation", bounds=_NON_NEGATIVE)
 def _disparate_impact_ratio(c: GroupCounts) -> np.ndarray:
     return c.ratio(c.selection_rate)
 
 
-@register_metric("disparate_impact_deviation", direction="min")
+@register_metric("disparate_impact_deviation", direction="min", bounds=_NON_NEGATIVE)
 def _disparate_impact_deviation(c: GroupCounts) -> np.ndarray:
     return c.ratio_deviation(c.selection_rate)
 
 
-@register_metric("fpr_ratio_deviation", direction="min")
+@register_metric("fpr_ratio_deviation", direction="min", bounds=_NON_NEGATIVE)
 def _fpr_ratio_deviation(c: GroupCounts) -> np.ndarray:
     return c.ratio_deviation(c.fpr)
 
 
-@register_metric("fnr_ratio_deviation", direction="min")
+@register_metric("fnr_ratio_deviation", direction="min", bounds=_NON_NEGATIVE)
 def _fnr_ratio_deviation(c: GroupCounts) -> np.ndarray:
     return c.ratio_deviation(c.fnr)
 
 
-@register_metric("fdr_ratio_deviation", direction="min")
+@register_metric("fdr_ratio_deviation", direction="min", bounds=_NON_NEGATIVE)
 def _fdr_ratio_deviation(c: GroupCounts) -> np.ndarray:
     return c.ratio_deviation(c.fdr)
 
 
-@register_metric("for_ratio_deviation", direction="min")
+@register_metric("for_ratio_deviation", direction="min", bounds=_NON_NEGATIVE)
 def _for_ratio_deviation(c: GroupCounts) -> np.ndarray:
     return c.ratio_deviation(c.false_omission_rate)
 
 
-@register_metric("error_rate_ratio_deviation", direction="min")
+@register_metric("error_rate_ratio_deviation", direction="min", bounds=_NON_NEGATIVE)
 def _error_rate_ratio_deviation(c: GroupCounts) -> np.ndarray:
     return c.ratio_deviation(c.error_rate)
 
