@@ -76,13 +76,17 @@ def _objective_values(rows: pd.DataFrame, metrics: Sequence[str]) -> np.ndarray:
 def t_interval(values: Sequence[float], confidence: float = 0.95,
                bounds: tuple[float, float] = (-math.inf, math.inf)) -> tuple[float, float]:
     """Student-t interval of the mean of ``values`` (NaN, NaN for fewer than two finite values), clipped to
-    ``bounds``, the values the mean can take: the mean lies within them, so clipping keeps the coverage."""
+    ``bounds``, the values the mean can take: the mean lies within them, so clipping keeps the coverage. A mean
+    outside them (bounds that do not hold for these values) leaves the interval as it is."""
     x = np.asarray(values, dtype=float)
     x = x[np.isfinite(x)]
     if len(x) < 2:
         return (math.nan, math.nan)
+    mean = float(x.mean())
     half = _t_quantile(0.5 + confidence / 2, len(x) - 1) * float(x.std(ddof=1)) / math.sqrt(len(x))
-    return (float(max(x.mean() - half, bounds[0])), float(min(x.mean() + half, bounds[1])))
+    if not bounds[0] <= mean <= bounds[1]:
+        return (mean - half, mean + half)
+    return (max(mean - half, bounds[0]), min(mean + half, bounds[1]))
 
 
 def _range(metric: str) -> tuple[float, float]:
@@ -97,7 +101,11 @@ def _range(metric: str) -> tuple[float, float]:
 def _objective_range(metric: str) -> tuple[float, float]:
     """``_range`` of the column as ``_objective_values`` has it: a signed metric by its absolute value."""
     low, high = _range(metric)
-    return (0.0, max(-low, high)) if _is_signed(metric) else (low, high)
+    try:
+        signed = _is_signed(metric)
+    except UserError:  # not a registered metric: unbounded, and not signed
+        signed = False
+    return (0.0, max(-low, high)) if signed else (low, high)
 
 
 @functools.lru_cache(maxsize=256)
@@ -571,7 +579,9 @@ def inheritance(trials: pd.DataFrame, metric: str, *, biased: str = "biased", co
 
     Columns: ``control``, the cell axes, ``n_pairs``, ``biased`` and ``control_value`` (means over seeds)
     and ``inheritance`` (mean paired difference), each with its 95 % Student-t interval (``_ci_low`` /
-    ``_ci_high``). ``controls`` defaults to every paradigm but the biased base and ``scratch``.
+    ``_ci_high``), clipped to what it can take: the metric's range for the bases, and for the difference that
+    range's width either way (equalized odds: [-1, 1]). ``controls`` defaults to every paradigm but the
+    biased base and ``scratch``.
     """
     _check_metrics(trials, metric)
     if "paradigm" not in trials or biased not in set(trials["paradigm"]):

@@ -163,7 +163,7 @@ def _write_summary(path: Path, sweep: str, experiment: str, trials: pd.DataFrame
     lines = [f"# Sweep `{sweep}`", "",
              f"- MLflow experiment: `{experiment}`; finished trials: {len(trials)}; configurations: {len(table)}",
              f"- objectives: `{perf}` and `{fair}` on the test split: means over seeds, their standard deviation and a "
-             f"95 % Student-t interval", "",
+             f"95 % Student-t interval (clipped to the metric's range)", "",
              f"## Pareto front ({len(front)} configurations)", "", _markdown_table(shown), ""]
     if not best.empty:
         row = best.iloc[0]

@@ -158,22 +158,42 @@ def test_is_signed_and_reported_only_metrics():
         is_signed("tpr_diference")
 
 
+BOUNDS = {**dict.fromkeys(("accuracy", "balanced_accuracy", "auroc", "auprc", "f1", "worst_group_accuracy",
+                            "worst_group_auroc", "accuracy_gap", "auroc_gap", "demographic_parity_difference",
+                            "equalized_odds_difference", "equal_opportunity_difference",
+                            "average_absolute_odds_difference"), (0.0, 1.0)),
+          **dict.fromkeys(("tpr_difference", "fpr_difference", "statistical_parity_difference"), (-1.0, 1.0)),
+          **dict.fromkeys(("disparate_impact_ratio", "disparate_impact_deviation", "fpr_ratio_deviation",
+                           "fnr_ratio_deviation", "fdr_ratio_deviation", "for_ratio_deviation",
+                           "error_rate_ratio_deviation"), (0.0, np.inf))}
+
+
 def test_every_value_a_metric_takes_lies_in_its_range():
-    """The ranges the queries clip intervals to are the metrics' own: over many resamples of skewed and
-    balanced cases (also a classifier that predicts one class), no key leaves ``value_range``."""
+    """The ranges the queries clip intervals to are the metrics' own, for every built-in metric and key form:
+    over resamples of skewed cases, and of classifiers at the edges (perfect, inverted, one that favours one
+    group outright), values reach the ends of the ranges and never leave them."""
+    assert {name: value_range(name) for name in BUILTIN} == BOUNDS
+    y, s, attrs = _case(200, seed=0)
+    female = attrs["sex"] == "f"
+    edges = [y.astype(float), 1.0 - y, np.ones(len(y)), np.where(female, 1.0, 0.0), np.where(female, y, 1.0 - y)]
+    score_sets = [np.stack(edges)]
     for seed in range(4):
-        y, s, attrs = _case(200, seed=seed)
-        s = np.clip(s + 0.3 * (seed - 1.5), 0, 1)  # thresholds that predict mostly one class, or only one
-        idx = _resample_indices(_cells(y, attrs), 40, np.random.default_rng(seed))
+        shifted = np.clip(s + 0.3 * (seed - 1.5), 0, 1)  # thresholds that predict mostly one class, or only one
+        score_sets.append(np.stack([shifted[i] for i in _resample_indices(_cells(y, attrs), 40,
+                                                                           np.random.default_rng(seed))]))
+    seen: dict[str, list[float]] = {}
+    for scores in score_sets:
         for privileged in (None, {"age": 0, "sex": "f"}):
-            got = batch_metrics(y, np.stack([s[i] for i in idx]), attrs, "age", 0.5, privileged)
-            for key, values in got.items():
+            for key, values in batch_metrics(y, scores, attrs, "age", 0.5, privileged).items():
                 low, high = value_range(key)
                 values = np.asarray(values, dtype=float)
                 values = values[~np.isnan(values)]
                 assert ((values >= low) & (values <= high)).all(), (key, values.min(), values.max(), (low, high))
-    assert value_range("accuracy") == (0.0, 1.0) and value_range("worst:tpr_difference") == (-1.0, 1.0)
-    assert value_range("disparate_impact_deviation/sex") == (0.0, np.inf)
+                seen.setdefault(key.split("/")[0].removeprefix("worst:"), []).extend(values.tolist())
+    for name in ("accuracy", "auroc", "worst_group_accuracy", "equalized_odds_difference", "demographic_parity_difference"):
+        assert min(seen[name]) == 0.0 and max(seen[name]) == 1.0, name  # both ends reached
+    assert min(seen["tpr_difference"]) == -1.0 and max(seen["tpr_difference"]) == 1.0
+    assert max(seen["disparate_impact_deviation"]) > 1.0  # a deviation is no rate
     with temporary_metric("unbounded_score", lambda c: c.tp / c.n, direction="max", per_attribute=False):
         assert value_range("unbounded_score") == (-np.inf, np.inf)
     with temporary_metric("bounded_score", lambda c: c.tp / c.n, direction="max", per_attribute=False, bounds=(0, 1)):
@@ -193,6 +213,7 @@ def test_every_value_a_metric_takes_lies_in_its_range():
     ("x", {"direction": "max", "bounds": (0,)}, "bounds must be (low, high)"),
     ("x", {"direction": "max", "bounds": (0, float("nan"))}, "got (0, nan)"),
     ("x", {"direction": "max", "bounds": "01"}, "bounds must be (low, high)"),
+    ("x", {"direction": "min", "signed": True, "bounds": (0.1, 1)}, "signed (best at 0), so its bounds must hold 0"),
 ])
 def test_bad_registrations_are_named(name, options, fragment):
     with pytest.raises(ValueError) as info:

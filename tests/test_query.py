@@ -439,7 +439,7 @@ def test_intervals_over_seeds_stay_within_what_the_metric_can_take():
     """Two seeds (t(0.975, 1) = 12.7) near a metric's edge: accuracy's interval stops at 1, equalized odds' at 0,
     tpr_difference's at -1 and 1, and a column that is no registered metric keeps its raw t-interval."""
     trials = _frame([{"paradigm": "p", "intervention.magnitude": 0.5, "seed": k, PERF: acc, FAIR: eod,
-                      "tpr_difference": tpr, "val_loss": loss}
+                      f"val_{PERF}": acc, f"val_{FAIR}": eod, "tpr_difference": tpr, "val_loss": loss}
                      for k, (acc, eod, tpr, loss) in enumerate([(0.99, 0.0, -0.9, 0.1), (0.95, 0.04, 0.8, 0.3)])])
     import numpy as np
 
@@ -452,9 +452,13 @@ def test_intervals_over_seeds_stay_within_what_the_metric_can_take():
     assert (row["tpr_difference_ci_low"], row["tpr_difference_ci_high"]) == (-1.0, 1.0)
     assert row["val_loss_ci_low"] < 0 and row["val_loss_ci_low"] == pytest.approx(0.2 - half([0.1, 0.3]))  # no range
     assert query.t_interval([0.99, 0.95]) == pytest.approx((0.97 - half([0.99, 0.95]), 0.97 + half([0.99, 0.95])))
-    # the pick's table carries the same clipped intervals
-    pick = query.best(trials, PERF, FAIR, max_drop=0.01, select_on="test")
-    assert pick[f"{PERF}_ci_high"][0] == 1.0 and pick[f"{FAIR}_ci_low"][0] == 0.0
+    assert query.t_interval([1.4, 1.6], bounds=(0.0, 1.0)) == pytest.approx((1.5 - half([1.4, 1.6]),
+                                                                             1.5 + half([1.4, 1.6])))  # wrong bounds
+    # the pick's table carries the same clipped intervals, validation columns included
+    pick = query.best(trials, PERF, FAIR, max_drop=0.01)
+    assert pick["selected_on"][0] == "val" and pick[f"{PERF}_ci_high"][0] == 1.0 and pick[f"{FAIR}_ci_low"][0] == 0.0
+    val = query.aggregate_seeds(trials, [f"val_{PERF}", f"val_{FAIR}"]).iloc[0]
+    assert val[f"val_{PERF}_ci_high"] == 1.0 and val[f"val_{FAIR}_ci_low"] == 0.0
 
 
 def test_paired_tests_equal_scipy_with_holm_correction():

@@ -134,7 +134,7 @@ def _metric_entry(name: str, fn: Callable, *, direction: str | None, per_attribu
                   vectorised: bool = True, target: float | None = None, use_instead: str | None = None,
                   bounds: tuple[float, float] | None = None) -> MetricSpec:
     """The entry ``register_metric(name, direction=..., ...)`` makes of ``fn``; ``evaluate``, ``bootstrap_ci``,
-    ``direction`` and ``is_signed`` know it from then on (see MetricSpec for ``fn``'s signature).
+    ``direction``, ``is_signed`` and ``value_range`` know it from then on (see MetricSpec for ``fn``'s signature).
 
     ``direction``: 'max' or 'min' for an objective; None for a metric that is reported but not optimised,
     which then needs ``target`` (its best value, what ``worst:`` measures distance from) and may name
@@ -163,8 +163,11 @@ def _metric_entry(name: str, fn: Callable, *, direction: str | None, per_attribu
                           f"value; drop target")
     if not callable(fn):
         raise MetricError(f"metric {name!r} must be registered on a function; got {fn!r}")
+    checked = _checked_bounds(name, bounds)
+    if signed and not checked[0] <= 0.0 <= checked[1]:
+        raise MetricError(f"metric {name!r} is signed (best at 0), so its bounds must hold 0; got {bounds!r}")
     return MetricSpec(name, fn, direction, bool(per_attribute), bool(signed), bool(vectorised),
-                      None if target is None else float(target), use_instead, _checked_bounds(name, bounds))
+                      None if target is None else float(target), use_instead, checked)
 
 
 def _checked_bounds(name: str, bounds: Any) -> tuple[float, float]:
