@@ -2,7 +2,8 @@
 
 Predictions are ``y_score >= threshold``. Every metric is ONE registration (``register_metric``): from it
 follow its point estimate in ``evaluate``, its bootstrap in ``bootstrap_ci``, its ``direction``, whether
-it ``is_signed``, its ``value_range`` (the queries clip intervals over seeds to it) and its key forms. Per-attribute metrics are functions of per-group count tables
+it ``is_signed``, its ``value_range`` (the queries clip intervals over seeds to it) and its key forms.
+Per-attribute metrics are functions of per-group count tables
 (``GroupCounts``: n, n_pos, tp, fp, tn, fn and AUROC, arrays of shape (B, groups)), so one function
 serves the point estimate (B = 1) and the bootstrap (B resamples); a metric that cannot be written on
 counts registers with ``vectorised=False`` and is called once per resample instead. The tests hold every
@@ -560,7 +561,8 @@ def _average_absolute_odds_difference(c: GroupCounts) -> np.ndarray:
     return _farthest(pairwise, 0.0)
 
 
-@register_metric("disparate_impact_ratio", direction=None, target=1.0, use_instead="disparate_impact_deviation", bounds=_NON_NEGATIVE)
+@register_metric("disparate_impact_ratio", direction=None, target=1.0, use_instead="disparate_impact_deviation",
+                 bounds=_NON_NEGATIVE)
 def _disparate_impact_ratio(c: GroupCounts) -> np.ndarray:
     return c.ratio(c.selection_rate)
 
