@@ -164,14 +164,11 @@ def _metric_entry(name: str, fn: Callable, *, direction: str | None, per_attribu
                           f"value; drop target")
     if not callable(fn):
         raise MetricError(f"metric {name!r} must be registered on a function; got {fn!r}")
-    checked = _checked_bounds(name, bounds)
-    if signed and not checked[0] <= 0.0 <= checked[1]:
-        raise MetricError(f"metric {name!r} is signed (best at 0), so its bounds must hold 0; got {bounds!r}")
     return MetricSpec(name, fn, direction, bool(per_attribute), bool(signed), bool(vectorised),
-                      None if target is None else float(target), use_instead, checked)
+                      None if target is None else float(target), use_instead, _checked_bounds(name, bounds, signed))
 
 
-def _checked_bounds(name: str, bounds: Any) -> tuple[float, float]:
+def _checked_bounds(name: str, bounds: Any, signed: bool) -> tuple[float, float]:
     if bounds is None:
         return (-math.inf, math.inf)
     reals = (isinstance(bounds, SequenceABC) and len(bounds) == 2
@@ -179,6 +176,8 @@ def _checked_bounds(name: str, bounds: Any) -> tuple[float, float]:
     if not reals or not bounds[0] < bounds[1]:
         raise MetricError(f"metric {name!r}: bounds must be (low, high) with low < high, the values it can take "
                           f"(e.g. (0, 1) for a rate, (0, math.inf) for a deviation); got {bounds!r}")
+    if signed and not bounds[0] <= 0 <= bounds[1]:
+        raise MetricError(f"metric {name!r} is signed (best at 0), so its bounds must hold 0; got {bounds!r}")
     return (float(bounds[0]), float(bounds[1]))
 
 
