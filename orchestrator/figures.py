@@ -11,10 +11,25 @@ import pandas as pd
 __all__ = ["pareto_figure", "axis_figure", "group_bars_figure", "magnitude_figure", "inheritance_figure"]
 
 
+def _signed(metric: str) -> bool:
+    """Whether the queries compare ``metric`` by |value| (a signed metric; any other column: no)."""
+    from orchestrator.query import _signed_column
+
+    return _signed_column(metric)
+
+
 def pareto_figure(table: pd.DataFrame, performance: str, fairness: str, *, title: str = "") -> Any:
     """Every configuration coloured by paradigm, with its 95 % interval over seeds as error bars where the
-    table has one (``*_ci_low``/``*_ci_high``); the front drawn as a line through its members."""
+    table has one (``*_ci_low``/``*_ci_high``); the front drawn as a line through its members. A signed
+    fairness metric is drawn as the front compares it, by |value|: a configuration's mean |value| over
+    seeds (``{fairness}_abs``, with its interval) where the table has it, else each row's |value|."""
     from matplotlib.figure import Figure
+
+    x = fairness
+    if _signed(fairness):
+        x = f"{fairness}_abs"
+        if x not in table:  # trial rows: their own distance from parity (no interval to draw)
+            table = table.assign(**{x: table[fairness].abs()})
 
     def err(part: pd.DataFrame, metric: str) -> Any:
         if f"{metric}_ci_low" not in part:
@@ -26,12 +41,12 @@ def pareto_figure(table: pd.DataFrame, performance: str, fairness: str, *, title
     fig = Figure(figsize=(6.4, 4.8), dpi=100)
     ax = fig.subplots()
     for paradigm, part in table.groupby("paradigm", sort=True):
-        ax.errorbar(part[fairness], part[performance], xerr=err(part, fairness), yerr=err(part, performance), fmt="o",
+        ax.errorbar(part[x], part[performance], xerr=err(part, x), yerr=err(part, performance), fmt="o",
                     label=str(paradigm), alpha=0.75, ms=5, elinewidth=0.8, capsize=2)
-    front = table[table["on_front"]].sort_values(fairness)
+    front = table[table["on_front"]].sort_values(x)
     if not front.empty:
-        ax.plot(front[fairness], front[performance], color="black", lw=1.2, marker="o", mfc="none", ms=9, label="Pareto front")
-    ax.set_xlabel(f"{fairness} (unfairness)")
+        ax.plot(front[x], front[performance], color="black", lw=1.2, marker="o", mfc="none", ms=9, label="Pareto front")
+    ax.set_xlabel(f"|{fairness}| (unfairness)" if x != fairness else f"{fairness} (unfairness)")
     ax.set_ylabel(performance)
     ax.set_title(title or "performance vs fairness")
     ax.grid(alpha=0.3)
@@ -42,22 +57,32 @@ def pareto_figure(table: pd.DataFrame, performance: str, fairness: str, *, title
 
 def axis_figure(trials: pd.DataFrame, axis: str, performance: str, fairness: str, *, title: str = "") -> Any:
     """Unfairness and performance against one axis (e.g. intervention magnitude), a line per paradigm;
-    points are means over the other axes and seeds."""
+    points are means over the other axes and seeds (a signed fairness metric: the mean of each trial's
+    |value|, its distance from parity, as the queries compare it). A non-numeric axis (freezing depth) has
+    one position per level for the whole figure, in ``_sorted_levels``' order for freeze_depth, else sorted
+    as text, so every paradigm's point for a level sits above that level's tick."""
     from matplotlib.figure import Figure
 
+    signed = _signed(fairness)
+    if signed:
+        trials = trials.assign(**{fairness: trials[fairness].abs()})
+    numeric = pd.api.types.is_numeric_dtype(trials[axis])
+    levels = [] if numeric else (_sorted_levels(trials[axis]) if axis == "freeze_depth"
+                                 else sorted(trials[axis].dropna().unique(), key=str))
+    position = {str(v): i for i, v in enumerate(levels)}
     fig = Figure(figsize=(10, 4), dpi=100)
     axes = fig.subplots(1, 2)
     for paradigm, part in trials.groupby("paradigm", sort=True):
-        means = part.groupby(axis, sort=True)[[fairness, performance]].mean()
-        labels = [str(v) for v in means.index]
-        xs = means.index if pd.api.types.is_numeric_dtype(means.index) else range(len(labels))
+        means = part.groupby(axis, sort=True, observed=True)[[fairness, performance]].mean()
+        if not numeric:
+            means = means.set_axis([position[str(v)] for v in means.index]).sort_index()
         for ax, metric in zip(axes, (fairness, performance)):
-            ax.plot(xs, means[metric], marker="o", label=str(paradigm))
-            if not pd.api.types.is_numeric_dtype(means.index):
-                ax.set_xticks(list(xs), labels)
+            ax.plot(means.index, means[metric], marker="o", label=str(paradigm))
     for ax, metric in zip(axes, (fairness, performance)):
+        if not numeric:
+            ax.set_xticks(range(len(levels)), [str(v) for v in levels])
         ax.set_xlabel(axis)
-        ax.set_ylabel(metric)
+        ax.set_ylabel(f"|{metric}|" if signed and metric == fairness else metric)
         ax.grid(alpha=0.3)
     axes[0].legend(fontsize=8)
     fig.suptitle(title or f"{fairness} and {performance} vs {axis}")

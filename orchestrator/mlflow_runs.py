@@ -11,7 +11,10 @@ import contextlib
 import gc
 from typing import Any, Iterator, Literal, Sequence
 
-__all__ = ["TAGS", "RunKind", "PAGE_SIZE", "WEIGHTS_ARTIFACT", "run_filter", "search_runs", "find_parent_run"]
+from trainables.errors import UserError
+
+__all__ = ["TAGS", "RunKind", "PAGE_SIZE", "WEIGHTS_ARTIFACT", "FilterValueError", "run_filter", "search_runs",
+           "find_parent_run"]
 
 RunKind = Literal["sweep", "trial", "pretrain"]  # the value of TAGS.KIND: a parent run, a trial, a pretraining job
 PAGE_SIZE = 5000  # runs asked for per call; MLflow returns at most this many and a token for the next page
@@ -47,16 +50,21 @@ class TAGS:
     NOTE = "mlflow.note.content"  # the run's description in the UI (Markdown)
 
 
+class FilterValueError(UserError, ValueError):
+    """A sweep name (or other tag value) a filter cannot hold: the user's to fix, so the CLI exits 2 with the message."""
+
+
 def _quoted(name: str, value: str) -> str:
     if "'" in value:
-        raise ValueError(f"{name} {value!r} contains a quote; {name}s are plain identifiers")
+        raise FilterValueError(f"{name} {value!r} contains a quote; {name}s are plain identifiers")
     return f"'{value}'"
 
 
 def run_filter(*, sweep: str | None = None, kind: RunKind | None = None, status: str | None = None,
                pretrain_key: str | None = None) -> str:
     """The MLflow filter string for fairsweep's runs with these tags and, given ``status``, that status
-    (FINISHED, RUNNING, FAILED, KILLED). ValueError for a value holding a quote (it would end the filter)."""
+    (FINISHED, RUNNING, FAILED, KILLED). FilterValueError (a UserError and a ValueError) for a value holding a
+    quote (it would end the filter)."""
     parts = [f"tags.`{tag}` = {_quoted(name, value)}"
              for tag, name, value in ((TAGS.SWEEP, "sweep name", sweep), (TAGS.KIND, "run kind", kind),
                                       (TAGS.PRETRAIN_KEY, "pretraining key", pretrain_key)) if value is not None]

@@ -8,7 +8,9 @@ count and a 95 % Student-t interval, mean ± t(0.975, n − 1) · sd / √n (exa
 wider than paper A's 1.96 · sd / √n at the few seeds sweeps use; NaN for one seed), clipped to the values the
 metric can take (``trainables.metrics.value_range``: a mean accuracy's interval stops at 1). Signed metrics
 (``trainables.metrics.is_signed``, e.g. ``tpr_difference``) are compared by their absolute value,
-their distance from parity; the tables keep the sign. Picks (``best``, ``compare``) are made on the
+their distance from parity: a configuration by the mean over its seeds of |value| (``NAME_abs``, with its
+interval ``NAME_abs_ci_low``/``NAME_abs_ci_high``), never by |mean|, which reads seeds at +0.3 and −0.3 as
+perfectly fair; the tables keep the signed mean beside it for display. Picks (``best``, ``compare``) are made on the
 validation split by default (``val_`` metrics) and report the test metrics of what they picked.
 
 scipy is imported inside the functions that compute intervals and paired tests: it is the slowest
@@ -31,7 +33,8 @@ from trainables.metrics import direction, is_signed, value_range
 
 __all__ = ["AXIS_PARAMS", "SPLITS", "SweepNotFoundError", "load_trials", "aggregate_seeds", "front_table", "list_sweeps",
            "axis_column", "parent_run", "sweep_objectives", "sweep_trials", "split_metric", "t_interval", "pareto",
-           "best", "compare", "paired_tests", "holm", "relative_change", "QueryError", "inheritance", "fairest_level"]
+           "best", "compare", "paired_tests", "holm", "relative_change", "QueryError", "inheritance", "fairest_level",
+           "hypervolume_reference"]
 
 AXIS_PARAMS = ("backbone", "paradigm", "intervention.kind", "intervention.magnitude", "freeze_depth", "finetune.size")
 _NUMERIC_AXES = ("intervention.magnitude", "finetune.size")
@@ -64,12 +67,21 @@ def _is_signed(metric: str) -> bool:
     return is_signed(metric.removeprefix("val_"))
 
 
+def _signed_column(metric: str) -> bool:
+    """``_is_signed`` for any logged column: one that is not a registered metric (a loss) is not signed."""
+    try:
+        return _is_signed(metric)
+    except UserError:
+        return False
+
+
 def _objective_values(rows: pd.DataFrame, metrics: Sequence[str]) -> np.ndarray:
-    """The columns as the objectives compare them: signed metrics by their distance from parity."""
+    """The columns as the objectives compare them: signed metrics by their distance from parity, on
+    configuration rows the mean over seeds of |value| (``NAME_abs``), on trial rows the trial's |value|."""
     values = rows[list(metrics)].to_numpy(float, copy=True)  # a view may be read-only (copy-on-write)
     for j, m in enumerate(metrics):
         if _is_signed(m):
-            values[:, j] = np.abs(values[:, j])
+            values[:, j] = rows[f"{m}_abs"].to_numpy(float) if f"{m}_abs" in rows else np.abs(values[:, j])
     return values
 
 
@@ -101,11 +113,25 @@ def _range(metric: str) -> tuple[float, float]:
 def _objective_range(metric: str) -> tuple[float, float]:
     """``_range`` of the column as ``_objective_values`` has it: a signed metric by its absolute value."""
     low, high = _range(metric)
-    try:
-        signed = _is_signed(metric)
-    except UserError:  # not a registered metric: unbounded, and not signed
-        signed = False
-    return (0.0, max(-low, high)) if signed else (low, high)
+    return (0.0, max(-low, high)) if _signed_column(metric) else (low, high)
+
+
+def hypervolume_reference(table: pd.DataFrame, perf: str, fair: str) -> list[float]:
+    """The reference point of the front's hypervolume, per objective the worst value it can take
+    (``_objective_range``: a 'max' metric's low bound, a 'min' one's high bound; a signed one by |value|);
+    where that is infinite (a ratio deviation), the worst finite value of ``table``, else 0.0. A fixed
+    1.0 would leave every point of a deviation above 1 outside the volume."""
+    out = []
+    for metric in (perf, fair):
+        maximised = _direction(metric) == "max"
+        low, high = _objective_range(metric)
+        bound = low if maximised else high
+        if not math.isfinite(bound):
+            values = _objective_values(table, [metric])[:, 0] if len(table) else np.array([])
+            values = values[np.isfinite(values)]
+            bound = float(values.min() if maximised else values.max()) if len(values) else 0.0
+        out.append(float(bound))
+    return out
 
 
 @functools.lru_cache(maxsize=256)
@@ -145,11 +171,19 @@ def load_trials(client: Any, experiment: str, sweep: str, *, finished_only: bool
     return df
 
 
+def _abs_columns(metric: str) -> list[str]:
+    """The columns a signed metric's configurations are compared by: mean |value| over seeds and its interval."""
+    return [f"{metric}_abs", f"{metric}_abs_ci_low", f"{metric}_abs_ci_high"] if _signed_column(metric) else []
+
+
 def aggregate_seeds(trials: pd.DataFrame, metrics: Sequence[str]) -> pd.DataFrame:
     """Per configuration (repeats over seeds share a config_key): each metric's mean, ``_std``, and 95 %
-    Student-t interval ``_ci_low`` / ``_ci_high`` (see the module docstring)."""
+    Student-t interval ``_ci_low`` / ``_ci_high`` (see the module docstring); for a signed metric also the
+    mean of |value| over seeds, ``_abs``, with its interval ``_abs_ci_low`` / ``_abs_ci_high``, which the
+    objectives compare (the signed mean keeps the sign for display)."""
     if trials.empty:
-        return pd.DataFrame(columns=["config_key", *AXIS_PARAMS, "n_seeds", *metrics])
+        return pd.DataFrame(columns=["config_key", *AXIS_PARAMS, "n_seeds", *metrics,
+                                     *(c for m in dict.fromkeys(metrics) for c in _abs_columns(m))])
     keep = ["config_key", *[p for p in AXIS_PARAMS if p in trials]]
     present = [m for m in metrics if m in trials]
     grouped = trials.groupby("config_key", sort=False)
@@ -161,9 +195,17 @@ def aggregate_seeds(trials: pd.DataFrame, metrics: Sequence[str]) -> pd.DataFram
         intervals = grouped[m].agg(lambda v, bounds=_range(m): t_interval(v.to_numpy(), bounds=bounds))
         out[f"{m}_ci_low"] = intervals.str[0]
         out[f"{m}_ci_high"] = intervals.str[1]
+        if _signed_column(m):  # seeds at +0.3 and -0.3 are 0.3 from parity each, not 0.0 on average
+            distance = trials[m].abs().groupby(trials["config_key"], sort=False)
+            out[f"{m}_abs"] = distance.mean()
+            intervals = distance.agg(lambda v, bounds=_objective_range(m): t_interval(v.to_numpy(), bounds=bounds))
+            out[f"{m}_abs_ci_low"] = intervals.str[0]
+            out[f"{m}_abs_ci_high"] = intervals.str[1]
     for m in dict.fromkeys(metrics):
         if m not in present:
             out[m] = np.nan
+            for col in _abs_columns(m):
+                out[col] = np.nan
     out["run_ids"] = grouped["run_id"].agg(list)
     return out.reset_index()
 
@@ -303,8 +345,8 @@ def _config_rows(trials: pd.DataFrame, metrics: Sequence[str]) -> pd.DataFrame:
         trials = trials.sort_values("seed", key=lambda s: pd.to_numeric(s, errors="coerce"), kind="stable")
     agg = aggregate_seeds(trials, metrics)
     if agg.empty:
-        for col in [*(f"{m}_{x}" for m in metrics for x in ("std", "ci_low", "ci_high", "count")), "run_ids", "trial_keys",
-                    "run_id", "trial_key"]:
+        for col in [*(f"{m}_{x}" for m in metrics for x in ("std", "ci_low", "ci_high", "count")),
+                    *(c for m in metrics for c in _abs_columns(m)), "run_ids", "trial_keys", "run_id", "trial_key"]:
             agg[col] = pd.Series(dtype=object)
         return agg
     grouped = trials.groupby("config_key", sort=False)
@@ -334,7 +376,8 @@ def pareto(trials: pd.DataFrame, perf: str, fair: str, *, by_config: bool = True
     ``split``: the descriptive front of the test metrics (default) or of the validation ones (``val_``
     columns). ``by_config``: one row per configuration (config_key) with seed means, ``*_std``,
     ``*_ci_low``/``*_ci_high`` (95 % t-interval), ``*_count`` (non-missing values), ``n_seeds``,
-    ``run_ids`` and ``trial_keys``; otherwise one row per trial. Rows missing either metric are never on
+    ``run_ids`` and ``trial_keys`` (a signed metric also ``*_abs``, its mean |value|, by which the front
+    compares it); otherwise one row per trial. Rows missing either metric are never on
     the front. ``front_only=False`` returns every row with an ``on_front`` column. Sorted by
     performance, best first.
     """
@@ -347,6 +390,15 @@ def pareto(trials: pd.DataFrame, perf: str, fair: str, *, by_config: bool = True
         rows = rows[rows["on_front"]]
     return rows.sort_values([perf, fair], ascending=[directions[0] == "min", directions[1] == "min"],
                             na_position="last", kind="stable").reset_index(drop=True)
+
+
+def _check_unfairness(fair: str, question: str) -> None:
+    """Refuse a fairness metric where higher is better: ``question`` reads lower as fairer, so it would
+    answer backwards (rel_change, mean_diff "negative = fairer", the least value picked)."""
+    if _direction(fair) == "max":
+        raise QueryError(f"{question}: fairness metric {fair!r} is maximised (higher is better), so it cannot be read "
+                         "as unfairness; use one where lower is fairer (signed metrics count by |value|), e.g. "
+                         "equalized_odds_difference")
 
 
 def _perf_limit(ref_perf: float, direction: str, max_drop: float | None, max_rel_drop: float | None) -> float:
@@ -490,22 +542,30 @@ def compare(trials: pd.DataFrame, by: str, perf: str, fair: str, *, max_drop: fl
     is measured from the best row of the whole sweep, so every group faces the same performance floor.
     Columns: ``by``, n_trials (rows), n_within (rows reaching the floor), run_id(s), trial_key(s),
     config_key, the selection metrics, ``perf``, ``fair`` (with ``_ci_low``/``_ci_high`` on
-    configuration means), ``rel_change`` = (|fair| − |ref|) / |ref| of the picks against
-    ``reference_group`` (default: the first group in sorted order; see ``relative_change``), and from
-    ``paired_tests`` on ``fair`` over matched trials: n_pairs, mean_diff, p_ttest, p_wilcoxon (Holm).
-    Negative means fairer. Groups with no row within budget have NaN metrics.
+    configuration means, and for a signed ``fair`` its mean |value| over seeds ``_abs`` with its interval),
+    ``rel_change`` = (u − u_ref) / u_ref of the picks' unfairness u (|fair|; on configurations the mean
+    |fair| over seeds) against ``reference_group`` (default: the first group in sorted order; see
+    ``relative_change``), and from ``paired_tests`` on ``fair`` over matched trials: n_pairs, mean_diff,
+    p_ttest, p_wilcoxon (Holm). Negative means fairer. Groups with no row within budget have NaN metrics.
+    ``fair`` must be a metric where lower is fairer; ``by="seed"`` needs ``by_config=False`` (a
+    configuration averages its seeds).
     """
     sel_perf, sel_fair = split_metric(perf, select_on), split_metric(fair, select_on)
     directions = _check_metrics(trials, sel_perf, sel_fair)
     _check_metrics(trials, perf, fair)
+    _check_unfairness(fair, "compare")
     pareto_mod.check_budget(max_drop, max_rel_drop)
-    rows = _rows(trials, [sel_perf, sel_fair, perf, fair], by_config)
     by = axis_column(by)
+    if by == "seed" and by_config:
+        raise QueryError("cannot group by 'seed' on configuration rows: seeds are averaged within a configuration; "
+                         "compare single trials with --per-trial (by_config=False)")
+    rows = _rows(trials, [sel_perf, sel_fair, perf, fair], by_config)
     if by not in rows:
         raise QueryError(f"cannot group by {by!r}; use one of {', '.join(c for c in AXIS_PARAMS + ('seed',) if c in rows)}")
     shown = list(dict.fromkeys([sel_perf, sel_fair, perf, fair]))
     if by_config:  # the pick's uncertainty over seeds: sd, count and 95 % t-interval
         shown += ["n_seeds", *(f"{m}_{x}" for m in (perf, fair) for x in ("std", "count", "ci_low", "ci_high"))]
+        shown += _abs_columns(fair)  # a signed fair: what rel_change compares
     ids = ["run_ids", "trial_keys"] if by_config else ["run_id", "trial_key"]
     tests = ["n_pairs", "mean_diff", "p_ttest", "p_wilcoxon"]
     cols = [by, "n_trials", "n_within", *ids, "config_key", *shown, "rel_change", *tests]
@@ -618,10 +678,13 @@ def inheritance(trials: pd.DataFrame, metric: str, *, biased: str = "biased", co
 
 def fairest_level(trials: pd.DataFrame, perf: str, fair: str, *, axis: str = "intervention.magnitude") -> pd.DataFrame:
     """Per configuration of every axis but ``axis`` (seeds averaged): the level of ``axis`` with the least
-    mean unfairness, its ``fair`` and ``perf`` with 95 % t-intervals, the best mean ``perf`` over the levels
-    and ``perf_cost`` = best − perf at the fairest level (negative: the fairest level is also the most
-    accurate). Paper A's "correcting the finetuning data at little cost", per base."""
+    mean unfairness (a signed ``fair``: the least mean |value| over seeds, shown as ``{fair}_abs`` with its
+    interval), its ``fair`` and ``perf`` with 95 % t-intervals, the best mean ``perf`` over the levels and
+    ``perf_cost`` = how much worse perf is at the fairest level than at the best, always >= 0 (0 when the
+    fairest level is also the best). Paper A's "correcting the finetuning data at little cost", per base.
+    ``fair`` must be a metric where lower is fairer."""
     _check_metrics(trials, perf, fair)
+    _check_unfairness(fair, "fairest_level")
     axis = axis_column(axis)
     if axis not in trials:
         raise QueryError(f"no column {axis!r}; axes: {', '.join(c for c in AXIS_PARAMS if c in trials)}")
@@ -639,5 +702,6 @@ def fairest_level(trials: pd.DataFrame, perf: str, fair: str, *, axis: str = "in
         cost = best - float(pick[perf]) if perf_best == "max" else float(pick[perf]) - best
         out.append({**dict(zip(group_by, key if isinstance(key, tuple) else (key,))), f"fairest_{axis}": pick[axis],
                     **{f"{m}{s}": pick[f"{m}{s}"] for m in (fair, perf) for s in ("", "_ci_low", "_ci_high")},
+                    **{c: pick[c] for c in _abs_columns(fair)},
                     f"best_{perf}": best, "perf_cost": cost, "n_seeds": int(pick["n_seeds"])})
     return pd.DataFrame(out)

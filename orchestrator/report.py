@@ -188,8 +188,8 @@ def front_story(trials: pd.DataFrame, perf: str, fair: str, *, max_drop: float =
     """One line on what a finished sweep shows: the fairest configuration within ``max_drop`` of the best
     ``perf`` (chosen on validation when the trials have val_ metrics; test metrics reported, with their
     interval over seeds) and, where the sweep has one, the biased base under a linear probe against the
-    other pretrained bases under one, with the paired difference and its interval (paper A's inheritance,
-    ``query.inheritance``). Empty when nothing finished."""
+    other pretrained bases under one (a signed metric by |value|, averaged per trial), with the paired
+    difference and its interval (paper A's inheritance, ``query.inheritance``). Empty when nothing finished."""
     if trials.empty or perf not in trials or fair not in trials:
         return ""
     select_on = "val" if f"val_{perf}" in trials and f"val_{fair}" in trials else "test"
@@ -202,9 +202,12 @@ def front_story(trials: pd.DataFrame, perf: str, fair: str, *, max_drop: float =
                      f"{perf} {row[perf]:.3f} {_interval(row, perf)}, {fair} {row[fair]:.3f} {_interval(row, fair)}")
     probes = trials[trials["freeze_depth"].astype(str) == "linear"]
     if "biased" in set(probes["paradigm"]):
-        means = probes.groupby("paradigm")[fair].mean()
+        # a signed metric by its distance from parity, per trial before the mean: +0.3 and -0.3 are not fair
+        signed = query._signed_column(fair)
+        values = probes[fair].abs() if signed else probes[fair]
+        means = values.groupby(probes["paradigm"]).mean()
         others = ", ".join(f"{p} {v:.3f}" for p, v in means.items() if p not in ("biased", "scratch"))
-        parts.append(f"{fair} of a linear probe on the biased base {means['biased']:.3f}"
+        parts.append(f"{f'|{fair}|' if signed else fair} of a linear probe on the biased base {means['biased']:.3f}"
                      + (f" (other bases: {others})" if others else "") + ", means over magnitudes and seeds")
         if others:  # paper A's inheritance, paired on everything else, with its interval
             gaps = query.inheritance(probes, fair, cells=())

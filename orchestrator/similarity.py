@@ -131,6 +131,17 @@ def pair_trials(points: Mapping[str, Mapping[str, Any]], a: Mapping[str, str],
             raise CKAError(f"--b matches several trials for one --a trial (runs {', '.join(sorted(candidates)[:4])}): "
                            f"they differ only in {', '.join(one_sided) or 'an axis'}, named on one side only; name it "
                            "on both sides (e.g. --a freeze_depth=1 --b freeze_depth=full)")
+    by_rest_a: dict[tuple, list[str]] = {}
+    for run_id, point in runs_a.items():
+        by_rest_a.setdefault(rest(point), []).append(run_id)
+    for candidates in by_rest_a.values():  # several A trials would share one B partner: as ambiguous
+        if len(candidates) > 1:
+            only_b = sorted(set(b) - set(a))
+            fix = (f"they differ only in {', '.join(only_b)}, which only --b names; add it to --a too (e.g. --a "
+                   f"{' '.join(f'{k}={b[k]}' for k in only_b)})" if only_b else
+                   "they share every axis value; name an axis that tells them apart on both sides")
+            raise CKAError(f"--a matches several trials for one --b trial (runs {', '.join(sorted(candidates)[:4])}): "
+                           + fix)
     pairs = [(ra, by_rest[rest(p)][0], dict(rest(p))) for ra, p in sorted(runs_a.items(), key=lambda kv: rest(kv[1]))
              if rest(p) in by_rest and by_rest[rest(p)][0] != ra]
     if not pairs:

@@ -36,7 +36,8 @@ from orchestrator.driverlock import driver_id
 from orchestrator.figures import pareto_figure
 from orchestrator.mlflow_runs import TAGS, WEIGHTS_ARTIFACT, find_parent_run, run_filter, search_runs
 from orchestrator.plan import Plan, PlannedTrial
-from orchestrator.query import _direction, _is_signed, _objective_values, front_table, load_trials
+from orchestrator.query import (_direction, _is_signed, _objective_values, front_table, hypervolume_reference,
+                                 load_trials)
 from orchestrator.store import open_client
 from ray import tune  # noqa: E402 - after raylocal
 from trainables import backbones
@@ -581,10 +582,9 @@ class SweepTracker(tune.Callback):
         front = table[table["on_front"]] if len(table) else table
         self._front_size = len(front)
         volume = 0.0
-        if len(table):  # reference: no performance, full unfairness (objectives in [0, 1], signed ones by |value|)
+        if len(table):  # reference: the worst each objective can take (no performance, full unfairness)
             volume = pareto_mod.hypervolume(_objective_values(table, [perf, fair]), [_direction(perf), _direction(fair)],
-                                            [0.0 if _direction(perf) == "max" else 1.0,
-                                             1.0 if _direction(fair) == "min" else 0.0])
+                                            hypervolume_reference(table, perf, fair))
         now = int(time.time() * 1000)
         metrics = [Metric("front_size", float(len(front)), now, finished), Metric("hypervolume", volume, now, finished),
                    Metric("trials_finished", float(finished), now, finished)]

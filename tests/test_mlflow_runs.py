@@ -17,6 +17,7 @@ from orchestrator.status import sweep_status
 from orchestrator.storage import SWEEP_RECORD
 from orchestrator.tracking import SweepTracker
 from tests.helpers import sqlite_uri, tiny_spec
+from trainables.errors import UserError
 
 # sweep "tiny" (the tiny spec's name, so status and the tracker read it): 7 trial runs, 5 FINISHED, 2 FAILED
 TINY_TRIALS = ["FINISHED"] * 5 + ["FAILED"] * 2
@@ -119,8 +120,11 @@ def test_filters_pick_runs_by_sweep_kind_status_and_pretraining_key(store):
 
 
 def test_a_filter_refuses_a_quote_and_an_empty_filter():
-    with pytest.raises(ValueError, match=r"sweep name \"a'b\" contains a quote; sweep names are plain identifiers"):
+    with pytest.raises(ValueError, match=r"sweep name \"a'b\" contains a quote; sweep names are plain identifiers") as err:
         run_filter(sweep="a'b", kind="trial")
+    assert isinstance(err.value, UserError)  # the user's to fix: the CLI prints it and exits 2, no traceback
+    with pytest.raises(UserError, match=r"pretraining key \"k'1\" contains a quote"):
+        run_filter(kind="pretrain", pretrain_key="k'1")
     with pytest.raises(ValueError, match="an empty filter is every run"):
         run_filter()
 

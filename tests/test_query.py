@@ -570,3 +570,129 @@ def test_the_t_quantile_is_scipy_stats_own():
     for df in (1, 2, 5, 30, 1000):
         for q in (0.5, 0.9, 0.975, 0.995):
             assert _t_quantile(q, df) == pytest.approx(float(stats.t.ppf(q, df)), rel=1e-12, abs=1e-12)
+
+
+# -- signed metrics over seeds, refused questions, the hypervolume's reference ------------------------
+SIGNED = "tpr_difference"
+
+
+def _flipping_and_steady() -> pd.DataFrame:
+    """The reviewer's case: "flipping" favours one group on seed 0 and the other on seed 1 (+0.3, -0.3),
+    "steady" stays 0.05 from parity; equal accuracy, validation equal to test."""
+    rows = [{"paradigm": p, "intervention.magnitude": 0.5, "seed": str(s), PERF: 0.8, SIGNED: t,
+             f"val_{PERF}": 0.8, f"val_{SIGNED}": t}
+            for p, ts in (("flipping", (0.3, -0.3)), ("steady", (0.05, 0.05))) for s, t in enumerate(ts)]
+    return _frame(rows)
+
+
+def test_a_signed_metric_is_averaged_over_seeds_by_its_distance_from_parity():
+    trials = _flipping_and_steady()
+    agg = query.aggregate_seeds(trials, [SIGNED, "val_loss"]).set_index("paradigm")
+    assert agg.loc["flipping", SIGNED] == 0.0 and agg.loc["flipping", f"{SIGNED}_abs"] == pytest.approx(0.3)  # sign kept
+    assert (agg.loc["flipping", f"{SIGNED}_abs_ci_low"], agg.loc["flipping", f"{SIGNED}_abs_ci_high"]) == \
+        (pytest.approx(0.3), pytest.approx(0.3))
+    assert agg.loc["steady", f"{SIGNED}_abs"] == pytest.approx(0.05) and "val_loss_abs" not in agg  # not a signed metric
+    front = query.pareto(trials, PERF, SIGNED, front_only=False).set_index("paradigm")
+    assert front["on_front"].to_dict() == {"steady": True, "flipping": False}  # 0.05 from parity dominates 0.3
+    assert list(query.front_table(trials, PERF, SIGNED).query("on_front")["paradigm"]) == ["steady"]
+    pick = query.best(trials, PERF, SIGNED, max_drop=0.01)
+    assert pick["paradigm"][0] == "steady" and pick[f"{SIGNED}_abs"][0] == pytest.approx(0.05)
+    table = query.compare(trials, "paradigm", PERF, SIGNED, reference_group="steady").set_index("paradigm")
+    assert table.loc["flipping", "rel_change"] == pytest.approx((0.3 - 0.05) / 0.05)  # mean |value|, not |mean|
+    assert table.loc["flipping", SIGNED] == 0.0 and table.loc["flipping", f"{SIGNED}_abs_ci_high"] == pytest.approx(0.3)
+    empty = query.pareto(trials.iloc[0:0], PERF, SIGNED)
+    assert f"{SIGNED}_abs" in empty and f"{SIGNED}_abs_ci_low" in empty
+
+
+def test_fairest_level_reads_a_signed_metric_by_its_mean_distance_from_parity():
+    rows = [{"paradigm": "p", "intervention.magnitude": m, "seed": str(s), PERF: 0.8, SIGNED: t}
+            for m, ts in ((0.5, (0.3, -0.3)), (0.9, (0.05, 0.05))) for s, t in enumerate(ts)]
+    table = query.fairest_level(_frame(rows), PERF, SIGNED)
+    assert table["fairest_intervention.magnitude"].tolist() == [0.9]
+    assert table[f"{SIGNED}_abs"][0] == pytest.approx(0.05) and f"{SIGNED}_abs_ci_low" in table
+    assert table["perf_cost"][0] == 0.0
+
+
+@pytest.mark.parametrize("ask", [
+    lambda t: query.compare(t, "paradigm", PERF, "worst_group_accuracy", select_on="test"),
+    lambda t: query.fairest_level(t, PERF, "worst_group_accuracy"),
+])
+def test_a_fairness_metric_where_higher_is_better_is_refused(ask):
+    trials = _frame([{"paradigm": p, "intervention.magnitude": m, "seed": "0", PERF: 0.8, "worst_group_accuracy": w}
+                     for p, m, w in (("a", 0.5, 0.6), ("a", 0.9, 0.7), ("b", 0.5, 0.5))])
+    with pytest.raises(query.QueryError, match="'worst_group_accuracy' is maximised.*lower is fairer"):
+        ask(trials)
+
+
+def test_compare_by_seed_needs_per_trial_rows():
+    trials = _flipping_and_steady()
+    with pytest.raises(query.QueryError, match="seeds are averaged within a configuration.*--per-trial"):
+        query.compare(trials, "seed", PERF, SIGNED)
+    table = query.compare(trials, "seed", PERF, SIGNED, by_config=False)
+    assert table["seed"].tolist() == ["0", "1"]
+
+
+def test_the_hypervolume_reference_is_the_worst_value_each_objective_can_take():
+    from orchestrator import pareto as pareto_mod
+
+    trials = _frame([{"paradigm": p, "intervention.magnitude": 0.5, "seed": "0", PERF: a, "fpr_ratio_deviation": d,
+                      SIGNED: t} for p, a, d, t in (("a", 0.9, 1.5, -0.4), ("b", 0.8, 1.2, 0.2))])
+    table = query.front_table(trials, PERF, "fpr_ratio_deviation")
+    ref = query.hypervolume_reference(table, PERF, "fpr_ratio_deviation")
+    assert ref == [0.0, 1.5]  # accuracy's lowest value; a deviation has no upper bound: the worst one here
+    volume = pareto_mod.hypervolume(query._objective_values(table, [PERF, "fpr_ratio_deviation"]),
+                                    ["max", "min"], ref)
+    assert volume == pytest.approx(0.8 * 0.3)  # a fixed reference of 1.0 gives 0
+    assert query.hypervolume_reference(query.front_table(trials, PERF, SIGNED), PERF, SIGNED) == [0.0, 1.0]
+    assert query.hypervolume_reference(table.iloc[0:0], PERF, "fpr_ratio_deviation") == [0.0, 0.0]  # nothing yet
+
+
+def test_a_quote_in_a_sweep_name_is_the_users_to_fix(store):
+    r = _cli(store, "pareto", "a'b", "--experiment", "exp1")
+    assert r.returncode == 2, (r.stdout, r.stderr)
+    assert "sweep name \"a'b\" contains a quote" in r.stderr and "Traceback" not in r.stderr
+
+
+def test_figures_draw_a_signed_metric_by_its_distance_from_parity():
+    from orchestrator import figures
+
+    trials = _flipping_and_steady()
+    fig = figures.pareto_figure(query.front_table(trials, PERF, SIGNED), PERF, SIGNED)
+    ax = fig.axes[0]
+    assert ax.get_xlabel() == f"|{SIGNED}| (unfairness)"
+    points = {c.get_label(): list(c.lines[0].get_xdata()) for c in ax.containers}
+    assert points == {"flipping": [pytest.approx(0.3)], "steady": [pytest.approx(0.05)]}  # where the front puts them
+    (front,) = [line for line in ax.lines if line.get_label() == "Pareto front"]
+    assert list(front.get_xdata()) == [pytest.approx(0.05)]
+    per_trial = query.pareto(trials, PERF, SIGNED, by_config=False, front_only=False)
+    ax = figures.pareto_figure(per_trial, PERF, SIGNED).axes[0]
+    assert sorted(x for c in ax.containers for x in c.lines[0].get_xdata()) == pytest.approx([0.05, 0.05, 0.3, 0.3])
+    ax = figures.axis_figure(trials, "intervention.magnitude", PERF, SIGNED).axes[0]
+    assert {line.get_label(): list(line.get_ydata()) for line in ax.lines} == {
+        "flipping": [pytest.approx(0.3)], "steady": [pytest.approx(0.05)]}  # |value| per trial, then the mean
+
+
+def test_axis_figure_puts_each_level_at_one_position_for_every_paradigm():
+    from orchestrator import figures
+
+    rows = [{"paradigm": p, "intervention.magnitude": 0.5, "freeze_depth": f, "seed": "0", PERF: 0.8, FAIR: e}
+            for p, levels in (("simclr", ("1", "linear", "full")), ("supervised", ("full",)))
+            for f, e in zip(levels, (0.1, 0.2, 0.3))]
+    fig = figures.axis_figure(_frame(rows), "freeze_depth", PERF, FAIR)
+    order = ["1", "full", "linear"]  # figures._sorted_levels: freezing depths in Freeze's order
+    for ax in fig.axes:
+        assert [t.get_text() for t in ax.get_xticklabels()] == order and list(ax.get_xticks()) == [0, 1, 2]
+        lines = {line.get_label(): line for line in ax.lines}
+        assert list(lines["supervised"].get_xdata()) == [order.index("full")]
+        assert list(lines["simclr"].get_xdata()) == [0, 1, 2]
+    assert list({line.get_label(): line for line in fig.axes[0].lines}["simclr"].get_ydata()) == \
+        pytest.approx([0.1, 0.3, 0.2])  # 1, full, linear
+
+
+def test_the_launch_summary_line_reads_a_signed_probe_by_its_distance_from_parity():
+    from orchestrator.report import front_story
+
+    rows = [{"paradigm": p, "freeze_depth": "linear", "intervention.magnitude": 0.5, "seed": str(s), PERF: a, SIGNED: t}
+            for p, a, ts in (("biased", 0.7, (0.3, -0.3)), ("supervised", 0.8, (0.05, -0.05))) for s, t in enumerate(ts)]
+    line = front_story(_frame(rows), PERF, SIGNED)
+    assert f"|{SIGNED}| of a linear probe on the biased base 0.300 (other bases: supervised 0.050)" in line

@@ -89,3 +89,11 @@ def test_missing_weights_say_how_to_keep_them(tmp_path: Path) -> None:
         _load_model(NoWeights(), "run123", "cnn1d_paperb", (3, 32), tmp_path)
     assert "trial run run123 has no finetuned weights" in str(err.value)
     assert "tracking: {log_models: all}" in str(err.value)
+
+
+def test_a_side_matching_several_trials_for_one_b_trial_is_refused_naming_the_axis() -> None:
+    with pytest.raises(CKAError) as err:
+        pair_trials(POINTS, parse_selector(["paradigm=supervised"], "--a"),
+                    parse_selector(["paradigm=simclr", "freeze_depth=full"], "--b"))
+    assert ("--a matches several trials for one --b trial (runs supervised-[0, 2]-0, supervised-full-0): they differ "
+            "only in freeze_depth, which only --b names; add it to --a too (e.g. --a freeze_depth=full)") in str(err.value)
