@@ -24,7 +24,7 @@ from orchestrator.launch import resume as resume_sweep
 from orchestrator.plan import Plan, build_plan
 from orchestrator.query_cli import env_experiment
 from orchestrator.search import check_study_storage
-from orchestrator.spec import SweepSpec, load_spec, parse_spec
+from orchestrator.spec import SpecError, SweepSpec, load_spec, parse_spec
 from orchestrator.status import SweepStatus, sweep_status
 from orchestrator.storage import resolve_tracking_uri
 from orchestrator.store import check_store, open_client
@@ -57,10 +57,26 @@ def load(spec: SweepSource) -> SweepSpec:
     """The typed spec of a sweep file path, a parsed mapping or a ``SweepSpec`` (returned as is); the MLflow
     experiment defaults to $MLFLOW_EXPERIMENT_NAME where the spec sets none, as on the command line."""
     if isinstance(spec, SweepSpec):
+        _check_recordable(spec)
         return spec
     if isinstance(spec, Mapping):
         return parse_spec(spec, default_experiment=env_experiment())
     return load_spec(spec, default_experiment=env_experiment())
+
+
+def _check_recordable(spec: SweepSpec) -> None:
+    """A sweep is recorded for ``resume`` and ``status`` as its source mapping (``spec.source``): a ``SweepSpec``
+    changed with ``dataclasses.replace`` or built by hand would run one sweep and record another."""
+    try:
+        recorded = parse_spec(spec.source, default_experiment=spec.experiment)
+    except SpecError as exc:
+        recorded, why = None, f"it does not parse ({exc})"
+    else:
+        why = "it parses to a different sweep"
+    if recorded != spec:
+        raise SpecError("spec", type(spec).__name__, f"a SweepSpec is recorded for resume as its source mapping, and "
+                        f"{why}; change the mapping instead (e.g. parse_spec({{**spec.source, ...}})) or launch "
+                        f"from a file")
 
 
 def checked_plan(spec: SweepSpec, tracking_uri: str | None = None) -> Plan:
@@ -92,8 +108,12 @@ def _result(run: LaunchResult) -> SweepResult:
     spec = run.plan.spec
     perf, fair = spec.objectives.performance, spec.objectives.fairness
     rows = query.sweep_trials(open_client(run.tracking_uri), spec.name, spec.experiment)
+    try:
+        front = query.pareto(rows, perf, fair)
+    except query.QueryError:  # no trial logged an objective (e.g. a ratio infinite everywhere): the sweep still ran
+        front = query.pareto(rows.iloc[0:0], perf, fair)
     return SweepResult(spec.name, spec.experiment, run.tracking_uri, run.parent_run_id, perf, fair,
-                       query.pareto(rows, perf, fair), rows, run.finished, tuple(run.failed), run.interrupted)
+                       front, rows, run.finished, tuple(run.failed), run.interrupted)
 
 
 def launch(spec: SweepSource, *, tracking_uri: str | None = None, address: str | None = None,

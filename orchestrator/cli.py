@@ -282,6 +282,8 @@ def _print_summary(result, args: argparse.Namespace) -> int:
         if story:
             print(f"\nwhat it shows: {story}")
     where = f" --storage {args.storage}" if args.storage else ""
+    if plan.spec.search.type == "optuna" and result.search_ended and result.finished < plan.spec.search.budget:
+        print(f"the search ended before its budget of {plan.spec.search.budget}: {result.search_ended}")
     if result.failed:
         print(f"failed trial runs: {', '.join(result.failed)} (see the {TAGS.ERROR} tag of each)")
         print(f"retry them with: fairsweep resume {plan.spec.name}{where} --retry-errored")

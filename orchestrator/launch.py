@@ -16,6 +16,7 @@ import importlib
 import logging
 import os
 import subprocess
+import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterator
@@ -68,6 +69,7 @@ class LaunchResult:
     finished: int
     failed: list[str] = field(default_factory=list)  # MLflow run ids of FAILED trials
     interrupted: bool = False  # stopped before every trial ended (SIGINT); `fairsweep resume` continues it
+    search_ended: str = ""  # an optuna search: why it stopped proposing trials (its budget, failures, a used-up space)
 
 
 def quiet_tune_restore_logs() -> None:
@@ -141,6 +143,32 @@ def _check_resources(res: Any, *, local: bool) -> None:
     logging.getLogger(__name__).warning("%s yet; trials wait until the cluster has such a node (autoscaling)", message)
 
 
+def _cache_root(folder: str | None, *, base: str | None = None) -> str | None:
+    """``--cache-dir`` made absolute (against ``base``, default the working directory): Tune runs each trial in
+    its own folder, where a relative path would name a different, unshared cache for every trial."""
+    if not folder:
+        return None
+    return str((Path(base or os.getcwd()) / Path(folder).expanduser()).resolve())
+
+
+def _check_max_concurrent(options: LaunchOptions) -> None:
+    cap = options.max_concurrent_trials
+    if cap is not None and (isinstance(cap, bool) or not isinstance(cap, int) or cap < 1):
+        raise LaunchError(f"--max-concurrent {cap!r}: give a whole number of at least 1, or leave it out to use the "
+                          f"spec's resources.max_concurrent_trials")
+
+
+def _refuse_deleted_experiment(client: Any, spec: Any, tracking_uri: str) -> Any:
+    """The sweep's MLflow experiment, or None; a deleted one (in MLflow's trash) is refused before anything
+    starts: MLflow refuses runs in it, which would stop the sweep at its first write. Returns the experiment."""
+    exp = client.get_experiment_by_name(spec.experiment)
+    if exp is not None and exp.lifecycle_stage == "deleted":
+        raise LaunchError(f"MLflow experiment {spec.experiment!r} (id {exp.experiment_id}) at {tracking_uri} is "
+                          f"deleted; restore it (`mlflow experiments restore --experiment-id {exp.experiment_id}` with "
+                          f"MLFLOW_TRACKING_URI={tracking_uri}), or give the sweep another `experiment:`")
+    return exp
+
+
 def _refuse_tracked_sweep(spec: Any, tracking_uri: str, storage: str) -> None:
     """A new launch must not adopt another launch's MLflow runs (e.g. the same name with a new
     --storage): it would continue that parent run and take its finished trials for its own."""
@@ -148,7 +176,7 @@ def _refuse_tracked_sweep(spec: Any, tracking_uri: str, storage: str) -> None:
     if db is not None and not db.exists():
         return  # no store yet, so no sweep in it (and no database file created just to look)
     client = open_client(tracking_uri)
-    exp = client.get_experiment_by_name(spec.experiment)
+    exp = _refuse_deleted_experiment(client, spec, tracking_uri)
     parent = find_parent_run(client, exp.experiment_id, spec.name) if exp is not None else None
     if parent is not None:
         raise LaunchError(f"sweep {spec.name!r} already has a parent run ({parent.info.run_id}) in MLflow experiment "
@@ -157,30 +185,12 @@ def _refuse_tracked_sweep(spec: Any, tracking_uri: str, storage: str) -> None:
                           f"sweep another `name:` (or `experiment:`)")
 
 
-def launch(plan: Plan, options: LaunchOptions = LaunchOptions()) -> LaunchResult:
-    """Run a new sweep to the end. Raises ``LaunchError`` if the sweep already exists (use ``resume``)
-    or cannot start, ``StorageError`` for a storage path or tracking URI that cannot be used as given,
-    ``StoreError`` if the tracking store cannot be used; either way nothing is written.
-    Every check runs before the first write; the sweep's folder and its driver lock come first."""
-    raylocal.loopback_default(options.address)
+def _new_tuner(plan: Plan, path: str, storage: str, options: LaunchOptions, search_id: str) -> Callable:
+    """How a sweep's Tuner is made when Tune has no state to restore: a launch, or a resume of a launch that
+    stopped before Tune first saved its state. ``search_id`` marks the optuna study as this sweep's."""
     from ray import tune
 
     spec = plan.spec
-    storage = resolve_storage(options.storage)
-    path = experiment_path(storage, spec.name)
-
-    def refuse_existing() -> None:
-        if tune.Tuner.can_restore(path):
-            raise LaunchError(f"sweep {spec.name!r} already exists at {path}; continue it with `fairsweep resume "
-                              f"{spec.name} --storage {storage}`, or give the sweep another name or storage")
-
-    _refuse_running(path, spec.name, storage)
-    refuse_existing()
-    check_storage_writable(storage)
-    tracking_uri = resolve_tracking_uri(options.tracking_uri)
-    check_store(tracking_uri, create=True)
-    _refuse_tracked_sweep(spec, tracking_uri, storage)
-    cache_root = options.cache_dir or f"{storage.rstrip('/')}/{CACHE_DIRNAME}"
 
     def make_tuner(trainable: Any, tracker: Any) -> Any:
         res = spec.resources
@@ -191,7 +201,8 @@ def launch(plan: Plan, options: LaunchOptions = LaunchOptions()) -> LaunchResult
             param_space: dict = {}
             # the searcher holds the cap itself: Tune's wrapper for max_concurrent_trials would keep a second
             # list of live trials, saved apart, and lose completions after a driver killed mid-save
-            searcher = StudySearcher(plan, f"{path}/{STUDY_FILE}", study_name=spec.name, max_concurrent=concurrency)
+            searcher = StudySearcher(plan, f"{path}/{STUDY_FILE}", study_name=spec.name, max_concurrent=concurrency,
+                                     sweep_id=search_id)
             tune_config = tune.TuneConfig(search_alg=searcher, num_samples=-1, reuse_actors=True)
         else:
             param_space = {TUNE_KEY: tune.grid_search([t.config.to_dict() for t in plan.run_order()])}
@@ -208,6 +219,35 @@ def launch(plan: Plan, options: LaunchOptions = LaunchOptions()) -> LaunchResult
             ),
         )
 
+    return make_tuner
+
+
+def launch(plan: Plan, options: LaunchOptions = LaunchOptions()) -> LaunchResult:
+    """Run a new sweep to the end. Raises ``LaunchError`` if the sweep already exists (use ``resume``)
+    or cannot start, ``StorageError`` for a storage path or tracking URI that cannot be used as given,
+    ``StoreError`` if the tracking store cannot be used; either way nothing is written.
+    Every check runs before the first write; the sweep's folder and its driver lock come first."""
+    raylocal.loopback_default(options.address)
+    from ray import tune
+
+    spec = plan.spec
+    _check_max_concurrent(options)
+    storage = resolve_storage(options.storage)
+    path = experiment_path(storage, spec.name)
+
+    def refuse_existing() -> None:
+        if tune.Tuner.can_restore(path):
+            raise LaunchError(f"sweep {spec.name!r} already exists at {path}; continue it with `fairsweep resume "
+                              f"{spec.name} --storage {storage}`, or give the sweep another name or storage")
+
+    _refuse_running(path, spec.name, storage)
+    refuse_existing()
+    check_storage_writable(storage)
+    tracking_uri = resolve_tracking_uri(options.tracking_uri)
+    check_store(tracking_uri, create=True)
+    _refuse_tracked_sweep(spec, tracking_uri, storage)
+    cache_root = _cache_root(options.cache_dir) or f"{storage.rstrip('/')}/{CACHE_DIRNAME}"
+
     schema = SchemaAhead(tracking_uri)  # a new store's schema is built while Ray starts; in place only once all passed
     try:
         with _ray_session(spec, options):  # the resource check needs Ray; it must pass before anything is written
@@ -218,9 +258,11 @@ def launch(plan: Plan, options: LaunchOptions = LaunchOptions()) -> LaunchResult
                 schema.install()
                 _refuse_tracked_sweep(spec, tracking_uri, storage)
                 # cwd: a relative file (a checkpoint, a dataset folder) resolves against it on resume
+                search_id = uuid.uuid4().hex
                 write_sweep_record(path, {"spec": dict(spec.source), "tracking_uri": tracking_uri,
-                                          "cache_root": cache_root, "cwd": os.getcwd()})
-                return _run(plan, path, tracking_uri, cache_root, options, make_tuner)
+                                          "cache_root": cache_root, "cwd": os.getcwd(), "search_id": search_id})
+                return _run(plan, path, tracking_uri, cache_root, options,
+                            _new_tuner(plan, path, storage, options, search_id))
     finally:
         schema.discard()
 
@@ -239,15 +281,19 @@ def resume(name: str, options: LaunchOptions = LaunchOptions(), *, retry_errored
     path = experiment_path(storage, name)
     record = read_sweep_record(path)
     _refuse_running(path, name, storage)
-    if not tune.Tuner.can_restore(path):
-        raise LaunchError(f"sweep {name!r} at {path} has no Tune state to restore (it never reached the trials); "
-                          f"start it again with `fairsweep launch`")
+    _check_max_concurrent(options)
+    restorable = tune.Tuner.can_restore(path)
+    if restorable and options.max_concurrent_trials and parse_spec(record["spec"]).search.type != "optuna":
+        raise LaunchError(f"--max-concurrent: a grid sweep keeps the cap it was launched with (Tune's restore "
+                          f"brings back its grid's state, cap included); resume {name!r} without --max-concurrent")
     plan = build_plan(parse_spec(record["spec"]), base_dir=record.get("cwd"))
     tracking_uri = resolve_tracking_uri(options.tracking_uri or record["tracking_uri"])
     check_store(tracking_uri, create=True)
-    cache_root = options.cache_dir or record["cache_root"]
+    _refuse_deleted_experiment(open_client(tracking_uri), plan.spec, tracking_uri)
+    # a record from before cache roots were made absolute may hold a relative one: it meant the launch's folder
+    cache_root = _cache_root(options.cache_dir) or _cache_root(record["cache_root"], base=record.get("cwd"))
 
-    def make_tuner(trainable: Any, tracker: Any) -> Any:
+    def restore_tuner(trainable: Any, tracker: Any) -> Any:
         tuner = tune.Tuner.restore(path, trainable, resume_unfinished=True, resume_errored=retry_errored)
         # Tune restores the run config it pickled: this driver's tracker (fresh client, this URI) replaces the
         # old one, and this command's verbosity the launch's (`_tune_console` follows the same option)
@@ -257,6 +303,11 @@ def resume(name: str, options: LaunchOptions = LaunchOptions(), *, retry_errored
         _searcher_holds_the_cap(tuner._local_tuner._tune_config, options.max_concurrent_trials)
         return tuner
 
+    # A launch that stopped before Tune first saved its state (Ctrl-C as the trials started, a store error) left
+    # its record and its MLflow parent run but nothing to restore: it starts again from the record, continuing
+    # that parent run and skipping trials MLflow holds as finished, as `launch` would not (it refuses the run).
+    make_tuner = restore_tuner if restorable else _new_tuner(plan, path, storage, options,
+                                                             record.get("search_id") or uuid.uuid4().hex)
     with _ray_session(plan.spec, options), _driver_lock(path, name, storage, new=False):
         return _run(plan, path, tracking_uri, cache_root, options, make_tuner)
 
@@ -264,7 +315,8 @@ def resume(name: str, options: LaunchOptions = LaunchOptions(), *, retry_errored
 def _searcher_holds_the_cap(tune_config: Any, override: int | None) -> None:
     """On resume, an optuna sweep's concurrency cap lives in its study searcher, never in Tune's
     ConcurrencyLimiter (see launch): a sweep launched before that had Tune wrap its searcher, so the cap moves
-    into the searcher here; ``--max-concurrent``, if given, replaces it. A grid sweep is left as it was."""
+    into the searcher here; ``--max-concurrent``, if given, replaces it. A grid sweep is left as it was (``resume``
+    refuses ``--max-concurrent`` for one: Tune's restore would bring back the grid's cap over it)."""
     from orchestrator.search import StudySearcher
 
     searcher = tune_config.search_alg
@@ -421,8 +473,11 @@ def _run_sweep(plan: Plan, path: str, tracking_uri: str, cache_root: str, option
         res = spec.resources
         trainable = tune.with_resources(tune.with_parameters(with_plugins(finetune_trial, spec.plugins), context=context),
                                         {"cpu": res.cpus_per_trial, "gpu": res.gpus_per_trial})
+        tuner = make_tuner(trainable, tracker)
+        searcher = tuner._local_tuner._tune_config.search_alg  # Tune keeps no public handle on it
+        searcher = getattr(searcher, "searcher", searcher)  # inside a ConcurrencyLimiter (sweeps resumed from before)
         with _tune_console(options.verbose):
-            make_tuner(trainable, tracker).fit()
+            tuner.fit()
         tracker.log_unreported_pretraining()
         front = tracker.refresh_front()
         try:  # a convenience at the end: a sweep whose models cannot be logged has still finished
@@ -432,8 +487,13 @@ def _run_sweep(plan: Plan, path: str, tracking_uri: str, cache_root: str, option
         counts = tracker.trial_status_counts()
         failed = tracker.trial_run_ids("FAILED")
         finished = counts.get("FINISHED", 0)
+        ended = None
         if spec.search.type == "optuna":  # failed trials are replaced until the budget has finished
-            interrupted = finished < spec.search.budget and len(failed) < max(spec.search.budget, 10)
+            # the searcher records why it stopped (budget, failures, a used-up space); MLflow's counts alone
+            # cannot tell those from an interruption: a trial without objective values finishes in MLflow
+            # while the study counts it failed
+            ended = searcher.ended() if hasattr(searcher, "ended") else None
+            interrupted = ended is None and finished < spec.search.budget and len(failed) < max(spec.search.budget, 10)
         else:
             interrupted = finished + len(failed) < len(plan.trials)
         if interrupted:
@@ -442,7 +502,8 @@ def _run_sweep(plan: Plan, path: str, tracking_uri: str, cache_root: str, option
             tracker.mark_in_flight_killed(reason="in flight when an earlier driver stopped, and not in Tune's saved "
                                                  "state, so it never resumed; the search ran another trial instead")
         status = "KILLED" if interrupted else "FINISHED"
-        return LaunchResult(plan, path, tracking_uri, tracker.parent_run_id, front, finished, failed, interrupted)
+        return LaunchResult(plan, path, tracking_uri, tracker.parent_run_id, front, finished, failed, interrupted,
+                            ended or "")
     except Exception as exc:
         cause = store_cause(exc)  # Tune wraps what its callbacks raise
         if cause is None:

@@ -155,9 +155,17 @@ def build_plan(spec: SweepSpec, *, base_dir: str | None = None) -> Plan:
     for field_name in ("performance", "fairness"):
         name = getattr(spec.objectives, field_name)
         try:
-            metrics.direction(name)
+            direction = metrics.direction(name)
         except UserError as exc:
             raise _as_spec_error(f"objectives.{field_name}", name, exc) from None
+        wanted = "max" if field_name == "performance" else "min"  # the front, the search and the queries rely on it
+        if direction != wanted:
+            raise SpecError(f"objectives.{field_name}", name, (
+                "lower is better for this metric, and the performance objective is maximised: choose one where "
+                "higher is better (e.g. accuracy, auroc, worst_group_accuracy)") if wanted == "max" else (
+                "higher is better for this metric, and the fairness objective is minimised: choose an unfairness "
+                "metric, lower is fairer (e.g. equalized_odds_difference, accuracy_gap), or make this one the "
+                "performance objective"))
         attr = name.split("/", 1)[1] if "/" in name else None
         if attr is not None and attr not in dataset.group_names:
             raise SpecError(f"objectives.{field_name}", name, f"the dataset has no sensitive attribute {attr!r}; "
@@ -180,7 +188,7 @@ def build_plan(spec: SweepSpec, *, base_dir: str | None = None) -> Plan:
         except UnknownNameError as exc:
             raise _as_spec_error(f"axes.intervention[{i}].kind", axis.kind, exc) from None
         except UserError as exc:
-            raise _as_spec_error(f"axes.intervention[{i}].magnitudes", list(axis.magnitudes), exc) from None
+            raise _as_spec_error(f"axes.intervention[{i}].magnitudes", list(axis.endpoints()), exc) from None
 
     # Paradigms: registered, suitable for the modality, checkpoint files readable.
     file_weights: dict[str, str] = {}

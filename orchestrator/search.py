@@ -17,6 +17,7 @@ import fnmatch
 import json
 import math
 import os
+import re
 import sqlite3
 import uuid
 import warnings
@@ -38,6 +39,7 @@ __all__ = ["StudySearcher", "make_sampler", "suggest_point", "search_values", "o
 STUDY_FILE = "optuna_study.journal"
 _KEY_ATTR, _TWIN_ATTR, _ORPHAN_ATTR = "trial_key", "duplicate_of", "orphaned"
 _SWEEP_ATTR = "fairsweep_sweep_id"  # which launch created the study: a shared database may hold an older one
+_ENDED_ATTR = "fairsweep_search_ended"  # why the searcher stopped proposing: the sweep is then over, not interrupted
 _MAX_DUPLICATE_DRAWS = 50
 _ENQUEUE_AFTER = 10  # duplicate draws in a row before a categorical space's unseen cell is enqueued
 
@@ -84,7 +86,8 @@ class StudySearcher(Searcher):
     max_concurrent: int | None = None  # the sweep's max_concurrent_trials, kept here rather than by Tune's wrapper
     _resumed: frozenset | None = None  # Tune trial ids a restore runs again; None: no Tune state was read
 
-    def __init__(self, plan: Plan, journal_path: str, *, study_name: str, max_concurrent: int | None = None):
+    def __init__(self, plan: Plan, journal_path: str, *, study_name: str, max_concurrent: int | None = None,
+                 sweep_id: str | None = None):
         s = plan.spec
         directions = ["maximize" if _dir(m) == "max" else "minimize" for m in (s.objectives.performance, s.objectives.fairness)]
         super().__init__(metric=None, mode=None)
@@ -95,7 +98,7 @@ class StudySearcher(Searcher):
         self.budget = int(s.search.budget)
         # resolved now, in the launch directory: the pickled searcher resumes from anywhere
         self.storage_url = resolve_storage_url(s.search.storage)
-        self.sweep_id = uuid.uuid4().hex
+        self.sweep_id = sweep_id or uuid.uuid4().hex  # a launch started again from its record keeps its study
         self.max_concurrent = max_concurrent
         self._live: dict[str, int] = {}  # Tune trial id -> Optuna trial number
         self._study = None
@@ -130,6 +133,8 @@ class StudySearcher(Searcher):
             if asked:  # a resumed study: a sampler seeded as at the start would replay its first draws
                 self._study.sampler = make_sampler(search.sampler, search.seed + asked)
             self._fail_orphans()
+            if getattr(self, "_restored", False) and study.user_attrs.get(_ENDED_ATTR):
+                study.set_user_attr(_ENDED_ATTR, None)  # a resume (--retry-errored) may run more: it ends anew
         return self._study
 
     def __getstate__(self) -> dict:
@@ -208,15 +213,23 @@ class StudySearcher(Searcher):
             point = json.loads(self.study.trials[self._live[trial_id]].user_attrs["point"])
             return self._config(TrialPoint.from_dict(point))
         done = self.finished()
-        if done >= self.budget or self.failed() >= max(self.budget, 10):
-            return Searcher.FINISHED
+        if done >= self.budget:
+            return self._end(f"the budget of {self.budget} finished trials was reached")
+        if self.failed() >= max(self.budget, 10):
+            return self._end(f"{self.failed()} trials failed or gave the search no objective values "
+                             f"(at most max(budget, 10) = {max(self.budget, 10)})")
         if done + len(self._live) >= self.budget:
             return None  # enough in flight; ask again if one of them fails
         if self.max_concurrent and len(self._live) >= self.max_concurrent:
             return None
         for attempt in range(_MAX_DUPLICATE_DRAWS):
-            if attempt == _ENQUEUE_AFTER:
-                self._enqueue_unseen_cell()
+            if attempt == _ENQUEUE_AFTER and self._enqueue_unseen_cell() is False:
+                # every cell has run, is running or failed: nothing new can be proposed (a failed cell is not
+                # run again; `resume --retry-errored` retries it)
+                if self._live:
+                    return None  # the ones in flight end first, so the search ends with nothing running
+                return self._end(f"every one of the space's {self.plan.spec.grid_size} configurations has run or "
+                                 f"failed ({done} finished, budget {self.budget})")
             trial = self.study.ask()
             point = suggest_point(trial, self.plan)
             planned = self.plan.resolve(point)
@@ -252,6 +265,29 @@ class StudySearcher(Searcher):
         else:
             self.study.tell(number, values)
 
+    def _end(self, reason: str) -> str:
+        """Record why the search stopped proposing (read by ``ended``) and tell Tune it is finished."""
+        if self.study.user_attrs.get(_ENDED_ATTR) != reason:
+            self.study.set_user_attr(_ENDED_ATTR, reason)
+        return Searcher.FINISHED
+
+    def ended(self) -> str | None:
+        """Why the search ended, as recorded in the study, or None while it may still propose (an interrupted
+        sweep). Read from a fresh copy of the study, without adopting or failing any of its trials."""
+        import optuna
+
+        storage = open_rdb_storage(self.storage_url) if self.storage_url else None
+        if storage is None:
+            from optuna.storages import JournalStorage
+            from optuna.storages.journal import JournalFileBackend
+
+            storage = JournalStorage(JournalFileBackend(self.journal_path))
+        try:
+            study = optuna.load_study(study_name=self.study_name, storage=storage)
+        except KeyError:  # never asked for a trial: no study yet
+            return None
+        return study.user_attrs.get(_ENDED_ATTR)
+
     def _twin(self, key: str) -> Any:
         """The finished, in-flight or failed trial that already has this key, if any. A failed one is
         not run again (its failure would repeat; `resume --retry-errored` retries it); a trial that
@@ -265,12 +301,15 @@ class StudySearcher(Searcher):
                 return t
         return None
 
-    def _enqueue_unseen_cell(self) -> None:
+    def _enqueue_unseen_cell(self) -> bool | None:
         """When a categorical space is nearly used up the sampler keeps proposing what already ran:
-        hand it the first cell that has not run, so the budget is still reached."""
+        hand it the first cell that has not run, so the budget is still reached. True when one was enqueued,
+        False when every cell has run, runs or failed, None for a space with continuous axes."""
         if any(isinstance(a.magnitudes, Range) for a in self.plan.spec.axes.intervention) or self.plan.spec.finetune.ranges():
-            return  # continuous axes: duplicates are improbable, nothing to enumerate
-        seen = {t.user_attrs.get(_KEY_ATTR) for t in self.study.get_trials(deepcopy=False)}
+            return None  # continuous axes: duplicates are improbable, nothing to enumerate
+        orphans = set(self.study.user_attrs.get(_ORPHAN_ATTR, []))  # cut short by a dead driver: may run again
+        seen = {t.user_attrs.get(_KEY_ATTR) for t in self.study.get_trials(deepcopy=False)
+                if t.number not in orphans and _TWIN_ATTR not in t.user_attrs}
         for point in grid_points(self.plan.spec):
             if self.plan.resolve(point).key not in seen:
                 params = {"backbone": point.backbone, "paradigm": point.paradigm, "intervention": point.intervention,
@@ -279,7 +318,8 @@ class StudySearcher(Searcher):
                 if len(self.plan.spec.axes.finetune_size) > 1:
                     params["finetune_size"] = point.finetune_size
                 self.study.enqueue_trial(params)
-                return
+                return True
+        return False
 
     def _config(self, point: TrialPoint) -> dict:
         """The Tune config of a point: its ``TrialConfig`` as the plan builds it (trainables/trial.py)."""
@@ -296,6 +336,7 @@ class StudySearcher(Searcher):
         # state is a staging folder, which on a long-lived cluster may hold a newer file a killed driver left
         self._resumed = _unfinished_tune_trials(os.path.dirname(self.journal_path))
         self._study = None  # reopen from the journal, failing orphans against the restored live set
+        self._restored = True
 
 
 def _unfinished_tune_trials(experiment_dir: str) -> frozenset | None:
@@ -355,9 +396,10 @@ def _masked(url: str) -> str:
 def resolve_storage_url(url: str | None, base_dir: str | None = None) -> str | None:
     """A relative SQLite path made absolute against ``base_dir`` (default: the working directory), so
     the study is the same file whichever directory a resume runs from; other URLs are unchanged."""
-    prefix = "sqlite:///"
-    if not url or not url.startswith(prefix) or url.startswith(prefix + "/"):
+    match = re.match(r"sqlite(\+\w+)?:///", url or "")  # sqlite:///, or with a driver: sqlite+pysqlite:///
+    if match is None or url[match.end():].startswith("/"):
         return url
+    prefix = match.group(0)
     return prefix + os.path.abspath(os.path.join(base_dir or os.getcwd(), os.path.expanduser(url[len(prefix):])))
 
 

@@ -294,7 +294,10 @@ def _int(value: Any, path: str, *, minimum: int | None = None, maximum: int | No
 
 
 def _name(value: Any, path: str) -> str:
-    if not isinstance(value, str) or not _NAME_RE.fullmatch(value):
+    if not isinstance(value, str):  # YAML read `2024` or `007` as a number, `yes` as a boolean
+        raise SpecError(path, value, f"expected a name, got a {type(value).__name__}: quote it in the sweep file "
+                                     f"(e.g. {path.rsplit('.', 1)[-1]}: \"{value}\") so YAML keeps it as written")
+    if not _NAME_RE.fullmatch(value):
         raise SpecError(path, value, "expected a name on one line of letters, digits, '_', '-', '.' "
                                      "(at most 100 characters)")
     return value

@@ -368,3 +368,93 @@ def test_on_resume_the_cap_moves_from_tunes_wrapper_into_the_searcher(tmp_path):
     grid = tune.TuneConfig(max_concurrent_trials=2)
     _searcher_holds_the_cap(grid, 3)
     assert grid.max_concurrent_trials == 2  # a grid sweep is left as it was
+
+
+def test_a_space_used_up_by_failures_ends_the_search_with_its_reason(tmp_path):
+    """Budget 8 of 8 cells and one cell fails: no new configuration is left, so the search ends (no
+    exception after the sampler's duplicate draws) and records why, which the launch reads as "over",
+    not "interrupted"."""
+    from ray.tune.search import Searcher
+
+    spec = tiny_spec(**{"search": {"type": "optuna", "sampler": "tpe", "budget": 8, "seed": 0}})  # 8 cells
+    plan = build_plan(parse_spec(spec))
+    searcher = StudySearcher(plan, str(tmp_path / "s.journal"), study_name="s")
+    assert searcher.ended() is None  # no study yet
+    keys, i = [], 0
+    while (config := searcher.suggest(f"t{i}")) != Searcher.FINISHED:
+        assert config is not None
+        keys.append(plan.trial_for(config).key)
+        if i == 0:
+            searcher.on_trial_complete(f"t{i}", None, error=True)
+        else:
+            searcher.on_trial_complete(f"t{i}", {"val_accuracy": 0.6, "val_equalized_odds_difference": 0.1})
+        i += 1
+    assert len(keys) == len(set(keys)) == 8
+    assert searcher.finished() == 7 and searcher.failed() == 1
+    assert "every one of the space's 8 configurations has run or failed" in searcher.ended()
+
+
+def test_a_used_up_space_waits_for_the_trials_in_flight_before_it_ends(tmp_path):
+    from ray.tune.search import Searcher
+
+    spec = tiny_spec(**{"search": {"type": "optuna", "sampler": "random", "budget": 8, "seed": 0}})
+    plan = build_plan(parse_spec(spec))
+    searcher = StudySearcher(plan, str(tmp_path / "s.journal"), study_name="s")
+    for i in range(7):
+        searcher.suggest(f"t{i}")
+        searcher.on_trial_complete(f"t{i}", None if i == 0 else {"val_accuracy": 0.6,
+                                                                 "val_equalized_odds_difference": 0.1},
+                                   error=i == 0)
+    assert searcher.suggest("t7") is not None  # the last unseen cell
+    assert searcher.suggest("t8") is None  # nothing new, but t7 is still running
+    assert searcher.ended() is None
+    searcher.on_trial_complete("t7", {"val_accuracy": 0.6, "val_equalized_odds_difference": 0.1})
+    assert searcher.suggest("t8") == Searcher.FINISHED and searcher.ended()
+
+
+def test_trials_without_objective_values_end_the_search_as_failures(tmp_path):
+    """A trial that finished without a validation objective (undefined: NaN is not reported) is a failure to the
+    study; past max(budget, 10) of them the search ends and says so."""
+    from ray.tune.search import Searcher
+
+    plan = _plan(**{"search": {**OPTUNA, "budget": 3}})
+    searcher = StudySearcher(plan, str(tmp_path / "s.journal"), study_name="s")
+    i = 0
+    while searcher.suggest(f"t{i}") != Searcher.FINISHED:
+        searcher.on_trial_complete(f"t{i}", {"val_accuracy": 0.6})  # no val_equalized_odds_difference
+        i += 1
+    assert i == 10 and searcher.finished() == 0
+    assert "10 trials failed or gave the search no objective values" in searcher.ended()
+
+
+def test_a_restored_search_that_had_ended_ends_anew(tmp_path):
+    import pickle
+
+    from ray.tune.search import Searcher
+
+    plan = _plan(**{"search": {**OPTUNA, "budget": 1}})
+    searcher = StudySearcher(plan, str(tmp_path / "s.journal"), study_name="s")
+    searcher.suggest("t0")
+    searcher.on_trial_complete("t0", {"val_accuracy": 0.6, "val_equalized_odds_difference": 0.1})
+    assert searcher.suggest("t1") == Searcher.FINISHED and "budget of 1" in searcher.ended()
+    searcher.save(str(tmp_path / "state.json"))
+    restored = pickle.loads(pickle.dumps(searcher))
+    restored.restore(str(tmp_path / "state.json"))
+    restored.study  # a resume reopens the study: what ended the last run says nothing about this one yet
+    assert restored.ended() is None
+    assert restored.suggest("t1") == Searcher.FINISHED and "budget of 1" in restored.ended()
+
+
+@pytest.mark.parametrize("url", ["sqlite:///study.db", "sqlite+pysqlite:///study.db", "sqlite+pysqlite:///~/study.db"])
+def test_a_relative_sqlite_study_url_is_made_absolute_with_or_without_a_driver(tmp_path, url):
+    import os
+
+    from orchestrator.search import resolve_storage_url
+
+    resolved = resolve_storage_url(url, base_dir=str(tmp_path))
+    prefix = url.split(":///")[0] + ":///"
+    assert resolved.startswith(prefix + "/")
+    expected = os.path.expanduser("~/study.db") if "~" in url else str(tmp_path / "study.db")
+    assert resolved == prefix + expected
+    assert resolve_storage_url(resolved, base_dir="/elsewhere") == resolved  # absolute stays
+    assert resolve_storage_url("postgresql://u@h/db") == "postgresql://u@h/db"
