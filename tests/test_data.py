@@ -215,3 +215,31 @@ def test_dataset_pickles_for_ray_workers(small: Dataset) -> None:
     assert copy.fingerprint() == small.fingerprint()
     np.testing.assert_array_equal(copy.meta("val").groups, small.meta("val").groups)
     assert torch.equal(copy.inputs("val", np.arange(3)), small.inputs("val", np.arange(3)))
+
+
+@pytest.mark.parametrize("options, key", [({"n_val": 20, "n_test": 20, "eval_correlation": 0.95}, "eval_correlation"),
+                                          ({"n_val": 20, "n_test": 20, "eval_correlation": 0.05}, "eval_correlation")])
+def test_a_skew_that_empties_an_evaluation_cell_is_refused_at_build_time(options, key):
+    """The metrics need both labels in both groups of val and test: a cell rounded to zero is an option error
+    naming the fix, not a ValueError from every trial after its training."""
+    with pytest.raises(DatasetOptionError, match=rf"dataset\.options\.{key}: .*cells \[.*\] empty at n_val = 20; "
+                                                 r"raise n_val or move eval_correlation towards 0\.5"):
+        build_dataset("synthetic_images", options)
+    build_dataset("synthetic_images", {"n_val": 40, "n_test": 40, "eval_correlation": 0.95})  # 38 / 2: every cell kept
+
+
+def test_an_array_cache_entry_evicted_as_it_is_written_is_still_returned(tmp_path, monkeypatch):
+    """Another key's writer may evict a new file between its rename and its opening: the array is mapped before
+    the rename, so the caller still gets it."""
+    from trainables.array_cache import ArrayCache
+
+    cache = ArrayCache(tmp_path, budget_bytes=1 << 20)
+
+    def evicted_at_once(self, keep):
+        keep.unlink()  # what a concurrent writer's eviction does to this entry
+
+    monkeypatch.setattr(ArrayCache, "_evict", evicted_at_once)
+    got = cache.get_or_compute("k", lambda: np.arange(6.0))
+    assert np.array_equal(got, np.arange(6.0)) and not cache.path("k").exists()
+    filled = cache.get_or_fill("f", (3,), np.int64, lambda out: out.__setitem__(slice(None), [1, 2, 3]))
+    assert filled.tolist() == [1, 2, 3]

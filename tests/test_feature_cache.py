@@ -189,3 +189,34 @@ def test_the_cache_computes_a_key_once_and_evicts_the_least_recently_used(tmp_pa
     left = list(tmp_path.glob("*.npy"))
     assert sorted(p.stem for p in left) == ["a", "c"] and sum(p.stat().st_size for p in left) <= 600_000
     assert not list(tmp_path.glob("*.tmp"))
+
+
+def test_a_base_rebuilt_under_its_key_is_read_again_and_gets_its_own_features(tmp_path):
+    """A damaged base, or one trained in another precision, is rebuilt under the same pretraining key, with other
+    weights on a GPU. A long-lived worker must not serve the old build from memory, nor the feature cache the
+    old build's prefix outputs: the trial on the rebuilt base is the trial an uncached, fresh run gives."""
+    from trainables import worker_cache
+    from trainables.pretrain_cache import PretrainCache
+
+    bases = PretrainCache(tmp_path / "bases")
+
+    def write_base(seed: int) -> None:
+        torch.manual_seed(seed)
+        model = backbones.create_backbone("test_resnet", num_classes=2, input_shape=(3, 32, 32))
+        bases.write("base-k", {k: v.contiguous() for k, v in model.state_dict().items()}, {"seed": seed})
+
+    def run(cache: Path | None) -> dict:
+        point = trial_config({"backbone": "test_resnet", "paradigm": "supervised", "intervention": "correlation",
+                              "magnitude": 0.7, "freeze_depth": "linear", "seed": 0}, FT, weights_key="base-k")
+        context = replace(_context(cache), cache_root=str(tmp_path / "bases"))
+        return train_and_evaluate(point, context)
+
+    write_base(1)
+    first = run(tmp_path / "fc")
+    assert len(list((tmp_path / "fc").glob("*.npy"))) == 3
+    write_base(2)  # rebuilt: same key, other weights
+    rebuilt = run(tmp_path / "fc")
+    assert len(list((tmp_path / "fc").glob("*.npy"))) == 6  # the old build's features are not reused
+    worker_cache._WEIGHTS.clear()
+    _same_trial(run(None), rebuilt)  # what a fresh process on the rebuilt base computes, without the cache
+    assert rebuilt["val_loss"] != pytest.approx(first["val_loss"], abs=1e-6)

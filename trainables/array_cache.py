@@ -69,12 +69,14 @@ class ArrayCache:
             os.close(fd)
             try:
                 write(tmp)
+                # mapped before the rename: the mapping stays valid should another key's writer evict the file
+                array = np.load(tmp, mmap_mode="r")
                 os.replace(tmp, target)  # readers see a whole file or none
             finally:
                 if os.path.exists(tmp):
                     os.unlink(tmp)
             self._evict(keep=target)
-            return self._open(target)
+            return array
 
     @staticmethod
     def _open(target: Path) -> np.ndarray:

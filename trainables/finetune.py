@@ -74,13 +74,18 @@ class TrialContext:
     precision: str = "bf16"  # resources.precision: bf16 autocast on a GPU that supports it, or fp32 (loop.autocast)
 
 
-def _load_initial_weights(model: Any, weights: Weights, cache_root: str) -> str | None:
-    """Load the trial's starting weights into ``model``; returns their key (None: random initialisation)."""
+def _load_initial_weights(model: Any, weights: Weights, cache_root: str) -> tuple[str | None, str | None]:
+    """Load the trial's starting weights into ``model``; returns their key (None: random initialisation) and
+    what identifies the very weights loaded, for the feature cache: a pretraining cache entry by its key and
+    checksum (a base rebuilt under the same key has other weights), a file by its key (its content hash)."""
     if weights.file is not None:
         backbones.load_backbone_state(model, backbones.load_weights_file(weights.file))
-    elif weights.key is not None:  # read once per worker process: later trials on the same base reuse it
-        backbones.load_backbone_state(model, worker_cache.pretrained_state(cache_root, weights.key))
-    return weights.key
+        return weights.key, weights.key
+    if weights.key is not None:  # read once per worker process: later trials on the same base reuse it
+        state, digest = worker_cache.pretrained_weights(cache_root, weights.key)
+        backbones.load_backbone_state(model, state)
+        return weights.key, f"{weights.key}@sha256:{digest[:16]}"
+    return None, None
 
 
 def _candidates(value: Any) -> list[float]:
@@ -175,7 +180,7 @@ def train_and_evaluate(trial: TrialConfig, context: TrialContext, *, state: Mapp
             return loop.predict_scores(net, val_x, batch_size=score_batch, device=device, precision=precision)
         return _split_scores(net, dataset, split, score_batch, device, precision, loop)
 
-    def use_features(model: Any, info: Any, pretrain_ref: str | None) -> tuple[Any, str]:
+    def use_features(model: Any, info: Any, loaded: str | None) -> tuple[Any, str]:
         """This candidate's PrefixPlan when the cache can serve the trial (``features`` filled on first use),
         else None; and why or why not."""
         from trainables import feature_cache as fc
@@ -193,7 +198,7 @@ def train_and_evaluate(trial: TrialConfig, context: TrialContext, *, state: Mapp
         if not cache.fits(need):
             return None, (f"off (the outputs of {found.cut} take {need / 2**20:.0f} MiB, more than the feature "
                           f"cache's budget of {cache.budget_bytes / 2**20:.0f} MiB)")
-        weights = pretrain_ref or f"random-init-seed-{seed}"  # random initialisation depends on the seed
+        weights = loaded or f"random-init-seed-{seed}"  # random initialisation depends on the seed
         # on a GPU the key names the precision (entries made before resources.precision existed were bf16 and named
         # none); CPU keys, always fp32, stay as they were
         named = {"precision": computed} if device.type == "cuda" else {}
@@ -209,12 +214,12 @@ def train_and_evaluate(trial: TrialConfig, context: TrialContext, *, state: Mapp
     def build(lr: float, wd: float) -> tuple[Any, Any, Any, Any]:
         torch.manual_seed(seed)
         model = backbones.create_backbone(point.backbone, num_classes=2, input_shape=dataset.input_shape)
-        ref = _load_initial_weights(model, trial.weights, context.cache_root)
+        refs = _load_initial_weights(model, trial.weights, context.cache_root)
         info = backbones.apply_freeze(model, backbones.layer_groups(model), point.freeze_depth, backbone=point.backbone)
         model = loop.to_device(model, device)  # channels_last on CUDA
         # the trainable parameters; a backbone's own L2 penalties (cnn1d_paperb: paper B's) add to the decay
         opt = torch.optim.SGD(backbones.param_groups(model, wd), lr=lr, momentum=ft["momentum"])
-        return model, opt, info, ref
+        return model, opt, info, refs
 
     def snapshot(model: Any) -> dict:
         return {k: v.detach().clone() for k, v in model.state_dict().items()}
@@ -232,7 +237,7 @@ def train_and_evaluate(trial: TrialConfig, context: TrialContext, *, state: Mapp
     last_checkpoint = time.monotonic()
     for ci in range(int(progress["candidate"]), len(candidates)):
         lr, wd = candidates[ci]
-        model, opt, info, pretrain_ref = build(lr, wd)
+        model, opt, info, (pretrain_ref, loaded) = build(lr, wd)
         gen = torch.Generator().manual_seed(seed)
         start_epoch = 0
         if state is not None and int(progress["candidate"]) == ci and int(progress["epoch"]) > 0:
@@ -245,7 +250,7 @@ def train_and_evaluate(trial: TrialConfig, context: TrialContext, *, state: Mapp
                 torch.cuda.set_rng_state(state["cuda_rng"])
             start_epoch = int(progress["epoch"])
         if not feature_note or plan is not None:  # the first candidate decides; later ones rebuild the plan
-            plan, feature_note = use_features(model, info, pretrain_ref)
+            plan, feature_note = use_features(model, info, loaded)
         net = plan.suffix if plan is not None else model
         fit_x = (torch.from_numpy(np.asarray(features["finetune"][chosen.indices])).to(device, plan.dtype)
                  if plan is not None and dataset.in_memory else x)

@@ -73,7 +73,12 @@ class PretrainCache:
         return self._read_meta(key)
 
     def load(self, key: str) -> dict[str, torch.Tensor]:
-        """The backbone state dict of an intact entry; ``CacheError`` for anything else.
+        """The backbone state dict of an intact entry; ``CacheError`` for anything else."""
+        return self.load_with_digest(key)[0]
+
+    def load_with_digest(self, key: str) -> tuple[dict[str, torch.Tensor], str]:
+        """``load`` and the sha256 of the weights it returns: what tells one build of a key from another (a damaged
+        entry or one trained in another precision is rebuilt under the same key, with other weights on a GPU).
 
         The file is read once and those very bytes are checked and deserialised, so a concurrent rebuild
         cannot slip unchecked weights in between the check and the load.
@@ -89,7 +94,7 @@ class PretrainCache:
         if state != "ok":
             raise CacheError(f"pretraining cache entry {key} under {self.root} is {state}; rerun the sweep to rebuild "
                              f"it (or `fairsweep cache clear --key {key}`)")
-        return load_bytes(data)
+        return load_bytes(data), hashlib.sha256(data).hexdigest()
 
     def write(self, key: str, state: Mapping[str, Any], meta: Mapping[str, Any]) -> Path:
         """Write to a temporary folder, then rename into place, so readers never see half an entry."""

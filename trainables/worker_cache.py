@@ -17,7 +17,7 @@ from typing import Any, Callable, Hashable, Mapping
 
 from trainables.pretrain_cache import PretrainCache
 
-__all__ = ["Memo", "dataset", "split_inputs", "pretrained_state"]
+__all__ = ["Memo", "dataset", "split_inputs", "pretrained_weights"]
 
 
 class Memo:
@@ -62,6 +62,13 @@ def split_inputs(ds: Any, split: str) -> Any:
     return _INPUTS.get((ds.fingerprint(), split), lambda: ds.inputs(split))
 
 
-def pretrained_state(cache_root: str, key: str) -> Mapping[str, Any]:
-    """A pretraining cache entry's weights, read (and checksummed) once per process."""
-    return _WEIGHTS.get((cache_root, key), lambda: PretrainCache(cache_root).load(key))
+def pretrained_weights(cache_root: str, key: str) -> tuple[Mapping[str, Any], str]:
+    """A pretraining cache entry's weights and their sha256, read (and checksummed) once per process for each
+    build of the entry: the memo is keyed by the checksum its meta lists, so a base rebuilt under the same key
+    (a damaged entry, one trained in another precision) is read again, never served from the old build."""
+    cache = PretrainCache(cache_root)
+    try:
+        listed = str(cache.meta(key).get("sha256"))
+    except (OSError, ValueError, AttributeError):  # missing or unreadable: the load says which
+        listed = ""
+    return _WEIGHTS.get((cache_root, key, listed), lambda: cache.load_with_digest(key))

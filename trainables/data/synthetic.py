@@ -26,7 +26,8 @@ from typing import Any, Mapping
 import numpy as np
 import torch
 
-from trainables.data.base import DATASETS, SPLITS, Dataset, Option, SplitMeta, check_indices, check_split, parse_options
+from trainables.data.base import (DATASETS, SPLITS, Dataset, DatasetOptionError, Option, SplitMeta, check_indices,
+                                    check_split, parse_options)
 
 __all__ = ["SyntheticImages", "OPTIONS", "BORDER_ROWS", "GENERATOR_VERSION"]
 
@@ -116,6 +117,14 @@ class SyntheticImages(Dataset):
             counts = _cell_counts(n, float(o["eval_correlation"]))
         else:
             counts = dict(zip(_CELL_ORDER, _split_counts(n, len(_CELL_ORDER))))
+        empty = [cell for cell in _CELL_ORDER if counts[cell] == 0]
+        if split in ("val", "test") and empty:  # the metrics need both labels in both groups
+            skewed = float(o["eval_correlation"]) != 0.5
+            raise DatasetOptionError("eval_correlation" if skewed else f"n_{split}",
+                                     o["eval_correlation"] if skewed else n,
+                                     f"leaves the {split} split's (label, group) cells {empty} empty at "
+                                     f"n_{split} = {n}; raise n_{split}"
+                                     + (" or move eval_correlation towards 0.5" if skewed else ""))
         labels, groups, stripes = _layout(counts, rng)
         return SplitMeta(labels=labels, groups=groups, attributes={"group": groups},
                          extra_labels={"stripes": stripes})
