@@ -325,3 +325,23 @@ def test_pretraining_on_a_folder_dataset_streams_the_source_split(layouts, tmp_p
                        "options": {}}}
     out = run_pretrain_job(job, str(tmp_path / "cache"))
     assert not out.reused and len(out.losses) == 2 and all(np.isfinite(out.losses))
+
+
+def test_the_same_metadata_over_other_images_is_other_data_but_moved_files_are_not(layouts, tmp_path) -> None:
+    """A copy whose images were changed (faces blurred, a re-export) keeps every metadata file: it must not share
+    the original's pretrained bases, features or trials. Moved files (copytree keeps sizes and times) still do."""
+    name, opts, root = _copy(layouts["celeba"], tmp_path)
+    base = build_dataset(*layouts["celeba"]).fingerprint()
+    assert build_dataset(name, opts).fingerprint() == base  # moved: the same data
+    image = next(p for p in sorted(root.rglob("*.jpg")))
+    stat = image.stat()
+    other = tmp_path / "other.jpg"
+    shutil.copy(image, other)
+    with open(image, "ab") as f:
+        f.write(b"\0")  # another file under the same name: other pixels, other size
+    os.utime(image, ns=(stat.st_atime_ns, stat.st_mtime_ns))
+    assert build_dataset(name, opts).fingerprint() != base
+    shutil.copy(other, image)  # the original bytes back, but written now: counted as changed, never as the same
+    assert build_dataset(name, opts).fingerprint() != base
+    os.utime(image, ns=(stat.st_atime_ns, stat.st_mtime_ns))
+    assert build_dataset(name, opts).fingerprint() == base

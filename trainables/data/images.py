@@ -222,9 +222,13 @@ class FolderImages(Dataset):
         self._num_workers = int(options["num_workers"])
         self._decoded: ArrayCache | None = None  # with_input_cache's decoded-image cache
         self._decoded_splits: dict[tuple, np.ndarray | None] = {}  # shared by views: see _decoded_pixels
-        # root is left out: the same files moved elsewhere are the same data; the digest covers the metadata
+        # root is left out: the same files moved elsewhere are the same data; the digest covers the metadata,
+        # and each file's size and modification time (_files_digest, on first use) cover the pixels
         identity = canonical_options(options, schema, leave_out=("root",))
         self._files_fingerprint = f"{name}/v{version}:{identity}:{digest}"
+        self._all_paths = paths
+        self._root = str(Path(str(options.get("root") or "/")).expanduser().resolve())
+        self._content: dict[str, str] = {}  # shared by every view (their __dict__ copies hold this one dict)
         check_files(paths.tolist(), where)
         if options.get("verify_images"):
             for p in paths.tolist():
@@ -319,4 +323,16 @@ class FolderImages(Dataset):
 
     def fingerprint(self) -> str:
         # the pixels depend on the preprocessing as much as on the files, so every cache keyed by this knows it
-        return f"{self._files_fingerprint}|preprocessing:{self.preprocessing.canonical()}"
+        return f"{self._files_fingerprint}:{self._files_digest()}|preprocessing:{self.preprocessing.canonical()}"
+
+    def _files_digest(self) -> str:
+        """sha256 over each file's path under the root, size and modification time, in row order: two folders
+        with the same metadata but other images (a copy with faces blurred, a re-export) are other data, while
+        the same files moved (mv, rsync -a, copytree) keep their key. One stat per file, once per process."""
+        if "files" not in self._content:
+            h = hashlib.sha256(b"files/v1")
+            for p in self._all_paths.tolist():
+                st = os.stat(p)
+                h.update(f"\0{os.path.relpath(p, self._root)}\0{st.st_size}\0{st.st_mtime_ns}".encode())
+            self._content["files"] = h.hexdigest()[:16]
+        return self._content["files"]
