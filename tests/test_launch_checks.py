@@ -123,3 +123,27 @@ def test_an_objective_against_its_direction_is_refused_at_plan_time(objectives, 
     documented meaning): a metric of the other direction is a field error, not a front read backwards."""
     with pytest.raises(SpecError, match=rf"objectives\.{field}: got '{objectives[field]}'; .*{says}"):
         build_plan(parse_spec(tiny_spec(objectives=objectives)))
+
+
+def test_the_apis_result_of_a_sweep_whose_trials_logged_no_fairness_value_has_an_empty_front(tmp_path):
+    """A finished sweep whose trials all lack the fairness objective (e.g. a ratio infinite everywhere, left out
+    of MLflow) still returns its result (parent run, trials) instead of raising after the sweep ran."""
+    import pandas as pd
+
+    from orchestrator.launch import LaunchResult
+    from orchestrator.mlflow_runs import TAGS
+    from orchestrator.store import check_store
+    from orchestrator.tracking import SweepTracker
+
+    uri = sqlite_uri(tmp_path)
+    plan = build_plan(parse_spec(tiny_spec(name="nofair")))
+    check_store(uri, create=True)
+    tracker = SweepTracker(plan, uri)
+    parent = tracker.open()
+    client = MlflowClient(uri)
+    run = client.create_run(tracker.experiment_id, tags={TAGS.SWEEP: "nofair", TAGS.KIND: "trial", TAGS.TRIAL_KEY: "t",
+                                                         TAGS.CONFIG_KEY: "c", TAGS.PARENT: parent})
+    client.log_metric(run.info.run_id, "accuracy", 0.9)
+    client.set_terminated(run.info.run_id)
+    result = api._result(LaunchResult(plan, str(tmp_path), uri, parent, pd.DataFrame(), finished=1))
+    assert result.parent_run_id == parent and len(result.trials) == 1 and result.front.empty
