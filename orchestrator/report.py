@@ -160,10 +160,15 @@ def _write_summary(path: Path, sweep: str, experiment: str, trials: pd.DataFrame
         shown[m] = front[m]
         shown[f"{m} sd"] = front[f"{m}_std"]
         shown[f"{m} 95% CI"] = [_interval(r, m) for _, r in front.iterrows()]
+    if f"{fair}_abs" in front:  # a signed metric: the front compares the mean over seeds of |value|
+        shown[f"abs({fair})"] = front[f"{fair}_abs"]  # a pipe would end the Markdown cell
+        shown[f"abs({fair}) 95% CI"] = [_interval(r, f"{fair}_abs") for _, r in front.iterrows()]
     lines = [f"# Sweep `{sweep}`", "",
              f"- MLflow experiment: `{experiment}`; finished trials: {len(trials)}; configurations: {len(table)}",
              f"- objectives: `{perf}` and `{fair}` on the test split: means over seeds, their standard deviation and a "
-             f"95 % Student-t interval (clipped to the metric's range)", "",
+             f"95 % Student-t interval (clipped to the metric's range)"
+             + (f"; `{fair}` is signed, and the front compares `abs({fair})`, the mean over seeds of each trial's "
+                f"distance from parity" if f"{fair}_abs" in table else ""), "",
              f"## Pareto front ({len(front)} configurations)", "", _markdown_table(shown), ""]
     if not best.empty:
         row = best.iloc[0]

@@ -696,3 +696,17 @@ def test_the_launch_summary_line_reads_a_signed_probe_by_its_distance_from_parit
             for p, a, ts in (("biased", 0.7, (0.3, -0.3)), ("supervised", 0.8, (0.05, -0.05))) for s, t in enumerate(ts)]
     line = front_story(_frame(rows), PERF, SIGNED)
     assert f"|{SIGNED}| of a linear probe on the biased base 0.300 (other bases: supervised 0.050)" in line
+
+
+def test_the_reports_front_table_shows_what_a_signed_metric_is_compared_by(tmp_path):
+    from orchestrator.report import _write_summary
+
+    trials = _flipping_and_steady()
+    table = query.front_table(trials, PERF, SIGNED)
+    text = _write_summary(tmp_path / "summary.md", "s", "e", trials, table, PERF, SIGNED, pd.DataFrame(), 0.01,
+                          "test").read_text()
+    header = next(line for line in text.splitlines() if line.startswith("| backbone"))
+    assert header.endswith(f"| abs({SIGNED}) | abs({SIGNED}) 95% CI |")
+    assert f"the front compares `abs({SIGNED})`" in text
+    row = next(line for line in text.splitlines() if line.startswith("|") and "steady" in line)
+    assert row.split("|")[-3].strip() == "0.0500"  # the steady configuration's mean distance from parity
