@@ -51,6 +51,7 @@ class SweepResult:
     finished: int
     failed: tuple[str, ...]  # MLflow run ids of failed trials; resume(name, retry_errored=True) runs them again
     interrupted: bool  # stopped before every trial ended (Ctrl-C); resume(name) continues it
+    search_ended: str = ""  # an optuna search: why it stopped proposing (its budget, failures, a used-up space)
 
 
 def load(spec: SweepSource) -> SweepSpec:
@@ -113,7 +114,7 @@ def _result(run: LaunchResult) -> SweepResult:
     except query.QueryError:  # no trial logged an objective (e.g. a ratio infinite everywhere): the sweep still ran
         front = query.pareto(rows.iloc[0:0], perf, fair)
     return SweepResult(spec.name, spec.experiment, run.tracking_uri, run.parent_run_id, perf, fair,
-                       front, rows, run.finished, tuple(run.failed), run.interrupted)
+                       front, rows, run.finished, tuple(run.failed), run.interrupted, run.search_ended)
 
 
 def launch(spec: SweepSource, *, tracking_uri: str | None = None, address: str | None = None,

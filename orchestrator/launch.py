@@ -148,7 +148,8 @@ def _cache_root(folder: str | None, *, base: str | None = None) -> str | None:
     its own folder, where a relative path would name a different, unshared cache for every trial."""
     if not folder:
         return None
-    return str((Path(base or os.getcwd()) / Path(folder).expanduser()).resolve())
+    # abspath, not resolve: a symlinked path stays as given, for workers whose mounts differ from the driver's
+    return os.path.abspath(os.path.join(base or os.getcwd(), os.path.expanduser(folder)))
 
 
 def _check_max_concurrent(options: LaunchOptions) -> None:
@@ -260,7 +261,8 @@ def launch(plan: Plan, options: LaunchOptions = LaunchOptions()) -> LaunchResult
                 # cwd: a relative file (a checkpoint, a dataset folder) resolves against it on resume
                 search_id = uuid.uuid4().hex
                 write_sweep_record(path, {"spec": dict(spec.source), "tracking_uri": tracking_uri,
-                                          "cache_root": cache_root, "cwd": os.getcwd(), "search_id": search_id})
+                                          "cache_root": cache_root, "cwd": os.getcwd(), "search_id": search_id,
+                                          "dataset_fingerprint": plan.dataset_fingerprint})
                 return _run(plan, path, tracking_uri, cache_root, options,
                             _new_tuner(plan, path, storage, options, search_id))
     finally:
@@ -287,6 +289,13 @@ def resume(name: str, options: LaunchOptions = LaunchOptions(), *, retry_errored
         raise LaunchError(f"--max-concurrent: a grid sweep keeps the cap it was launched with (Tune's restore "
                           f"brings back its grid's state, cap included); resume {name!r} without --max-concurrent")
     plan = build_plan(parse_spec(record["spec"]), base_dir=record.get("cwd"))
+    launched_on = record.get("dataset_fingerprint")  # absent from records written before it was kept
+    if launched_on and launched_on != plan.dataset_fingerprint:
+        raise LaunchError(f"sweep {name!r}: its dataset is not the one it was launched on (fingerprint {launched_on} "
+                          f"then, {plan.dataset_fingerprint} now): image files changed or were copied without their "
+                          f"times, or another fairsweep keys them differently. Its trials and bases are keyed by it, "
+                          f"so resuming would run them again under new keys; put the files back as they were (copies "
+                          f"with their times: cp -p, rsync -a), or launch it as a new sweep")
     tracking_uri = resolve_tracking_uri(options.tracking_uri or record["tracking_uri"])
     check_store(tracking_uri, create=True)
     _refuse_deleted_experiment(open_client(tracking_uri), plan.spec, tracking_uri)
@@ -492,7 +501,12 @@ def _run_sweep(plan: Plan, path: str, tracking_uri: str, cache_root: str, option
             # the searcher records why it stopped (budget, failures, a used-up space); MLflow's counts alone
             # cannot tell those from an interruption: a trial without objective values finishes in MLflow
             # while the study counts it failed
-            ended = searcher.ended() if hasattr(searcher, "ended") else None
+            try:
+                ended = searcher.ended() if hasattr(searcher, "ended") else None
+            except Exception as exc:  # noqa: BLE001 - a study database gone at the end: the counts decide
+                logging.getLogger(__name__).warning("could not read why the search ended (%s); judged from MLflow's "
+                                                    "counts", exc)
+                ended = None
             interrupted = ended is None and finished < spec.search.budget and len(failed) < max(spec.search.budget, 10)
         else:
             interrupted = finished + len(failed) < len(plan.trials)

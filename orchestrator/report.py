@@ -108,7 +108,9 @@ def _paper_a(trials: pd.DataFrame, perf: str, fair: str, out: Path, save: Any, f
     if trials["intervention.magnitude"].nunique() < 2:
         return []
     configs = query.aggregate_seeds(trials, [perf, fair])
-    save(figures.magnitude_figure(configs, fair), "unfairness_vs_magnitude.png")
+    # a signed metric by its mean distance from parity over seeds, as the front and the fairest level read it
+    save(figures.magnitude_figure(configs, f"{fair}_abs" if f"{fair}_abs" in configs else fair),
+         "unfairness_vs_magnitude.png")
     save(figures.magnitude_figure(configs, perf), "performance_vs_magnitude.png")
     fairest = query.fairest_level(trials, perf, fair)
     fairest.to_csv(out / "fairest_magnitude.csv", index=False)

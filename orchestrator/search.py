@@ -133,13 +133,12 @@ class StudySearcher(Searcher):
             if asked:  # a resumed study: a sampler seeded as at the start would replay its first draws
                 self._study.sampler = make_sampler(search.sampler, search.seed + asked)
             self._fail_orphans()
-            if getattr(self, "_restored", False) and study.user_attrs.get(_ENDED_ATTR):
-                study.set_user_attr(_ENDED_ATTR, None)  # a resume (--retry-errored) may run more: it ends anew
         return self._study
 
     def __getstate__(self) -> dict:
         state = dict(self.__dict__)
         state["_study"] = None
+        state.pop("_used_up", None)  # a restore may free cells (orphans run again): it is found out anew
         return state
 
     def _claim(self, study: Any) -> None:
@@ -215,21 +214,24 @@ class StudySearcher(Searcher):
         done = self.finished()
         if done >= self.budget:
             return self._end(f"the budget of {self.budget} finished trials was reached")
+        # The two ends below wait for the trials in flight, so a search ends with nothing running and a sweep
+        # stopped before then is an interruption (resumed, the restored trials finish and the search ends).
         if self.failed() >= max(self.budget, 10):
-            return self._end(f"{self.failed()} trials failed or gave the search no objective values "
-                             f"(at most max(budget, 10) = {max(self.budget, 10)})")
+            return None if self._live else self._end(
+                f"{self.failed()} trials failed or gave the search no objective values (at most max(budget, 10) = "
+                f"{max(self.budget, 10)})")
+        if getattr(self, "_used_up", False):  # known from an earlier call: no need to draw and walk the grid again
+            return None if self._live else self._end(self._used_up_reason(done))
         if done + len(self._live) >= self.budget:
             return None  # enough in flight; ask again if one of them fails
         if self.max_concurrent and len(self._live) >= self.max_concurrent:
             return None
         for attempt in range(_MAX_DUPLICATE_DRAWS):
             if attempt == _ENQUEUE_AFTER and self._enqueue_unseen_cell() is False:
-                # every cell has run, is running or failed: nothing new can be proposed (a failed cell is not
-                # run again; `resume --retry-errored` retries it)
-                if self._live:
-                    return None  # the ones in flight end first, so the search ends with nothing running
-                return self._end(f"every one of the space's {self.plan.spec.grid_size} configurations has run or "
-                                 f"failed ({done} finished, budget {self.budget})")
+                # every cell has run, is running or failed: nothing new can be proposed in this run (a failed cell
+                # is not run again; `resume --retry-errored` retries it), so later calls answer at once
+                self._used_up = True
+                return None if self._live else self._end(self._used_up_reason(done))
             trial = self.study.ask()
             point = suggest_point(trial, self.plan)
             planned = self.plan.resolve(point)
@@ -264,6 +266,10 @@ class StudySearcher(Searcher):
             self.study.tell(number, state=TrialState.FAIL)
         else:
             self.study.tell(number, values)
+
+    def _used_up_reason(self, done: int) -> str:
+        return (f"every one of the space's {self.plan.spec.grid_size} configurations has run or failed ({done} "
+                f"finished, budget {self.budget})")
 
     def _end(self, reason: str) -> str:
         """Record why the search stopped proposing (read by ``ended``) and tell Tune it is finished."""
@@ -336,7 +342,6 @@ class StudySearcher(Searcher):
         # state is a staging folder, which on a long-lived cluster may hold a newer file a killed driver left
         self._resumed = _unfinished_tune_trials(os.path.dirname(self.journal_path))
         self._study = None  # reopen from the journal, failing orphans against the restored live set
-        self._restored = True
 
 
 def _unfinished_tune_trials(experiment_dir: str) -> frozenset | None:

@@ -134,8 +134,8 @@ def pair_trials(points: Mapping[str, Mapping[str, Any]], a: Mapping[str, str],
     by_rest_a: dict[tuple, list[str]] = {}
     for run_id, point in runs_a.items():
         by_rest_a.setdefault(rest(point), []).append(run_id)
-    for candidates in by_rest_a.values():  # several A trials would share one B partner: as ambiguous
-        if len(candidates) > 1:
+    for key, candidates in by_rest_a.items():  # several A trials would share one B partner: as ambiguous
+        if len(candidates) > 1 and key in by_rest:
             only_b = sorted(set(b) - set(a))
             fix = (f"they differ only in {', '.join(only_b)}, which only --b names; add it to --a too (e.g. --a "
                    f"{' '.join(f'{k}={b[k]}' for k in only_b)})" if only_b else

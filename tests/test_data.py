@@ -243,3 +243,20 @@ def test_an_array_cache_entry_evicted_as_it_is_written_is_still_returned(tmp_pat
     assert np.array_equal(got, np.arange(6.0)) and not cache.path("k").exists()
     filled = cache.get_or_fill("f", (3,), np.int64, lambda out: out.__setitem__(slice(None), [1, 2, 3]))
     assert filled.tolist() == [1, 2, 3]
+
+
+def test_an_array_cache_entry_evicted_right_after_its_rename_is_still_returned(tmp_path, monkeypatch):
+    """The other window: the file disappears between the rename and this writer's own eviction pass."""
+    import os
+
+    from trainables.array_cache import ArrayCache
+
+    cache = ArrayCache(tmp_path, budget_bytes=1 << 20)
+    rename = os.replace
+
+    def rename_then_lose(src, dst):
+        rename(src, dst)
+        os.unlink(dst)  # another key's writer evicted it at once
+
+    monkeypatch.setattr(os, "replace", rename_then_lose)
+    assert cache.get_or_compute("k", lambda: np.arange(4.0)).tolist() == [0.0, 1.0, 2.0, 3.0]

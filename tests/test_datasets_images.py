@@ -345,3 +345,10 @@ def test_the_same_metadata_over_other_images_is_other_data_but_moved_files_are_n
     assert build_dataset(name, opts).fingerprint() != base
     os.utime(image, ns=(stat.st_atime_ns, stat.st_mtime_ns))
     assert build_dataset(name, opts).fingerprint() == base
+
+
+def test_a_root_reached_through_a_symlink_has_the_folders_fingerprint(layouts, tmp_path) -> None:
+    name, opts = layouts["celeba"]
+    link = tmp_path / "link"
+    link.symlink_to(opts["root"], target_is_directory=True)
+    assert build_dataset(name, {**opts, "root": str(link)}).fingerprint() == build_dataset(name, opts).fingerprint()

@@ -13,6 +13,7 @@ from orchestrator.launch import LaunchError, LaunchOptions, _cache_root, launch,
 from orchestrator.plan import build_plan
 from orchestrator.spec import SpecError, parse_spec
 from orchestrator.storage import experiment_path, write_sweep_record
+from orchestrator.store import StoreError
 from tests.helpers import sqlite_uri, tiny_spec
 
 
@@ -147,3 +148,18 @@ def test_the_apis_result_of_a_sweep_whose_trials_logged_no_fairness_value_has_an
     client.set_terminated(run.info.run_id)
     result = api._result(LaunchResult(plan, str(tmp_path), uri, parent, pd.DataFrame(), finished=1))
     assert result.parent_run_id == parent and len(result.trials) == 1 and result.front.empty
+
+
+def test_resume_refuses_a_dataset_other_than_the_one_the_sweep_was_launched_on(tmp_path):
+    """Trials and bases are keyed by the dataset's fingerprint (for image folders: the files' sizes and times):
+    resumed over other data, every trial would run again under new keys beside the old ones."""
+    storage = tmp_path / "results"
+    spec = tiny_spec(name="moved")
+    launched = build_plan(parse_spec(spec)).dataset_fingerprint
+    record = {"spec": spec, "tracking_uri": sqlite_uri(tmp_path), "cache_root": "cache", "cwd": str(tmp_path)}
+    write_sweep_record(experiment_path(str(storage), "moved"), {**record, "dataset_fingerprint": "other-data"})
+    with pytest.raises(LaunchError, match=r"not the one it was launched on \(fingerprint other-data then, .* now\)"):
+        resume("moved", LaunchOptions(storage=str(storage)))
+    write_sweep_record(experiment_path(str(storage), "moved"), {**record, "dataset_fingerprint": launched})
+    with pytest.raises(StoreError, match="no MLflow database"):  # the same data passes, up to the missing store
+        resume("moved", LaunchOptions(storage=str(storage)))

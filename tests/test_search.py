@@ -427,7 +427,43 @@ def test_trials_without_objective_values_end_the_search_as_failures(tmp_path):
     assert "10 trials failed or gave the search no objective values" in searcher.ended()
 
 
-def test_a_restored_search_that_had_ended_ends_anew(tmp_path):
+def test_a_used_up_space_answers_at_once_while_the_last_trials_run(tmp_path):
+    """Tune asks on every step while a long last trial runs: once the space is known to be used up the searcher
+    answers without drawing again, so the study does not fill with pruned duplicates."""
+    spec = tiny_spec(**{"search": {"type": "optuna", "sampler": "tpe", "budget": 8, "seed": 0}})
+    plan = build_plan(parse_spec(spec))
+    searcher = StudySearcher(plan, str(tmp_path / "s.journal"), study_name="s")
+    for i in range(8):
+        assert searcher.suggest(f"t{i}") is not None
+        if i < 7:
+            searcher.on_trial_complete(f"t{i}", None if i == 0 else {"val_accuracy": 0.6,
+                                                                     "val_equalized_odds_difference": 0.1},
+                                       error=i == 0)
+    assert searcher.suggest("t8") is None  # found used up: t7 still runs
+    asked = len(searcher.study.trials)
+    for i in range(30):
+        assert searcher.suggest(f"w{i}") is None
+    assert len(searcher.study.trials) == asked  # nothing drawn while waiting
+
+
+def test_a_search_ended_by_failures_waits_for_its_trials_in_flight(tmp_path):
+    from ray.tune.search import Searcher
+
+    plan = _plan(**{"search": {**OPTUNA, "budget": 3}, "resources.max_concurrent_trials": 2})
+    searcher = StudySearcher(plan, str(tmp_path / "s.journal"), study_name="s")
+    for i in range(9):
+        searcher.suggest(f"f{i}")
+        searcher.on_trial_complete(f"f{i}", None, error=True)
+    assert searcher.suggest("a") is not None and searcher.suggest("b") is not None
+    searcher.on_trial_complete("a", None, error=True)  # the tenth failure, while b runs
+    assert searcher.suggest("c") is None and searcher.ended() is None  # stopped now would be an interruption
+    searcher.on_trial_complete("b", {"val_accuracy": 0.6, "val_equalized_odds_difference": 0.1})
+    assert searcher.suggest("c") == Searcher.FINISHED and "10 trials failed" in searcher.ended()
+
+
+def test_a_restored_search_that_had_ended_keeps_why(tmp_path):
+    """Tune restores its search generator as finished and never asks it again: the reason recorded must stay,
+    or a resume (--retry-errored) of a finished search would read as interrupted for ever."""
     import pickle
 
     from ray.tune.search import Searcher
@@ -440,9 +476,8 @@ def test_a_restored_search_that_had_ended_ends_anew(tmp_path):
     searcher.save(str(tmp_path / "state.json"))
     restored = pickle.loads(pickle.dumps(searcher))
     restored.restore(str(tmp_path / "state.json"))
-    restored.study  # a resume reopens the study: what ended the last run says nothing about this one yet
-    assert restored.ended() is None
-    assert restored.suggest("t1") == Searcher.FINISHED and "budget of 1" in restored.ended()
+    restored.on_trial_complete("t9", None, error=True)  # a retried trial's report reopens the study
+    assert "budget of 1" in restored.ended()
 
 
 @pytest.mark.parametrize("url", ["sqlite:///study.db", "sqlite+pysqlite:///study.db", "sqlite+pysqlite:///~/study.db"])

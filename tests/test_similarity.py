@@ -97,3 +97,13 @@ def test_a_side_matching_several_trials_for_one_b_trial_is_refused_naming_the_ax
                     parse_selector(["paradigm=simclr", "freeze_depth=full"], "--b"))
     assert ("--a matches several trials for one --b trial (runs supervised-[0, 2]-0, supervised-full-0): they differ "
             "only in freeze_depth, which only --b names; add it to --a too (e.g. --a freeze_depth=full)") in str(err.value)
+
+
+def test_a_side_trials_sharing_a_key_but_without_any_b_partner_are_only_unmatched() -> None:
+    """Several A trials that no B trial matches are not ambiguous: they count as unmatched, and the pairs that
+    exist are still compared."""
+    points = {**POINTS, "simclr-full-5a": _point("simclr", "full", 5, 0.9), "simclr-full-5b": _point("simclr", "full",
+                                                                                                      5, 0.9)}
+    points["simclr-full-5b"]["finetune"] = {}  # the same key as 5a: a repeat with no supervised partner
+    pairs, unmatched = pair_trials(points, {"paradigm": "simclr"}, {"paradigm": "supervised"})
+    assert len(pairs) == 4 and unmatched == 2

@@ -92,7 +92,11 @@ class ArrayCache:
                 if p != keep:
                     st = p.stat()
                     entries.append((st.st_mtime_ns, st.st_size, p))
-        total = sum(size for _, size, _ in entries) + keep.stat().st_size
+        try:
+            kept = keep.stat().st_size
+        except FileNotFoundError:  # already evicted by another key's writer: nothing of it to keep
+            kept = 0
+        total = sum(size for _, size, _ in entries) + kept
         for _, size, path in sorted(entries):
             if total <= self.budget_bytes:
                 break
