@@ -290,7 +290,11 @@ class SweepTracker(tune.Callback):
             except (KeyError, TypeError, ValueError):  # a point this plan cannot hold is not one of its trials
                 continue
             if r.data.tags.get(TAGS.TRIAL_KEY) == planned.key:
-                out.append((planned.config, {m: r.data.metrics[m] for m in objectives if m in r.data.metrics}))
+                values = {m: r.data.metrics[m] for m in objectives if m in r.data.metrics}
+                infinite = [m for m in r.data.tags.get(TAGS.INFINITE_METRICS, "").split(",") if m in objectives]
+                if infinite:  # MLflow cannot hold +inf: the tag names them, so the search is told them again
+                    values["infinite_metrics"] = ",".join(infinite)
+                out.append((planned.config, values))
         return out
 
     def _trial_run(self, trial: Any) -> str:

@@ -44,6 +44,27 @@ def test_finished_trials_only_count_runs_of_this_plans_trial_keys(tmp_path):
     assert other.finished_trials() == []
 
 
+def test_a_finished_trials_infinite_objective_reaches_the_search_again_on_resume(tmp_path):
+    """MLflow cannot hold +inf (a ratio against a zero rate): the run's tag names it, and a resume tells the
+    search so, instead of a result without the objective, which the study would count as a failure."""
+    from orchestrator.mlflow_runs import TAGS
+    from orchestrator.search import search_values
+
+    uri = sqlite_uri(tmp_path)
+    plan = build_plan(parse_spec(tiny_spec(**{"objectives.fairness": "fpr_ratio_deviation"})))
+    tracker = SweepTracker(plan, uri, artifact_location=artifact_location(uri))
+    tracker.open()
+    run_id = tracker._create_trial_run(plan.trials[0], "trial_0")
+    tracker.client.log_metric(run_id, "val_accuracy", 0.75)
+    tracker.client.set_tag(run_id, TAGS.INFINITE_METRICS, "fpr_ratio_deviation,val_fpr_ratio_deviation,other")
+    tracker.client.set_terminated(run_id, "FINISHED")
+    resumed = SweepTracker(plan, uri)
+    resumed.open()
+    [(_, told)] = resumed.finished_trials()
+    assert told == {"val_accuracy": 0.75, "infinite_metrics": "fpr_ratio_deviation,val_fpr_ratio_deviation"}
+    assert search_values(plan.spec.objectives, told) == [0.75, float("inf")]
+
+
 def test_a_new_launch_refuses_a_sweep_mlflow_already_holds(tmp_path):
     uri = sqlite_uri(tmp_path)
     spec = tiny_spec()
