@@ -152,6 +152,14 @@ def _interval(row: Any, metric: str) -> str:
     return "n/a (one seed)" if low is None or pd.isna(low) else f"[{low:.4f}, {high:.4f}]"
 
 
+def _seeds(row: Any, perf: str, fair: str) -> str:
+    """How many seeds the shown means are over: the trials that logged both metrics (``n_seeds`` counts every
+    finished trial of the configuration, one that logged no value of a metric included)."""
+    counts = [row.get(f"{m}_count") for m in (perf, fair)]
+    n = int(min(counts)) if all(c is not None and not pd.isna(c) for c in counts) else int(row["n_seeds"])
+    return f"{n} seed(s)" + (f" of {int(row['n_seeds'])}" if n != int(row["n_seeds"]) else "")
+
+
 def _write_summary(path: Path, sweep: str, experiment: str, trials: pd.DataFrame, table: pd.DataFrame, perf: str,
                    fair: str, best: pd.DataFrame, max_drop: float, select_on: str, skipped: str = "") -> Path:
     cols = ["backbone", "paradigm", "intervention.kind", "intervention.magnitude", "freeze_depth", "finetune.size",
@@ -178,7 +186,7 @@ def _write_summary(path: Path, sweep: str, experiment: str, trials: pd.DataFrame
         lines += [f"## Fairest within {max_drop:g} of the best {perf}, chosen on the {select_on} split", "",
                   f"`{row['backbone']}` / `{row['paradigm']}` / {row['intervention.kind']} {row['intervention.magnitude']:g} / "
                   f"freeze `{row['freeze_depth']}`: {perf} {row[perf]:.4f} {_interval(row, perf)}, "
-                  f"{fair} {row[fair]:.4f} {_interval(row, fair)} on test (means over {row['n_seeds']} seed(s); chosen "
+                  f"{fair} {row[fair]:.4f} {_interval(row, fair)} on test (means over {_seeds(row, perf, fair)}; chosen "
                   f"by {sel} {row[sel]:.4f}, best {row[f'reference_{sel}']:.4f}; `fairsweep best {sweep} "
                   f"--select-on {select_on} --max-drop {max_drop:g}` gives the same).", ""]
     if skipped:

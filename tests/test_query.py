@@ -710,3 +710,11 @@ def test_the_reports_front_table_shows_what_a_signed_metric_is_compared_by(tmp_p
     assert f"the front compares `abs({SIGNED})`" in text
     row = next(line for line in text.splitlines() if line.startswith("|") and "steady" in line)
     assert row.split("|")[-3].strip() == "0.0500"  # the steady configuration's mean distance from parity
+
+
+def test_the_reports_pick_counts_the_seeds_its_means_are_over():
+    from orchestrator.report import _seeds
+
+    assert _seeds({"n_seeds": 3, "accuracy_count": 3, "eod_count": 2}, "accuracy", "eod") == "2 seed(s) of 3"
+    assert _seeds({"n_seeds": 2, "accuracy_count": 2, "eod_count": 2}, "accuracy", "eod") == "2 seed(s)"
+    assert _seeds({"n_seeds": 2}, "accuracy", "eod") == "2 seed(s)"  # a per-trial row has no counts
