@@ -152,6 +152,22 @@ def _cache_root(folder: str | None, *, base: str | None = None) -> str | None:
     return os.path.abspath(os.path.join(base or os.getcwd(), os.path.expanduser(folder)))
 
 
+def sweep_interrupted(spec: Any, *, unfinished: int, search_ended: str | None, finished: int, failed: int) -> bool:
+    """Whether a sweep stopped before its end (a resume continues it) rather than ended, once Tune's fit returned.
+
+    ``unfinished``: trials Tune still held as pending or running (a Ctrl-C). A grid ends when every trial
+    finished or failed in MLflow, the ground truth. An optuna search replaces failed trials until its budget
+    has finished; it also ends when its searcher says why (``search_ended``: failures, a used-up space), which
+    MLflow's counts alone cannot tell from an interruption (a trial without objective values finishes in MLflow
+    while the study counts it failed); for a study from before such reasons were kept, the counts decide."""
+    if unfinished > 0:
+        return True
+    if spec.search.type != "optuna":
+        return finished + failed < spec.n_trials
+    budget = spec.search.budget
+    return search_ended is None and finished < budget and failed < max(budget, 10)
+
+
 def _check_max_concurrent(options: LaunchOptions) -> None:
     cap = options.max_concurrent_trials
     if cap is not None and (isinstance(cap, bool) or not isinstance(cap, int) or cap < 1):
@@ -486,7 +502,8 @@ def _run_sweep(plan: Plan, path: str, tracking_uri: str, cache_root: str, option
         searcher = tuner._local_tuner._tune_config.search_alg  # Tune keeps no public handle on it
         searcher = getattr(searcher, "searcher", searcher)  # inside a ConcurrencyLimiter (sweeps resumed from before)
         with _tune_console(options.verbose):
-            tuner.fit()
+            grid = tuner.fit()
+        unfinished = len(grid) - grid.num_terminated - grid.num_errors  # Tune's own: stopped with these to run
         tracker.log_unreported_pretraining()
         front = tracker.refresh_front()
         try:  # a convenience at the end: a sweep whose models cannot be logged has still finished
@@ -497,19 +514,14 @@ def _run_sweep(plan: Plan, path: str, tracking_uri: str, cache_root: str, option
         failed = tracker.trial_run_ids("FAILED")
         finished = counts.get("FINISHED", 0)
         ended = None
-        if spec.search.type == "optuna":  # failed trials are replaced until the budget has finished
-            # the searcher records why it stopped (budget, failures, a used-up space); MLflow's counts alone
-            # cannot tell those from an interruption: a trial without objective values finishes in MLflow
-            # while the study counts it failed
+        if spec.search.type == "optuna":
             try:
                 ended = searcher.ended() if hasattr(searcher, "ended") else None
             except Exception as exc:  # noqa: BLE001 - a study database gone at the end: the counts decide
                 logging.getLogger(__name__).warning("could not read why the search ended (%s); judged from MLflow's "
                                                     "counts", exc)
-                ended = None
-            interrupted = ended is None and finished < spec.search.budget and len(failed) < max(spec.search.budget, 10)
-        else:
-            interrupted = finished + len(failed) < len(plan.trials)
+        interrupted = sweep_interrupted(spec, unfinished=unfinished, search_ended=ended, finished=finished,
+                                        failed=len(failed))
         if interrupted:
             tracker.mark_in_flight_killed()
         else:

@@ -102,7 +102,8 @@ def _with_absolute_paths(spec: SweepSpec) -> SweepSpec:
     options = dict(spec.dataset.options)
     for key, value in options.items():
         if key in schema and schema[key].kind == PATH and not schema[key].under_root and isinstance(value, str) and value:
-            options[key] = str(Path(os.path.expanduser(value)).resolve())  # pathlib raises on an unknown ~user
+            # absolute, symlinks kept as given (a dataset's key names its files under the root as reached)
+            options[key] = os.path.abspath(Path(value).expanduser())  # pathlib raises on an unknown ~user
     if options == dict(spec.dataset.options):
         return spec
     source = {**spec.source, "dataset": {**dict(spec.source.get("dataset", {})), "options": options}}

@@ -138,7 +138,6 @@ class StudySearcher(Searcher):
     def __getstate__(self) -> dict:
         state = dict(self.__dict__)
         state["_study"] = None
-        state.pop("_used_up", None)  # a restore may free cells (orphans run again): it is found out anew
         return state
 
     def _claim(self, study: Any) -> None:
@@ -214,24 +213,21 @@ class StudySearcher(Searcher):
         done = self.finished()
         if done >= self.budget:
             return self._end(f"the budget of {self.budget} finished trials was reached")
-        # The two ends below wait for the trials in flight, so a search ends with nothing running and a sweep
-        # stopped before then is an interruption (resumed, the restored trials finish and the search ends).
+        # The two ends below do not wait for the trials in flight: Tune runs them to their end, and a sweep
+        # stopped meanwhile is still an interruption (the launch reads Tune's unfinished trials)
         if self.failed() >= max(self.budget, 10):
-            return None if self._live else self._end(
-                f"{self.failed()} trials failed or gave the search no objective values (at most max(budget, 10) = "
-                f"{max(self.budget, 10)})")
-        if getattr(self, "_used_up", False):  # known from an earlier call: no need to draw and walk the grid again
-            return None if self._live else self._end(self._used_up_reason(done))
+            return self._end(f"{self.failed()} trials failed or gave the search no objective values (at most "
+                             f"max(budget, 10) = {max(self.budget, 10)})")
         if done + len(self._live) >= self.budget:
             return None  # enough in flight; ask again if one of them fails
         if self.max_concurrent and len(self._live) >= self.max_concurrent:
             return None
         for attempt in range(_MAX_DUPLICATE_DRAWS):
             if attempt == _ENQUEUE_AFTER and self._enqueue_unseen_cell() is False:
-                # every cell has run, is running or failed: nothing new can be proposed in this run (a failed cell
-                # is not run again; `resume --retry-errored` retries it), so later calls answer at once
-                self._used_up = True
-                return None if self._live else self._end(self._used_up_reason(done))
+                # every cell has run, is running or failed: nothing new can be proposed (a failed cell is not run
+                # again; `resume --retry-errored` retries it)
+                return self._end(f"every one of the space's {self.plan.spec.grid_size} configurations has run, "
+                                 f"runs or failed ({done} finished, budget {self.budget})")
             trial = self.study.ask()
             point = suggest_point(trial, self.plan)
             planned = self.plan.resolve(point)
@@ -266,10 +262,6 @@ class StudySearcher(Searcher):
             self.study.tell(number, state=TrialState.FAIL)
         else:
             self.study.tell(number, values)
-
-    def _used_up_reason(self, done: int) -> str:
-        return (f"every one of the space's {self.plan.spec.grid_size} configurations has run or failed ({done} "
-                f"finished, budget {self.budget})")
 
     def _end(self, reason: str) -> str:
         """Record why the search stopped proposing (read by ``ended``) and tell Tune it is finished."""

@@ -163,3 +163,25 @@ def test_resume_refuses_a_dataset_other_than_the_one_the_sweep_was_launched_on(t
     write_sweep_record(experiment_path(str(storage), "moved"), {**record, "dataset_fingerprint": launched})
     with pytest.raises(StoreError, match="no MLflow database"):  # the same data passes, up to the missing store
         resume("moved", LaunchOptions(storage=str(storage)))
+
+
+@pytest.mark.parametrize("search, unfinished, ended, finished, failed, interrupted", [
+    ("grid", 0, None, 16, 0, False),           # every trial finished
+    ("grid", 0, None, 14, 2, False),           # ... or failed: resume --retry-errored reruns those
+    ("grid", 0, None, 15, 0, True),            # stopped between trials
+    ("grid", 1, None, 16, 0, True),            # Tune still held one to run (MLflow's count was ahead)
+    ("optuna", 0, "budget reached", 6, 0, False),
+    ("optuna", 0, "10 trials failed", 2, 3, False),  # the study counted trials without objectives as failed
+    ("optuna", 1, "10 trials failed", 2, 10, True),  # Ctrl-C while the trials in flight at that end still ran
+    ("optuna", 0, None, 2, 0, True),           # stopped between trials
+    ("optuna", 0, None, 6, 0, False),          # a study from before reasons were kept: the counts decide
+    ("optuna", 0, None, 2, 10, False),
+])
+def test_a_sweep_is_interrupted_when_tune_or_the_counts_say_work_is_left(search, unfinished, ended, finished, failed,
+                                                                         interrupted):
+    from orchestrator.launch import sweep_interrupted
+
+    spec = parse_spec(tiny_spec(**{"axes.seed": [0, 1], "search": {"type": search, "budget": 6}} if search == "optuna"
+                                else {"axes.seed": [0, 1]}))  # 16 cells; an optuna budget of 6
+    assert sweep_interrupted(spec, unfinished=unfinished, search_ended=ended, finished=finished,
+                             failed=failed) is interrupted

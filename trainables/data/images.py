@@ -227,7 +227,9 @@ class FolderImages(Dataset):
         identity = canonical_options(options, schema, leave_out=("root",))
         self._files_fingerprint = f"{name}/v{version}:{identity}:{digest}"
         self._all_paths = paths
-        self._root = str(resolve_root(options["root"], name))  # as the paths were made: symlinks not followed
+        # as the layouts made the paths (symlinks not followed); a layout without a root: the files' common folder
+        self._root = (str(resolve_root(options["root"], name)) if options.get("root")
+                      else os.path.commonpath(paths.tolist()) if len(paths) else "/")
         self._content: dict[str, str] = {}  # shared by every view (their __dict__ copies hold this one dict)
         check_files(paths.tolist(), where)
         if options.get("verify_images"):
