@@ -37,7 +37,8 @@ from trainables.finetune import TrialContext, finetune_trial
 from trainables.plugins import with_plugins  # a plugin's names resolve in every Ray worker too
 from trainables.trial import TUNE_KEY
 
-__all__ = ["LaunchOptions", "LaunchResult", "LaunchError", "launch", "resume", "init_ray", "quiet_tune_restore_logs"]
+__all__ = ["LaunchOptions", "LaunchResult", "LaunchError", "launch", "resume", "init_ray", "quiet_tune_restore_logs",
+           "sweep_interrupted"]
 
 
 class LaunchError(UserError, RuntimeError):
