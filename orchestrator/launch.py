@@ -302,10 +302,11 @@ def resume(name: str, options: LaunchOptions = LaunchOptions(), *, retry_errored
     _refuse_running(path, name, storage)
     _check_max_concurrent(options)
     restorable = tune.Tuner.can_restore(path)
-    if restorable and options.max_concurrent_trials and parse_spec(record["spec"]).search.type != "optuna":
+    spec = parse_spec(record["spec"])
+    if restorable and options.max_concurrent_trials and spec.search.type != "optuna":
         raise LaunchError(f"--max-concurrent: a grid sweep keeps the cap it was launched with (Tune's restore "
                           f"brings back its grid's state, cap included); resume {name!r} without --max-concurrent")
-    plan = build_plan(parse_spec(record["spec"]), base_dir=record.get("cwd"))
+    plan = build_plan(spec, base_dir=record.get("cwd"))
     launched_on = record.get("dataset_fingerprint")  # absent from records written before it was kept
     if launched_on and launched_on != plan.dataset_fingerprint:
         raise LaunchError(f"sweep {name!r}: its dataset is not the one it was launched on (fingerprint {launched_on} "

@@ -112,16 +112,10 @@ class StudySearcher(Searcher):
     def study(self) -> Any:
         if self._study is None:
             import optuna
-            from optuna.storages import JournalStorage
-            from optuna.storages.journal import JournalFileBackend
 
             optuna.logging.set_verbosity(optuna.logging.WARNING)
-            if self.storage_url:
-                storage = open_rdb_storage(self.storage_url)
-            else:
-                storage = JournalStorage(JournalFileBackend(self.journal_path))
             search = self.plan.spec.search
-            study = optuna.create_study(study_name=self.study_name, storage=storage, directions=self.directions,
+            study = optuna.create_study(study_name=self.study_name, storage=self._storage(), directions=self.directions,
                                         sampler=make_sampler(search.sampler, search.seed), load_if_exists=True)
             self._claim(study)
             if study.metric_names is None:
@@ -134,6 +128,15 @@ class StudySearcher(Searcher):
                 self._study.sampler = make_sampler(search.sampler, search.seed + asked)
             self._fail_orphans()
         return self._study
+
+    def _storage(self) -> Any:
+        """Where the study lives: ``search.storage``'s database, else the journal file beside the sweep."""
+        if self.storage_url:
+            return open_rdb_storage(self.storage_url)
+        from optuna.storages import JournalStorage
+        from optuna.storages.journal import JournalFileBackend
+
+        return JournalStorage(JournalFileBackend(self.journal_path))
 
     def __getstate__(self) -> dict:
         state = dict(self.__dict__)
@@ -274,14 +277,8 @@ class StudySearcher(Searcher):
         sweep). Read from a fresh copy of the study, without adopting or failing any of its trials."""
         import optuna
 
-        storage = open_rdb_storage(self.storage_url) if self.storage_url else None
-        if storage is None:
-            from optuna.storages import JournalStorage
-            from optuna.storages.journal import JournalFileBackend
-
-            storage = JournalStorage(JournalFileBackend(self.journal_path))
         try:
-            study = optuna.load_study(study_name=self.study_name, storage=storage)
+            study = optuna.load_study(study_name=self.study_name, storage=self._storage())
         except KeyError:  # never asked for a trial: no study yet
             return None
         return study.user_attrs.get(_ENDED_ATTR)

@@ -52,13 +52,14 @@ class PretrainCache:
             raise ValueError("meta is not a JSON object")
         return meta
 
-    def _verdict(self, key: str, weights: bytes | None = None) -> str:
+    def _verdict(self, key: str, digest: str | None = None) -> str:
+        """``digest``: the sha256 of weights the caller already read (else the file's is computed here)."""
         d = self.entry(key)
         if not d.exists():
             return "missing"
         try:
             meta = self._read_meta(key)
-            digest = hashlib.sha256(weights).hexdigest() if weights is not None else sha256_file(d / WEIGHTS)
+            digest = digest if digest is not None else sha256_file(d / WEIGHTS)
             intact = (digest == meta["sha256"] and meta.get("key") == key
                       and _meta_digest(meta) == meta["meta_sha256"])
             return "ok" if intact else "damaged"
@@ -90,11 +91,12 @@ class PretrainCache:
             data: bytes | None = (d / WEIGHTS).read_bytes()
         except OSError:
             data = None
-        state = "missing" if not d.exists() else "damaged" if data is None else self._verdict(key, data)
+        digest = hashlib.sha256(data).hexdigest() if data is not None else None
+        state = "missing" if not d.exists() else "damaged" if digest is None else self._verdict(key, digest)
         if state != "ok":
             raise CacheError(f"pretraining cache entry {key} under {self.root} is {state}; rerun the sweep to rebuild "
                              f"it (or `fairsweep cache clear --key {key}`)")
-        return load_bytes(data), hashlib.sha256(data).hexdigest()
+        return load_bytes(data), digest
 
     def write(self, key: str, state: Mapping[str, Any], meta: Mapping[str, Any]) -> Path:
         """Write to a temporary folder, then rename into place, so readers never see half an entry."""

@@ -179,13 +179,12 @@ class _Stream:
                 shutdown()
 
 
-def _decoded_key(paths: np.ndarray, geometry: str) -> str:
-    """sha256 over the geometry and each file's path, size and modification time, in row order."""
-    h = hashlib.sha256(f"decoded/v1|{geometry}".encode())
-    for p in paths.tolist():
-        st = os.stat(p)
-        h.update(f"\0{p}\0{st.st_size}\0{st.st_mtime_ns}".encode())
-    return h.hexdigest()[:24]
+def _files_key(prefix: str, stats: Sequence[str]) -> str:
+    """sha256 over ``prefix`` and each file's identity (``FolderImages._file_stats``), in row order."""
+    h = hashlib.sha256(prefix.encode())
+    for line in stats:
+        h.update(line.encode())
+    return h.hexdigest()
 
 
 class _Cached:
@@ -298,8 +297,10 @@ class FolderImages(Dataset):
                     for x, pos in _Stream(_loader(decoder, order, self._num_workers)):
                         out[pos.numpy()] = x.numpy()
 
-                self._decoded_splits[memo] = self._decoded.get_or_fill(
-                    _decoded_key(paths, self.preprocessing.geometry()), shape, np.uint8, fill)
+                stats = self._file_stats()
+                key = _files_key(f"decoded/v2|{self.preprocessing.geometry()}",
+                                 [stats[i] for i in self._table.rows[split].tolist()])[:24]
+                self._decoded_splits[memo] = self._decoded.get_or_fill(key, shape, np.uint8, fill)
         return self._decoded_splits[memo]
 
     def __copy__(self) -> FolderImages:  # views (for_model, with_input_cache) share the decoded-pixels memo
@@ -307,8 +308,9 @@ class FolderImages(Dataset):
         view.__dict__.update(self.__dict__)
         return view
 
-    def __getstate__(self) -> dict[str, Any]:  # the memo's memory maps are not shipped to another process
-        return {**self.__dict__, "_decoded_splits": {}}
+    def __getstate__(self) -> dict[str, Any]:  # the memo's memory maps (and the files' stats) are not shipped
+        return {**self.__dict__, "_decoded_splits": {},
+                "_content": {k: v for k, v in self._content.items() if k != "stats"}}
 
     def for_model(self, data_config: Any) -> Dataset:
         """A view whose ``inputs``/``loader`` make pixels as ``data_config`` says (timm's data config dict
@@ -330,11 +332,19 @@ class FolderImages(Dataset):
     def _files_digest(self) -> str:
         """sha256 over each file's path under the root, size and modification time, in row order: two folders
         with the same metadata but other images (a copy with faces blurred, a re-export) are other data, while
-        the same files moved (mv, rsync -a, copytree) keep their key. One stat per file, once per process."""
+        the same files moved (mv, rsync -a, copytree) keep their key."""
         if "files" not in self._content:
-            h = hashlib.sha256(b"files/v1")
+            self._content["files"] = _files_key("files/v1", self._file_stats())[:16]
+        return self._content["files"]
+
+    def _file_stats(self) -> list[str]:
+        """Each file's path under the root, size and modification time, in the table's row order: what the
+        fingerprint and the decoded-image cache's keys are made of. One stat per file, once per process (every
+        view shares the memo)."""
+        if "stats" not in self._content:
+            lines = []
             for p in self._all_paths.tolist():
                 st = os.stat(p)
-                h.update(f"\0{os.path.relpath(p, self._root)}\0{st.st_size}\0{st.st_mtime_ns}".encode())
-            self._content["files"] = h.hexdigest()[:16]
-        return self._content["files"]
+                lines.append(f"\0{os.path.relpath(p, self._root)}\0{st.st_size}\0{st.st_mtime_ns}")
+            self._content["stats"] = lines
+        return self._content["stats"]
