@@ -456,15 +456,19 @@ def _long_lived_objects_frozen() -> Iterator[None]:
 
 @contextlib.contextmanager
 def _trial_actors_in_idle_workers() -> Iterator[None]:
-    """Let Tune start its trial actors in the idle workers Ray starts with each node (one per CPU).
-    Why: Tune gives every trainable actor the runtime_env ``{"env_vars": {"PL_DISABLE_FORK": "1"}}`` (its
-    ``class_cache.DEFAULT_ENV_VARS``, for PyTorch Lightning), and Ray runs an actor that has a runtime_env only
-    in a worker started for that env: each trial worker was a new process started through Ray's runtime-env
-    agent while the node's idle workers sat unused until Ray ended them. With the defaults empty for the fit,
-    the quickstart launch took 49-54 s against 58-60 s (five interleaved pairs, README "Throughput"). The trial
-    sets PL_DISABLE_FORK itself (``finetune_trial``); variables Tune propagates when the driver has them (cloud
-    credentials, Ray Train's) still go in the runtime_env, and such trials start in new workers as before.
-    A Ray without that module attribute is left alone."""
+    """Let Tune start its trial actors in the idle workers Ray starts on the driver's node, one per CPU.
+    Why: Tune gives every trainable actor the runtime_env
+    ``{"env_vars": {"PL_DISABLE_FORK": "1"}}`` (its ``class_cache.DEFAULT_ENV_VARS``, for PyTorch Lightning),
+    and Ray runs an actor that has a runtime_env only in a worker started for that env: each trial worker was
+    a new process started through Ray's runtime-env agent while the idle workers sat unused until Ray ended
+    them. With the defaults empty for the fit, the quickstart launch took 49-54 s against 58-60 s (five
+    interleaved pairs, README "Throughput"). The trial worker's entry point sets the variable instead
+    (``trainables.plugins.TRIAL_WORKER_ENV``). On a cluster's other nodes a trial's worker is still a new
+    process, now one without a runtime env. Nothing is gained, and nothing changes, for trials whose actors
+    get an env anyway: a job with its own runtime_env, or a variable Tune propagates from the driver (cloud
+    credentials, Ray Train's). Tune reads the defaults when it creates each actor, within the fit; they are
+    restored after it. One launch per process at a time, as for Ray itself. A Ray without that module
+    attribute is left alone."""
     try:
         from ray.tune.execution import class_cache
     except ImportError:
@@ -475,12 +479,18 @@ def _trial_actors_in_idle_workers() -> Iterator[None]:
         yield
         return
     saved = dict(defaults)
-    defaults.clear()
     try:
+        defaults.clear()
         yield
     finally:
         defaults.clear()
         defaults.update(saved)
+
+
+def _fit(tuner: Any, verbose: int) -> Any:
+    """``tuner.fit()`` with Tune's console as asked and the trial actors in Ray's idle workers."""
+    with _tune_console(verbose), _trial_actors_in_idle_workers():
+        return tuner.fit()
 
 
 @contextlib.contextmanager
@@ -532,8 +542,7 @@ def _run_sweep(plan: Plan, path: str, tracking_uri: str, cache_root: str, option
         tuner = make_tuner(trainable, tracker)
         searcher = tuner._local_tuner._tune_config.search_alg  # Tune keeps no public handle on it
         searcher = getattr(searcher, "searcher", searcher)  # inside a ConcurrencyLimiter (sweeps resumed from before)
-        with _tune_console(options.verbose), _trial_actors_in_idle_workers():
-            grid = tuner.fit()
+        grid = _fit(tuner, options.verbose)
         unfinished = len(grid) - grid.num_terminated - grid.num_errors  # Tune's own: stopped with these to run
         tracker.log_unreported_pretraining()
         front = tracker.refresh_front()

@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import tempfile
 import time
 from dataclasses import asdict, dataclass, field
@@ -325,9 +324,6 @@ def finetune_trial(config: Mapping[str, Any], context: TrialContext) -> None:
     import torch
     from ray import tune
 
-    # Tune's own runtime_env for trial actors sets this (for PyTorch Lightning in a plugin); the launch leaves that
-    # env out so trials start in Ray's idle workers (orchestrator/launch.py, _trial_actors_in_idle_workers)
-    os.environ.setdefault("PL_DISABLE_FORK", "1")
     trial = TrialConfig.from_tune(config)
     for done, objectives in context.finished:
         if done == trial:

@@ -10,13 +10,14 @@ from __future__ import annotations
 
 import functools
 import importlib
+import os
 import re
 import sys
 from typing import Any, Callable, Sequence, TypeVar
 
 from trainables.errors import UserError
 
-__all__ = ["PluginError", "MODULE_PATTERN", "import_plugin", "import_plugins", "with_plugins"]
+__all__ = ["PluginError", "MODULE_PATTERN", "TRIAL_WORKER_ENV", "import_plugin", "import_plugins", "with_plugins"]
 
 MODULE_PATTERN = r"[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z_][A-Za-z0-9_]*)*"
 """A dotted module name, as ``import`` accepts it."""
@@ -52,15 +53,22 @@ def import_plugins(modules: Sequence[str]) -> None:
         import_plugin(module)
 
 
+# What Tune's own runtime_env for trial actors sets (for PyTorch Lightning, which a plugin may use). The launch
+# leaves that env out so that trials start in Ray's idle workers (orchestrator/launch.py,
+# _trial_actors_in_idle_workers); the worker's entry point sets it instead, before any plugin is imported.
+TRIAL_WORKER_ENV = {"PL_DISABLE_FORK": "1"}
+
+
 def with_plugins(fn: F, modules: Sequence[str]) -> F:
     """``fn`` preceded by importing ``modules``: the entry point a Ray worker runs, so a name a plugin
-    registers resolves in the worker as in the driver. Without modules, ``fn`` itself."""
-    if not modules:
-        return fn
+    registers resolves in the worker as in the driver. First it sets TRIAL_WORKER_ENV where the worker has no
+    value of its own."""
     names = tuple(modules)
 
     @functools.wraps(fn)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
+        for key, value in TRIAL_WORKER_ENV.items():
+            os.environ.setdefault(key, value)
         import_plugins(names)
         return fn(*args, **kwargs)
 
