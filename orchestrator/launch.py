@@ -470,11 +470,9 @@ def _trial_actors_in_idle_workers() -> Iterator[None]:
     restored after it. One launch per process at a time, as for Ray itself. A Ray without that module
     attribute is left alone."""
     try:
-        from ray.tune.execution import class_cache
-    except ImportError:
-        yield
-        return
-    defaults = getattr(class_cache, "DEFAULT_ENV_VARS", None)
+        from ray.tune.execution.class_cache import DEFAULT_ENV_VARS as defaults
+    except ImportError:  # the module or the name gone
+        defaults = None
     if not isinstance(defaults, dict):
         yield
         return

@@ -3,9 +3,9 @@ new workers started for Tune's runtime_env (``launch._trial_actors_in_idle_worke
 from __future__ import annotations
 
 import importlib
+import json
 import os
 import sys
-import json
 import time
 
 import psutil
