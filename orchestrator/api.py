@@ -6,10 +6,11 @@
 and defaults (``--max-concurrent N`` is ``max_concurrent=N``), except ``--filter`` and ``--all``, which
 are ``filters`` (a mapping, as ``query.sweep_trials`` takes) and ``all_rows`` here. A mistake raises the
 same ``UserError`` the CLI prints before exiting 2. The CLI runs through the same functions
-(``checked_plan``, ``launch_options`` and the queries), so the two cannot drift apart.
+(``checked_plan_builder``, ``launch_options`` and the queries), so the two cannot drift apart.
 """
 from __future__ import annotations
 
+import functools
 import os
 import sys
 from dataclasses import dataclass
@@ -18,7 +19,7 @@ from typing import Any, Mapping, Union
 import pandas as pd
 
 from orchestrator import query
-from orchestrator.launch import LaunchOptions, LaunchResult
+from orchestrator.launch import LaunchOptions, LaunchResult, PlanBuilder
 from orchestrator.launch import launch as launch_plan
 from orchestrator.launch import resume as resume_sweep
 from orchestrator.plan import Plan, build_plan
@@ -30,7 +31,7 @@ from orchestrator.storage import resolve_tracking_uri
 from orchestrator.store import check_store, open_client
 
 __all__ = ["SweepResult", "SweepSource", "launch", "resume", "status", "trials", "front", "best", "compare",
-           "load", "checked_plan", "launch_options"]
+           "load", "checked_plan", "checked_plan_builder", "launch_options"]
 
 SweepSource = Union[str, "os.PathLike[str]", Mapping[str, Any], SweepSpec]
 """What ``launch`` takes: a sweep file's path, its parsed YAML as a mapping, or a ``SweepSpec``."""
@@ -80,13 +81,20 @@ def _check_recordable(spec: SweepSpec) -> None:
                         f"from a file")
 
 
-def checked_plan(spec: SweepSpec, tracking_uri: str | None = None) -> Plan:
-    """The plan of a sweep about to launch, after the checks that answer in seconds (the study's database,
-    the tracking store) and before the plan loads torch or anything starts."""
+def checked_plan_builder(spec: SweepSpec, tracking_uri: str | None = None) -> PlanBuilder:
+    """The checks of a sweep about to launch that answer in seconds (the study's database, the tracking store),
+    then how to build its plan: ``launch`` builds it once Ray has started, so that Ray's idle workers load the
+    trials' modules while the plan loads torch and timm here (``orchestrator.launch.PlanBuilder``)."""
     if spec.search.type == "optuna" and spec.search.storage:
         check_study_storage(spec)
     check_store(resolve_tracking_uri(tracking_uri), create=True)
-    return build_plan(spec)
+    return PlanBuilder(spec, functools.partial(build_plan, spec))
+
+
+def checked_plan(spec: SweepSpec, tracking_uri: str | None = None) -> Plan:
+    """The plan of a sweep about to launch, after the checks that answer in seconds (the study's database,
+    the tracking store) and before anything starts."""
+    return checked_plan_builder(spec, tracking_uri).build()
 
 
 def _progress_line(line: str) -> None:
@@ -123,8 +131,7 @@ def launch(spec: SweepSource, *, tracking_uri: str | None = None, address: str |
     """Run a new sweep to the end (``fairsweep launch``): a local Ray on 127.0.0.1 and ``sqlite:///mlflow.db``
     in the working directory unless ``address`` / ``tracking_uri`` (or RAY_ADDRESS / MLFLOW_TRACKING_URI)
     say otherwise. A sweep that exists already is refused (``LaunchError``: resume it instead)."""
-    plan = checked_plan(load(spec), tracking_uri)
-    return _result(launch_plan(plan, launch_options(
+    return _result(launch_plan(checked_plan_builder(load(spec), tracking_uri), launch_options(
         tracking_uri=tracking_uri, address=address, storage=storage, cache_dir=cache_dir,
         max_concurrent=max_concurrent, quiet=quiet, verbose=verbose, dashboard=dashboard)))
 

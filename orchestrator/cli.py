@@ -228,12 +228,17 @@ def _cmd_launch(args: argparse.Namespace) -> int:
             print(build_plan(spec).summary())
             return EXIT_OK
     from orchestrator import api
-    from orchestrator.launch import launch
+    from orchestrator.launch import PlanBuilder, launch
     from orchestrator.search import StudyStorageError
 
     with _in_file(args.spec, SpecError, StudyStorageError):
-        plan = api.checked_plan(spec, args.tracking_uri)  # in seconds, before the plan loads torch and Ray starts
-    return _print_summary(launch(plan, _launch_options(args)), args)
+        builder = api.checked_plan_builder(spec, args.tracking_uri)  # in seconds, before Ray starts
+
+    def plan_naming_the_file():  # built once Ray has started (its idle workers load torch meanwhile)
+        with _in_file(args.spec, SpecError, StudyStorageError):
+            return builder.build()
+
+    return _print_summary(launch(PlanBuilder(spec, plan_naming_the_file), _launch_options(args)), args)
 
 
 def _cmd_resume(args: argparse.Namespace) -> int:

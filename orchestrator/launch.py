@@ -34,11 +34,11 @@ from orchestrator.storage import (CACHE_DIRNAME, artifact_location, check_storag
 from orchestrator.store import SchemaAhead, check_store, open_client, store_cause
 from trainables.errors import UserError
 from trainables.finetune import TrialContext, finetune_trial
-from trainables.plugins import with_plugins  # a plugin's names resolve in every Ray worker too
+from trainables.plugins import TRIAL_WORKER_MODULES, with_plugins  # a plugin's names resolve in every Ray worker too
 from trainables.trial import TUNE_KEY
 
-__all__ = ["LaunchOptions", "LaunchResult", "LaunchError", "launch", "resume", "init_ray", "quiet_tune_restore_logs",
-           "sweep_interrupted"]
+__all__ = ["LaunchOptions", "LaunchResult", "LaunchError", "PlanBuilder", "launch", "resume", "init_ray",
+           "quiet_tune_restore_logs", "sweep_interrupted"]
 
 
 class LaunchError(UserError, RuntimeError):
@@ -61,6 +61,13 @@ class LaunchOptions:
 
 
 @dataclass(frozen=True)
+class PlanBuilder:
+    """A sweep's spec and how to build its plan, for ``launch`` to call once Ray has started."""
+    spec: Any
+    build: Callable[[], Plan]
+
+
+@dataclass(frozen=True)
 class LaunchResult:
     plan: Plan
     experiment_path: str
@@ -79,10 +86,12 @@ def quiet_tune_restore_logs() -> None:
     logging.getLogger("ray.tune.analysis.experiment_analysis").setLevel(logging.ERROR)
 
 
-def init_ray(address: str | None, *, trial_output: bool = False, dashboard: bool = False) -> tuple[bool, str]:
+def init_ray(address: str | None, *, trial_output: bool = False, dashboard: bool = False,
+             preload: tuple[str, ...] = ()) -> tuple[bool, str]:
     """Connect to ``address`` (or RAY_ADDRESS), else start a private local Ray on loopback (its dashboard,
-    when asked for, on 127.0.0.1 too). Returns whether this call started Ray (and so should shut it down),
-    and the dashboard's address ("" when none runs)."""
+    when asked for, on 127.0.0.1 too), whose idle workers import the modules ``preload`` names as they start
+    (Ray's ``preload_python_modules``; a cluster's workers are its own). Returns whether this call started Ray
+    (and so should shut it down), and the dashboard's address ("" when none runs)."""
     import ray
 
     if ray.is_initialized():
@@ -94,9 +103,15 @@ def init_ray(address: str | None, *, trial_output: bool = False, dashboard: bool
     # bound to 127.0.0.1 because raylocal set RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0 before ray was imported;
     # "local" always starts a private instance: a bare ray.init() would join whatever cluster
     # /tmp/ray/ray_current_cluster names, even a dead one, and hang there.
+    # Ray's idle workers are ended once idle for 1 s while more workers live than CPUs are free: as soon as Tune's
+    # placement groups hold the CPUs, the workers started with Ray (idle while the plan is built) would go and new
+    # ones start for the trials. The node's CPU count as the limit keeps them for the trials.
+    system_config: dict[str, Any] = {"num_workers_soft_limit": os.cpu_count() or 1}
+    if preload:
+        system_config["preload_python_modules"] = list(preload)
     try:
         context = ray.init(address="local", include_dashboard=dashboard, dashboard_host="127.0.0.1",
-                           log_to_driver=trial_output, configure_logging=False)
+                           log_to_driver=trial_output, configure_logging=False, _system_config=system_config)
     except Exception as exc:
         if dashboard and "missing packages" in str(exc):  # Ray's words when ray[default] is not installed
             _stop_ray()
@@ -240,15 +255,20 @@ def _new_tuner(plan: Plan, path: str, storage: str, options: LaunchOptions, sear
     return make_tuner
 
 
-def launch(plan: Plan, options: LaunchOptions = LaunchOptions()) -> LaunchResult:
+def launch(plan: Plan | PlanBuilder, options: LaunchOptions = LaunchOptions()) -> LaunchResult:
     """Run a new sweep to the end. Raises ``LaunchError`` if the sweep already exists (use ``resume``)
     or cannot start, ``StorageError`` for a storage path or tracking URI that cannot be used as given,
     ``StoreError`` if the tracking store cannot be used; either way nothing is written.
-    Every check runs before the first write; the sweep's folder and its driver lock come first."""
+    Every check runs before the first write; the sweep's folder and its driver lock come first.
+
+    ``plan`` may be a ``PlanBuilder`` (the spec, and how to build its plan): the plan is then built once Ray has
+    started, so that Ray's idle workers import the trials' modules while the plan loads torch and timm in this
+    process (``_worker_preload``); the plan's own errors then come after Ray's start, and still before any write."""
     raylocal.loopback_default(options.address)
     from ray import tune
 
-    spec = plan.spec
+    builder = plan if isinstance(plan, PlanBuilder) else PlanBuilder(plan.spec, lambda: plan)
+    spec = builder.spec
     _check_max_concurrent(options)
     storage = resolve_storage(options.storage)
     path = experiment_path(storage, spec.name)
@@ -269,6 +289,7 @@ def launch(plan: Plan, options: LaunchOptions = LaunchOptions()) -> LaunchResult
     schema = SchemaAhead(tracking_uri)  # a new store's schema is built while Ray starts; in place only once all passed
     try:
         with _ray_session(spec, options):  # the resource check needs Ray; it must pass before anything is written
+            plan = builder.build()
             with _driver_lock(path, spec.name, storage, new=True):
                 refuse_existing()  # a launch of the same sweep may have run while this one started Ray
                 # before this process opens the store again: MLflow's schema code is not thread-safe; and a store
@@ -395,11 +416,28 @@ def _driver_lock(path: str, name: str, storage: str, *, new: bool) -> Iterator[N
                     p.rmdir()
 
 
+def _worker_preload(spec: Any, options: LaunchOptions) -> tuple[str, ...]:
+    """What a local Ray's idle workers import as they start: the trials' own modules (``TRIAL_WORKER_MODULES``)
+    when every idle worker will run trials, else nothing. Ray starts one idle worker per CPU of the driver's node
+    and the trials run in them (``_trial_actors_in_idle_workers``); a sweep whose trials take at most one CPU and
+    no GPU, with no cap below the CPU count, runs a trial on every CPU, so each preloaded worker is a trial's.
+    With GPU trials, several CPUs a trial or such a cap, most idle workers would hold torch and timm for nothing,
+    so they load nothing. A cluster's workers are its own."""
+    if options.address or os.environ.get("RAY_ADDRESS"):
+        return ()
+    res = spec.resources
+    cap = options.max_concurrent_trials or res.max_concurrent_trials
+    if res.gpus_per_trial or res.cpus_per_trial > 1 or (cap is not None and cap < (os.cpu_count() or 1)):
+        return ()
+    return TRIAL_WORKER_MODULES
+
+
 @contextlib.contextmanager
 def _ray_session(spec: Any, options: LaunchOptions) -> Iterator[None]:
     """Ray for the block, its resources checked first; a Ray this process started is shut down after."""
     cluster = bool(options.address or os.environ.get("RAY_ADDRESS"))
-    started, dashboard_url = init_ray(options.address, trial_output=options.trial_output, dashboard=options.dashboard)
+    started, dashboard_url = init_ray(options.address, trial_output=options.trial_output, dashboard=options.dashboard,
+                                      preload=_worker_preload(spec, options))
     if options.dashboard and options.progress:
         options.progress(f"Ray dashboard: http://{dashboard_url}" if dashboard_url else
                          "Ray dashboard: not running (it needs ray[default]: pip install -e '.[cluster]')")

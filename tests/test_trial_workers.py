@@ -131,3 +131,97 @@ def test_the_launchs_fit_runs_with_tunes_actor_env_defaults_empty_and_restores_t
     tuner = _Tuner()
     assert launch._fit(tuner, 0) == "grid"
     assert tuner.during == {} and class_cache.DEFAULT_ENV_VARS == before
+
+
+@pytest.mark.parametrize("resources, options, preloaded", [
+    ({}, {}, True),                                                  # one CPU a trial: a trial on every CPU
+    ({"resources.cpus_per_trial": 0.5}, {}, True),
+    ({"resources.cpus_per_trial": 2}, {}, False),                    # half the idle workers would wait unused
+    ({"resources.gpus_per_trial": 0.25}, {}, False),                 # the GPU, not the CPUs, sets the trial slots
+    ({"resources.max_concurrent_trials": 2}, {}, False),             # a cap below the 4 CPUs
+    ({"resources.max_concurrent_trials": 4}, {}, True),
+    ({}, {"max_concurrent_trials": 3}, False),                       # --max-concurrent
+    ({}, {"address": "127.0.0.1:6379"}, False),                      # a cluster's workers are its own
+])
+def test_idle_workers_load_the_trials_modules_only_when_each_will_run_a_trial(monkeypatch, resources, options,
+                                                                             preloaded):
+    from orchestrator.spec import parse_spec
+    from trainables.plugins import TRIAL_WORKER_MODULES
+
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    monkeypatch.setattr(launch.os, "cpu_count", lambda: 4)
+    spec = parse_spec(tiny_spec(**resources))
+    got = launch._worker_preload(spec, launch.LaunchOptions(**options))
+    assert got == (TRIAL_WORKER_MODULES if preloaded else ())
+    assert {"torch", "timm", "ray.tune", "trainables.finetune"} <= set(TRIAL_WORKER_MODULES)
+    monkeypatch.setenv("RAY_ADDRESS", "127.0.0.1:6379")
+    assert launch._worker_preload(spec, launch.LaunchOptions()) == ()
+
+
+def test_a_local_rays_idle_workers_load_the_given_modules_and_outlive_placement_groups(monkeypatch, tmp_path):
+    """The workers Ray starts with the node import what ``init_ray`` names, and are still there to run actors in
+    placement groups (Tune's trials) after idling for seconds, as while a launch builds its plan: by default Ray
+    ends idle workers once the groups hold the CPUs, and starts new ones for the actors."""
+    import ray
+    from ray.util.placement_group import placement_group
+    from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
+
+    (tmp_path / "fs_preload_probe.py").write_text("LOADED = True\n")
+    monkeypatch.setenv("PYTHONPATH", os.pathsep.join(filter(None, [str(tmp_path), os.environ.get("PYTHONPATH")])))
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    assert not ray.is_initialized()
+    started, _ = launch.init_ray(None, preload=("fs_preload_probe",))
+    assert started
+    try:
+        node_cpus = int(ray.cluster_resources()["CPU"])
+        deadline = time.monotonic() + 60
+        idle: set[int] = set()
+        while time.monotonic() < deadline and len(idle) < node_cpus:  # the workers Ray started with the node
+            idle = {p.pid for p in psutil.Process().children(recursive=True) if _is_python_worker(p)}
+            time.sleep(0.2)
+        assert len(idle) >= node_cpus, f"Ray started {sorted(idle)} with the node, expected {node_cpus} workers"
+        time.sleep(3)  # idle past Ray's 1 s threshold
+
+        @ray.remote(num_cpus=1, runtime_env={"env_vars": {}})
+        class Probe:
+            def where(self):
+                return os.getpid(), "fs_preload_probe" in sys.modules
+
+        groups = [placement_group([{"CPU": 1}]) for _ in range(node_cpus)]
+        ray.get([g.ready() for g in groups], timeout=60)
+        probes = [Probe.options(scheduling_strategy=PlacementGroupSchedulingStrategy(g)).remote() for g in groups]
+        where = ray.get([p.where.remote() for p in probes], timeout=120)
+    finally:
+        launch._stop_ray()
+    assert all(loaded for _, loaded in where), where
+    assert {pid for pid, _ in where} <= idle, f"actors ran in {where}; the node's idle workers were {sorted(idle)}"
+
+
+def _is_python_worker(proc: psutil.Process) -> bool:
+    """A Ray Python worker: ``default_worker.py`` until it names itself ``ray::IDLE`` (or its task's name)."""
+    try:
+        cmd = proc.cmdline()
+    except psutil.Error:
+        return False
+    return any(part.endswith("default_worker.py") for part in cmd) or bool(cmd) and cmd[0].startswith("ray::IDLE")
+
+
+def test_a_plan_built_by_the_launch_is_built_once_ray_runs_and_its_error_leaves_nothing(tmp_path):
+    """``launch(PlanBuilder(...))`` (the CLI's and the API's way) builds the plan after Ray's start, so that Ray's
+    idle workers load torch meanwhile; a plan that fails there stops Ray and writes nothing."""
+    import ray
+
+    from orchestrator.spec import parse_spec
+
+    spec = parse_spec(tiny_spec(name="built"))
+    seen: list[bool] = []
+
+    def build():
+        seen.append(ray.is_initialized())
+        raise RuntimeError("axes.freeze_depth: 9 is past the backbone's layer groups")
+
+    options = launch.LaunchOptions(storage=str(tmp_path / "results"), tracking_uri=sqlite_uri(tmp_path))
+    with pytest.raises(RuntimeError, match="past the backbone's layer groups"):
+        launch.launch(launch.PlanBuilder(spec, build), options)
+    assert seen == [True] and not ray.is_initialized()
+    assert not (tmp_path / "results" / "built").exists() and not (tmp_path / "mlflow.db").exists()
