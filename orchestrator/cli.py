@@ -5,7 +5,7 @@ reason for every import inside a function of this module.
 
 Exit codes: 0 success, 1 a sweep that ran but had failed trials, 2 bad input or an environment the user
 can fix (spec, names, paths, an unreachable or unusable tracking store, a sweep another driver runs), and
-nothing was started; 130 interrupted (resume it). ``fairsweep --help`` lists them (``_EPILOG``). Errors
+no sweep was started; 130 interrupted (resume it). ``fairsweep --help`` lists them (``_EPILOG``). Errors
 become exit codes in one place, ``main``: a ``UserError`` (trainables/errors.py) prints its message and
 exits 2; any other exception is a bug and keeps its traceback (exit 1).
 """
@@ -17,7 +17,7 @@ import contextlib
 import os
 import sys
 import threading
-from typing import Iterator, NoReturn, Sequence
+from typing import Any, Iterator, NoReturn, Sequence
 
 from trainables.errors import UserError
 
@@ -31,7 +31,7 @@ exit codes:
   1    the sweep ran but some trials failed (retry them: fairsweep resume NAME --retry-errored), or
        fairsweep itself failed: a traceback follows (a bug; please report it)
   2    bad input or an environment to fix (spec, names, paths, tracking or study store, a sweep
-       another driver runs, cache clear not confirmed); nothing was started
+       another driver runs, cache clear not confirmed); no sweep was started
   130  interrupted (Ctrl-C); continue with: fairsweep resume NAME
 
 environment:
@@ -234,7 +234,7 @@ def _cmd_launch(args: argparse.Namespace) -> int:
     with _in_file(args.spec, SpecError, StudyStorageError):
         builder = api.checked_plan_builder(spec, args.tracking_uri)  # in seconds, before Ray starts
 
-    def plan_naming_the_file():  # built once Ray has started (its idle workers load torch meanwhile)
+    def plan_naming_the_file() -> Any:  # maybe built once Ray has started (its idle workers load torch meanwhile)
         with _in_file(args.spec, SpecError, StudyStorageError):
             return builder.build()
 

@@ -27,7 +27,7 @@ from orchestrator import raylocal  # before anything imports ray: a local Ray bi
 from orchestrator.driverlock import LOCK_FILE, DriverLock, SweepBusyError, lock_holder
 from orchestrator.mlflow_runs import find_parent_run
 from orchestrator.plan import Plan, build_plan
-from orchestrator.spec import parse_spec
+from orchestrator.spec import SweepSpec, parse_spec
 from orchestrator.storage import (CACHE_DIRNAME, artifact_location, check_storage_writable, experiment_path,
                                   read_sweep_record, resolve_storage, resolve_tracking_uri, sqlite_path,
                                   write_sweep_record)
@@ -63,7 +63,7 @@ class LaunchOptions:
 @dataclass(frozen=True)
 class PlanBuilder:
     """A sweep's spec and how to build its plan, for ``launch`` to call once Ray has started."""
-    spec: Any
+    spec: SweepSpec
     build: Callable[[], Plan]
 
 
@@ -103,12 +103,10 @@ def init_ray(address: str | None, *, trial_output: bool = False, dashboard: bool
     # bound to 127.0.0.1 because raylocal set RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0 before ray was imported;
     # "local" always starts a private instance: a bare ray.init() would join whatever cluster
     # /tmp/ray/ray_current_cluster names, even a dead one, and hang there.
-    # Ray's idle workers are ended once idle for 1 s while more workers live than CPUs are free: as soon as Tune's
-    # placement groups hold the CPUs, the workers started with Ray (idle while the plan is built) would go and new
-    # ones start for the trials. The node's CPU count as the limit keeps them for the trials.
-    system_config: dict[str, Any] = {"num_workers_soft_limit": os.cpu_count() or 1}
-    if preload:
-        system_config["preload_python_modules"] = list(preload)
+    # Preloaded workers are kept for the trials: by default Ray ends workers idle for 1 s once more of them
+    # live than CPUs are free, as Tune's placement groups take the CPUs, and starts new ones for the trials.
+    system_config = ({"preload_python_modules": list(preload), "num_workers_soft_limit": _node_cpus()}
+                     if preload else None)
     try:
         context = ray.init(address="local", include_dashboard=dashboard, dashboard_host="127.0.0.1",
                            log_to_driver=trial_output, configure_logging=False, _system_config=system_config)
@@ -261,12 +259,14 @@ def launch(plan: Plan | PlanBuilder, options: LaunchOptions = LaunchOptions()) -
     ``StoreError`` if the tracking store cannot be used; either way nothing is written.
     Every check runs before the first write; the sweep's folder and its driver lock come first.
 
-    ``plan`` may be a ``PlanBuilder`` (the spec, and how to build its plan): the plan is then built once Ray has
-    started, so that Ray's idle workers import the trials' modules while the plan loads torch and timm in this
-    process (``_worker_preload``); the plan's own errors then come after Ray's start, and still before any write."""
+    ``plan`` may be a ``PlanBuilder`` (the spec, and how to build its plan). When Ray's idle workers preload the
+    trials' modules (``_worker_preload``), the plan is then built once Ray has started, while they import; its
+    errors then come a few seconds later, still before any write. Otherwise it is built first."""
     raylocal.loopback_default(options.address)
     from ray import tune
 
+    if isinstance(plan, PlanBuilder) and not _worker_preload(plan.spec, options):
+        plan = plan.build()
     builder = plan if isinstance(plan, PlanBuilder) else PlanBuilder(plan.spec, lambda: plan)
     spec = builder.spec
     _check_max_concurrent(options)
@@ -290,6 +290,7 @@ def launch(plan: Plan | PlanBuilder, options: LaunchOptions = LaunchOptions()) -
     try:
         with _ray_session(spec, options):  # the resource check needs Ray; it must pass before anything is written
             plan = builder.build()
+            spec = plan.spec  # its data paths made absolute: what the record keeps for resume
             with _driver_lock(path, spec.name, storage, new=True):
                 refuse_existing()  # a launch of the same sweep may have run while this one started Ray
                 # before this process opens the store again: MLflow's schema code is not thread-safe; and a store
@@ -416,18 +417,25 @@ def _driver_lock(path: str, name: str, storage: str, *, new: bool) -> Iterator[N
                     p.rmdir()
 
 
+def _node_cpus() -> int:
+    """The CPUs a local Ray gives this node (and starts as many idle workers for): a container's quota, if any."""
+    try:
+        from ray._private.utils import get_num_cpus
+    except ImportError:  # moved in another Ray
+        return os.cpu_count() or 1
+    return max(1, int(get_num_cpus()))
+
+
 def _worker_preload(spec: Any, options: LaunchOptions) -> tuple[str, ...]:
-    """What a local Ray's idle workers import as they start: the trials' own modules (``TRIAL_WORKER_MODULES``)
-    when every idle worker will run trials, else nothing. Ray starts one idle worker per CPU of the driver's node
-    and the trials run in them (``_trial_actors_in_idle_workers``); a sweep whose trials take at most one CPU and
-    no GPU, with no cap below the CPU count, runs a trial on every CPU, so each preloaded worker is a trial's.
-    With GPU trials, several CPUs a trial or such a cap, most idle workers would hold torch and timm for nothing,
-    so they load nothing. A cluster's workers are its own."""
+    """The trials' modules (``TRIAL_WORKER_MODULES``) for a local Ray's idle workers to import as they start, when
+    each of them will run trials, else nothing. Ray starts one idle worker per CPU and the trials run in them
+    (``_trial_actors_in_idle_workers``): with CPU trials of at most one CPU, and no cap or trial count below the
+    CPUs, there is a trial for every worker. Otherwise most would hold torch and timm (hundreds of MB) for nothing."""
     if options.address or os.environ.get("RAY_ADDRESS"):
         return ()
     res = spec.resources
-    cap = options.max_concurrent_trials or res.max_concurrent_trials
-    if res.gpus_per_trial or res.cpus_per_trial > 1 or (cap is not None and cap < (os.cpu_count() or 1)):
+    at_once = min(n for n in (options.max_concurrent_trials or res.max_concurrent_trials, spec.n_trials) if n)
+    if res.gpus_per_trial or res.cpus_per_trial > 1 or at_once < _node_cpus():
         return ()
     return TRIAL_WORKER_MODULES
 

@@ -85,10 +85,10 @@ def test_a_local_sweeps_trials_run_in_the_workers_ray_started_with_the_node(tmp_
     trial_pids = {json.loads(line)["pid"] for result in (tmp_path / "results").glob("tiny/*/result.json")
                   for line in result.read_text().splitlines() if line.strip()}
     assert len(trial_pids) >= 1 and len(list((tmp_path / "results").glob("tiny/*/result.json"))) == 4
-    # With Tune's env on the actors no trial ever runs in those workers. Without it each normally does; now and
-    # then (1 launch in about 40 here) Ray ends one idle worker as the actors are placed and starts another.
-    assert trial_pids & set(first), (f"trials ran in {sorted(trial_pids)}; the node's first {prestart[0]} workers "
-                                     f"were {first}; all workers seen: {sorted(seen)}")
+    # With Tune's env on the actors no trial ever runs in those workers; without Ray's soft limit set by the launch,
+    # Ray ends the idle workers as the placement groups take the CPUs and starts new ones for the trials.
+    assert trial_pids <= set(first), (f"trials ran in {sorted(trial_pids)}; the node's first {prestart[0]} workers "
+                                      f"were {first}; all workers seen: {sorted(seen)}")
 
 
 def test_the_trial_workers_entry_point_sets_tunes_variable_before_any_plugin_is_imported(monkeypatch, tmp_path):
@@ -133,29 +133,39 @@ def test_the_launchs_fit_runs_with_tunes_actor_env_defaults_empty_and_restores_t
     assert tuner.during == {} and class_cache.DEFAULT_ENV_VARS == before
 
 
-@pytest.mark.parametrize("resources, options, preloaded", [
-    ({}, {}, True),                                                  # one CPU a trial: a trial on every CPU
+@pytest.mark.parametrize("overrides, options, preloaded", [
+    ({}, {}, True),                                                  # 8 trials of one CPU on 4 CPUs
     ({"resources.cpus_per_trial": 0.5}, {}, True),
     ({"resources.cpus_per_trial": 2}, {}, False),                    # half the idle workers would wait unused
     ({"resources.gpus_per_trial": 0.25}, {}, False),                 # the GPU, not the CPUs, sets the trial slots
     ({"resources.max_concurrent_trials": 2}, {}, False),             # a cap below the 4 CPUs
     ({"resources.max_concurrent_trials": 4}, {}, True),
     ({}, {"max_concurrent_trials": 3}, False),                       # --max-concurrent
+    ({"axes.paradigm": ["scratch"], "axes.freeze_depth": [0]}, {}, False),  # 2 trials: 2 workers would idle
     ({}, {"address": "127.0.0.1:6379"}, False),                      # a cluster's workers are its own
 ])
-def test_idle_workers_load_the_trials_modules_only_when_each_will_run_a_trial(monkeypatch, resources, options,
+def test_idle_workers_load_the_trials_modules_only_when_each_will_run_a_trial(monkeypatch, overrides, options,
                                                                              preloaded):
     from orchestrator.spec import parse_spec
     from trainables.plugins import TRIAL_WORKER_MODULES
 
     monkeypatch.delenv("RAY_ADDRESS", raising=False)
-    monkeypatch.setattr(launch.os, "cpu_count", lambda: 4)
-    spec = parse_spec(tiny_spec(**resources))
-    got = launch._worker_preload(spec, launch.LaunchOptions(**options))
+    monkeypatch.setattr(launch, "_node_cpus", lambda: 4)
+    got = launch._worker_preload(parse_spec(tiny_spec(**overrides)), launch.LaunchOptions(**options))
     assert got == (TRIAL_WORKER_MODULES if preloaded else ())
+
+
+def test_the_preloaded_modules_are_the_trials_own_and_import(monkeypatch):
+    """Ray only logs a module that fails to preload, so a wrong name here would turn preloading off unseen."""
+    from orchestrator.spec import parse_spec
+    from trainables.plugins import TRIAL_WORKER_MODULES
+
     assert {"torch", "timm", "ray.tune", "trainables.finetune"} <= set(TRIAL_WORKER_MODULES)
-    monkeypatch.setenv("RAY_ADDRESS", "127.0.0.1:6379")
-    assert launch._worker_preload(spec, launch.LaunchOptions()) == ()
+    for module in TRIAL_WORKER_MODULES:
+        importlib.import_module(module)
+    monkeypatch.setenv("RAY_ADDRESS", "127.0.0.1:6379")  # a cluster named only in the environment
+    assert launch._worker_preload(parse_spec(tiny_spec()), launch.LaunchOptions()) == ()
+    assert launch._node_cpus() >= 1
 
 
 def test_a_local_rays_idle_workers_load_the_given_modules_and_outlive_placement_groups(monkeypatch, tmp_path):
@@ -170,7 +180,7 @@ def test_a_local_rays_idle_workers_load_the_given_modules_and_outlive_placement_
     monkeypatch.setenv("PYTHONPATH", os.pathsep.join(filter(None, [str(tmp_path), os.environ.get("PYTHONPATH")])))
     monkeypatch.delenv("RAY_ADDRESS", raising=False)
     assert not ray.is_initialized()
-    started, _ = launch.init_ray(None, preload=("fs_preload_probe",))
+    started, _ = launch.init_ray(None, preload=("fs_preload_probe",))  # with the soft limit that keeps them
     assert started
     try:
         node_cpus = int(ray.cluster_resources()["CPU"])
@@ -189,6 +199,7 @@ def test_a_local_rays_idle_workers_load_the_given_modules_and_outlive_placement_
 
         groups = [placement_group([{"CPU": 1}]) for _ in range(node_cpus)]
         ray.get([g.ready() for g in groups], timeout=60)
+        time.sleep(1.5)  # the groups hold every CPU: past Ray's next round of ending idle workers
         probes = [Probe.options(scheduling_strategy=PlacementGroupSchedulingStrategy(g)).remote() for g in groups]
         where = ray.get([p.where.remote() for p in probes], timeout=120)
     finally:
@@ -206,14 +217,18 @@ def _is_python_worker(proc: psutil.Process) -> bool:
     return any(part.endswith("default_worker.py") for part in cmd) or bool(cmd) and cmd[0].startswith("ray::IDLE")
 
 
-def test_a_plan_built_by_the_launch_is_built_once_ray_runs_and_its_error_leaves_nothing(tmp_path):
-    """``launch(PlanBuilder(...))`` (the CLI's and the API's way) builds the plan after Ray's start, so that Ray's
-    idle workers load torch meanwhile; a plan that fails there stops Ray and writes nothing."""
+@pytest.mark.parametrize("cpus_per_trial, after_ray", [(1, True), (2, False)])
+def test_a_launchs_plan_is_built_once_ray_runs_only_when_workers_preload_and_its_error_leaves_nothing(
+        tmp_path, monkeypatch, cpus_per_trial, after_ray):
+    """``launch(PlanBuilder(...))`` (the CLI's and the API's way) builds the plan after Ray's start when Ray's idle
+    workers preload torch meanwhile, else first, as before; a plan that fails stops Ray and writes nothing."""
     import ray
 
     from orchestrator.spec import parse_spec
 
-    spec = parse_spec(tiny_spec(name="built"))
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    monkeypatch.setattr(launch, "_node_cpus", lambda: 2)  # the 8 trials fill this machine's or any 2 CPUs
+    spec = parse_spec(tiny_spec(name="built", **{"resources.cpus_per_trial": cpus_per_trial}))
     seen: list[bool] = []
 
     def build():
@@ -223,5 +238,36 @@ def test_a_plan_built_by_the_launch_is_built_once_ray_runs_and_its_error_leaves_
     options = launch.LaunchOptions(storage=str(tmp_path / "results"), tracking_uri=sqlite_uri(tmp_path))
     with pytest.raises(RuntimeError, match="past the backbone's layer groups"):
         launch.launch(launch.PlanBuilder(spec, build), options)
-    assert seen == [True] and not ray.is_initialized()
-    assert not (tmp_path / "results" / "built").exists() and not (tmp_path / "mlflow.db").exists()
+    assert seen == [after_ray] and not ray.is_initialized()
+    assert not (tmp_path / "results" / "built").exists() and not list(tmp_path.glob("*mlflow.db*"))
+
+
+def test_a_plan_built_after_rays_start_is_recorded_with_its_data_paths_absolute(tmp_path, monkeypatch):
+    """The sweep record keeps the plan's spec, whose dataset paths the plan made absolute (resume reads them
+    from any folder), not the builder's spec as written."""
+    from orchestrator.api import checked_plan_builder
+    from orchestrator.spec import parse_spec
+    from orchestrator.storage import experiment_path, read_sweep_record
+    from trainables.data.fixtures import write_image_csv
+
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    monkeypatch.setattr(launch, "_node_cpus", lambda: 2)
+    monkeypatch.chdir(tmp_path)
+    options = {**write_image_csv(tmp_path / "lesions"), "root": "lesions", "image_size": 32}
+    spec = parse_spec(tiny_spec(name="rel", **{"dataset": {"name": "image_csv", "options": options},
+                                               "axes.intervention": {"kind": "none", "magnitudes": [0.5]},
+                                               "finetune.size": 8}))
+
+    class Stop(Exception):
+        pass
+
+    def stop_after_the_record(*args, **kwargs):
+        raise Stop
+
+    monkeypatch.setattr(launch, "_run", stop_after_the_record)  # the record is written just before the run
+    storage = tmp_path / "results"
+    with pytest.raises(Stop):
+        launch.launch(checked_plan_builder(spec, sqlite_uri(tmp_path)),
+                      launch.LaunchOptions(storage=str(storage), tracking_uri=sqlite_uri(tmp_path)))
+    record = read_sweep_record(experiment_path(str(storage), "rel"))
+    assert record["spec"]["dataset"]["options"]["root"] == str(tmp_path / "lesions")

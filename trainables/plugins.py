@@ -17,8 +17,8 @@ from typing import Any, Callable, Sequence, TypeVar
 
 from trainables.errors import UserError
 
-__all__ = ["PluginError", "MODULE_PATTERN", "TRIAL_WORKER_ENV", "TRIAL_WORKER_MODULES", "import_plugin", "import_plugins",
-           "with_plugins"]
+__all__ = ["PluginError", "MODULE_PATTERN", "TRIAL_WORKER_ENV", "TRIAL_WORKER_MODULES", "import_plugin",
+           "import_plugins", "with_plugins"]
 
 MODULE_PATTERN = r"[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z_][A-Za-z0-9_]*)*"
 """A dotted module name, as ``import`` accepts it."""
@@ -62,8 +62,8 @@ TRIAL_WORKER_ENV = {"PL_DISABLE_FORK": "1"}
 # What every trial imports before it trains: torch and timm (with torchvision), Tune's trainable API, the
 # training loop and the data. A local launch has Ray's idle workers import them while the driver builds the plan,
 # so the workers that run the trials start with them loaded (orchestrator/launch.py, _worker_preload).
-TRIAL_WORKER_MODULES = ("torch", "timm", "ray.tune", "trainables.finetune", "trainables.loop", "trainables.feature_cache",
-                        "trainables.data")
+TRIAL_WORKER_MODULES = ("torch", "timm", "ray.tune", "trainables.finetune", "trainables.loop",
+                        "trainables.feature_cache", "trainables.data")
 
 
 def with_plugins(fn: F, modules: Sequence[str]) -> F:
