@@ -83,8 +83,8 @@ def _check_recordable(spec: SweepSpec) -> None:
 
 def checked_plan_builder(spec: SweepSpec, tracking_uri: str | None = None) -> PlanBuilder:
     """The checks of a sweep about to launch that answer in seconds (the study's database, the tracking store),
-    then how to build its plan: ``launch`` builds it once Ray has started, so that Ray's idle workers load the
-    trials' modules while the plan loads torch and timm here (``orchestrator.launch.PlanBuilder``)."""
+    then how to build its plan: ``launch`` builds it once Ray has started when Ray's idle workers load the
+    trials' modules meanwhile, else at once (``orchestrator.launch.PlanBuilder``)."""
     if spec.search.type == "optuna" and spec.search.storage:
         check_study_storage(spec)
     check_store(resolve_tracking_uri(tracking_uri), create=True)

@@ -62,7 +62,8 @@ class LaunchOptions:
 
 @dataclass(frozen=True)
 class PlanBuilder:
-    """A sweep's spec and how to build its plan, for ``launch`` to call once Ray has started."""
+    """A sweep's spec and how to build its plan, for ``launch`` to call once Ray has started when Ray's idle
+    workers preload the trials' modules meanwhile (``_worker_preload``), else at once."""
     spec: SweepSpec
     build: Callable[[], Plan]
 
@@ -265,11 +266,12 @@ def launch(plan: Plan | PlanBuilder, options: LaunchOptions = LaunchOptions()) -
     raylocal.loopback_default(options.address)
     from ray import tune
 
-    if isinstance(plan, PlanBuilder) and not _worker_preload(plan.spec, options):
-        plan = plan.build()
-    builder = plan if isinstance(plan, PlanBuilder) else PlanBuilder(plan.spec, lambda: plan)
-    spec = builder.spec
     _check_max_concurrent(options)
+    preload = _worker_preload(plan.spec, options)
+    if isinstance(plan, PlanBuilder) and not preload:
+        plan = plan.build()
+    builder = plan if isinstance(plan, PlanBuilder) else PlanBuilder(plan.spec, lambda ready=plan: ready)
+    spec = builder.spec
     storage = resolve_storage(options.storage)
     path = experiment_path(storage, spec.name)
 
@@ -288,7 +290,7 @@ def launch(plan: Plan | PlanBuilder, options: LaunchOptions = LaunchOptions()) -
 
     schema = SchemaAhead(tracking_uri)  # a new store's schema is built while Ray starts; in place only once all passed
     try:
-        with _ray_session(spec, options):  # the resource check needs Ray; it must pass before anything is written
+        with _ray_session(spec, options, preload):  # the resource check needs Ray; it must pass before any write
             plan = builder.build()
             spec = plan.spec  # its data paths made absolute: what the record keeps for resume
             with _driver_lock(path, spec.name, storage, new=True):
@@ -423,7 +425,7 @@ def _node_cpus() -> int:
         from ray._private.utils import get_num_cpus
     except ImportError:  # moved in another Ray
         return os.cpu_count() or 1
-    return max(1, int(get_num_cpus()))
+    return max(1, int(get_num_cpus(override_docker_cpu_warning=True)))  # Ray warns once itself, at its start
 
 
 def _worker_preload(spec: Any, options: LaunchOptions) -> tuple[str, ...]:
@@ -441,11 +443,11 @@ def _worker_preload(spec: Any, options: LaunchOptions) -> tuple[str, ...]:
 
 
 @contextlib.contextmanager
-def _ray_session(spec: Any, options: LaunchOptions) -> Iterator[None]:
+def _ray_session(spec: Any, options: LaunchOptions, preload: tuple[str, ...] = ()) -> Iterator[None]:
     """Ray for the block, its resources checked first; a Ray this process started is shut down after."""
     cluster = bool(options.address or os.environ.get("RAY_ADDRESS"))
     started, dashboard_url = init_ray(options.address, trial_output=options.trial_output, dashboard=options.dashboard,
-                                      preload=_worker_preload(spec, options))
+                                      preload=preload)
     if options.dashboard and options.progress:
         options.progress(f"Ray dashboard: http://{dashboard_url}" if dashboard_url else
                          "Ray dashboard: not running (it needs ray[default]: pip install -e '.[cluster]')")

@@ -2,6 +2,7 @@
 new workers started for Tune's runtime_env (``launch._trial_actors_in_idle_workers``)."""
 from __future__ import annotations
 
+import contextlib
 import importlib
 import json
 import os
@@ -55,7 +56,7 @@ def _python_workers(root: psutil.Process, seen: dict[int, float], prestart: list
     for proc in procs:
         try:
             cmd = proc.cmdline()
-            if any(part.endswith("default_worker.py") for part in cmd):
+            if _is_python_worker(proc):
                 seen.setdefault(proc.pid, proc.create_time())
             elif not prestart and any(part.endswith("/raylet") for part in cmd[:1]):
                 prestart.extend(int(a.split("=", 1)[1]) for a in cmd if a.startswith("--num_prestart_python_workers="))
@@ -85,10 +86,15 @@ def test_a_local_sweeps_trials_run_in_the_workers_ray_started_with_the_node(tmp_
     trial_pids = {json.loads(line)["pid"] for result in (tmp_path / "results").glob("tiny/*/result.json")
                   for line in result.read_text().splitlines() if line.strip()}
     assert len(trial_pids) >= 1 and len(list((tmp_path / "results").glob("tiny/*/result.json"))) == 4
-    # With Tune's env on the actors no trial ever runs in those workers; without Ray's soft limit set by the launch,
-    # Ray ends the idle workers as the placement groups take the CPUs and starts new ones for the trials.
-    assert trial_pids <= set(first), (f"trials ran in {sorted(trial_pids)}; the node's first {prestart[0]} workers "
-                                      f"were {first}; all workers seen: {sorted(seen)}")
+    # With Tune's env on the actors no trial ever runs in those workers. Where the 4 trials fill the node's CPUs the
+    # launch preloads them and sets Ray's soft limit, so every trial runs there; on a larger node nothing is
+    # preloaded and now and then (1 launch in about 40 here) Ray ends an idle worker as the actors are placed.
+    where = (f"trials ran in {sorted(trial_pids)}; the node's first {prestart[0]} workers were {first}; all workers "
+             f"seen: {sorted(seen)}")
+    if launch._node_cpus() <= 4:
+        assert trial_pids <= set(first), where
+    else:
+        assert trial_pids & set(first), where
 
 
 def test_the_trial_workers_entry_point_sets_tunes_variable_before_any_plugin_is_imported(monkeypatch, tmp_path):
@@ -153,6 +159,50 @@ def test_idle_workers_load_the_trials_modules_only_when_each_will_run_a_trial(mo
     monkeypatch.setattr(launch, "_node_cpus", lambda: 4)
     got = launch._worker_preload(parse_spec(tiny_spec(**overrides)), launch.LaunchOptions(**options))
     assert got == (TRIAL_WORKER_MODULES if preloaded else ())
+
+
+def test_a_local_ray_gets_rays_settings_only_with_modules_to_preload(monkeypatch):
+    import ray
+
+    calls: list[dict] = []
+
+    def fake_init(**kwargs):
+        calls.append(kwargs)
+        return type("Context", (), {"dashboard_url": ""})()
+
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    monkeypatch.setattr(ray, "is_initialized", lambda: False)
+    monkeypatch.setattr(ray, "init", fake_init)
+    monkeypatch.setattr(launch, "_node_cpus", lambda: 3)
+    assert launch.init_ray(None) == (True, "")
+    assert launch.init_ray(None, preload=("torch",)) == (True, "")
+    assert calls[0]["_system_config"] is None
+    assert calls[1]["_system_config"] == {"preload_python_modules": ["torch"], "num_workers_soft_limit": 3}
+
+
+def test_resume_starts_ray_without_preloading(monkeypatch, tmp_path):
+    """A resume counts its finished trials in the spec and builds its plan before Ray: nothing to preload for."""
+    seen: list[tuple] = []
+
+    @contextlib.contextmanager
+    def session(spec, options, preload=()):
+        seen.append(preload)
+        raise RuntimeError("stop at Ray's start")
+        yield
+
+    from orchestrator.storage import experiment_path, write_sweep_record
+
+    monkeypatch.setattr(launch, "_ray_session", session)
+    monkeypatch.setattr(launch, "_node_cpus", lambda: 1)
+    storage = tmp_path / "results"
+    write_sweep_record(experiment_path(str(storage), "tiny"), {
+        "spec": tiny_spec(), "tracking_uri": sqlite_uri(tmp_path), "cache_root": "cache", "cwd": str(tmp_path)})
+    from mlflow.tracking import MlflowClient
+
+    MlflowClient(sqlite_uri(tmp_path)).search_experiments()  # a store to resume into
+    with pytest.raises(RuntimeError, match="stop at Ray's start"):
+        launch.resume("tiny", launch.LaunchOptions(storage=str(storage)))
+    assert seen == [()]
 
 
 def test_the_preloaded_modules_are_the_trials_own_and_import(monkeypatch):
