@@ -267,10 +267,9 @@ def launch(plan: Plan | PlanBuilder, options: LaunchOptions = LaunchOptions()) -
     from ray import tune
 
     _check_max_concurrent(options)
-    preload = _worker_preload(plan.spec, options)
-    if isinstance(plan, PlanBuilder) and not preload:
-        plan = plan.build()
     builder = plan if isinstance(plan, PlanBuilder) else PlanBuilder(plan.spec, lambda ready=plan: ready)
+    preload = _worker_preload(builder.spec, options)
+    built_first = None if preload else builder.build()  # as before: the plan's errors come before Ray's start
     spec = builder.spec
     storage = resolve_storage(options.storage)
     path = experiment_path(storage, spec.name)
@@ -291,7 +290,7 @@ def launch(plan: Plan | PlanBuilder, options: LaunchOptions = LaunchOptions()) -
     schema = SchemaAhead(tracking_uri)  # a new store's schema is built while Ray starts; in place only once all passed
     try:
         with _ray_session(spec, options, preload):  # the resource check needs Ray; it must pass before any write
-            plan = builder.build()
+            plan = built_first if built_first is not None else builder.build()
             spec = plan.spec  # its data paths made absolute: what the record keeps for resume
             with _driver_lock(path, spec.name, storage, new=True):
                 refuse_existing()  # a launch of the same sweep may have run while this one started Ray
@@ -419,6 +418,11 @@ def _driver_lock(path: str, name: str, storage: str, *, new: bool) -> Iterator[N
                     p.rmdir()
 
 
+def _joins_cluster(options: LaunchOptions) -> bool:
+    """Whether this launch joins a cluster (``--address`` or RAY_ADDRESS) rather than starting a local Ray."""
+    return bool(options.address or os.environ.get("RAY_ADDRESS"))
+
+
 def _node_cpus() -> int:
     """The CPUs a local Ray gives this node (and starts as many idle workers for): a container's quota, if any."""
     try:
@@ -433,7 +437,7 @@ def _worker_preload(spec: Any, options: LaunchOptions) -> tuple[str, ...]:
     each of them will run trials, else nothing. Ray starts one idle worker per CPU and the trials run in them
     (``_trial_actors_in_idle_workers``): with CPU trials of at most one CPU, and no cap or trial count below the
     CPUs, there is a trial for every worker. Otherwise most would hold torch and timm (hundreds of MB) for nothing."""
-    if options.address or os.environ.get("RAY_ADDRESS"):
+    if _joins_cluster(options):
         return ()
     res = spec.resources
     at_once = min(n for n in (options.max_concurrent_trials or res.max_concurrent_trials, spec.n_trials) if n)
@@ -445,7 +449,7 @@ def _worker_preload(spec: Any, options: LaunchOptions) -> tuple[str, ...]:
 @contextlib.contextmanager
 def _ray_session(spec: Any, options: LaunchOptions, preload: tuple[str, ...] = ()) -> Iterator[None]:
     """Ray for the block, its resources checked first; a Ray this process started is shut down after."""
-    cluster = bool(options.address or os.environ.get("RAY_ADDRESS"))
+    cluster = _joins_cluster(options)
     started, dashboard_url = init_ray(options.address, trial_output=options.trial_output, dashboard=options.dashboard,
                                       preload=preload)
     if options.dashboard and options.progress:
