@@ -34,7 +34,7 @@ from trainables.metrics import direction, is_signed, value_range
 __all__ = ["AXIS_PARAMS", "SPLITS", "SweepNotFoundError", "load_trials", "aggregate_seeds", "front_table", "list_sweeps",
            "axis_column", "parent_run", "sweep_objectives", "sweep_trials", "split_metric", "t_interval", "pareto",
            "best", "compare", "paired_tests", "holm", "relative_change", "QueryError", "inheritance", "fairest_level",
-           "hypervolume_reference"]
+           "hypervolume_reference", "abs_columns"]
 
 AXIS_PARAMS = ("backbone", "paradigm", "intervention.kind", "intervention.magnitude", "freeze_depth", "finetune.size")
 _NUMERIC_AXES = ("intervention.magnitude", "finetune.size")
@@ -171,7 +171,7 @@ def load_trials(client: Any, experiment: str, sweep: str, *, finished_only: bool
     return df
 
 
-def _abs_columns(metric: str) -> list[str]:
+def abs_columns(metric: str) -> list[str]:
     """The columns a signed metric's configurations are compared by: mean |value| over seeds and its interval."""
     return [f"{metric}_abs", f"{metric}_abs_ci_low", f"{metric}_abs_ci_high"] if _signed_column(metric) else []
 
@@ -183,7 +183,7 @@ def aggregate_seeds(trials: pd.DataFrame, metrics: Sequence[str]) -> pd.DataFram
     objectives compare (the signed mean keeps the sign for display)."""
     if trials.empty:
         return pd.DataFrame(columns=["config_key", *AXIS_PARAMS, "n_seeds", *metrics,
-                                     *(c for m in dict.fromkeys(metrics) for c in _abs_columns(m))])
+                                     *(c for m in dict.fromkeys(metrics) for c in abs_columns(m))])
     keep = ["config_key", *[p for p in AXIS_PARAMS if p in trials]]
     present = [m for m in metrics if m in trials]
     grouped = trials.groupby("config_key", sort=False)
@@ -204,7 +204,7 @@ def aggregate_seeds(trials: pd.DataFrame, metrics: Sequence[str]) -> pd.DataFram
     for m in dict.fromkeys(metrics):
         if m not in present:
             out[m] = np.nan
-            for col in _abs_columns(m):
+            for col in abs_columns(m):
                 out[col] = np.nan
     out["run_ids"] = grouped["run_id"].agg(list)
     return out.reset_index()
@@ -346,7 +346,7 @@ def _config_rows(trials: pd.DataFrame, metrics: Sequence[str]) -> pd.DataFrame:
     agg = aggregate_seeds(trials, metrics)
     if agg.empty:
         for col in [*(f"{m}_{x}" for m in metrics for x in ("std", "ci_low", "ci_high", "count")),
-                    *(c for m in metrics for c in _abs_columns(m)), "run_ids", "trial_keys", "run_id", "trial_key"]:
+                    *(c for m in metrics for c in abs_columns(m)), "run_ids", "trial_keys", "run_id", "trial_key"]:
             agg[col] = pd.Series(dtype=object)
         return agg
     grouped = trials.groupby("config_key", sort=False)
@@ -565,7 +565,7 @@ def compare(trials: pd.DataFrame, by: str, perf: str, fair: str, *, max_drop: fl
     shown = list(dict.fromkeys([sel_perf, sel_fair, perf, fair]))
     if by_config:  # the pick's uncertainty over seeds: sd, count and 95 % t-interval
         shown += ["n_seeds", *(f"{m}_{x}" for m in (perf, fair) for x in ("std", "count", "ci_low", "ci_high"))]
-        shown += _abs_columns(fair)  # a signed fair: what rel_change compares
+        shown += abs_columns(fair)  # a signed fair: what rel_change compares
     ids = ["run_ids", "trial_keys"] if by_config else ["run_id", "trial_key"]
     tests = ["n_pairs", "mean_diff", "p_ttest", "p_wilcoxon"]
     cols = [by, "n_trials", "n_within", *ids, "config_key", *shown, "rel_change", *tests]
@@ -697,11 +697,12 @@ def fairest_level(trials: pd.DataFrame, perf: str, fair: str, *, axis: str = "in
         part = part[part["_u"].notna()]
         if part.empty:
             continue
-        pick = part.loc[part["_u"].idxmin()]
+        # equally fair levels: the one with the best perf, so perf_cost does not depend on the runs' order
+        pick = part.sort_values(["_u", perf], ascending=[True, perf_best == "min"], na_position="last").iloc[0]
         best = float(part[perf].agg(perf_best))
         cost = best - float(pick[perf]) if perf_best == "max" else float(pick[perf]) - best
         out.append({**dict(zip(group_by, key if isinstance(key, tuple) else (key,))), f"fairest_{axis}": pick[axis],
                     **{f"{m}{s}": pick[f"{m}{s}"] for m in (fair, perf) for s in ("", "_ci_low", "_ci_high")},
-                    **{c: pick[c] for c in _abs_columns(fair)},
+                    **{c: pick[c] for c in abs_columns(fair)},
                     f"best_{perf}": best, "perf_cost": cost, "n_seeds": int(pick["n_seeds"])})
     return pd.DataFrame(out)

@@ -152,6 +152,15 @@ def _interval(row: Any, metric: str) -> str:
     return "n/a (one seed)" if low is None or pd.isna(low) else f"[{low:.4f}, {high:.4f}]"
 
 
+def _fairness(row: Any, fair: str, digits: int = 4) -> str:
+    """A pick's fairness as the front compares it: a signed metric by the mean over seeds of |value| (its signed
+    mean beside it), since seeds at +0.3 and -0.3 average to a parity they never reached."""
+    if f"{fair}_abs" in row and not pd.isna(row[f"{fair}_abs"]):
+        return (f"|{fair}| {row[f'{fair}_abs']:.{digits}f} {_interval(row, f'{fair}_abs')} "
+                f"(signed mean {row[fair]:+.{digits}f})")
+    return f"{fair} {row[fair]:.{digits}f} {_interval(row, fair)}"
+
+
 def _seeds(row: Any, perf: str, fair: str) -> str:
     """How many seeds the shown means are over: the trials that logged both metrics (``n_seeds`` counts every
     finished trial of the configuration, one that logged no value of a metric included)."""
@@ -186,7 +195,7 @@ def _write_summary(path: Path, sweep: str, experiment: str, trials: pd.DataFrame
         lines += [f"## Fairest within {max_drop:g} of the best {perf}, chosen on the {select_on} split", "",
                   f"`{row['backbone']}` / `{row['paradigm']}` / {row['intervention.kind']} {row['intervention.magnitude']:g} / "
                   f"freeze `{row['freeze_depth']}`: {perf} {row[perf]:.4f} {_interval(row, perf)}, "
-                  f"{fair} {row[fair]:.4f} {_interval(row, fair)} on test (means over {_seeds(row, perf, fair)}; chosen "
+                  f"{_fairness(row, fair)} on test (means over {_seeds(row, perf, fair)}; chosen "
                   f"by {sel} {row[sel]:.4f}, best {row[f'reference_{sel}']:.4f}; `fairsweep best {sweep} "
                   f"--select-on {select_on} --max-drop {max_drop:g}` gives the same).", ""]
     if skipped:
@@ -214,7 +223,7 @@ def front_story(trials: pd.DataFrame, perf: str, fair: str, *, max_drop: float =
         row = pick.iloc[0]
         parts.append(f"fairest within {max_drop:g} of the best {perf} (chosen on {select_on}): {row['paradigm']} / "
                      f"freeze {row['freeze_depth']} / {row['intervention.kind']} {row['intervention.magnitude']:g}, "
-                     f"{perf} {row[perf]:.3f} {_interval(row, perf)}, {fair} {row[fair]:.3f} {_interval(row, fair)}")
+                     f"{perf} {row[perf]:.3f} {_interval(row, perf)}, {_fairness(row, fair, digits=3)}")
     probes = trials[trials["freeze_depth"].astype(str) == "linear"]
     if "biased" in set(probes["paradigm"]):
         # a signed metric by its distance from parity, per trial before the mean: +0.3 and -0.3 are not fair

@@ -36,8 +36,8 @@ from orchestrator.driverlock import driver_id
 from orchestrator.figures import pareto_figure
 from orchestrator.mlflow_runs import TAGS, WEIGHTS_ARTIFACT, find_parent_run, run_filter, search_runs
 from orchestrator.plan import Plan, PlannedTrial
-from orchestrator.query import (_direction, _is_signed, _objective_values, front_table, hypervolume_reference,
-                                 load_trials)
+from orchestrator.query import (_direction, _is_signed, _objective_values, abs_columns, front_table,
+                                 hypervolume_reference, load_trials)
 from orchestrator.store import open_client
 from ray import tune  # noqa: E402 - after raylocal
 from trainables import backbones
@@ -604,7 +604,9 @@ class SweepTracker(tune.Callback):
                  "", f"Pareto front after {finished} finished trials ({perf} max, {fair} min; test split, means over "
                  f"seeds): {len(front)} configurations.", ""]
         if len(front):
-            cols = ["paradigm", "intervention.magnitude", "freeze_depth", "n_seeds", perf, fair]
+            # a signed fairness metric: the front compares its mean |value| over seeds, shown beside the signed mean
+            cols = ["paradigm", "intervention.magnitude", "freeze_depth", "n_seeds", perf, fair,
+                    *[c for c in abs_columns(fair)[:1] if c in front]]
             lines += ["| " + " | ".join(cols) + " |", "|" + " --- |" * len(cols)]
             for _, row in front.head(20).iterrows():
                 lines.append("| " + " | ".join(f"{row[c]:.4f}" if isinstance(row[c], float) else str(row[c])

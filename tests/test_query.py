@@ -718,3 +718,69 @@ def test_the_reports_pick_counts_the_seeds_its_means_are_over():
     assert _seeds({"n_seeds": 3, "accuracy_count": 3, "eod_count": 2}, "accuracy", "eod") == "2 seed(s) of 3"
     assert _seeds({"n_seeds": 2, "accuracy_count": 2, "eod_count": 2}, "accuracy", "eod") == "2 seed(s)"
     assert _seeds({"n_seeds": 2}, "accuracy", "eod") == "2 seed(s)"  # a per-trial row has no counts
+
+
+def test_fairest_level_breaks_a_tie_in_fairness_by_performance_whatever_the_row_order():
+    rows = [{"paradigm": "p", "intervention.magnitude": m, "seed": "0", PERF: a, FAIR: e}
+            for m, a, e in ((0.0, 0.70, 0.05), (0.5, 0.90, 0.05), (1.0, 0.95, 0.20))]
+    for order in (rows, rows[::-1], [rows[1], rows[0], rows[2]]):
+        table = query.fairest_level(_frame(order), PERF, FAIR)
+        # 0.0 and 0.5 are equally fair: 0.5 costs 0.05 of accuracy, 0.0 would have cost 0.25
+        assert table["fairest_intervention.magnitude"].tolist() == [0.5]
+        assert table["perf_cost"][0] == pytest.approx(0.05)
+
+
+def _flipping_and_steady_far() -> pd.DataFrame:
+    """Two configurations: flipping's seeds sit at +0.3 and -0.3 (signed mean 0, 0.3 from parity), steady's at 0.25."""
+    return _frame([{"paradigm": p, "intervention.magnitude": 0.5, "seed": str(s), PERF: a, SIGNED: v,
+                    f"val_{PERF}": a, f"val_{SIGNED}": v}
+                   for p, a, vs in (("flipping", 0.90, (0.3, -0.3)), ("steady", 0.80, (0.25, 0.25)))
+                   for s, v in enumerate(vs)])
+
+
+def test_a_pick_of_a_signed_fairness_metric_is_described_by_its_distance_from_parity(tmp_path):
+    from orchestrator.report import _write_summary, front_story
+
+    trials = _flipping_and_steady_far()
+    line = front_story(trials, PERF, SIGNED, max_drop=0.2)
+    # both are within 0.2 of the best: steady is 0.25 from parity, flipping 0.3, however its signed mean reads 0
+    assert "steady" in line and f"|{SIGNED}| 0.250 [0.2500, 0.2500] (signed mean +0.250)" in line
+    table = query.front_table(trials, PERF, SIGNED)
+    best = query.best(trials, PERF, SIGNED, max_drop=0.2, select_on="val")
+    text = _write_summary(tmp_path / "summary.md", "s", "e", trials, table, PERF, SIGNED, best, 0.2, "val").read_text()
+    assert f"|{SIGNED}| 0.2500 [0.2500, 0.2500] (signed mean +0.2500) on test" in text
+    plain = front_story(_frame([{"paradigm": "p", "intervention.magnitude": 0.5, "seed": "0", PERF: 0.8, FAIR: 0.1}]),
+                        PERF, FAIR)
+    assert f"{FAIR} 0.100 n/a (one seed)" in plain and "|" not in plain  # an unsigned metric as it is
+
+
+def test_the_launch_summary_and_the_parent_run_show_a_signed_front_by_its_distance_from_parity(capsys, monkeypatch):
+    import argparse
+    from types import SimpleNamespace
+
+    from orchestrator import cli
+    from orchestrator.tracking import SweepTracker
+
+    trials = _flipping_and_steady_far()
+    front = query.front_table(trials, PERF, SIGNED)
+    assert front["on_front"].all()  # flipping: better accuracy; steady: nearer parity
+    spec = SimpleNamespace(objectives=SimpleNamespace(performance=PERF, fairness=SIGNED), name="s", experiment="e",
+                           search=SimpleNamespace(type="grid"))
+    result = SimpleNamespace(plan=SimpleNamespace(spec=spec), front=front, finished=4, failed=[], search_ended="",
+                             experiment_path="/nowhere", parent_run_id="p", tracking_uri="sqlite:///none.db",
+                             interrupted=False)
+    monkeypatch.setattr(cli, "_front_story", lambda *a: "")  # its line is tested above; no store here
+    cli._print_summary(result, argparse.Namespace(storage=None))
+    out = capsys.readouterr().out
+    assert f"|{SIGNED}|, the mean over seeds of each trial's distance from parity, min" in out
+    header = next(line for line in out.splitlines() if "intervention.kind" in line.split())
+    assert header.split()[-3:] == [f"{SIGNED}_abs", f"{SIGNED}_abs_ci_low", f"{SIGNED}_abs_ci_high"]
+    flipping = next(line for line in out.splitlines() if "flipping" in line)
+    assert "0.3000" in flipping  # its |value| mean, beside the signed mean 0.0000
+    axes = SimpleNamespace(backbone=["b"], paradigm=["flipping", "steady"], freeze_depth=["linear"], seed=[0, 1],
+                           intervention=[SimpleNamespace(kind="correlation", endpoints=lambda: (0.5,))])
+    owner = SimpleNamespace(spec=SimpleNamespace(name="s", n_trials=4, axes=axes, dataset=SimpleNamespace(name="d")))
+    note = SweepTracker._description(owner, front[front["on_front"]], PERF, SIGNED, 4)
+    header = next(line for line in note.splitlines() if line.startswith("| paradigm"))
+    assert header.endswith(f"| {SIGNED} | {SIGNED}_abs |")
+    assert "| flipping | 0.5000 | 0 | 2 | 0.9000 | 0.0000 | 0.3000 |" in note  # signed mean 0, 0.3 from parity
