@@ -272,17 +272,16 @@ def _fail_fast_http() -> None:
 def _print_summary(result, args: argparse.Namespace) -> int:
     """Print the front and what to do next; returns the exit code."""
     from orchestrator.mlflow_runs import TAGS
+    from orchestrator.query import abs_columns
 
     plan = result.plan
     perf, fair = plan.spec.objectives.performance, plan.spec.objectives.fairness
     front = result.front[result.front["on_front"]] if not result.front.empty else result.front
-    from orchestrator.query import abs_columns
-
     # a signed fairness metric: the front compares the mean over seeds of |value| (its _abs columns), shown too
+    distance = abs_columns(fair)
     cols = ["backbone", "paradigm", "intervention.kind", "intervention.magnitude", "freeze_depth", "finetune.size",
-            "n_seeds", *(f"{m}{x}" for m in (perf, fair) for x in ("", "_std", "_ci_low", "_ci_high")),
-            *abs_columns(fair)]
-    compared = f"|{fair}|, the mean over seeds of each trial's distance from parity," if abs_columns(fair) else fair
+            "n_seeds", *(f"{m}{x}" for m in (perf, fair) for x in ("", "_std", "_ci_low", "_ci_high")), *distance]
+    compared = f"|{fair}|, the mean over seeds of each trial's distance from parity," if distance else fair
     print(f"\nsweep {plan.spec.name!r}: {result.finished} trials finished, {len(result.failed)} failed; "
           f"{len(front)} configurations on the Pareto front ({perf} max, {compared} min; test split, means over "
           f"seeds with their sd and 95 % t-interval):")

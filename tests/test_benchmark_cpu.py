@@ -54,20 +54,15 @@ print(json.dumps({"reaper": reaper, "wall": timing.wall, "cpu": timing.cpu}))
 """
 
 
-def _measure(tmp_path: Path, mode: str) -> tuple[dict, Path]:
-    pid_file = tmp_path / f"orphan-{mode}.pid"
-    out = subprocess.run([sys.executable, "-c", MEASURE, str(REPO / "benchmarks" / "throughput.py"), mode, ORPHANING,
-                          str(pid_file), str(tmp_path)], cwd=REPO, capture_output=True, text=True, timeout=120)
+def _measure(tmp_path: Path, mode: str, command: str, arg: str) -> dict:
+    out = subprocess.run([sys.executable, "-c", MEASURE, str(REPO / "benchmarks" / "throughput.py"), mode, command, arg,
+                          str(tmp_path)], cwd=REPO, capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr[-3000:]
-    return json.loads(out.stdout.strip().splitlines()[-1]), pid_file
+    return json.loads(out.stdout.strip().splitlines()[-1])
 
 
 def test_cpu_time_counts_children_of_a_parent_ignoring_sigchld(tmp_path):
-    out = subprocess.run([sys.executable, "-c", MEASURE, str(REPO / "benchmarks" / "throughput.py"), "plain",
-                          IGNORING_SIGCHLD, "unused", str(tmp_path)], cwd=REPO, capture_output=True, text=True,
-                         timeout=120)
-    assert out.returncode == 0, out.stderr[-3000:]
-    timing = json.loads(out.stdout.strip().splitlines()[-1])
+    timing = _measure(tmp_path, "plain", IGNORING_SIGCHLD, "unused")
     assert timing["cpu"] >= 1.2, timing  # the child's 1.5 s, less at most one polling interval
 
 
@@ -86,10 +81,11 @@ def _stop_orphan(pid_file: Path) -> None:
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="PR_SET_CHILD_SUBREAPER is Linux's")
 def test_cpu_time_counts_orphaned_processes(tmp_path):
-    counted, _ = _measure(tmp_path, "reaper")
+    counted = _measure(tmp_path, "reaper", ORPHANING, str(tmp_path / "orphan-reaper.pid"))
     assert counted["reaper"] is True
     assert counted["cpu"] >= 1.2, counted  # the orphan's 1.5 s (less one polling interval), reaped here
-    control, pid_file = _measure(tmp_path, "plain")
+    pid_file = tmp_path / "orphan-plain.pid"
+    control = _measure(tmp_path, "plain", ORPHANING, str(pid_file))
     try:
         assert control["reaper"] is False
         assert control["cpu"] < 1.0, control  # without the setting the orphan leaves this process's descendants
